@@ -1,0 +1,41 @@
+//! Map names and default sizes. The eBPF side declares each map under exactly these names;
+//! the agent opens and pins them by the same constants. Names stay within the kernel's 15
+//! characters so `bpftool map show` prints them whole.
+
+/// `ServiceKey` → `ServiceValue`.
+pub const SERVICES: &str = "LB_SERVICES";
+/// Backend id (`u32`) → `BackendValue`.
+pub const BACKENDS: &str = "LB_BACKENDS";
+/// Slot (`u32`) → backend id (`u32`); every service owns a contiguous region of it.
+pub const MAGLEV: &str = "LB_MAGLEV";
+/// Index 0 → `NodeConfig`.
+pub const CONFIG: &str = "LB_CONFIG";
+/// Per CPU, service id → `Counters`.
+pub const SERVICE_STATS: &str = "LB_SVC_STATS";
+/// Per CPU, backend id → `Counters`.
+pub const BACKEND_STATS: &str = "LB_BE_STATS";
+/// Per CPU, `Reason` → `Counters`.
+pub const REASON_STATS: &str = "LB_REASONS";
+
+/// Every map the load balancer pins, in the order `lb-agent status` reads them.
+pub const ALL: [&str; 7] = [
+    SERVICES,
+    BACKENDS,
+    MAGLEV,
+    CONFIG,
+    SERVICE_STATS,
+    BACKEND_STATS,
+    REASON_STATS,
+];
+
+/// Distinct (VIP, port, protocol) entries; also the size of the per-service counter array.
+pub const MAX_SERVICES: u32 = 32_768;
+/// Distinct backend addresses across all services.
+pub const MAX_BACKENDS: u32 = 131_072;
+/// Default capacity of `LB_MAGLEV` in slots (4 bytes each, 16 MiB). The agent may load the
+/// program with a different capacity; it must hold every table twice during a replacement.
+pub const DEFAULT_MAGLEV_SLOTS: u32 = 4 * 1024 * 1024;
+
+/// Names of the programs in the object.
+pub const PROG_LB: &str = "lb_xdp";
+pub const PROG_DECAP: &str = "lb_decap";

@@ -1,0 +1,65 @@
+//! Counter indices for `LB_REASONS`: why a packet was passed, dropped or transmitted.
+
+/// One reason per counter slot. The discriminant is the index into `LB_REASONS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4 (ARP, IPv6 for now, LLDP, ...): passed untouched.
+    PassNotIp = 0,
+    /// IPv4 but not TCP/UDP to a configured VIP and port: passed untouched.
+    PassNotVip = 1,
+    /// IPv4 fragment: not balanced yet, passed to the stack.
+    PassFragment = 2,
+    /// Header shorter than it claims to be, or cut off by the end of the frame.
+    DropTruncated = 3,
+    /// VIP matched but the service has no usable backend.
+    DropNoBackend = 4,
+    /// `bpf_xdp_adjust_head` failed (no headroom).
+    DropNoHeadroom = 5,
+    /// The node configuration (own MAC, encapsulation source) is not written yet.
+    DropNoConfig = 6,
+    /// Forwarded with an outer IPv4 header (IPIP).
+    TxIpip = 7,
+    /// Forwarded by rewriting MAC addresses.
+    TxL2 = 8,
+    /// Decap program: outer header removed, inner packet passed to the stack.
+    DecapPass = 9,
+    /// The service names a forwarding mode this program does not know.
+    DropBadForwarding = 10,
+}
+
+impl Reason {
+    pub const COUNT: u32 = 11;
+
+    /// Every reason, in index order.
+    pub const ALL: [Reason; Self::COUNT as usize] = [
+        Reason::PassNotIp,
+        Reason::PassNotVip,
+        Reason::PassFragment,
+        Reason::DropTruncated,
+        Reason::DropNoBackend,
+        Reason::DropNoHeadroom,
+        Reason::DropNoConfig,
+        Reason::TxIpip,
+        Reason::TxL2,
+        Reason::DecapPass,
+        Reason::DropBadForwarding,
+    ];
+
+    /// Stable snake_case name, used by `lb-agent status` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIp => "pass_not_ip",
+            Reason::PassNotVip => "pass_not_vip",
+            Reason::PassFragment => "pass_fragment",
+            Reason::DropTruncated => "drop_truncated",
+            Reason::DropNoBackend => "drop_no_backend",
+            Reason::DropNoHeadroom => "drop_no_headroom",
+            Reason::DropNoConfig => "drop_no_config",
+            Reason::TxIpip => "tx_ipip",
+            Reason::TxL2 => "tx_l2",
+            Reason::DecapPass => "decap_pass",
+            Reason::DropBadForwarding => "drop_bad_forwarding",
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Keys and values of the BPF maps. Layouts are fixed (`repr(C)`, explicit padding, asserted
+//! sizes) because the kernel copies them byte for byte between the two sides.
+
+use core::mem::size_of;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_IPIP: u8 = 4;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// How a service's packets reach the chosen backend.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Forwarding {
+    /// Outer IPv4 header (protocol 4) from the node's encapsulation source to the backend.
+    Ipip = 1,
+    /// Rewrite the Ethernet addresses only; the backend must be on the same L2 segment.
+    L2 = 2,
+}
+
+impl Forwarding {
+    pub const fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Forwarding::Ipip),
+            2 => Some(Forwarding::L2),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Forwarding::Ipip => "ipip",
+            Forwarding::L2 => "l2",
+        }
+    }
+}
+
+/// (VIP, port, protocol). IPv4 addresses occupy the first four bytes of `addr_be`, the rest
+/// zero; `family` says which.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub addr_be: [u8; 16],
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 20);
+
+impl ServiceKey {
+    pub const fn v4(addr_be: [u8; 4], port_be: u16, proto: u8) -> Self {
+        let mut a = [0u8; 16];
+        a[0] = addr_be[0];
+        a[1] = addr_be[1];
+        a[2] = addr_be[2];
+        a[3] = addr_be[3];
+        ServiceKey { addr_be: a, port_be, proto, family: FAMILY_V4 }
+    }
+}
+
+/// What the data plane needs to balance one service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Index into `LB_SVC_STATS`.
+    pub id: u32,
+    /// First slot of this service's Maglev table in `LB_MAGLEV`.
+    pub table_offset: u32,
+    /// Number of slots (a prime); 0 means "no backends".
+    pub table_size: u32,
+    /// A `Forwarding` discriminant.
+    pub forwarding: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+    /// Agent bookkeeping: hash of the table contents, so a restarted agent can tell whether
+    /// the table in the map is the one it wants without reading it back.
+    pub fingerprint: u64,
+}
+const _: () = assert!(size_of::<ServiceValue>() == 24);
+
+/// Backend flags.
+pub const BACKEND_F_VALID: u8 = 1;
+
+/// One backend address and the MAC address of the next hop towards it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendValue {
+    pub addr_be: [u8; 16],
+    /// Destination MAC for frames to this backend: its own for on-link backends, the
+    /// gateway's otherwise.
+    pub mac: [u8; 6],
+    pub family: u8,
+    /// `BACKEND_F_*`; an entry without `BACKEND_F_VALID` is free.
+    pub flags: u8,
+}
+const _: () = assert!(size_of::<BackendValue>() == 24);
+
+impl BackendValue {
+    pub const EMPTY: BackendValue =
+        BackendValue { addr_be: [0; 16], mac: [0; 6], family: 0, flags: 0 };
+
+    pub const fn is_valid(&self) -> bool {
+        self.flags & BACKEND_F_VALID != 0
+    }
+}
+
+/// Node configuration flags.
+pub const CONFIG_F_VALID: u32 = 1;
+
+/// Per-node settings, in `LB_CONFIG[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// MAC address of the interface the program is attached to: the source of every frame
+    /// it transmits.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Source address of outer IPv4 headers.
+    pub encap_src_v4_be: [u8; 4],
+    /// `CONFIG_F_*`.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<NodeConfig>() == 16);
+
+impl NodeConfig {
+    pub const EMPTY: NodeConfig =
+        NodeConfig { mac: [0; 6], _pad: [0; 2], encap_src_v4_be: [0; 4], flags: 0 };
+}
+
+/// A packet and byte counter pair (per CPU in the maps).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Counters>() == 16);
