@@ -1,1 +1,14 @@
+//! lb-agent: loads the XDP load balancer, keeps its BPF maps equal to the desired state by
+//! diff, and reports what the data plane does.
 
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod dataplane;
+pub mod loader;
+pub mod netinfo;
+pub mod state;
+pub mod status;
+pub mod sync;
+
+pub use loader::EBPF_OBJECT;

@@ -10,8 +10,9 @@ pub enum Reason {
     PassNotVip = 1,
     /// IPv4 fragment: not balanced yet, passed to the stack.
     PassFragment = 2,
-    /// Header shorter than it claims to be, or cut off by the end of the frame.
-    DropTruncated = 3,
+    /// Header shorter than it claims to be, cut off by the end of the frame, or otherwise
+    /// not parseable: the stack decides what to do with it.
+    PassMalformed = 3,
     /// VIP matched but the service has no usable backend.
     DropNoBackend = 4,
     /// `bpf_xdp_adjust_head` failed (no headroom).
@@ -36,7 +37,7 @@ impl Reason {
         Reason::PassNotIp,
         Reason::PassNotVip,
         Reason::PassFragment,
-        Reason::DropTruncated,
+        Reason::PassMalformed,
         Reason::DropNoBackend,
         Reason::DropNoHeadroom,
         Reason::DropNoConfig,
@@ -52,7 +53,7 @@ impl Reason {
             Reason::PassNotIp => "pass_not_ip",
             Reason::PassNotVip => "pass_not_vip",
             Reason::PassFragment => "pass_fragment",
-            Reason::DropTruncated => "drop_truncated",
+            Reason::PassMalformed => "pass_malformed",
             Reason::DropNoBackend => "drop_no_backend",
             Reason::DropNoHeadroom => "drop_no_headroom",
             Reason::DropNoConfig => "drop_no_config",

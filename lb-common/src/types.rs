@@ -56,7 +56,12 @@ impl ServiceKey {
         a[1] = addr_be[1];
         a[2] = addr_be[2];
         a[3] = addr_be[3];
-        ServiceKey { addr_be: a, port_be, proto, family: FAMILY_V4 }
+        ServiceKey {
+            addr_be: a,
+            port_be,
+            proto,
+            family: FAMILY_V4,
+        }
     }
 }
 
@@ -98,8 +103,12 @@ pub struct BackendValue {
 const _: () = assert!(size_of::<BackendValue>() == 24);
 
 impl BackendValue {
-    pub const EMPTY: BackendValue =
-        BackendValue { addr_be: [0; 16], mac: [0; 6], family: 0, flags: 0 };
+    pub const EMPTY: BackendValue = BackendValue {
+        addr_be: [0; 16],
+        mac: [0; 6],
+        family: 0,
+        flags: 0,
+    };
 
     pub const fn is_valid(&self) -> bool {
         self.flags & BACKEND_F_VALID != 0
@@ -125,8 +134,12 @@ pub struct NodeConfig {
 const _: () = assert!(size_of::<NodeConfig>() == 16);
 
 impl NodeConfig {
-    pub const EMPTY: NodeConfig =
-        NodeConfig { mac: [0; 6], _pad: [0; 2], encap_src_v4_be: [0; 4], flags: 0 };
+    pub const EMPTY: NodeConfig = NodeConfig {
+        mac: [0; 6],
+        _pad: [0; 2],
+        encap_src_v4_be: [0; 4],
+        flags: 0,
+    };
 }
 
 /// A packet and byte counter pair (per CPU in the maps).

@@ -1,2 +1,90 @@
+//! XDP programs of the load balancer. Entry points only: the logic lives in the modules.
 #![no_std]
 #![no_main]
+
+mod csum;
+mod decap;
+mod encap;
+mod maps;
+mod parse;
+mod select;
+mod stats;
+
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    macros::xdp,
+    programs::XdpContext,
+};
+use lb_common::{Forwarding, Reason};
+
+/// What to do with a packet, and the counter that explains it.
+pub(crate) struct Verdict {
+    pub action: u32,
+    pub reason: Reason,
+}
+
+impl Verdict {
+    pub const fn pass(reason: Reason) -> Self {
+        Verdict {
+            action: XDP_PASS,
+            reason,
+        }
+    }
+    pub const fn drop(reason: Reason) -> Self {
+        Verdict {
+            action: XDP_DROP,
+            reason,
+        }
+    }
+    pub const fn tx(reason: Reason) -> Self {
+        Verdict {
+            action: XDP_TX,
+            reason,
+        }
+    }
+}
+
+/// The load balancer: on the node's ingress interface.
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let verdict = match try_lb(&ctx) {
+        Ok(v) | Err(v) => v,
+    };
+    stats::count_reason(verdict.reason, len);
+    verdict.action
+}
+
+fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
+    let pkt = parse::parse_v4(ctx)?;
+    let (service, backend_id, backend) = select::select_v4(&pkt)?;
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    stats::count_service(service.id, len);
+    stats::count_backend(backend_id, len);
+    match Forwarding::from_u8(service.forwarding) {
+        Some(Forwarding::Ipip) => encap::ipip_v4(ctx, &pkt, &backend),
+        Some(Forwarding::L2) => encap::l2_rewrite(ctx, &pkt, &backend),
+        None => Err(Verdict::drop(Reason::DropBadForwarding)),
+    }
+}
+
+/// The backend side: strips the outer IPv4 header of IPIP packets.
+#[xdp]
+pub fn lb_decap(ctx: XdpContext) -> u32 {
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let verdict = match decap::try_decap(&ctx) {
+        Ok(v) | Err(v) => v,
+    };
+    stats::count_reason(verdict.reason, len);
+    verdict.action
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,84 @@
+//! Command line (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::loader::{AttachMode, DEFAULT_PIN_PATH};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "lb-agent",
+    version,
+    about = "XDP layer-4 load balancer agent (DSR)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load and attach the load balancer, keep its maps in sync with the config, run until
+    /// SIGTERM/SIGINT. SIGHUP re-reads the config and applies the difference.
+    Run(RunArgs),
+    /// Remove the pinned link(s) a `run --keep-attached` left behind (detaches the program).
+    Detach(DetachArgs),
+    /// Attach the backend-side decapsulation program to an interface until SIGTERM/SIGINT.
+    Decap(DecapArgs),
+    /// Show services, backends and counters from the pinned maps.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Static configuration file (YAML).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Interface to attach to (overrides `interface` in the config).
+    #[arg(long, short)]
+    pub interface: Option<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: AttachMode,
+    /// Directory on bpffs for pinned maps and links.
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// On exit, leave program, link and maps in place for the next agent to adopt.
+    #[arg(long)]
+    pub keep_attached: bool,
+    /// Capacity of the Maglev slot array when it is created (4 bytes per slot).
+    #[arg(long, default_value_t = lb_common::maps::DEFAULT_MAGLEV_SLOTS)]
+    pub maglev_slots: u32,
+    /// Seconds between re-resolving backend MAC addresses.
+    #[arg(long, default_value_t = 10)]
+    pub resync_interval: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// Only this interface's link (default: every link under the pin path).
+    #[arg(long, short)]
+    pub interface: Option<String>,
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Also remove the pinned maps (counters and state are lost).
+    #[arg(long)]
+    pub purge: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DecapArgs {
+    #[arg(long, short)]
+    pub interface: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub xdp_mode: AttachMode,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,398 @@
+//! Static configuration: a YAML file → `DesiredState`, with errors that name the file, the
+//! service and the field.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+};
+
+use lb_common::{Forwarding, maglev};
+use serde::Deserialize;
+
+use crate::state::{BackendSpec, DesiredState, NodeSpec, Protocol, ServiceAddr, ServiceSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Syntax { file: PathBuf, message: String },
+    #[error("{file}: service {service:?}: {field}: {message}")]
+    Service {
+        file: PathBuf,
+        service: String,
+        field: String,
+        message: String,
+    },
+    #[error("{file}: {field}: {message}")]
+    Node {
+        file: PathBuf,
+        field: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: Option<String>,
+    encap_source: Option<String>,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    vip: String,
+    port: u16,
+    protocol: String,
+    forwarding: Option<String>,
+    table_size: Option<u32>,
+    #[serde(default)]
+    backends: Vec<RawBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackend {
+    address: String,
+    weight: Option<u32>,
+    mac: Option<String>,
+}
+
+/// Read and validate a config file.
+pub fn load(file: &Path) -> Result<DesiredState, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        file: file.to_path_buf(),
+        source,
+    })?;
+    parse(file, &text)
+}
+
+/// Parse and validate config text; `file` is only used in messages.
+pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
+    let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax {
+        file: file.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let encap_source = match &raw.encap_source {
+        None => None,
+        Some(s) => Some(s.parse::<Ipv4Addr>().map_err(|_| ConfigError::Node {
+            file: file.to_path_buf(),
+            field: "encap_source".into(),
+            message: format!("{s:?} is not an IPv4 address"),
+        })?),
+    };
+    let mut state = DesiredState {
+        node: NodeSpec {
+            interface: raw.interface.clone(),
+            encap_source,
+        },
+        services: BTreeMap::new(),
+    };
+    let mut names = BTreeSet::new();
+    for svc in &raw.services {
+        let err = |field: &str, message: String| ConfigError::Service {
+            file: file.to_path_buf(),
+            service: svc.name.clone(),
+            field: field.into(),
+            message,
+        };
+        if svc.name.is_empty() {
+            return Err(err("name", "must not be empty".into()));
+        }
+        if !names.insert(svc.name.as_str()) {
+            return Err(err("name", "duplicate service name".into()));
+        }
+        let vip: IpAddr = svc
+            .vip
+            .parse()
+            .map_err(|_| err("vip", format!("{:?} is not an IP address", svc.vip)))?;
+        if !vip.is_ipv4() {
+            return Err(err("vip", "IPv6 VIPs are not supported yet".into()));
+        }
+        if svc.port == 0 {
+            return Err(err("port", "must be 1-65535".into()));
+        }
+        let protocol = match svc.protocol.to_ascii_lowercase().as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            other => {
+                return Err(err(
+                    "protocol",
+                    format!("unknown protocol {other:?} (tcp or udp)"),
+                ));
+            }
+        };
+        let forwarding = match svc.forwarding.as_deref().unwrap_or("ipip") {
+            "ipip" => Forwarding::Ipip,
+            "l2" => Forwarding::L2,
+            other => {
+                return Err(err(
+                    "forwarding",
+                    format!("unknown forwarding {other:?} (ipip or l2)"),
+                ));
+            }
+        };
+        if svc.backends.is_empty() {
+            return Err(err("backends", "at least one backend is required".into()));
+        }
+        let mut backends = BTreeMap::new();
+        for (i, b) in svc.backends.iter().enumerate() {
+            let field = |f: &str| format!("backends[{i}].{f}");
+            let addr: IpAddr = b.address.parse().map_err(|_| {
+                err(
+                    &field("address"),
+                    format!("{:?} is not an IP address", b.address),
+                )
+            })?;
+            if !addr.is_ipv4() {
+                return Err(err(
+                    &field("address"),
+                    "IPv6 backends are not supported yet".into(),
+                ));
+            }
+            let weight = b.weight.unwrap_or(1);
+            if weight == 0 {
+                return Err(err(&field("weight"), "must be at least 1".into()));
+            }
+            let mac = match &b.mac {
+                None => None,
+                Some(m) => Some(parse_mac(m).ok_or_else(|| {
+                    err(
+                        &field("mac"),
+                        format!("{m:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
+                    )
+                })?),
+            };
+            if backends.insert(addr, BackendSpec { weight, mac }).is_some() {
+                return Err(err(
+                    &field("address"),
+                    format!("backend {addr} listed twice"),
+                ));
+            }
+        }
+        if let Some(size) = svc.table_size {
+            if !maglev::is_prime(size) || size > maglev::MAX_TABLE_SIZE {
+                return Err(err(
+                    "table_size",
+                    format!(
+                        "{size} must be a prime no larger than {}",
+                        maglev::MAX_TABLE_SIZE
+                    ),
+                ));
+            }
+            if (size as usize) < backends.len() {
+                return Err(err(
+                    "table_size",
+                    format!("{size} is smaller than the number of backends"),
+                ));
+            }
+        }
+        let key = ServiceAddr {
+            vip,
+            port: svc.port,
+            protocol,
+        };
+        if let Some(other) = state.services.get(&key) {
+            return Err(err(
+                "vip",
+                format!("{key} is already used by service {:?}", other.name),
+            ));
+        }
+        state.services.insert(
+            key,
+            ServiceSpec {
+                name: svc.name.clone(),
+                forwarding,
+                table_size: svc.table_size,
+                backends,
+            },
+        );
+    }
+    Ok(state)
+}
+
+/// Parse `aa:bb:cc:dd:ee:ff` (or with dashes).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split([':', '-']);
+    for byte in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interface: eth0
+encap_source: 198.18.0.2
+services:
+  - name: dns
+    vip: 198.18.0.100
+    port: 53
+    protocol: udp
+    forwarding: ipip
+    backends:
+      - address: 198.18.0.11
+      - address: 198.18.0.12
+        weight: 2
+        mac: "02:00:00:00:00:12"
+  - name: web
+    vip: 198.18.0.100
+    port: 80
+    protocol: TCP
+    forwarding: l2
+    table_size: 307
+    backends:
+      - address: 198.18.0.13
+"#;
+
+    fn parse_str(text: &str) -> Result<DesiredState, ConfigError> {
+        parse(Path::new("lb.yaml"), text)
+    }
+
+    fn error_of(text: &str) -> String {
+        parse_str(text)
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    fn with_service(service_yaml: &str) -> String {
+        format!("services:\n{service_yaml}")
+    }
+
+    #[test]
+    fn parses_the_documented_example() {
+        let state = parse_str(GOOD).unwrap();
+        assert_eq!(state.node.interface.as_deref(), Some("eth0"));
+        assert_eq!(state.node.encap_source, Some(Ipv4Addr::new(198, 18, 0, 2)));
+        assert_eq!(state.services.len(), 2);
+        let dns = &state.services[&ServiceAddr {
+            vip: "198.18.0.100".parse().unwrap(),
+            port: 53,
+            protocol: Protocol::Udp,
+        }];
+        assert_eq!(dns.name, "dns");
+        assert_eq!(dns.forwarding, Forwarding::Ipip);
+        let b12 = &dns.backends[&"198.18.0.12".parse::<IpAddr>().unwrap()];
+        assert_eq!(b12.weight, 2);
+        assert_eq!(b12.mac, Some([2, 0, 0, 0, 0, 0x12]));
+        let b11 = &dns.backends[&"198.18.0.11".parse::<IpAddr>().unwrap()];
+        assert_eq!((b11.weight, b11.mac), (1, None));
+        let web = state.services.values().find(|s| s.name == "web").unwrap();
+        assert_eq!(
+            (web.forwarding, web.table_size),
+            (Forwarding::L2, Some(307))
+        );
+    }
+
+    #[test]
+    fn rejects_bad_input_naming_file_service_and_field() {
+        let svc = |extra: &str, backends: &str| {
+            with_service(&format!(
+                "  - name: s1\n    vip: 198.18.0.100\n    port: 53\n{extra}{backends}"
+            ))
+        };
+        let one_backend = "    backends:\n      - address: 198.18.0.11\n";
+        let cases = [
+            (
+                svc("    protocol: sctp\n", one_backend),
+                "lb.yaml: service \"s1\": protocol: unknown protocol \"sctp\"",
+            ),
+            (
+                with_service(
+                    "  - name: s1\n    vip: not-an-ip\n    port: 53\n    protocol: udp\n    backends:\n      - address: 198.18.0.11\n",
+                ),
+                "lb.yaml: service \"s1\": vip: \"not-an-ip\" is not an IP address",
+            ),
+            (
+                svc("    protocol: udp\n", ""),
+                "service \"s1\": backends: at least one backend is required",
+            ),
+            (
+                svc(
+                    "    protocol: udp\n",
+                    "    backends:\n      - address: 198.18.0.11\n        weight: 0\n",
+                ),
+                "service \"s1\": backends[0].weight: must be at least 1",
+            ),
+            (
+                svc(
+                    "    protocol: udp\n",
+                    "    backends:\n      - address: 198.18.0.1x\n",
+                ),
+                "service \"s1\": backends[0].address: \"198.18.0.1x\" is not an IP address",
+            ),
+            (
+                svc(
+                    "    protocol: udp\n",
+                    "    backends:\n      - address: 198.18.0.11\n        mac: zz\n",
+                ),
+                "backends[0].mac: \"zz\" is not a MAC address",
+            ),
+            (
+                svc("    protocol: udp\n    forwarding: gre\n", one_backend),
+                "forwarding: unknown forwarding \"gre\"",
+            ),
+            (
+                svc("    protocol: udp\n    table_size: 100\n", one_backend),
+                "table_size: 100 must be a prime",
+            ),
+            (
+                format!(
+                    "services:\n  - {{name: a, vip: 198.18.0.100, port: 53, protocol: udp, backends: [{{address: 198.18.0.11}}]}}\n  - {{name: a, vip: 198.18.0.101, port: 53, protocol: udp, backends: [{{address: 198.18.0.11}}]}}\n"
+                ),
+                "service \"a\": name: duplicate service name",
+            ),
+            (
+                format!(
+                    "services:\n  - {{name: a, vip: 198.18.0.100, port: 53, protocol: udp, backends: [{{address: 198.18.0.11}}]}}\n  - {{name: b, vip: 198.18.0.100, port: 53, protocol: udp, backends: [{{address: 198.18.0.11}}]}}\n"
+                ),
+                "service \"b\": vip: 198.18.0.100:53/udp is already used by service \"a\"",
+            ),
+            (
+                "encap_source: 2001:db8::1\n".to_string(),
+                "lb.yaml: encap_source: \"2001:db8::1\" is not an IPv4 address",
+            ),
+            ("servces: []\n".to_string(), "unknown field `servces`"),
+        ];
+        for (text, expected) in cases {
+            let msg = error_of(&text);
+            assert!(
+                msg.contains(expected),
+                "for config:\n{text}\nexpected {expected:?} in {msg:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn mac_round_trip() {
+        assert_eq!(parse_mac("02:00:00:00:00:12"), Some([2, 0, 0, 0, 0, 0x12]));
+        assert_eq!(
+            parse_mac("02-AB-00-00-00-12"),
+            Some([2, 0xab, 0, 0, 0, 0x12])
+        );
+        assert_eq!(parse_mac("02:00:00:00:00"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:12:13"), None);
+        assert_eq!(format_mac(&[2, 0xab, 0, 0, 0, 0x12]), "02:ab:00:00:00:12");
+    }
+}

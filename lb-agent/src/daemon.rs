@@ -1,0 +1,217 @@
+//! The long-running commands: `run` (load balancer) and `decap` (backend side).
+
+use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Duration};
+
+use lb_common::{CONFIG_F_VALID, NodeConfig};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    cli::{DecapArgs, RunArgs},
+    config::{self, ConfigError},
+    dataplane::{Dataplane, DataplaneError},
+    loader::{self, LoadError},
+    netinfo::{Interface, NetError, NetInfo},
+    state::DesiredState,
+    sync::{self, MapOp, MapSnapshot, PlanError},
+};
+
+/// How long a sync waits for missing neighbour entries.
+const RESOLVE_WAIT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("no interface: give --interface or set `interface` in {0}")]
+    NoInterface(PathBuf),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Keeps the maps equal to a desired state.
+struct Syncer {
+    net: NetInfo,
+    iface_name: String,
+    dataplane: Dataplane,
+    /// What the maps hold: read once at start, then kept current with every applied op.
+    snapshot: MapSnapshot,
+}
+
+impl Syncer {
+    async fn node_config(
+        &self,
+        desired: &DesiredState,
+    ) -> Result<(Interface, NodeConfig), AgentError> {
+        let iface = self.net.interface(&self.iface_name).await?;
+        let encap = desired
+            .node
+            .encap_source
+            .or(iface.ipv4)
+            .ok_or_else(|| NetError::NoIpv4(self.iface_name.clone()))?;
+        let node = NodeConfig {
+            mac: iface.mac,
+            _pad: [0; 2],
+            encap_src_v4_be: encap.octets(),
+            flags: CONFIG_F_VALID,
+        };
+        Ok((iface, node))
+    }
+
+    /// Bring the maps to `desired`; returns the number of map writes.
+    async fn sync(&mut self, desired: &DesiredState) -> Result<usize, AgentError> {
+        let (iface, node) = self.node_config(desired).await?;
+        let need: BTreeSet<IpAddr> = desired
+            .services
+            .values()
+            .flat_map(|s| {
+                s.backends
+                    .iter()
+                    .filter(|(_, b)| b.mac.is_none())
+                    .map(|(ip, _)| *ip)
+            })
+            .collect();
+        let macs = self.net.resolve(&iface, &need, RESOLVE_WAIT).await;
+        let plan = sync::plan(desired, node, &macs, &self.snapshot)?;
+        for (service, backend) in &plan.unresolved {
+            tracing::warn!(%service, %backend, "backend MAC unknown, left out until it resolves");
+        }
+        let result = self.dataplane.apply(&plan.ops);
+        if result.is_err() {
+            // Part of the plan may be applied: re-read the truth before the next attempt.
+            self.snapshot = self.dataplane.snapshot()?;
+        } else {
+            sync::apply_to_snapshot(&mut self.snapshot, &plan.ops);
+        }
+        result?;
+        for op in &plan.ops {
+            match op {
+                MapOp::SetService {
+                    key,
+                    value,
+                    fresh,
+                    name,
+                } => {
+                    let addr = sync::service_addr(key)
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    tracing::info!(service = %name, %addr, slots = value.table_size, new = fresh, "service programmed");
+                }
+                MapOp::DeleteService { key } => {
+                    let addr = sync::service_addr(key)
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    tracing::info!(%addr, "service removed");
+                }
+                _ => {}
+            }
+        }
+        Ok(plan.ops.len())
+    }
+}
+
+pub async fn run(args: RunArgs) -> Result<(), AgentError> {
+    let mut desired = config::load(&args.config)?;
+    let iface_name = args
+        .interface
+        .clone()
+        .or_else(|| desired.node.interface.clone())
+        .ok_or_else(|| AgentError::NoInterface(args.config.clone()))?;
+    let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+
+    let mut ebpf = loader::load(&args.pin_path, args.maglev_slots)?;
+    let dataplane = Dataplane::from_ebpf(&mut ebpf)?;
+    let snapshot = dataplane.snapshot()?;
+    tracing::info!(
+        pin_path = %args.pin_path.display(),
+        services = snapshot.services.len(),
+        backends = snapshot.backends.len(),
+        maglev_slots = snapshot.maglev_capacity,
+        "maps opened"
+    );
+    let mut syncer = Syncer {
+        net: NetInfo::connect()?,
+        iface_name: iface_name.clone(),
+        dataplane,
+        snapshot,
+    };
+    // Fill the maps before the program sees traffic (or, when adopting, before it is replaced).
+    let writes = syncer.sync(&desired).await?;
+    tracing::info!(writes, "initial sync done");
+    let attachment = loader::attach_lb(&mut ebpf, &args.pin_path, &iface_name, args.xdp_mode)?;
+    tracing::info!(
+        iface = %iface_name,
+        adopted = attachment.adopted,
+        link = %attachment.pin.display(),
+        "load balancer attached"
+    );
+
+    let mut resync = tokio::time::interval(Duration::from_secs(args.resync_interval.max(1)));
+    resync.tick().await;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match config::load(&args.config) {
+                    Ok(new) => {
+                        if new.node.interface.is_some() && new.node.interface != desired.node.interface && args.interface.is_none() {
+                            tracing::warn!("changing `interface` needs a restart; keeping {iface_name}");
+                        }
+                        match syncer.sync(&new).await {
+                            Ok(writes) => {
+                                tracing::info!(writes, "config reloaded");
+                                desired = new;
+                            }
+                            Err(e) => tracing::error!(error = %e, "reload failed; maps hold a consistent older state"),
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload rejected; nothing changed"),
+                }
+            }
+            _ = resync.tick() => {
+                match syncer.sync(&desired).await {
+                    Ok(0) => {}
+                    Ok(writes) => tracing::info!(writes, "periodic resync applied changes"),
+                    Err(e) => tracing::warn!(error = %e, "periodic resync failed"),
+                }
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    if args.keep_attached {
+        tracing::info!(link = %attachment.pin.display(), "exiting; program stays attached (--keep-attached)");
+        drop(attachment);
+    } else {
+        attachment.detach()?;
+        tracing::info!(iface = %iface_name, "detached");
+    }
+    Ok(())
+}
+
+pub async fn decap(args: DecapArgs) -> Result<(), AgentError> {
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    // The decap program needs none of the load balancer's maps: keep them tiny and unpinned.
+    let mut ebpf = aya::EbpfLoader::new()
+        .map_max_entries(lb_common::maps::MAGLEV, 1)
+        .load(loader::EBPF_OBJECT)
+        .map_err(LoadError::from)?;
+    let link = loader::attach_decap(&mut ebpf, &args.interface, args.xdp_mode)?;
+    tracing::info!(iface = %args.interface, "decap attached");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    drop(link);
+    tracing::info!(iface = %args.interface, "decap detached");
+    Ok(())
+}

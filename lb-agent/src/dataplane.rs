@@ -1,0 +1,247 @@
+//! The only module that holds BPF map handles: reads the maps into a `MapSnapshot`, applies
+//! `MapOp`s, and reads counters.
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
+};
+use lb_common::{BackendValue, Counters, NodeConfig, Reason, ServiceKey, ServiceValue, maps};
+
+use crate::sync::{MapOp, MapSnapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("map {map} is missing from the object")]
+    Missing { map: &'static str },
+    #[error("map {map}: {source}")]
+    Map { map: &'static str, source: MapError },
+    #[error("map {map}: cannot open pin {path}: {source}")]
+    Pin {
+        map: &'static str,
+        path: String,
+        source: MapError,
+    },
+    #[error("cannot count CPUs: {0}")]
+    Cpus(String),
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+/// Handles to every map of the data plane.
+pub struct Dataplane {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: Array<MapData, BackendValue>,
+    maglev: Array<MapData, u32>,
+    config: Array<MapData, NodeConfig>,
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    reason_stats: PerCpuArray<MapData, Counters>,
+    cpus: usize,
+}
+
+/// Counters summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub services: BTreeMap<u32, Counters>,
+    pub backends: BTreeMap<u32, Counters>,
+    pub reasons: Vec<(Reason, Counters)>,
+}
+
+fn sum(values: &PerCpuValues<Counters>) -> Counters {
+    values.iter().fold(Counters::default(), |acc, c| Counters {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    })
+}
+
+impl Dataplane {
+    /// Take the maps out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(DataplaneError::Missing { map: name })
+        };
+        Self::from_maps(
+            take(maps::SERVICES)?,
+            take(maps::BACKENDS)?,
+            take(maps::MAGLEV)?,
+            take(maps::CONFIG)?,
+            take(maps::SERVICE_STATS)?,
+            take(maps::BACKEND_STATS)?,
+            take(maps::REASON_STATS)?,
+        )
+    }
+
+    /// Open the maps a running (or kept-attached) agent pinned under `dir`.
+    pub fn open_pinned(dir: &Path) -> Result<Self, DataplaneError> {
+        let open = |name: &'static str| {
+            let path = dir.join(name);
+            MapData::from_pin(&path)
+                .and_then(Map::from_map_data)
+                .map_err(|source| DataplaneError::Pin {
+                    map: name,
+                    path: path.display().to_string(),
+                    source,
+                })
+        };
+        Self::from_maps(
+            open(maps::SERVICES)?,
+            open(maps::BACKENDS)?,
+            open(maps::MAGLEV)?,
+            open(maps::CONFIG)?,
+            open(maps::SERVICE_STATS)?,
+            open(maps::BACKEND_STATS)?,
+            open(maps::REASON_STATS)?,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn from_maps(
+        services: Map,
+        backends: Map,
+        maglev: Map,
+        config: Map,
+        service_stats: Map,
+        backend_stats: Map,
+        reason_stats: Map,
+    ) -> Result<Self, DataplaneError> {
+        Ok(Dataplane {
+            services: HashMap::try_from(services).map_err(map_err(maps::SERVICES))?,
+            backends: Array::try_from(backends).map_err(map_err(maps::BACKENDS))?,
+            maglev: Array::try_from(maglev).map_err(map_err(maps::MAGLEV))?,
+            config: Array::try_from(config).map_err(map_err(maps::CONFIG))?,
+            service_stats: PerCpuArray::try_from(service_stats)
+                .map_err(map_err(maps::SERVICE_STATS))?,
+            backend_stats: PerCpuArray::try_from(backend_stats)
+                .map_err(map_err(maps::BACKEND_STATS))?,
+            reason_stats: PerCpuArray::try_from(reason_stats)
+                .map_err(map_err(maps::REASON_STATS))?,
+            cpus: nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e.to_string()))?,
+        })
+    }
+
+    pub fn maglev_capacity(&self) -> u32 {
+        self.maglev.len()
+    }
+
+    /// Read what the maps hold.
+    pub fn snapshot(&self) -> Result<MapSnapshot, DataplaneError> {
+        let config = self.config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        let mut services = BTreeMap::new();
+        for entry in self.services.iter() {
+            let (k, v) = entry.map_err(map_err(maps::SERVICES))?;
+            services.insert(k, v);
+        }
+        let mut backends = BTreeMap::new();
+        for (id, entry) in self.backends.iter().enumerate() {
+            let v = entry.map_err(map_err(maps::BACKENDS))?;
+            if v.is_valid() {
+                backends.insert(id as u32, v);
+            }
+        }
+        Ok(MapSnapshot {
+            config: (config.flags & lb_common::CONFIG_F_VALID != 0).then_some(config),
+            services,
+            backends,
+            maglev_capacity: self.maglev_capacity(),
+        })
+    }
+
+    fn zero(&self) -> PerCpuValues<Counters> {
+        // `try_from` only fails for a wrong length; the length is the CPU count.
+        PerCpuValues::try_from(vec![Counters::default(); self.cpus])
+            .unwrap_or_else(|_| unreachable!("vector has one entry per CPU"))
+    }
+
+    /// Apply operations in order. On error the maps hold a prefix of `ops`: every prefix is
+    /// consistent, because of the order `sync::plan` produces.
+    pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DataplaneError> {
+        for op in ops {
+            match op {
+                MapOp::SetConfig(c) => self.config.set(0, c, 0).map_err(map_err(maps::CONFIG))?,
+                MapOp::SetBackend { id, value, fresh } => {
+                    if *fresh {
+                        let zero = self.zero();
+                        self.backend_stats
+                            .set(*id, zero, 0)
+                            .map_err(map_err(maps::BACKEND_STATS))?;
+                    }
+                    self.backends
+                        .set(*id, value, 0)
+                        .map_err(map_err(maps::BACKENDS))?;
+                }
+                MapOp::WriteTable { offset, entries } => {
+                    for (i, backend) in entries.iter().enumerate() {
+                        self.maglev
+                            .set(offset + i as u32, backend, 0)
+                            .map_err(map_err(maps::MAGLEV))?;
+                    }
+                }
+                MapOp::SetService {
+                    key, value, fresh, ..
+                } => {
+                    if *fresh {
+                        let zero = self.zero();
+                        self.service_stats
+                            .set(value.id, zero, 0)
+                            .map_err(map_err(maps::SERVICE_STATS))?;
+                    }
+                    self.services
+                        .insert(key, value, 0)
+                        .map_err(map_err(maps::SERVICES))?;
+                }
+                MapOp::DeleteService { key } => {
+                    self.services.remove(key).map_err(map_err(maps::SERVICES))?
+                }
+                MapOp::ClearBackend { id } => self
+                    .backends
+                    .set(*id, BackendValue::EMPTY, 0)
+                    .map_err(map_err(maps::BACKENDS))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Read one Maglev table (for `status --table` and tests).
+    pub fn table(&self, value: &ServiceValue) -> Result<Vec<u32>, DataplaneError> {
+        (value.table_offset..value.table_offset + value.table_size)
+            .map(|slot| self.maglev.get(&slot, 0).map_err(map_err(maps::MAGLEV)))
+            .collect()
+    }
+
+    /// Counters of the given services and backends, and of every reason.
+    pub fn stats(
+        &self,
+        service_ids: impl IntoIterator<Item = u32>,
+        backend_ids: impl IntoIterator<Item = u32>,
+    ) -> Result<Stats, DataplaneError> {
+        let mut out = Stats::default();
+        for id in service_ids {
+            let v = self
+                .service_stats
+                .get(&id, 0)
+                .map_err(map_err(maps::SERVICE_STATS))?;
+            out.services.insert(id, sum(&v));
+        }
+        for id in backend_ids {
+            let v = self
+                .backend_stats
+                .get(&id, 0)
+                .map_err(map_err(maps::BACKEND_STATS))?;
+            out.backends.insert(id, sum(&v));
+        }
+        for reason in Reason::ALL {
+            let v = self
+                .reason_stats
+                .get(&(reason as u32), 0)
+                .map_err(map_err(maps::REASON_STATS))?;
+            out.reasons.push((reason, sum(&v)));
+        }
+        Ok(out)
+    }
+}

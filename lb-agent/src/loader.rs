@@ -1,0 +1,280 @@
+//! Loading the object, pinning maps under the pin directory, and attaching through a pinned
+//! bpf_link so a later agent can replace the program atomically.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+    },
+};
+use lb_common::maps;
+
+/// The XDP object, built from this checkout's lb-ebpf sources by the build script.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("cannot mount bpffs on {path}: {source}")]
+    Mount { path: PathBuf, source: nix::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("pinned link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning link at {path}: {source}")]
+    PinLink {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("attaching to {iface} in {mode:?} mode: {source}")]
+    Attach {
+        iface: String,
+        mode: XdpMode,
+        source: aya::programs::ProgramError,
+    },
+}
+
+/// XDP attach mode as the CLI spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// Native (driver) mode if the driver supports it, generic otherwise.
+    Auto,
+    Native,
+    Skb,
+}
+
+/// Make sure a bpf filesystem is mounted at /sys/fs/bpf (or wherever `dir` lives), then create
+/// `dir`.
+pub fn ensure_pin_dir(dir: &Path) -> Result<(), LoadError> {
+    let bpffs = Path::new("/sys/fs/bpf");
+    if dir.starts_with(bpffs) {
+        let mounted = nix::sys::statfs::statfs(bpffs)
+            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .unwrap_or(false);
+        if !mounted {
+            tracing::info!(path = %bpffs.display(), "mounting bpffs");
+            nix::mount::mount(
+                Some("bpf"),
+                bpffs,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .map_err(|source| LoadError::Mount {
+                path: bpffs.into(),
+                source,
+            })?;
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|source| LoadError::Io {
+        path: dir.into(),
+        source,
+    })
+}
+
+/// Load the object; every map is opened from `pin_dir` if pinned there, else created and
+/// pinned. `maglev_slots` sets the capacity of `LB_MAGLEV` for a newly created map.
+pub fn load(pin_dir: &Path, maglev_slots: u32) -> Result<Ebpf, LoadError> {
+    ensure_pin_dir(pin_dir)?;
+    let paths: Vec<(&'static str, PathBuf)> = maps::ALL
+        .iter()
+        .map(|name| (*name, pin_dir.join(name)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries(maps::MAGLEV, maglev_slots);
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    Ok(loader.load(EBPF_OBJECT)?)
+}
+
+/// Path of the pinned link for an interface.
+pub fn link_pin_path(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join(format!("link-{iface}"))
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoadError> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| LoadError::Program { name, source })?;
+    Ok(prog)
+}
+
+/// The load balancer attached to an interface through a pinned link.
+pub struct Attachment {
+    pub link: FdLink,
+    pub pin: PathBuf,
+    /// True when an existing link was adopted (program replaced in place).
+    pub adopted: bool,
+}
+
+impl Attachment {
+    /// Detach: remove the pin and close the link.
+    pub fn detach(self) -> Result<(), LoadError> {
+        std::fs::remove_file(&self.pin).map_err(|source| LoadError::Io {
+            path: self.pin.clone(),
+            source,
+        })?;
+        drop(self.link);
+        Ok(())
+    }
+}
+
+/// Attach `lb_xdp` to `iface`. If a pinned link from an earlier agent exists, the program
+/// behind it is replaced atomically (`BPF_LINK_UPDATE`): no packet sees a gap.
+pub fn attach_lb(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<Attachment, LoadError> {
+    let prog = program(ebpf, maps::PROG_LB)?;
+    let pin = link_pin_path(pin_dir, iface);
+    if pin.exists() {
+        let pinned = PinnedLink::from_pin(&pin).map_err(|source| LoadError::Link {
+            path: pin.clone(),
+            source,
+        })?;
+        let fd_link: FdLink = pinned.into();
+        let xdp_link = XdpLink::try_from(fd_link).map_err(|source| LoadError::Link {
+            path: pin.clone(),
+            source,
+        })?;
+        let id = prog
+            .attach_to_link(xdp_link)
+            .map_err(|source| LoadError::Program {
+                name: maps::PROG_LB,
+                source,
+            })?;
+        let link = take_fd_link(prog, id, &pin)?;
+        return Ok(Attachment {
+            link,
+            pin,
+            adopted: true,
+        });
+    }
+    let id = attach_with_mode(prog, iface, mode)?;
+    let link = take_fd_link(prog, id, &pin)?;
+    let pinned = link.pin(&pin).map_err(|source| LoadError::PinLink {
+        path: pin.clone(),
+        source,
+    })?;
+    Ok(Attachment {
+        link: pinned.into(),
+        pin,
+        adopted: false,
+    })
+}
+
+fn take_fd_link(
+    prog: &mut Xdp,
+    id: aya::programs::xdp::XdpLinkId,
+    pin: &Path,
+) -> Result<FdLink, LoadError> {
+    let link = prog.take_link(id).map_err(|source| LoadError::Program {
+        name: maps::PROG_LB,
+        source,
+    })?;
+    FdLink::try_from(link).map_err(|source| LoadError::Link {
+        path: pin.to_path_buf(),
+        source,
+    })
+}
+
+fn attach_with_mode(
+    prog: &mut Xdp,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<aya::programs::xdp::XdpLinkId, LoadError> {
+    let attempt = |prog: &mut Xdp, m: XdpMode| {
+        prog.attach(iface, m).map_err(|source| LoadError::Attach {
+            iface: iface.into(),
+            mode: m,
+            source,
+        })
+    };
+    match mode {
+        AttachMode::Native => attempt(prog, XdpMode::Driver),
+        AttachMode::Skb => attempt(prog, XdpMode::Skb),
+        AttachMode::Auto => attempt(prog, XdpMode::Driver).or_else(|e| {
+            tracing::info!(iface, error = %e, "native XDP unavailable, using generic (skb) mode");
+            attempt(prog, XdpMode::Skb)
+        }),
+    }
+}
+
+/// Attach the decap program (not pinned: it lives as long as the returned link).
+pub fn attach_decap(ebpf: &mut Ebpf, iface: &str, mode: AttachMode) -> Result<FdLink, LoadError> {
+    let prog = program(ebpf, maps::PROG_DECAP)?;
+    let id = attach_with_mode(prog, iface, mode)?;
+    let link = prog.take_link(id).map_err(|source| LoadError::Program {
+        name: maps::PROG_DECAP,
+        source,
+    })?;
+    FdLink::try_from(link).map_err(|source| LoadError::Link {
+        path: PathBuf::from(iface),
+        source,
+    })
+}
+
+/// Remove pinned links (all, or one interface's), detaching the program. Maps stay pinned
+/// unless `purge`.
+pub fn detach(pin_dir: &Path, iface: Option<&str>, purge: bool) -> Result<Vec<PathBuf>, LoadError> {
+    let mut removed = Vec::new();
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| LoadError::Io { path, source }
+    };
+    let entries = match std::fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        Err(e) => return Err(io(pin_dir)(e)),
+    };
+    for entry in entries {
+        let path = entry.map_err(io(pin_dir))?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let is_link = match iface {
+            Some(i) => name == format!("link-{i}"),
+            None => name.starts_with("link-"),
+        };
+        let is_map = maps::ALL.contains(&name.as_str());
+        if is_link || (purge && is_map) {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+            removed.push(path);
+        }
+    }
+    if purge && iface.is_none() {
+        // Succeeds only when nothing else is left in the directory.
+        let _ = std::fs::remove_dir(pin_dir);
+    }
+    Ok(removed)
+}

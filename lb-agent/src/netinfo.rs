@@ -1,0 +1,273 @@
+//! What the agent learns from the kernel over rtnetlink: the interface's index, MAC and
+//! first IPv4 address, and the MAC address of the next hop towards each backend (asking the
+//! kernel to resolve it when the neighbour table has no entry yet).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
+
+use futures::TryStreamExt;
+use netlink_packet_route::{
+    address::AddressAttribute,
+    link::LinkAttribute,
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteMessage},
+};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("netlink: {0}")]
+    Connect(std::io::Error),
+    #[error("interface {0:?} not found")]
+    NoInterface(String),
+    #[error("interface {iface:?}: {what}: {source}")]
+    Netlink {
+        iface: String,
+        what: &'static str,
+        source: rtnetlink::Error,
+    },
+    #[error("interface {0:?} has no MAC address")]
+    NoMac(String),
+    #[error("interface {0:?} has no IPv4 address; set encap_source in the config")]
+    NoIpv4(String),
+}
+
+/// The attached interface as the data plane needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+    pub mac: [u8; 6],
+    pub ipv4: Option<Ipv4Addr>,
+}
+
+/// A netlink connection bound to the network namespace of the thread that opened it.
+pub struct NetInfo {
+    handle: Handle,
+}
+
+/// How a backend is reached from the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextHop {
+    /// On the same link: the backend's own MAC is the destination.
+    Direct(IpAddr),
+    /// Through a router.
+    Gateway(IpAddr),
+}
+
+impl NextHop {
+    pub fn addr(self) -> IpAddr {
+        match self {
+            NextHop::Direct(a) | NextHop::Gateway(a) => a,
+        }
+    }
+}
+
+impl NetInfo {
+    pub fn connect() -> Result<Self, NetError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Connect)?;
+        tokio::spawn(conn);
+        Ok(NetInfo { handle })
+    }
+
+    pub async fn interface(&self, name: &str) -> Result<Interface, NetError> {
+        let nl = |what| {
+            move |source| NetError::Netlink {
+                iface: name.to_string(),
+                what,
+                source,
+            }
+        };
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await
+            .map_err(|e| match e {
+                rtnetlink::Error::NetlinkError(ref m) if m.raw_code() == -libc::ENODEV => {
+                    NetError::NoInterface(name.to_string())
+                }
+                e => nl("get link")(e),
+            })?
+            .ok_or_else(|| NetError::NoInterface(name.to_string()))?;
+        let index = link.header.index;
+        let mac = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(bytes) if bytes.len() == 6 => {
+                    let mut mac = [0u8; 6];
+                    mac.copy_from_slice(bytes);
+                    Some(mac)
+                }
+                _ => None,
+            })
+            .ok_or_else(|| NetError::NoMac(name.to_string()))?;
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        let mut ipv4 = None;
+        while let Some(msg) = addrs.try_next().await.map_err(nl("get addresses"))? {
+            for a in &msg.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(v4)) = a
+                    && ipv4.is_none()
+                {
+                    ipv4 = Some(*v4);
+                }
+            }
+        }
+        Ok(Interface {
+            name: name.to_string(),
+            index,
+            mac,
+            ipv4,
+        })
+    }
+
+    /// The next hop towards `dst` according to the routing table.
+    pub async fn next_hop(&self, iface: &Interface, dst: IpAddr) -> Option<NextHop> {
+        let msg: RouteMessage = match dst {
+            IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(a, 32)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(a, 128)
+                .build(),
+        };
+        let route = self
+            .handle
+            .route()
+            .get(msg)
+            .execute()
+            .try_next()
+            .await
+            .ok()??;
+        let oif = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        if oif.is_some_and(|o| o != iface.index) {
+            tracing::warn!(backend = %dst, iface = %iface.name, "route to backend leaves through another interface");
+        }
+        let gateway = route.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => Some(IpAddr::V4(*g)),
+            RouteAttribute::Gateway(RouteAddress::Inet6(g)) => Some(IpAddr::V6(*g)),
+            _ => None,
+        });
+        Some(gateway.map_or(NextHop::Direct(dst), NextHop::Gateway))
+    }
+
+    /// Reachable neighbours (and stale ones: their MAC is still the best we know) of the
+    /// interface.
+    async fn neighbours(&self, iface: &Interface) -> BTreeMap<IpAddr, [u8; 6]> {
+        let mut out = BTreeMap::new();
+        let mut stream = self.handle.neighbours().get().execute();
+        while let Ok(Some(msg)) = stream.try_next().await {
+            if msg.header.ifindex != iface.index {
+                continue;
+            }
+            if !matches!(
+                msg.header.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+                    | NeighbourState::Permanent
+                    | NeighbourState::Noarp
+            ) {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for a in &msg.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                        ip = Some(IpAddr::V4(*v4))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                        ip = Some(IpAddr::V6(*v6))
+                    }
+                    NeighbourAttribute::LinkLocalAddress(b) if b.len() == 6 => {
+                        let mut m = [0u8; 6];
+                        m.copy_from_slice(b);
+                        mac = Some(m);
+                    }
+                    _ => {}
+                }
+            }
+            if let (Some(ip), Some(mac)) = (ip, mac) {
+                out.insert(ip, mac);
+            }
+        }
+        out
+    }
+
+    /// Ask the kernel to resolve `ip` on the interface (like `ip neigh ... use`): it sends the
+    /// ARP/ND request itself.
+    async fn trigger_resolution(&self, iface: &Interface, ip: IpAddr) {
+        let res = self
+            .handle
+            .neighbours()
+            .add(iface.index, ip)
+            .flags(NeighbourFlags::Use)
+            .state(NeighbourState::None)
+            .replace()
+            .execute()
+            .await;
+        if let Err(e) = res {
+            tracing::debug!(neighbour = %ip, error = %e, "could not trigger neighbour resolution");
+        }
+    }
+
+    /// Resolve the next-hop MAC of every address in `backends`, waiting up to `wait` for
+    /// missing neighbours. Addresses that stay unresolved are absent from the result.
+    pub async fn resolve(
+        &self,
+        iface: &Interface,
+        backends: &BTreeSet<IpAddr>,
+        wait: Duration,
+    ) -> BTreeMap<IpAddr, [u8; 6]> {
+        let mut hops = BTreeMap::new();
+        for ip in backends {
+            match self.next_hop(iface, *ip).await {
+                Some(hop) => {
+                    hops.insert(*ip, hop);
+                }
+                None => tracing::warn!(backend = %ip, "no route to backend"),
+            }
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut triggered = false;
+        loop {
+            let neigh = self.neighbours(iface).await;
+            let resolved: BTreeMap<IpAddr, [u8; 6]> = hops
+                .iter()
+                .filter_map(|(ip, hop)| Some((*ip, *neigh.get(&hop.addr())?)))
+                .collect();
+            if resolved.len() == hops.len() || tokio::time::Instant::now() >= deadline {
+                return resolved;
+            }
+            if !triggered {
+                let missing: BTreeSet<IpAddr> = hops
+                    .values()
+                    .map(|h| h.addr())
+                    .filter(|a| !neigh.contains_key(a))
+                    .collect();
+                for addr in missing {
+                    self.trigger_resolution(iface, addr).await;
+                }
+                triggered = true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The desired state of the data plane: plain data, built by the static config loader (and
+//! later by the Kubernetes watcher), compared and applied by `sync`.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use lb_common::Forwarding;
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::PROTO_TCP,
+            Protocol::Udp => lb_common::PROTO_UDP,
+        }
+    }
+
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            lb_common::PROTO_TCP => Some(Protocol::Tcp),
+            lb_common::PROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// What identifies a service in the data plane: (VIP, port, protocol).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceAddr {
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for ServiceAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.vip {
+            IpAddr::V4(a) => write!(f, "{a}:{}/{}", self.port, self.protocol.name()),
+            IpAddr::V6(a) => write!(f, "[{a}]:{}/{}", self.port, self.protocol.name()),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub weight: u32,
+    /// A MAC address given by the operator; otherwise the agent resolves the next hop.
+    pub mac: Option<[u8; 6]>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub forwarding: Forwarding,
+    /// Maglev table size override (prime); `None` sizes it from the total weight.
+    pub table_size: Option<u32>,
+    pub backends: BTreeMap<IpAddr, BackendSpec>,
+}
+
+/// Node-level settings.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct NodeSpec {
+    /// Interface the load balancer is attached to.
+    pub interface: Option<String>,
+    /// Source address of outer IPv4 headers; default: the interface's first IPv4 address.
+    pub encap_source: Option<Ipv4Addr>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DesiredState {
+    pub node: NodeSpec,
+    pub services: BTreeMap<ServiceAddr, ServiceSpec>,
+}

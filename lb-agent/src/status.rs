@@ -1,0 +1,167 @@
+//! `lb-agent status`: what the pinned maps hold and what the data plane counted.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::{
+    cli::StatusArgs,
+    config::format_mac,
+    dataplane::{Dataplane, DataplaneError},
+    sync::{self, ip_from_bytes},
+};
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub encap_source: Option<String>,
+    pub interface_mac: Option<String>,
+    pub services: Vec<ServiceStatus>,
+    pub reasons: BTreeMap<String, CounterPair>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceStatus {
+    pub address: String,
+    pub forwarding: String,
+    pub table_size: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendStatus {
+    pub address: String,
+    pub mac: String,
+    /// Share of the service's Maglev slots (0..1).
+    pub share: f64,
+    /// Counted across every service that uses this backend.
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CounterPair {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Collect the status from an open data plane.
+pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
+    let snap = dp.snapshot()?;
+    let stats = dp.stats(
+        snap.services.values().map(|v| v.id),
+        snap.backends.keys().copied(),
+    )?;
+    let mut services = Vec::new();
+    for (key, value) in &snap.services {
+        let address = sync::service_addr(key).map_or_else(|| format!("{key:?}"), |a| a.to_string());
+        let table = dp.table(value)?;
+        let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
+        for id in &table {
+            *slots.entry(*id).or_default() += 1;
+        }
+        let backends = slots
+            .iter()
+            .map(|(id, n)| {
+                let b = snap.backends.get(id);
+                let c = stats.backends.get(id).copied().unwrap_or_default();
+                BackendStatus {
+                    address: b
+                        .and_then(|b| ip_from_bytes(&b.addr_be, b.family))
+                        .map_or_else(|| format!("(id {id}, cleared)"), |ip| ip.to_string()),
+                    mac: b.map(|b| format_mac(&b.mac)).unwrap_or_default(),
+                    share: f64::from(*n) / table.len().max(1) as f64,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                }
+            })
+            .collect();
+        let c = stats.services.get(&value.id).copied().unwrap_or_default();
+        services.push(ServiceStatus {
+            address,
+            forwarding: sync::forwarding_name(value).to_string(),
+            table_size: value.table_size,
+            packets: c.packets,
+            bytes: c.bytes,
+            backends,
+        });
+    }
+    let reasons = stats
+        .reasons
+        .iter()
+        .map(|(r, c)| {
+            (
+                r.name().to_string(),
+                CounterPair {
+                    packets: c.packets,
+                    bytes: c.bytes,
+                },
+            )
+        })
+        .collect();
+    Ok(Status {
+        encap_source: snap
+            .config
+            .map(|c| std::net::Ipv4Addr::from(c.encap_src_v4_be).to_string()),
+        interface_mac: snap.config.map(|c| format_mac(&c.mac)),
+        services,
+        reasons,
+    })
+}
+
+pub fn render(status: &Status) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "node: mac {}  encap source {}",
+        status.interface_mac.as_deref().unwrap_or("-"),
+        status.encap_source.as_deref().unwrap_or("-")
+    );
+    let _ = writeln!(
+        out,
+        "{:<28} {:<6} {:>6} {:>12} {:>14}",
+        "SERVICE", "FWD", "SLOTS", "PACKETS", "BYTES"
+    );
+    for s in &status.services {
+        let _ = writeln!(
+            out,
+            "{:<28} {:<6} {:>6} {:>12} {:>14}",
+            s.address, s.forwarding, s.table_size, s.packets, s.bytes
+        );
+        for b in &s.backends {
+            let _ = writeln!(
+                out,
+                "  -> {:<23} {:<17} {:>5.1}% {:>12} {:>14}",
+                b.address,
+                b.mac,
+                b.share * 100.0,
+                b.packets,
+                b.bytes
+            );
+        }
+    }
+    let _ = writeln!(out, "{:<28} {:>12} {:>14}", "REASON", "PACKETS", "BYTES");
+    for (name, c) in &status.reasons {
+        if c.packets > 0 {
+            let _ = writeln!(out, "{:<28} {:>12} {:>14}", name, c.packets, c.bytes);
+        }
+    }
+    out
+}
+
+pub fn print(args: &StatusArgs) -> Result<(), crate::daemon::AgentError> {
+    let dp = Dataplane::open_pinned(&args.pin_path)?;
+    let status = collect(&dp)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status)
+                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        );
+    } else {
+        print!("{}", render(&status));
+    }
+    Ok(())
+}

@@ -1,0 +1,674 @@
+//! The pure part of applying a desired state: compare it with what the maps hold and produce
+//! the ordered list of map writes that turns one into the other. Nothing is flushed; what is
+//! already right is not written again.
+//!
+//! Order of operations (so no packet ever sees a dangling reference):
+//! 1. node config; new or changed backends;
+//! 2. new Maglev tables, each in a free region of `LB_MAGLEV`;
+//! 3. service entries switched to their new tables (one atomic hash-map update each);
+//! 4. removed services deleted; backends no service uses any more cleared.
+//!
+//! A region left behind by step 3 is free from the next plan on: it is derived from the
+//! service entries, never stored separately.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use lb_common::{
+    BACKEND_F_VALID, BackendValue, FAMILY_V4, FAMILY_V6, Forwarding, NodeConfig, ServiceKey,
+    ServiceValue,
+    maglev::{self, MaglevBackend},
+    maps::{MAX_BACKENDS, MAX_SERVICES},
+};
+
+use crate::state::{DesiredState, Protocol, ServiceAddr};
+
+/// What the pinned maps hold now (only valid backends).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapSnapshot {
+    pub config: Option<NodeConfig>,
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, BackendValue>,
+    /// Slots in `LB_MAGLEV`.
+    pub maglev_capacity: u32,
+}
+
+/// One write to the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MapOp {
+    SetConfig(NodeConfig),
+    /// `fresh`: the id was free before, so its counters start from zero.
+    SetBackend {
+        id: u32,
+        value: BackendValue,
+        fresh: bool,
+    },
+    WriteTable {
+        offset: u32,
+        entries: Vec<u32>,
+    },
+    SetService {
+        key: ServiceKey,
+        value: ServiceValue,
+        fresh: bool,
+        name: String,
+    },
+    DeleteService {
+        key: ServiceKey,
+    },
+    ClearBackend {
+        id: u32,
+    },
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error(
+        "service {service} ({addr}): Maglev table of {size} slots does not fit in LB_MAGLEV ({capacity} slots, {free} free)"
+    )]
+    MaglevFull {
+        service: String,
+        addr: ServiceAddr,
+        size: u32,
+        capacity: u32,
+        free: u32,
+    },
+    #[error("too many services: {count} (at most {max})")]
+    TooManyServices { count: usize, max: u32 },
+    #[error("too many backends: {count} (at most {max})")]
+    TooManyBackends { count: usize, max: u32 },
+    #[error("service {service} ({addr}): {error}")]
+    Maglev {
+        service: String,
+        addr: ServiceAddr,
+        error: String,
+    },
+}
+
+/// Result of planning.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub ops: Vec<MapOp>,
+    /// Backends left out because no MAC address is known for them yet.
+    pub unresolved: Vec<(ServiceAddr, IpAddr)>,
+}
+
+/// Map key of a service.
+pub fn service_key(addr: &ServiceAddr) -> ServiceKey {
+    let (addr_be, family) = ip_bytes(addr.vip);
+    ServiceKey {
+        addr_be,
+        port_be: addr.port.to_be(),
+        proto: addr.protocol.number(),
+        family,
+    }
+}
+
+/// The inverse of [`service_key`]; `None` for keys this agent would never write.
+pub fn service_addr(key: &ServiceKey) -> Option<ServiceAddr> {
+    Some(ServiceAddr {
+        vip: ip_from_bytes(&key.addr_be, key.family)?,
+        port: u16::from_be(key.port_be),
+        protocol: Protocol::from_number(key.proto)?,
+    })
+}
+
+pub fn ip_bytes(ip: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    match ip {
+        IpAddr::V4(a) => {
+            out[..4].copy_from_slice(&a.octets());
+            (out, FAMILY_V4)
+        }
+        IpAddr::V6(a) => (a.octets(), FAMILY_V6),
+    }
+}
+
+pub fn ip_from_bytes(bytes: &[u8; 16], family: u8) -> Option<IpAddr> {
+    match family {
+        FAMILY_V4 => Some(IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])),
+        FAMILY_V6 => Some(IpAddr::from(*bytes)),
+        _ => None,
+    }
+}
+
+fn maglev_key(ip: IpAddr) -> [u8; 17] {
+    let (bytes, family) = ip_bytes(ip);
+    let mut key = [0u8; 17];
+    key[..16].copy_from_slice(&bytes);
+    key[16] = family;
+    key
+}
+
+/// First-fit allocator over the free gaps of `LB_MAGLEV`.
+struct Regions {
+    /// Used regions: offset → size.
+    used: BTreeMap<u32, u32>,
+    capacity: u32,
+}
+
+impl Regions {
+    fn new(capacity: u32, services: &BTreeMap<ServiceKey, ServiceValue>) -> Self {
+        let used = services
+            .values()
+            .filter(|v| v.table_size > 0)
+            .map(|v| (v.table_offset, v.table_size))
+            .collect();
+        Regions { used, capacity }
+    }
+
+    fn allocate(&mut self, size: u32) -> Option<u32> {
+        let mut cursor = 0u32;
+        for (&off, &len) in &self.used {
+            if off >= cursor && off - cursor >= size {
+                break;
+            }
+            cursor = cursor.max(off.saturating_add(len));
+        }
+        if self.capacity.checked_sub(cursor)? < size {
+            return None;
+        }
+        self.used.insert(cursor, size);
+        Some(cursor)
+    }
+
+    fn free(&self) -> u32 {
+        self.capacity.saturating_sub(self.used.values().sum())
+    }
+}
+
+/// Lowest ids not in `taken`, handed out in order.
+fn free_ids(taken: &BTreeSet<u32>, max: u32) -> impl Iterator<Item = u32> + '_ {
+    (0..max).filter(move |id| !taken.contains(id))
+}
+
+/// Compute the writes that make `current` hold `desired`. `node` is the resolved node config,
+/// `macs` the resolved next-hop MAC of each backend address (missing: left out for now).
+pub fn plan(
+    desired: &DesiredState,
+    node: NodeConfig,
+    macs: &BTreeMap<IpAddr, [u8; 6]>,
+    current: &MapSnapshot,
+) -> Result<Plan, PlanError> {
+    if desired.services.len() > MAX_SERVICES as usize {
+        return Err(PlanError::TooManyServices {
+            count: desired.services.len(),
+            max: MAX_SERVICES,
+        });
+    }
+    let mut out = Plan::default();
+    if current.config != Some(node) {
+        out.ops.push(MapOp::SetConfig(node));
+    }
+
+    // Backends: every address some service uses and whose MAC is known.
+    let mut wanted: BTreeMap<IpAddr, [u8; 6]> = BTreeMap::new();
+    for (addr, svc) in &desired.services {
+        for (ip, spec) in &svc.backends {
+            match spec.mac.or_else(|| macs.get(ip).copied()) {
+                Some(mac) => {
+                    wanted.insert(*ip, mac);
+                }
+                None => out.unresolved.push((*addr, *ip)),
+            }
+        }
+    }
+    if wanted.len() > MAX_BACKENDS as usize {
+        return Err(PlanError::TooManyBackends {
+            count: wanted.len(),
+            max: MAX_BACKENDS,
+        });
+    }
+    let existing: BTreeMap<IpAddr, u32> = current
+        .backends
+        .iter()
+        .filter_map(|(id, v)| Some((ip_from_bytes(&v.addr_be, v.family)?, *id)))
+        .collect();
+    let taken: BTreeSet<u32> = current.backends.keys().copied().collect();
+    let mut fresh_ids = free_ids(&taken, MAX_BACKENDS);
+    let mut backend_ids: BTreeMap<IpAddr, u32> = BTreeMap::new();
+    for (ip, mac) in &wanted {
+        let (addr_be, family) = ip_bytes(*ip);
+        let value = BackendValue {
+            addr_be,
+            mac: *mac,
+            family,
+            flags: BACKEND_F_VALID,
+        };
+        match existing.get(ip) {
+            Some(&id) => {
+                if current.backends.get(&id) != Some(&value) {
+                    out.ops.push(MapOp::SetBackend {
+                        id,
+                        value,
+                        fresh: false,
+                    });
+                }
+                backend_ids.insert(*ip, id);
+            }
+            None => {
+                let id = fresh_ids.next().ok_or(PlanError::TooManyBackends {
+                    count: wanted.len(),
+                    max: MAX_BACKENDS,
+                })?;
+                out.ops.push(MapOp::SetBackend {
+                    id,
+                    value,
+                    fresh: true,
+                });
+                backend_ids.insert(*ip, id);
+            }
+        }
+    }
+
+    // Tables and service entries.
+    let mut regions = Regions::new(current.maglev_capacity, &current.services);
+    let service_taken: BTreeSet<u32> = current.services.values().map(|v| v.id).collect();
+    let mut fresh_service_ids = free_ids(&service_taken, MAX_SERVICES);
+    let mut table_ops = Vec::new();
+    let mut service_ops = Vec::new();
+    for (addr, svc) in &desired.services {
+        let key = service_key(addr);
+        let members: Vec<MaglevBackend> = svc
+            .backends
+            .iter()
+            .filter_map(|(ip, spec)| {
+                Some(MaglevBackend {
+                    key: maglev_key(*ip),
+                    id: *backend_ids.get(ip)?,
+                    weight: spec.weight,
+                })
+            })
+            .collect();
+        let total: u64 = members.iter().map(|m| u64::from(m.weight)).sum();
+        let size = if members.is_empty() {
+            0
+        } else {
+            svc.table_size
+                .unwrap_or_else(|| maglev::table_size_for(total))
+        };
+        let table = maglev::build_table(&members, size).map_err(|e| PlanError::Maglev {
+            service: svc.name.clone(),
+            addr: *addr,
+            error: e.to_string(),
+        })?;
+        let fingerprint = if table.is_empty() {
+            0
+        } else {
+            maglev::fingerprint(&table)
+        };
+        let old = current.services.get(&key);
+        let (id, fresh) = match old {
+            Some(v) => (v.id, false),
+            None => {
+                let id = fresh_service_ids.next().ok_or(PlanError::TooManyServices {
+                    count: desired.services.len(),
+                    max: MAX_SERVICES,
+                })?;
+                (id, true)
+            }
+        };
+        let same_table = old.is_some_and(|v| v.table_size == size && v.fingerprint == fingerprint);
+        let table_offset = match old {
+            Some(v) if same_table => v.table_offset,
+            _ if size == 0 => 0,
+            _ => {
+                let offset = regions
+                    .allocate(size)
+                    .ok_or_else(|| PlanError::MaglevFull {
+                        service: svc.name.clone(),
+                        addr: *addr,
+                        size,
+                        capacity: current.maglev_capacity,
+                        free: regions.free(),
+                    })?;
+                table_ops.push(MapOp::WriteTable {
+                    offset,
+                    entries: table,
+                });
+                offset
+            }
+        };
+        let value = ServiceValue {
+            id,
+            table_offset,
+            table_size: size,
+            forwarding: svc.forwarding as u8,
+            flags: 0,
+            _pad: [0; 2],
+            fingerprint,
+        };
+        if old != Some(&value) {
+            service_ops.push(MapOp::SetService {
+                key,
+                value,
+                fresh,
+                name: svc.name.clone(),
+            });
+        }
+    }
+    out.ops.extend(table_ops);
+    out.ops.extend(service_ops);
+
+    let desired_keys: BTreeSet<ServiceKey> = desired.services.keys().map(service_key).collect();
+    for key in current.services.keys() {
+        if !desired_keys.contains(key) {
+            out.ops.push(MapOp::DeleteService { key: *key });
+        }
+    }
+    for (ip, id) in &existing {
+        if !backend_ids.contains_key(ip) {
+            out.ops.push(MapOp::ClearBackend { id: *id });
+        }
+    }
+    Ok(out)
+}
+
+/// What the maps hold after `ops` (the Maglev region itself is not modelled). Used by tests
+/// and by the agent to keep its view current without reading the maps back.
+pub fn apply_to_snapshot(snapshot: &mut MapSnapshot, ops: &[MapOp]) {
+    for op in ops {
+        match op {
+            MapOp::SetConfig(c) => snapshot.config = Some(*c),
+            MapOp::SetBackend { id, value, .. } => {
+                snapshot.backends.insert(*id, *value);
+            }
+            MapOp::WriteTable { .. } => {}
+            MapOp::SetService { key, value, .. } => {
+                snapshot.services.insert(*key, *value);
+            }
+            MapOp::DeleteService { key } => {
+                snapshot.services.remove(key);
+            }
+            MapOp::ClearBackend { id } => {
+                snapshot.backends.remove(id);
+            }
+        }
+    }
+}
+
+/// The forwarding mode of a service value, for display.
+pub fn forwarding_name(v: &ServiceValue) -> &'static str {
+    Forwarding::from_u8(v.forwarding).map_or("unknown", Forwarding::name)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::state::{BackendSpec, ServiceSpec};
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(198, 18, 0, last))
+    }
+
+    fn svc_addr(port: u16) -> ServiceAddr {
+        ServiceAddr {
+            vip: ip(100),
+            port,
+            protocol: Protocol::Udp,
+        }
+    }
+
+    fn service(name: &str, backends: &[(u8, u32)]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            forwarding: Forwarding::Ipip,
+            table_size: None,
+            backends: backends
+                .iter()
+                .map(|&(last, weight)| (ip(last), BackendSpec { weight, mac: None }))
+                .collect(),
+        }
+    }
+
+    fn node() -> NodeConfig {
+        NodeConfig {
+            mac: [2, 0, 0, 0, 0, 2],
+            _pad: [0; 2],
+            encap_src_v4_be: [198, 18, 0, 2],
+            flags: lb_common::CONFIG_F_VALID,
+        }
+    }
+
+    fn macs() -> BTreeMap<IpAddr, [u8; 6]> {
+        (1..=50).map(|i| (ip(i), [2, 0, 0, 0, 0, i])).collect()
+    }
+
+    fn empty(capacity: u32) -> MapSnapshot {
+        MapSnapshot {
+            maglev_capacity: capacity,
+            ..Default::default()
+        }
+    }
+
+    /// Apply a plan and check that planning again yields nothing.
+    fn converge(desired: &DesiredState, snap: &mut MapSnapshot) -> Plan {
+        let p = plan(desired, node(), &macs(), snap).unwrap();
+        apply_to_snapshot(snap, &p.ops);
+        let again = plan(desired, node(), &macs(), snap).unwrap();
+        assert!(
+            again.ops.is_empty(),
+            "second plan not empty: {:?}",
+            again.ops
+        );
+        p
+    }
+
+    #[test]
+    fn first_sync_writes_everything_in_order() {
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(11, 1), (12, 1)]));
+        let mut snap = empty(10_000);
+        let p = converge(&desired, &mut snap);
+        let kinds: Vec<&str> = p
+            .ops
+            .iter()
+            .map(|op| match op {
+                MapOp::SetConfig(_) => "config",
+                MapOp::SetBackend { .. } => "backend",
+                MapOp::WriteTable { .. } => "table",
+                MapOp::SetService { .. } => "service",
+                MapOp::DeleteService { .. } => "delete",
+                MapOp::ClearBackend { .. } => "clear",
+            })
+            .collect();
+        assert_eq!(kinds, ["config", "backend", "backend", "table", "service"]);
+        let MapOp::WriteTable { offset, entries } = &p.ops[3] else {
+            unreachable!()
+        };
+        assert_eq!((*offset, entries.len()), (0, 211)); // smallest prime >= 200
+        assert!(entries.iter().all(|e| *e == 0 || *e == 1));
+    }
+
+    #[test]
+    fn unchanged_state_writes_nothing_and_restart_adopts_maps() {
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(11, 1), (12, 2)]));
+        desired
+            .services
+            .insert(svc_addr(54), service("other", &[(12, 1), (13, 1)]));
+        let mut snap = empty(10_000);
+        converge(&desired, &mut snap);
+        // A restarted agent sees the same snapshot: it must write nothing.
+        let p = plan(&desired, node(), &macs(), &snap.clone()).unwrap();
+        assert!(p.ops.is_empty());
+    }
+
+    #[test]
+    fn removing_a_backend_replaces_only_that_table_in_a_new_region() {
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(11, 1), (12, 1), (13, 1)]));
+        desired
+            .services
+            .insert(svc_addr(54), service("other", &[(11, 1)]));
+        let mut snap = empty(10_000);
+        converge(&desired, &mut snap);
+        let before = snap.clone();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(11, 1), (12, 1)]));
+        let p = converge(&desired, &mut snap);
+        let dns = service_key(&svc_addr(53));
+        // New table, then the switch, then backend 13 cleared.
+        assert!(matches!(p.ops[0], MapOp::WriteTable { .. }));
+        let MapOp::SetService {
+            key, value, fresh, ..
+        } = &p.ops[1]
+        else {
+            panic!("{:?}", p.ops)
+        };
+        assert_eq!((*key, *fresh), (dns, false));
+        let old = before.services[&dns];
+        assert_eq!(value.id, old.id);
+        // The new region does not overlap the old one (readers may still use it).
+        let (a, b) = (old.table_offset, value.table_offset);
+        assert!(b >= a + old.table_size || b + value.table_size <= a);
+        assert!(matches!(p.ops[2], MapOp::ClearBackend { .. }));
+        assert_eq!(p.ops.len(), 3);
+        // The other service is untouched.
+        assert_eq!(
+            snap.services[&service_key(&svc_addr(54))],
+            before.services[&service_key(&svc_addr(54))]
+        );
+    }
+
+    #[test]
+    fn freed_regions_are_reused_and_capacity_is_enforced() {
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(11, 1)])); // 101 slots
+        let mut snap = empty(250);
+        converge(&desired, &mut snap);
+        // Changing the table needs a second region while the first is live: 202 <= 250.
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(12, 1)]));
+        converge(&desired, &mut snap);
+        // ...and again: the first region is free again, so it still fits.
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(13, 1)]));
+        converge(&desired, &mut snap);
+        // Two services of 101 + a replacement of 101 > 250.
+        desired
+            .services
+            .insert(svc_addr(54), service("b", &[(14, 1)]));
+        converge(&desired, &mut snap);
+        desired
+            .services
+            .insert(svc_addr(54), service("b", &[(15, 1)]));
+        let err = plan(&desired, node(), &macs(), &snap).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PlanError::MaglevFull {
+                    size: 101,
+                    capacity: 250,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn deleted_service_and_unused_backends_go_last() {
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(11, 1)]));
+        desired
+            .services
+            .insert(svc_addr(54), service("gone", &[(20, 1)]));
+        let mut snap = empty(10_000);
+        converge(&desired, &mut snap);
+        desired.services.remove(&svc_addr(54));
+        let p = converge(&desired, &mut snap);
+        assert_eq!(p.ops.len(), 2);
+        assert!(matches!(p.ops[0], MapOp::DeleteService { .. }));
+        assert!(matches!(p.ops[1], MapOp::ClearBackend { .. }));
+    }
+
+    #[test]
+    fn unresolved_backends_are_left_out_and_reported() {
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(11, 1), (200, 1)]));
+        let p = plan(&desired, node(), &macs(), &empty(10_000)).unwrap();
+        assert_eq!(p.unresolved, vec![(svc_addr(53), ip(200))]);
+        let backends = p
+            .ops
+            .iter()
+            .filter(|op| matches!(op, MapOp::SetBackend { .. }))
+            .count();
+        assert_eq!(backends, 1);
+        // A service with no usable backend gets an empty table (the data plane drops).
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(200, 1)]));
+        let p = plan(&desired, node(), &macs(), &empty(10_000)).unwrap();
+        let svc = p.ops.iter().find_map(|op| match op {
+            MapOp::SetService { value, .. } => Some(*value),
+            _ => None,
+        });
+        assert_eq!(svc.map(|v| v.table_size), Some(0));
+    }
+
+    #[test]
+    fn ids_are_reused_lowest_first_and_stable() {
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(1), service("a", &[(11, 1)]));
+        desired
+            .services
+            .insert(svc_addr(2), service("b", &[(12, 1)]));
+        desired
+            .services
+            .insert(svc_addr(3), service("c", &[(13, 1)]));
+        let mut snap = empty(10_000);
+        converge(&desired, &mut snap);
+        let id_of = |snap: &MapSnapshot, port| snap.services[&service_key(&svc_addr(port))].id;
+        assert_eq!(
+            [id_of(&snap, 1), id_of(&snap, 2), id_of(&snap, 3)],
+            [0, 1, 2]
+        );
+        desired.services.remove(&svc_addr(2));
+        converge(&desired, &mut snap);
+        desired
+            .services
+            .insert(svc_addr(4), service("d", &[(14, 1)]));
+        let p = converge(&desired, &mut snap);
+        assert_eq!(
+            [id_of(&snap, 1), id_of(&snap, 3), id_of(&snap, 4)],
+            [0, 2, 1]
+        );
+        assert!(
+            p.ops
+                .iter()
+                .any(|op| matches!(op, MapOp::SetService { fresh: true, .. }))
+        );
+    }
+
+    #[test]
+    fn key_round_trip() {
+        let a = svc_addr(53);
+        let k = service_key(&a);
+        assert_eq!(k.addr_be[..4], [198, 18, 0, 100]);
+        assert_eq!(k.port_be, 53u16.to_be());
+        assert_eq!(service_addr(&k), Some(a));
+    }
+}

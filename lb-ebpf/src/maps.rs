@@ -1,0 +1,32 @@
+//! Every map of the data plane. Names, sizes and value types come from `lb_common`.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    BackendValue, Counters, NodeConfig, Reason, ServiceKey, ServiceValue,
+    maps::{DEFAULT_MAGLEV_SLOTS, MAX_BACKENDS, MAX_SERVICES},
+};
+
+#[btf_map]
+pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> =
+    HashMap::new();
+
+#[btf_map]
+pub static LB_BACKENDS: Array<BackendValue, { MAX_BACKENDS as usize }> = Array::new();
+
+#[btf_map]
+pub static LB_MAGLEV: Array<u32, { DEFAULT_MAGLEV_SLOTS as usize }> = Array::new();
+
+#[btf_map]
+pub static LB_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+#[btf_map]
+pub static LB_SVC_STATS: PerCpuArray<Counters, { MAX_SERVICES as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static LB_BE_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static LB_REASONS: PerCpuArray<Counters, { Reason::COUNT as usize }> = PerCpuArray::new();
