@@ -358,15 +358,11 @@ services:
                 "table_size: 100 must be a prime",
             ),
             (
-                format!(
-                    "services:\n  - {{name: a, vip: 198.18.0.100, port: 53, protocol: udp, backends: [{{address: 198.18.0.11}}]}}\n  - {{name: a, vip: 198.18.0.101, port: 53, protocol: udp, backends: [{{address: 198.18.0.11}}]}}\n"
-                ),
+                "services:\n  - {name: a, vip: 198.18.0.100, port: 53, protocol: udp, backends: [{address: 198.18.0.11}]}\n  - {name: a, vip: 198.18.0.101, port: 53, protocol: udp, backends: [{address: 198.18.0.11}]}\n".to_string(),
                 "service \"a\": name: duplicate service name",
             ),
             (
-                format!(
-                    "services:\n  - {{name: a, vip: 198.18.0.100, port: 53, protocol: udp, backends: [{{address: 198.18.0.11}}]}}\n  - {{name: b, vip: 198.18.0.100, port: 53, protocol: udp, backends: [{{address: 198.18.0.11}}]}}\n"
-                ),
+                "services:\n  - {name: a, vip: 198.18.0.100, port: 53, protocol: udp, backends: [{address: 198.18.0.11}]}\n  - {name: b, vip: 198.18.0.100, port: 53, protocol: udp, backends: [{address: 198.18.0.11}]}\n".to_string(),
                 "service \"b\": vip: 198.18.0.100:53/udp is already used by service \"a\"",
             ),
             (

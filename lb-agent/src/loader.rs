@@ -20,7 +20,7 @@ use lb_common::maps;
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
 
 pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -70,7 +70,7 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), LoadError> {
     let bpffs = Path::new("/sys/fs/bpf");
     if dir.starts_with(bpffs) {
         let mounted = nix::sys::statfs::statfs(bpffs)
-            .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+            .map(|s| s.filesystem_type().0 as u64 == BPF_FS_MAGIC)
             .unwrap_or(false);
         if !mounted {
             tracing::info!(path = %bpffs.display(), "mounting bpffs");

@@ -23,16 +23,27 @@ pub struct MaglevBackend {
 
 /// Largest table a single service gets (a prime).
 pub const MAX_TABLE_SIZE: u32 = 65_537;
-/// Slots per unit of weight when sizing a table; more slots means finer balance.
-pub const SLOTS_PER_WEIGHT: u32 = 100;
+/// Slots per unit of weight when sizing a table (at least this many, fewer than twice as
+/// many): each backend's share is then exact to within about 1.5 %.
+pub const SLOTS_PER_WEIGHT: u32 = 64;
 /// Smallest table `table_size_for` returns (a prime).
-const MIN_TABLE_SIZE: u32 = 101;
+const MIN_TABLE_SIZE: u32 = 67;
 
-/// Smallest prime >= `SLOTS_PER_WEIGHT * total_weight`, clamped to
-/// `MIN_TABLE_SIZE..=MAX_TABLE_SIZE` (so a total of 0 gives 101 and any overflow gives
+/// Smallest prime >= `SLOTS_PER_WEIGHT * total_weight.next_power_of_two()`, clamped to
+/// `MIN_TABLE_SIZE..=MAX_TABLE_SIZE` (a total of 0 gives 67, anything past 1024 gives
 /// `MAX_TABLE_SIZE`).
+///
+/// Rounding the weight up to a power of two makes the size a step function: adding or
+/// removing a backend changes the size only when the total crosses a power of two. A size
+/// change moves almost every flow (the hash is taken modulo the size), while a change at the
+/// same size moves only about 1/N of them, so steps keep routine scaling cheap. Memory still
+/// grows with backends (under 2x the minimum), and the size depends only on the current
+/// backend set, so every node computes the same table.
 pub fn table_size_for(total_weight: u64) -> u32 {
-    let wanted = total_weight.saturating_mul(u64::from(SLOTS_PER_WEIGHT));
+    let wanted = total_weight
+        .checked_next_power_of_two()
+        .unwrap_or(u64::MAX)
+        .saturating_mul(u64::from(SLOTS_PER_WEIGHT));
     if wanted >= u64::from(MAX_TABLE_SIZE) {
         return MAX_TABLE_SIZE;
     }
@@ -265,12 +276,17 @@ mod tests {
     #[test]
     fn table_sizes() {
         let cases = [
-            (0, 101),
-            (1, 101),
-            (3, 307),
-            (10, 1009),
-            (655, 65_519),
-            (656, MAX_TABLE_SIZE),
+            (0, 67),
+            (1, 67),
+            (2, 131),
+            (3, 257),
+            (4, 257),
+            (5, 521),
+            (10, 1031),
+            (16, 1031),
+            (17, 2053),
+            (1024, MAX_TABLE_SIZE),
+            (1025, MAX_TABLE_SIZE),
             (1_000_000, MAX_TABLE_SIZE),
             (u64::MAX, MAX_TABLE_SIZE),
         ];

@@ -1,9 +1,44 @@
+//! Project tasks: `cargo xtask <task>`.
+
+mod build_ebpf;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Project tasks for the XDP load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the eBPF toolchain and test tools (apt packages, bpf-linker). Needs root.
+    Setup,
+    /// Build the XDP object for bpfel-unknown-none and print its path.
+    BuildEbpf(build_ebpf::Options),
+    /// Run every test tier: formatting, clippy, unit, BPF_PROG_TEST_RUN, netns end to end.
+    /// Needs root.
+    Test(test::Options),
+    /// Local demo in network namespaces: a client, a load balancer and three backends.
+    /// Needs root.
+    Demo(demo::Options),
+}
+
 fn main() {
-    match lb_ebpf_build::build(&lb_ebpf_build::BuildOptions::default()) {
-        Ok(p) => println!("{}", p.display()),
-        Err(e) => {
-            eprintln!("{e}");
-            std::process::exit(1)
-        }
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf(opts) => build_ebpf::run(&opts),
+        Task::Test(opts) => test::run(&opts),
+        Task::Demo(opts) => demo::run(&opts),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
     }
 }

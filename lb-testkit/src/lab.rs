@@ -1,0 +1,336 @@
+//! A bridged lab: client, load balancer and N backends on one L2 segment.
+//!
+//! ```text
+//!   client ns          lb ns            backend ns b1..bN
+//!   eth0 198.18.0.1    eth0 198.18.0.2  eth0 198.18.0.11.. (+ VIP/32 on lo)
+//!     |                  |                |
+//!     c0                lb0               b1..bN        <- veth peers
+//!     +------------------+----------------+---- br0     (bridge namespace)
+//! ```
+//!
+//! The client routes the VIP via the LB; backends own the VIP on `lo` with ARP for it
+//! suppressed (`arp_ignore=1`, `arp_announce=2`), the usual direct-server-return setup.
+//! Every namespace is a [`NetNs`] guard, so dropping the [`Lab`] removes everything; deleting a
+//! namespace removes its veth and with it the peer on the bridge.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::netns::NetNs;
+
+/// The subnet every lab host sits on.
+pub const LAB_PREFIX_LEN: u8 = 24;
+/// The client's address.
+pub const CLIENT_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// The load balancer's address.
+pub const LB_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// Last octet of the first backend's address (`b1` = 198.18.0.11).
+const FIRST_BACKEND_OCTET: u8 = 11;
+/// Most backends a lab can hold (addresses 198.18.0.11 ..= 198.18.0.99).
+pub const MAX_BACKENDS: usize = 89;
+/// Interface name of every host's link into the lab.
+pub const HOST_IFACE: &str = "eth0";
+/// Name of the bridge inside the bridge namespace.
+pub const BRIDGE: &str = "br0";
+/// The default VIP.
+pub const DEFAULT_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+
+/// How long [`Lab::new`] waits for every bridge port to reach the forwarding state.
+const PORT_READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What to build.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabSpec {
+    /// Number of backends, 1..=[`MAX_BACKENDS`]; default 3.
+    pub backends: usize,
+    /// The service address; must be in 198.18.0.0/15 and not a host address. Default
+    /// 198.18.0.100.
+    pub vip: Ipv4Addr,
+}
+
+impl Default for LabSpec {
+    fn default() -> Self {
+        LabSpec {
+            backends: 3,
+            vip: DEFAULT_VIP,
+        }
+    }
+}
+
+/// One backend host.
+#[derive(Debug)]
+pub struct Backend {
+    /// `b1`, `b2`, ...
+    pub name: String,
+    /// Its namespace.
+    pub ns: NetNs,
+    /// Address of its `eth0`.
+    pub addr: Ipv4Addr,
+    /// MAC of its `eth0`.
+    pub mac: [u8; 6],
+    /// Name of its veth peer in the bridge namespace (same as `name`).
+    pub peer: String,
+}
+
+/// The running lab; dropping it deletes every namespace.
+#[derive(Debug)]
+pub struct Lab {
+    vip: Ipv4Addr,
+    client: NetNs,
+    lb: NetNs,
+    backends: Vec<Backend>,
+    // Declared last so it is dropped last: hosts go first, taking their veths with them.
+    bridge: NetNs,
+}
+
+/// The deterministic, locally administered MAC of a host's `eth0`: `02:00:00:00:00:<last address octet>`.
+pub fn host_mac(addr: Ipv4Addr) -> [u8; 6] {
+    [0x02, 0, 0, 0, 0, addr.octets()[3]]
+}
+
+/// The MAC of a host's veth peer on the bridge: `02:00:00:00:01:<last address octet>`.
+pub fn peer_mac(addr: Ipv4Addr) -> [u8; 6] {
+    [0x02, 0, 0, 0, 1, addr.octets()[3]]
+}
+
+/// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
+pub fn fmt_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Lab {
+    /// Builds the topology described in the module docs.
+    pub fn new(spec: LabSpec) -> Result<Lab> {
+        ensure!(
+            (1..=MAX_BACKENDS).contains(&spec.backends),
+            "a lab holds 1..={MAX_BACKENDS} backends, not {}",
+            spec.backends
+        );
+        let vip_octets = spec.vip.octets();
+        ensure!(
+            vip_octets[0] == 198 && (vip_octets[1] & 0xfe) == 18,
+            "VIP {} is outside 198.18.0.0/15",
+            spec.vip
+        );
+        let backend_addrs: Vec<Ipv4Addr> = (0..spec.backends)
+            .map(|i| Ipv4Addr::new(198, 18, 0, FIRST_BACKEND_OCTET + i as u8))
+            .collect();
+        ensure!(
+            spec.vip != CLIENT_ADDR && spec.vip != LB_ADDR && !backend_addrs.contains(&spec.vip),
+            "VIP {} collides with a host address",
+            spec.vip
+        );
+
+        let bridge = NetNs::new("lbtbr").context("creating bridge namespace")?;
+        bridge
+            .ip(&[
+                "link",
+                "add",
+                BRIDGE,
+                "type",
+                "bridge",
+                "stp_state",
+                "0",
+                "forward_delay",
+                "0",
+            ])
+            .context("creating bridge")?;
+        bridge.ip(&["link", "set", BRIDGE, "up"])?;
+
+        let client = NetNs::new("lbtc").context("creating client namespace")?;
+        attach_host(&bridge, &client, "c0", CLIENT_ADDR)?;
+        let lb = NetNs::new("lbtlb").context("creating lb namespace")?;
+        attach_host(&bridge, &lb, "lb0", LB_ADDR)?;
+
+        let vip = spec.vip.to_string();
+        client
+            .ip(&[
+                "route",
+                "add",
+                &format!("{vip}/32"),
+                "via",
+                &LB_ADDR.to_string(),
+                "dev",
+                HOST_IFACE,
+            ])
+            .context("routing the VIP via the LB in the client")?;
+
+        let mut backends = Vec::with_capacity(spec.backends);
+        for (i, addr) in backend_addrs.into_iter().enumerate() {
+            let name = format!("b{}", i + 1);
+            let ns = NetNs::new(&format!("lbt{name}"))
+                .with_context(|| format!("creating backend namespace {name}"))?;
+            attach_host(&bridge, &ns, &name, addr)?;
+            configure_backend(&ns, spec.vip).with_context(|| format!("configuring {name}"))?;
+            backends.push(Backend {
+                peer: name.clone(),
+                name,
+                ns,
+                addr,
+                mac: host_mac(addr),
+            });
+        }
+
+        let lab = Lab {
+            vip: spec.vip,
+            client,
+            lb,
+            backends,
+            bridge,
+        };
+        lab.wait_ports_forwarding()?;
+        Ok(lab)
+    }
+
+    /// The client namespace.
+    pub fn client(&self) -> &NetNs {
+        &self.client
+    }
+
+    /// The load-balancer namespace.
+    pub fn lb(&self) -> &NetNs {
+        &self.lb
+    }
+
+    /// The backends, `b1` first.
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// The namespace holding `br0` and every veth peer.
+    pub fn bridge_ns(&self) -> &NetNs {
+        &self.bridge
+    }
+
+    /// The service address.
+    pub fn vip(&self) -> Ipv4Addr {
+        self.vip
+    }
+
+    /// The client's address.
+    pub fn client_addr(&self) -> Ipv4Addr {
+        CLIENT_ADDR
+    }
+
+    /// The client's `eth0` MAC.
+    pub fn client_mac(&self) -> [u8; 6] {
+        host_mac(CLIENT_ADDR)
+    }
+
+    /// The LB's address.
+    pub fn lb_addr(&self) -> Ipv4Addr {
+        LB_ADDR
+    }
+
+    /// The LB's `eth0` MAC.
+    pub fn lb_mac(&self) -> [u8; 6] {
+        host_mac(LB_ADDR)
+    }
+
+    /// The LB's interface (where the XDP program goes): `eth0`.
+    pub fn lb_iface(&self) -> &'static str {
+        HOST_IFACE
+    }
+
+    /// The client's veth peer in the bridge namespace: `c0`.
+    pub fn client_peer(&self) -> &'static str {
+        "c0"
+    }
+
+    /// The LB's veth peer in the bridge namespace: `lb0`.
+    pub fn lb_peer(&self) -> &'static str {
+        "lb0"
+    }
+
+    /// Every veth peer in the bridge namespace: `c0`, `lb0`, `b1`, ...
+    pub fn bridge_peers(&self) -> Vec<&str> {
+        let mut peers = vec![self.client_peer(), self.lb_peer()];
+        peers.extend(self.backends.iter().map(|b| b.peer.as_str()));
+        peers
+    }
+
+    /// Names of every namespace this lab owns.
+    pub fn netns_names(&self) -> Vec<String> {
+        let mut names = vec![
+            self.bridge.name().to_owned(),
+            self.client.name().to_owned(),
+            self.lb.name().to_owned(),
+        ];
+        names.extend(self.backends.iter().map(|b| b.ns.name().to_owned()));
+        names
+    }
+
+    /// Waits (bounded) until every bridge port forwards.
+    fn wait_ports_forwarding(&self) -> Result<()> {
+        let deadline = Instant::now() + PORT_READY_TIMEOUT;
+        for peer in self.bridge_peers() {
+            loop {
+                let out = self.bridge.ip(&["-d", "link", "show", "dev", peer])?;
+                if out.contains("state forwarding") {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!("bridge port {peer} not forwarding after {PORT_READY_TIMEOUT:?}: {out}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates the veth pair `peer` (bridge side) / `eth0` (host side), addresses and raises it.
+fn attach_host(bridge: &NetNs, host: &NetNs, peer: &str, addr: Ipv4Addr) -> Result<()> {
+    let host_mac = fmt_mac(host_mac(addr));
+    let peer_mac = fmt_mac(peer_mac(addr));
+    bridge
+        .ip(&[
+            "link",
+            "add",
+            peer,
+            "address",
+            &peer_mac,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            HOST_IFACE,
+            "address",
+            &host_mac,
+            "netns",
+            host.name(),
+        ])
+        .with_context(|| format!("creating veth {peer} <-> {}/{HOST_IFACE}", host.name()))?;
+    bridge.ip(&["link", "set", peer, "master", BRIDGE])?;
+    bridge.ip(&["link", "set", peer, "up"])?;
+    host.ip(&[
+        "addr",
+        "add",
+        &format!("{addr}/{LAB_PREFIX_LEN}"),
+        "dev",
+        HOST_IFACE,
+    ])
+    .with_context(|| format!("addressing {} in {}", HOST_IFACE, host.name()))?;
+    host.ip(&["link", "set", HOST_IFACE, "up"])?;
+    Ok(())
+}
+
+/// DSR backend: VIP on `lo`, no ARP for it, no reverse-path filtering.
+fn configure_backend(ns: &NetNs, vip: Ipv4Addr) -> Result<()> {
+    ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])
+        .context("adding the VIP to lo")?;
+    for (key, value) in [
+        ("net.ipv4.conf.all.arp_ignore", "1"),
+        ("net.ipv4.conf.all.arp_announce", "2"),
+        ("net.ipv4.conf.all.rp_filter", "0"),
+        ("net.ipv4.conf.eth0.rp_filter", "0"),
+    ] {
+        ns.sysctl(key, value)?;
+    }
+    Ok(())
+}
