@@ -482,7 +482,7 @@ mod tests {
         let MapOp::WriteTable { offset, entries } = &p.ops[3] else {
             unreachable!()
         };
-        assert_eq!((*offset, entries.len()), (0, 131)); // smallest prime >= 64 * 2
+        assert_eq!((*offset, entries.len()), (0, 1031)); // the smallest table size
         assert!(entries.iter().all(|e| *e == 0 || *e == 1));
     }
 
@@ -547,10 +547,10 @@ mod tests {
         let mut desired = DesiredState::default();
         desired
             .services
-            .insert(svc_addr(53), service("dns", &[(11, 1)])); // 67 slots
-        let mut snap = empty(150);
+            .insert(svc_addr(53), service("dns", &[(11, 1)])); // 1031 slots
+        let mut snap = empty(2_300);
         converge(&desired, &mut snap);
-        // Changing the table needs a second region while the first is live: 134 <= 150.
+        // Changing the table needs a second region while the first is live: 2062 <= 2300.
         desired
             .services
             .insert(svc_addr(53), service("dns", &[(12, 1)]));
@@ -560,7 +560,7 @@ mod tests {
             .services
             .insert(svc_addr(53), service("dns", &[(13, 1)]));
         converge(&desired, &mut snap);
-        // Two services of 67 + a replacement of 67 > 150.
+        // Two services of 1031 + a replacement of 1031 > 2300.
         desired
             .services
             .insert(svc_addr(54), service("b", &[(14, 1)]));
@@ -573,8 +573,8 @@ mod tests {
             matches!(
                 err,
                 PlanError::MaglevFull {
-                    size: 67,
-                    capacity: 150,
+                    size: 1031,
+                    capacity: 2_300,
                     ..
                 }
             ),

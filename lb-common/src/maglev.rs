@@ -26,21 +26,22 @@ pub const MAX_TABLE_SIZE: u32 = 65_537;
 /// Slots per unit of weight when sizing a table (at least this many, fewer than twice as
 /// many): each backend's share is then exact to within about 1.5 %.
 pub const SLOTS_PER_WEIGHT: u32 = 64;
-/// Smallest table `table_size_for` returns (a prime).
-const MIN_TABLE_SIZE: u32 = 67;
+/// Every total weight up to this shares the smallest table size (1031 slots, 4 KiB).
+pub const MIN_SIZED_WEIGHT: u64 = 16;
 
-/// Smallest prime >= `SLOTS_PER_WEIGHT * total_weight.next_power_of_two()`, clamped to
-/// `MIN_TABLE_SIZE..=MAX_TABLE_SIZE` (a total of 0 gives 67, anything past 1024 gives
-/// `MAX_TABLE_SIZE`).
+/// Smallest prime >= `SLOTS_PER_WEIGHT * max(16, total_weight.next_power_of_two())`, at most
+/// `MAX_TABLE_SIZE`: 1031 slots up to a total weight of 16, 2053 up to 32, ..., 65537 from
+/// 513 on.
 ///
-/// Rounding the weight up to a power of two makes the size a step function: adding or
-/// removing a backend changes the size only when the total crosses a power of two. A size
-/// change moves almost every flow (the hash is taken modulo the size), while a change at the
-/// same size moves only about 1/N of them, so steps keep routine scaling cheap. Memory still
-/// grows with backends (under 2x the minimum), and the size depends only on the current
-/// backend set, so every node computes the same table.
+/// The size is a step function of the total weight on purpose. A size change moves almost
+/// every flow (the hash is taken modulo the size), while a backend change at the same size
+/// moves only about 1/N of them; with steps, adding or removing a backend changes the size
+/// only when the total crosses a power of two, and never for services of up to 16 weight
+/// units. Memory still grows with the backends (under 2x the minimum past 16), and the size
+/// depends only on the current backend set, so every node builds the same table.
 pub fn table_size_for(total_weight: u64) -> u32 {
     let wanted = total_weight
+        .max(MIN_SIZED_WEIGHT)
         .checked_next_power_of_two()
         .unwrap_or(u64::MAX)
         .saturating_mul(u64::from(SLOTS_PER_WEIGHT));
@@ -48,7 +49,7 @@ pub fn table_size_for(total_weight: u64) -> u32 {
         return MAX_TABLE_SIZE;
     }
     // `wanted` < MAX_TABLE_SIZE here, and MAX_TABLE_SIZE is prime, so the search ends there.
-    let mut n = (wanted as u32).max(MIN_TABLE_SIZE);
+    let mut n = wanted as u32;
     while !is_prime(n) {
         n += 1;
     }
@@ -276,16 +277,15 @@ mod tests {
     #[test]
     fn table_sizes() {
         let cases = [
-            (0, 67),
-            (1, 67),
-            (2, 131),
-            (3, 257),
-            (4, 257),
-            (5, 521),
+            (0, 1031),
+            (1, 1031),
+            (3, 1031),
             (10, 1031),
             (16, 1031),
             (17, 2053),
-            (1024, MAX_TABLE_SIZE),
+            (33, 4099),
+            (512, 32_771),
+            (513, MAX_TABLE_SIZE),
             (1025, MAX_TABLE_SIZE),
             (1_000_000, MAX_TABLE_SIZE),
             (u64::MAX, MAX_TABLE_SIZE),

@@ -1,0 +1,280 @@
+//! A running load balancer in a [`Lab`]: decap programs and echo servers on the backends, the
+//! agent on the LB node with a static config it can rewrite and reload. Shared by the
+//! end-to-end tests and `cargo xtask demo`, so both exercise the same thing.
+
+use std::{
+    fs,
+    io::Read,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{ChildGuard, EchoServer, Lab};
+
+/// The service port used for both UDP and TCP.
+pub const SERVICE_PORT: u16 = 7000;
+
+/// How the agent and backends are started.
+#[derive(Clone, Debug)]
+pub struct ScenarioSpec {
+    /// Path of the `lb-agent` binary.
+    pub agent_bin: PathBuf,
+    /// `ipip` or `l2`.
+    pub forwarding: String,
+    /// `skb`, `native` or `auto`.
+    pub xdp_mode: String,
+}
+
+/// Removes a directory tree on drop (temporary files, bpffs pin directories).
+#[derive(Debug)]
+pub struct DirGuard(pub PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if self.0.exists()
+            && let Err(e) = fs::remove_dir_all(&self.0)
+        {
+            eprintln!("cleanup: removing {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// A load balancer with three (or more) backends behind one VIP, for UDP and TCP.
+pub struct Scenario {
+    // Field order is drop order: agent first (it detaches), then servers and decaps, then
+    // the directories.
+    agent: Option<ChildGuard>,
+    servers: Vec<EchoServer>,
+    decaps: Vec<ChildGuard>,
+    spec: ScenarioSpec,
+    vip: Ipv4Addr,
+    lb_iface: String,
+    pin_dir: DirGuard,
+    work_dir: DirGuard,
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+impl Scenario {
+    /// Start decap and echo servers on every backend, then the agent with all backends.
+    pub fn start(lab: &Lab, spec: ScenarioSpec) -> Result<Scenario> {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("lbt-{}-{n}", std::process::id());
+        let work_dir = DirGuard(std::env::temp_dir().join(&tag));
+        fs::create_dir_all(&work_dir.0)
+            .with_context(|| format!("creating {}", work_dir.0.display()))?;
+        let pin_dir = DirGuard(PathBuf::from("/sys/fs/bpf").join(&tag));
+        let mut decaps = Vec::new();
+        let mut servers = Vec::new();
+        for b in lab.backends() {
+            let log = work_dir.0.join(format!("decap-{}.log", b.name));
+            let log =
+                fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+            let mut cmd = b.ns.command(&spec.agent_bin);
+            cmd.args(["decap", "--interface", "eth0", "--xdp-mode", &spec.xdp_mode])
+                .stdout(Stdio::null())
+                .stderr(log);
+            decaps.push(ChildGuard::spawn(&mut cmd)?);
+            servers.push(EchoServer::start(
+                &b.ns,
+                &b.name,
+                SocketAddr::new(lab.vip().into(), SERVICE_PORT),
+            )?);
+        }
+        let mut scenario = Scenario {
+            agent: None,
+            servers,
+            decaps,
+            spec,
+            vip: lab.vip(),
+            lb_iface: lab.lb_iface().to_string(),
+            pin_dir,
+            work_dir,
+        };
+        let all: Vec<Ipv4Addr> = lab.backends().iter().map(|b| b.addr).collect();
+        scenario.write_config(&all, None)?;
+        // Give the decap programs a moment to attach before traffic arrives.
+        scenario.wait_for_decaps(lab)?;
+        let log_path = scenario.agent_log();
+        let log = fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let mut cmd = lab.lb().command(&scenario.spec.agent_bin);
+        cmd.args(["run", "--config"])
+            .arg(scenario.config_path())
+            .args([
+                "--xdp-mode",
+                &scenario.spec.xdp_mode,
+                "--resync-interval",
+                "2",
+            ])
+            .arg("--pin-path")
+            .arg(&scenario.pin_dir.0)
+            .env("RUST_LOG", "info,netlink_packet_route=error")
+            .stdout(Stdio::null())
+            .stderr(log);
+        scenario.agent = Some(ChildGuard::spawn(&mut cmd)?);
+        scenario.wait_until(Duration::from_secs(20), "the agent attaches", |s| {
+            Ok(s.pin_dir.0.join(format!("link-{}", s.lb_iface)).exists())
+        })?;
+        Ok(scenario)
+    }
+
+    pub fn vip(&self) -> SocketAddr {
+        SocketAddr::new(self.vip.into(), SERVICE_PORT)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir.0
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.work_dir.0.join("lb.yaml")
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.work_dir.0.join("agent.log")
+    }
+
+    /// The agent's log so far (for failure messages).
+    pub fn agent_log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(self.agent_log()) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn servers(&self) -> &[EchoServer] {
+        &self.servers
+    }
+
+    /// Write the config: one UDP and one TCP service on the VIP, with these backends.
+    /// `forwarding` overrides the scenario's mode.
+    pub fn write_config(&self, backends: &[Ipv4Addr], forwarding: Option<&str>) -> Result<()> {
+        let forwarding = forwarding.unwrap_or(&self.spec.forwarding);
+        let mut text = format!("interface: {}\nservices:\n", self.lb_iface);
+        for proto in ["udp", "tcp"] {
+            text.push_str(&format!(
+                "  - name: echo-{proto}\n    vip: {}\n    port: {SERVICE_PORT}\n    protocol: {proto}\n    forwarding: {forwarding}\n    backends:\n",
+                self.vip
+            ));
+            for b in backends {
+                text.push_str(&format!("      - address: {b}\n"));
+            }
+        }
+        let path = self.config_path();
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// SIGHUP the agent and wait until `lb-agent status` shows exactly `backends` on both
+    /// services.
+    pub fn reload(&mut self, backends: &[Ipv4Addr]) -> Result<()> {
+        let pid = self
+            .agent
+            .as_ref()
+            .map(ChildGuard::id)
+            .context("agent not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .context("sending SIGHUP to the agent")?;
+        let mut want: Vec<String> = backends.iter().map(ToString::to_string).collect();
+        want.sort();
+        self.wait_until(Duration::from_secs(20), "the reload is applied", |s| {
+            let status = s.status_json()?;
+            let services = status["services"].as_array().cloned().unwrap_or_default();
+            Ok(!services.is_empty()
+                && services.iter().all(|svc| {
+                    let mut got: Vec<String> = svc["backends"]
+                        .as_array()
+                        .map(|b| {
+                            b.iter()
+                                .filter_map(|x| x["address"].as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    got.sort();
+                    got == want
+                }))
+        })
+    }
+
+    /// `lb-agent status --json` for this scenario's pin directory.
+    pub fn status_json(&self) -> Result<serde_json::Value> {
+        let out = std::process::Command::new(&self.spec.agent_bin)
+            .args(["status", "--json", "--pin-path"])
+            .arg(&self.pin_dir.0)
+            .output()
+            .context("running lb-agent status")?;
+        if !out.status.success() {
+            bail!(
+                "lb-agent status failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("parsing lb-agent status --json")
+    }
+
+    fn wait_for_decaps(&mut self, lab: &Lab) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for b in lab.backends() {
+            loop {
+                let out = b.ns.ip(&["-d", "link", "show", "eth0"])?;
+                if out.contains("prog/xdp") {
+                    break;
+                }
+                for d in &mut self.decaps {
+                    if let Some(status) = d.try_wait()? {
+                        bail!("decap on {} exited early: {status}", b.name);
+                    }
+                }
+                if Instant::now() > deadline {
+                    bail!("decap program did not attach on {} within 20 s", b.name);
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_until(
+        &mut self,
+        limit: Duration,
+        what: &str,
+        mut done: impl FnMut(&Scenario) -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if done(self).unwrap_or(false) {
+                return Ok(());
+            }
+            if let Some(agent) = self.agent.as_mut()
+                && let Some(status) = agent.try_wait()?
+            {
+                bail!(
+                    "the agent exited ({status}) before {what}; its log:\n{}",
+                    self.agent_log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out waiting until {what}; agent log:\n{}",
+                    self.agent_log_text()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stop the agent (SIGTERM: it detaches) and return its exit status.
+    pub fn stop_agent(&mut self) -> Result<std::process::ExitStatus> {
+        self.agent.take().context("agent not running")?.stop()
+    }
+}
