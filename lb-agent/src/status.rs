@@ -16,7 +16,17 @@ pub struct Status {
     pub encap_source: Option<String>,
     pub interface_mac: Option<String>,
     pub services: Vec<ServiceStatus>,
+    /// Every programmed backend with what the data plane sent it (over all services).
+    pub backends: Vec<BackendCounters>,
     pub reasons: BTreeMap<String, CounterPair>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendCounters {
+    pub address: String,
+    pub mac: String,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -32,12 +42,8 @@ pub struct ServiceStatus {
 #[derive(Debug, Serialize)]
 pub struct BackendStatus {
     pub address: String,
-    pub mac: String,
     /// Share of the service's Maglev slots (0..1).
     pub share: f64,
-    /// Counted across every service that uses this backend.
-    pub packets: u64,
-    pub bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -63,18 +69,13 @@ pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
         }
         let backends = slots
             .iter()
-            .map(|(id, n)| {
-                let b = snap.backends.get(id);
-                let c = stats.backends.get(id).copied().unwrap_or_default();
-                BackendStatus {
-                    address: b
-                        .and_then(|b| ip_from_bytes(&b.addr_be, b.family))
-                        .map_or_else(|| format!("(id {id}, cleared)"), |ip| ip.to_string()),
-                    mac: b.map(|b| format_mac(&b.mac)).unwrap_or_default(),
-                    share: f64::from(*n) / table.len().max(1) as f64,
-                    packets: c.packets,
-                    bytes: c.bytes,
-                }
+            .map(|(id, n)| BackendStatus {
+                address: snap
+                    .backends
+                    .get(id)
+                    .and_then(|b| ip_from_bytes(&b.addr_be, b.family))
+                    .map_or_else(|| format!("(id {id}, cleared)"), |ip| ip.to_string()),
+                share: f64::from(*n) / table.len().max(1) as f64,
             })
             .collect();
         let c = stats.services.get(&value.id).copied().unwrap_or_default();
@@ -87,6 +88,20 @@ pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
             backends,
         });
     }
+    let backends = snap
+        .backends
+        .iter()
+        .map(|(id, b)| {
+            let c = stats.backends.get(id).copied().unwrap_or_default();
+            BackendCounters {
+                address: ip_from_bytes(&b.addr_be, b.family)
+                    .map_or_else(|| format!("(id {id})"), |ip| ip.to_string()),
+                mac: format_mac(&b.mac),
+                packets: c.packets,
+                bytes: c.bytes,
+            }
+        })
+        .collect();
     let reasons = stats
         .reasons
         .iter()
@@ -106,6 +121,7 @@ pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
             .map(|c| std::net::Ipv4Addr::from(c.encap_src_v4_be).to_string()),
         interface_mac: snap.config.map(|c| format_mac(&c.mac)),
         services,
+        backends,
         reasons,
     })
 }
@@ -133,14 +149,23 @@ pub fn render(status: &Status) -> String {
         for b in &s.backends {
             let _ = writeln!(
                 out,
-                "  -> {:<23} {:<17} {:>5.1}% {:>12} {:>14}",
+                "  -> {:<23} {:>5.1}% of slots",
                 b.address,
-                b.mac,
-                b.share * 100.0,
-                b.packets,
-                b.bytes
+                b.share * 100.0
             );
         }
+    }
+    let _ = writeln!(
+        out,
+        "{:<28} {:<17} {:>12} {:>14}",
+        "BACKEND", "NEXT-HOP MAC", "PACKETS", "BYTES"
+    );
+    for b in &status.backends {
+        let _ = writeln!(
+            out,
+            "{:<28} {:<17} {:>12} {:>14}",
+            b.address, b.mac, b.packets, b.bytes
+        );
     }
     let _ = writeln!(out, "{:<28} {:>12} {:>14}", "REASON", "PACKETS", "BYTES");
     for (name, c) in &status.reasons {

@@ -79,11 +79,21 @@ fn check_balancing(forwarding: &str) {
         status["reasons"][reason]["packets"].as_u64().unwrap() >= 300 + 60 * 3,
         "{status}"
     );
-    for svc in status["services"].as_array().unwrap() {
-        for b in svc["backends"].as_array().unwrap() {
-            assert!(b["packets"].as_u64().unwrap() > 0, "{status}");
-        }
+    let counted: u64 = status["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(status["backends"].as_array().unwrap().len(), 3, "{status}");
+    for b in status["backends"].as_array().unwrap() {
+        assert!(b["packets"].as_u64().unwrap() > 0, "{status}");
     }
+    let received: u64 = sc.servers().iter().map(|s| s.stats().requests()).sum();
+    assert!(
+        counted >= received,
+        "data plane counted {counted} packets, backends answered {received} requests"
+    );
 }
 
 #[test]

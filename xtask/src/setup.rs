@@ -84,6 +84,16 @@ pub fn run_setup() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Install what is missing, only if something is (cheap when all is there): the demo and the
+/// tests call this so they work on a fresh machine.
+pub fn ensure() -> anyhow::Result<()> {
+    if lb_ebpf_build::Toolchain::discover().check().is_empty() && missing_packages().is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: the toolchain is incomplete; installing it first (`cargo xtask setup`)");
+    run_setup().context("setup")
+}
+
 pub fn run() -> anyhow::Result<()> {
     require_root("cargo xtask setup")?;
     run_setup().context("setup")

@@ -28,5 +28,6 @@ pub fn run_tests(opts: &Options) -> anyhow::Result<()> {
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
     require_root("cargo xtask test")?;
+    crate::setup::ensure()?;
     run_tests(opts)
 }
