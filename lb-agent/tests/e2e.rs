@@ -6,7 +6,9 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
-    time::Duration,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
 };
 
 use lb_agent::{
@@ -28,6 +30,7 @@ fn spec(forwarding: &str) -> ScenarioSpec {
         agent_bin: PathBuf::from(env!("CARGO_BIN_EXE_lb-agent")),
         forwarding: forwarding.into(),
         xdp_mode: "skb".into(),
+        keep_attached: false,
     }
 }
 
@@ -212,5 +215,59 @@ fn reload_that_removes_a_backend_moves_only_its_flows() {
     }
     println!(
         "slots reassigned between kept backends: {reassigned}; flows of kept backends moved: {moved_from_kept}"
+    );
+}
+
+#[test]
+fn agent_restart_with_keep_attached_never_interrupts_forwarding() {
+    require_root().unwrap();
+    let lab = Lab::new(LabSpec::default()).unwrap();
+    let mut sc = Scenario::start(
+        &lab,
+        ScenarioSpec {
+            keep_attached: true,
+            ..spec("ipip")
+        },
+    )
+    .unwrap();
+    let vip = sc.vip();
+    let stop = AtomicBool::new(false);
+    let (sent, lost) = thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let (mut sent, mut lost) = (0usize, 0usize);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                let replies = udp_flows(lab.client(), vip, 10, TIMEOUT).unwrap();
+                sent += replies.len();
+                lost += replies.iter().filter(|r| !r.answered()).count();
+            }
+            (sent, lost)
+        });
+        thread::sleep(Duration::from_millis(300));
+        let status = sc.stop_agent().unwrap();
+        assert!(status.success(), "agent exit: {status}");
+        // No agent at all: the pinned link keeps the program forwarding.
+        thread::sleep(Duration::from_millis(500));
+        sc.start_agent(&lab).unwrap();
+        thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        traffic.join().unwrap()
+    });
+    let log = sc.agent_log_text();
+    assert!(
+        log.contains("adopted=true"),
+        "the second agent adopts the pinned link:\n{log}"
+    );
+    assert!(
+        log.contains("initial sync done writes=0"),
+        "and finds nothing to write:\n{log}"
+    );
+    assert!(
+        sent >= 100,
+        "traffic kept flowing during the test: {sent} flows"
+    );
+    assert_eq!(
+        lost, 0,
+        "{lost} of {sent} flows lost across the agent restart"
     );
 }

@@ -29,6 +29,8 @@ pub struct ScenarioSpec {
     pub forwarding: String,
     /// `skb`, `native` or `auto`.
     pub xdp_mode: String,
+    /// Run the agent with `--keep-attached` (program and pins survive its exit).
+    pub keep_attached: bool,
 }
 
 /// Removes a directory tree on drop (temporary files, bpffs pin directories).
@@ -55,6 +57,8 @@ pub struct Scenario {
     spec: ScenarioSpec,
     vip: Ipv4Addr,
     lb_iface: String,
+    /// How many agents were started (each logs to its own file).
+    starts: u32,
     pin_dir: DirGuard,
     work_dir: DirGuard,
 }
@@ -94,6 +98,7 @@ impl Scenario {
             spec,
             vip: lab.vip(),
             lb_iface: lab.lb_iface().to_string(),
+            starts: 0,
             pin_dir,
             work_dir,
         };
@@ -101,28 +106,36 @@ impl Scenario {
         scenario.write_config(&all, None)?;
         // Give the decap programs a moment to attach before traffic arrives.
         scenario.wait_for_decaps(lab)?;
-        let log_path = scenario.agent_log();
+        scenario.start_agent(lab)?;
+        Ok(scenario)
+    }
+
+    /// Start an agent on the LB node and wait until its program is attached (a second agent
+    /// adopts the pinned link of the first).
+    pub fn start_agent(&mut self, lab: &Lab) -> Result<()> {
+        if self.agent.is_some() {
+            bail!("an agent is already running");
+        }
+        self.starts += 1;
+        let log_path = self.agent_log();
         let log = fs::File::create(&log_path)
             .with_context(|| format!("creating {}", log_path.display()))?;
-        let mut cmd = lab.lb().command(&scenario.spec.agent_bin);
+        let mut cmd = lab.lb().command(&self.spec.agent_bin);
         cmd.args(["run", "--config"])
-            .arg(scenario.config_path())
-            .args([
-                "--xdp-mode",
-                &scenario.spec.xdp_mode,
-                "--resync-interval",
-                "2",
-            ])
+            .arg(self.config_path())
+            .args(["--xdp-mode", &self.spec.xdp_mode, "--resync-interval", "2"])
             .arg("--pin-path")
-            .arg(&scenario.pin_dir.0)
+            .arg(&self.pin_dir.0)
             .env("RUST_LOG", "info,netlink_packet_route=error")
             .stdout(Stdio::null())
             .stderr(log);
-        scenario.agent = Some(ChildGuard::spawn(&mut cmd)?);
-        scenario.wait_until(Duration::from_secs(20), "the agent attaches", |s| {
-            Ok(s.pin_dir.0.join(format!("link-{}", s.lb_iface)).exists())
-        })?;
-        Ok(scenario)
+        if self.spec.keep_attached {
+            cmd.arg("--keep-attached");
+        }
+        self.agent = Some(ChildGuard::spawn(&mut cmd)?);
+        self.wait_until(Duration::from_secs(20), "the agent attaches", |s| {
+            Ok(s.agent_log_text().contains("load balancer attached"))
+        })
     }
 
     pub fn vip(&self) -> SocketAddr {
@@ -137,8 +150,9 @@ impl Scenario {
         self.work_dir.0.join("lb.yaml")
     }
 
+    /// Log of the most recently started agent.
     pub fn agent_log(&self) -> PathBuf {
-        self.work_dir.0.join("agent.log")
+        self.work_dir.0.join(format!("agent-{}.log", self.starts))
     }
 
     /// The agent's log so far (for failure messages).

@@ -82,6 +82,7 @@ fn demo(opts: &Options, stop: &AtomicBool) -> anyhow::Result<()> {
             agent_bin: agent_bin.clone(),
             forwarding: forwarding.into(),
             xdp_mode: opts.xdp_mode.clone(),
+            keep_attached: false,
         };
         let mut sc = Scenario::start(&lab, spec)
             .with_context(|| format!("starting the {forwarding} load balancer"))?;
