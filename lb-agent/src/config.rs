@@ -10,7 +10,10 @@ use std::{
 use lb_common::{Forwarding, maglev};
 use serde::Deserialize;
 
-use crate::state::{BackendSpec, DesiredState, NodeSpec, Protocol, ServiceAddr, ServiceSpec};
+use crate::state::{
+    BackendSpec, DesiredState, FlowSettings, NodeSpec, Protocol, ServiceAddr, ServiceSpec,
+    default_flow_tracking,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,7 +45,17 @@ struct RawConfig {
     interface: Option<String>,
     encap_source: Option<String>,
     #[serde(default)]
+    flow_table: RawFlowTable,
+    #[serde(default)]
     services: Vec<RawService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlowTable {
+    tcp_idle_seconds: Option<u32>,
+    udp_idle_seconds: Option<u32>,
+    new_flows_per_cpu_per_second: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -54,6 +67,7 @@ struct RawService {
     protocol: String,
     forwarding: Option<String>,
     table_size: Option<u32>,
+    flow_tracking: Option<bool>,
     #[serde(default)]
     backends: Vec<RawBackend>,
 }
@@ -93,6 +107,7 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
         node: NodeSpec {
             interface: raw.interface.clone(),
             encap_source,
+            flows: flow_settings(file, &raw.flow_table)?,
         },
         services: BTreeMap::new(),
     };
@@ -212,11 +227,32 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
                 name: svc.name.clone(),
                 forwarding,
                 table_size: svc.table_size,
+                flow_tracking: svc.flow_tracking.unwrap_or(default_flow_tracking(protocol)),
                 backends,
             },
         );
     }
     Ok(state)
+}
+
+fn flow_settings(file: &Path, raw: &RawFlowTable) -> Result<FlowSettings, ConfigError> {
+    let d = FlowSettings::default();
+    let positive = |field: &str, v: Option<u32>, default: u32| match v {
+        Some(0) => Err(ConfigError::Node {
+            file: file.to_path_buf(),
+            field: format!("flow_table.{field}"),
+            message: "must be at least 1".into(),
+        }),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    };
+    Ok(FlowSettings {
+        tcp_idle_s: positive("tcp_idle_seconds", raw.tcp_idle_seconds, d.tcp_idle_s)?,
+        udp_idle_s: positive("udp_idle_seconds", raw.udp_idle_seconds, d.udp_idle_s)?,
+        new_flows_per_cpu_s: raw
+            .new_flows_per_cpu_per_second
+            .unwrap_or(d.new_flows_per_cpu_s),
+    })
 }
 
 /// Parse `aa:bb:cc:dd:ee:ff` (or with dashes).
@@ -245,6 +281,8 @@ mod tests {
     const GOOD: &str = r#"
 interface: eth0
 encap_source: 198.18.0.2
+flow_table:
+  udp_idle_seconds: 30
 services:
   - name: dns
     vip: 198.18.0.100
@@ -292,6 +330,12 @@ services:
             protocol: Protocol::Udp,
         }];
         assert_eq!(dns.name, "dns");
+        assert!(!dns.flow_tracking, "UDP is stateless by default");
+        assert_eq!(state.node.flows.udp_idle_s, 30);
+        assert_eq!(
+            state.node.flows.tcp_idle_s,
+            FlowSettings::default().tcp_idle_s
+        );
         assert_eq!(dns.forwarding, Forwarding::Ipip);
         let b12 = &dns.backends[&"198.18.0.12".parse::<IpAddr>().unwrap()];
         assert_eq!(b12.weight, 2);
@@ -303,6 +347,7 @@ services:
             (web.forwarding, web.table_size),
             (Forwarding::L2, Some(307))
         );
+        assert!(web.flow_tracking, "TCP is tracked by default");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Duration};
 
-use lb_common::{CONFIG_F_VALID, NodeConfig};
+use lb_common::NodeConfig;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
@@ -56,12 +56,7 @@ impl Syncer {
             .encap_source
             .or(iface.ipv4)
             .ok_or_else(|| NetError::NoIpv4(self.iface_name.clone()))?;
-        let node = NodeConfig {
-            mac: iface.mac,
-            _pad: [0; 2],
-            encap_src_v4_be: encap.octets(),
-            flags: CONFIG_F_VALID,
-        };
+        let node = sync::node_config(desired, iface.mac, encap);
         Ok((iface, node))
     }
 
@@ -128,7 +123,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
 
-    let mut ebpf = loader::load(&args.pin_path, args.maglev_slots)?;
+    let mut ebpf = loader::load(&args.pin_path, args.maglev_slots, args.flow_table_size)?;
     let dataplane = Dataplane::from_ebpf(&mut ebpf)?;
     let snapshot = dataplane.snapshot()?;
     tracing::info!(
@@ -203,6 +198,7 @@ pub async fn decap(args: DecapArgs) -> Result<(), AgentError> {
     // The decap program needs none of the load balancer's maps: keep them tiny and unpinned.
     let mut ebpf = aya::EbpfLoader::new()
         .map_max_entries(lb_common::maps::MAGLEV, 1)
+        .map_max_entries(lb_common::maps::FLOWS, 1)
         .load(loader::EBPF_OBJECT)
         .map_err(LoadError::from)?;
     let link = loader::attach_decap(&mut ebpf, &args.interface, args.xdp_mode)?;

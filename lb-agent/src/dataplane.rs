@@ -8,7 +8,9 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
     util::nr_cpus,
 };
-use lb_common::{BackendValue, Counters, NodeConfig, Reason, ServiceKey, ServiceValue, maps};
+use lb_common::{
+    BackendValue, Counters, NodeConfig, Reason, ServiceCounters, ServiceKey, ServiceValue, maps,
+};
 
 use crate::sync::{MapOp, MapSnapshot};
 
@@ -38,7 +40,7 @@ pub struct Dataplane {
     backends: Array<MapData, BackendValue>,
     maglev: Array<MapData, u32>,
     config: Array<MapData, NodeConfig>,
-    service_stats: PerCpuArray<MapData, Counters>,
+    service_stats: PerCpuArray<MapData, ServiceCounters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
     cpus: usize,
@@ -47,7 +49,7 @@ pub struct Dataplane {
 /// Counters summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
-    pub services: BTreeMap<u32, Counters>,
+    pub services: BTreeMap<u32, ServiceCounters>,
     pub backends: BTreeMap<u32, Counters>,
     pub reasons: Vec<(Reason, Counters)>,
 }
@@ -57,6 +59,16 @@ fn sum(values: &PerCpuValues<Counters>) -> Counters {
         packets: acc.packets + c.packets,
         bytes: acc.bytes + c.bytes,
     })
+}
+
+fn sum_service(values: &PerCpuValues<ServiceCounters>) -> ServiceCounters {
+    values
+        .iter()
+        .fold(ServiceCounters::default(), |acc, c| ServiceCounters {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+            new_flows: acc.new_flows + c.new_flows,
+        })
 }
 
 impl Dataplane {
@@ -152,9 +164,9 @@ impl Dataplane {
         })
     }
 
-    fn zero(&self) -> PerCpuValues<Counters> {
+    fn zero<T: aya::Pod + Default>(&self) -> PerCpuValues<T> {
         // `try_from` only fails for a wrong length; the length is the CPU count.
-        PerCpuValues::try_from(vec![Counters::default(); self.cpus])
+        PerCpuValues::try_from(vec![T::default(); self.cpus])
             .unwrap_or_else(|_| unreachable!("vector has one entry per CPU"))
     }
 
@@ -226,7 +238,7 @@ impl Dataplane {
                 .service_stats
                 .get(&id, 0)
                 .map_err(map_err(maps::SERVICE_STATS))?;
-            out.services.insert(id, sum(&v));
+            out.services.insert(id, sum_service(&v));
         }
         for id in backend_ids {
             let v = self

@@ -94,8 +94,9 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), LoadError> {
 }
 
 /// Load the object; every map is opened from `pin_dir` if pinned there, else created and
-/// pinned. `maglev_slots` sets the capacity of `LB_MAGLEV` for a newly created map.
-pub fn load(pin_dir: &Path, maglev_slots: u32) -> Result<Ebpf, LoadError> {
+/// pinned. `maglev_slots` and `flows` size `LB_MAGLEV` and `LB_FLOWS` when they are created
+/// (pinned maps keep the size they were created with).
+pub fn load(pin_dir: &Path, maglev_slots: u32, flows: u32) -> Result<Ebpf, LoadError> {
     ensure_pin_dir(pin_dir)?;
     let paths: Vec<(&'static str, PathBuf)> = maps::ALL
         .iter()
@@ -103,6 +104,7 @@ pub fn load(pin_dir: &Path, maglev_slots: u32) -> Result<Ebpf, LoadError> {
         .collect();
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(maps::MAGLEV, maglev_slots);
+    loader.map_max_entries(maps::FLOWS, flows);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }

@@ -69,7 +69,37 @@ pub struct ServiceSpec {
     pub forwarding: Forwarding,
     /// Maglev table size override (prime); `None` sizes it from the total weight.
     pub table_size: Option<u32>,
+    /// Remember each flow's backend (see `default_flow_tracking`).
+    pub flow_tracking: bool,
     pub backends: BTreeMap<IpAddr, BackendSpec>,
+}
+
+/// Flow tracking is on by default for TCP: an established connection must keep its backend
+/// when backends come and go. It is off for UDP: request/response protocols such as DNS
+/// use a fresh source port per query, so remembering them only churns the table, and the
+/// stateless Maglev path already sends each 5-tuple to the same backend on every node.
+pub const fn default_flow_tracking(protocol: Protocol) -> bool {
+    matches!(protocol, Protocol::Tcp)
+}
+
+/// Flow-table settings of the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowSettings {
+    /// A TCP flow idle this long is decided afresh (by Maglev, so usually the same backend).
+    pub tcp_idle_s: u32,
+    pub udp_idle_s: u32,
+    /// Flood guard: new entries per second per CPU; past it, flows are forwarded unremembered.
+    pub new_flows_per_cpu_s: u32,
+}
+
+impl Default for FlowSettings {
+    fn default() -> Self {
+        FlowSettings {
+            tcp_idle_s: 3600,
+            udp_idle_s: 60,
+            new_flows_per_cpu_s: 125_000,
+        }
+    }
 }
 
 /// Node-level settings.
@@ -79,6 +109,7 @@ pub struct NodeSpec {
     pub interface: Option<String>,
     /// Source address of outer IPv4 headers; default: the interface's first IPv4 address.
     pub encap_source: Option<Ipv4Addr>,
+    pub flows: FlowSettings,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

@@ -34,8 +34,11 @@ pub struct ServiceStatus {
     pub address: String,
     pub forwarding: String,
     pub table_size: u32,
+    pub flow_tracking: bool,
     pub packets: u64,
     pub bytes: u64,
+    /// Maglev decisions (new flows, or every packet when untracked).
+    pub new_flows: u64,
     pub backends: Vec<BackendStatus>,
 }
 
@@ -83,8 +86,10 @@ pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
             address,
             forwarding: sync::forwarding_name(value).to_string(),
             table_size: value.table_size,
+            flow_tracking: value.flags & lb_common::SERVICE_F_FLOW_TRACKING != 0,
             packets: c.packets,
             bytes: c.bytes,
+            new_flows: c.new_flows,
             backends,
         });
     }
@@ -137,14 +142,20 @@ pub fn render(status: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<28} {:<6} {:>6} {:>12} {:>14}",
-        "SERVICE", "FWD", "SLOTS", "PACKETS", "BYTES"
+        "{:<28} {:<6} {:>6} {:<7} {:>12} {:>14} {:>10}",
+        "SERVICE", "FWD", "SLOTS", "FLOWS", "PACKETS", "BYTES", "NEW FLOWS"
     );
     for s in &status.services {
         let _ = writeln!(
             out,
-            "{:<28} {:<6} {:>6} {:>12} {:>14}",
-            s.address, s.forwarding, s.table_size, s.packets, s.bytes
+            "{:<28} {:<6} {:>6} {:<7} {:>12} {:>14} {:>10}",
+            s.address,
+            s.forwarding,
+            s.table_size,
+            if s.flow_tracking { "tracked" } else { "maglev" },
+            s.packets,
+            s.bytes,
+            s.new_flows
         );
         for b in &s.backends {
             let _ = writeln!(

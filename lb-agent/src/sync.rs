@@ -17,8 +17,8 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_VALID, BackendValue, FAMILY_V4, FAMILY_V6, Forwarding, NodeConfig, ServiceKey,
-    ServiceValue,
+    BACKEND_F_VALID, BackendValue, FAMILY_V4, FAMILY_V6, Forwarding, NodeConfig,
+    SERVICE_F_FLOW_TRACKING, ServiceKey, ServiceValue,
     maglev::{self, MaglevBackend},
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
@@ -184,8 +184,32 @@ fn free_ids(taken: &BTreeSet<u32>, max: u32) -> impl Iterator<Item = u32> + '_ {
     (0..max).filter(move |id| !taken.contains(id))
 }
 
+/// The node config the data plane gets: interface MAC and encapsulation source as resolved,
+/// flow-table settings from the desired state.
+pub fn node_config(
+    desired: &DesiredState,
+    mac: [u8; 6],
+    encap_src: std::net::Ipv4Addr,
+) -> NodeConfig {
+    let f = desired.node.flows;
+    NodeConfig {
+        mac,
+        _pad: [0; 2],
+        encap_src_v4_be: encap_src.octets(),
+        flags: lb_common::CONFIG_F_VALID,
+        tcp_idle_s: f.tcp_idle_s,
+        udp_idle_s: f.udp_idle_s,
+        new_flows_per_cpu_s: f.new_flows_per_cpu_s,
+        _pad2: [0; 4],
+    }
+}
+
 /// Compute the writes that make `current` hold `desired`. `node` is the resolved node config,
 /// `macs` the resolved next-hop MAC of each backend address (missing: left out for now).
+///
+/// Backend entries belong to one service each: a flow remembered for a service is only
+/// followed to an entry of that same service, so removing an address from one service
+/// reroutes exactly that service's flows to it.
 pub fn plan(
     desired: &DesiredState,
     node: NodeConfig,
@@ -203,81 +227,91 @@ pub fn plan(
         out.ops.push(MapOp::SetConfig(node));
     }
 
-    // Backends: every address some service uses and whose MAC is known.
-    let mut wanted: BTreeMap<IpAddr, [u8; 6]> = BTreeMap::new();
-    for (addr, svc) in &desired.services {
-        for (ip, spec) in &svc.backends {
-            match spec.mac.or_else(|| macs.get(ip).copied()) {
-                Some(mac) => {
-                    wanted.insert(*ip, mac);
-                }
-                None => out.unresolved.push((*addr, *ip)),
+    // Service ids: kept for existing services, lowest free ones for new services.
+    let service_taken: BTreeSet<u32> = current.services.values().map(|v| v.id).collect();
+    let mut fresh_service_ids = free_ids(&service_taken, MAX_SERVICES);
+    let mut service_ids: BTreeMap<ServiceAddr, (u32, bool)> = BTreeMap::new();
+    for addr in desired.services.keys() {
+        let id = match current.services.get(&service_key(addr)) {
+            Some(v) => (v.id, false),
+            None => {
+                let id = fresh_service_ids.next().ok_or(PlanError::TooManyServices {
+                    count: desired.services.len(),
+                    max: MAX_SERVICES,
+                })?;
+                (id, true)
             }
-        }
+        };
+        service_ids.insert(*addr, id);
     }
-    if wanted.len() > MAX_BACKENDS as usize {
-        return Err(PlanError::TooManyBackends {
-            count: wanted.len(),
-            max: MAX_BACKENDS,
-        });
-    }
-    let existing: BTreeMap<IpAddr, u32> = current
+
+    // Backend entries: one per (service, address) whose next-hop MAC is known.
+    let existing: BTreeMap<(u32, IpAddr), u32> = current
         .backends
         .iter()
-        .filter_map(|(id, v)| Some((ip_from_bytes(&v.addr_be, v.family)?, *id)))
+        .filter_map(|(id, v)| Some(((v.service_id, ip_from_bytes(&v.addr_be, v.family)?), *id)))
         .collect();
     let taken: BTreeSet<u32> = current.backends.keys().copied().collect();
     let mut fresh_ids = free_ids(&taken, MAX_BACKENDS);
-    let mut backend_ids: BTreeMap<IpAddr, u32> = BTreeMap::new();
-    for (ip, mac) in &wanted {
-        let (addr_be, family) = ip_bytes(*ip);
-        let value = BackendValue {
-            addr_be,
-            mac: *mac,
-            family,
-            flags: BACKEND_F_VALID,
-        };
-        match existing.get(ip) {
-            Some(&id) => {
-                if current.backends.get(&id) != Some(&value) {
+    let mut backend_ids: BTreeMap<(u32, IpAddr), u32> = BTreeMap::new();
+    for (addr, svc) in &desired.services {
+        let (sid, _) = service_ids[addr];
+        for (ip, spec) in &svc.backends {
+            let Some(mac) = spec.mac.or_else(|| macs.get(ip).copied()) else {
+                out.unresolved.push((*addr, *ip));
+                continue;
+            };
+            let (addr_be, family) = ip_bytes(*ip);
+            let value = BackendValue {
+                addr_be,
+                mac,
+                family,
+                flags: BACKEND_F_VALID,
+                service_id: sid,
+                _pad: [0; 4],
+            };
+            let id = match existing.get(&(sid, *ip)) {
+                Some(&id) => {
+                    if current.backends.get(&id) != Some(&value) {
+                        out.ops.push(MapOp::SetBackend {
+                            id,
+                            value,
+                            fresh: false,
+                        });
+                    }
+                    id
+                }
+                None => {
+                    let id = fresh_ids.next().ok_or(PlanError::TooManyBackends {
+                        count: taken.len() + backend_ids.len(),
+                        max: MAX_BACKENDS,
+                    })?;
                     out.ops.push(MapOp::SetBackend {
                         id,
                         value,
-                        fresh: false,
+                        fresh: true,
                     });
+                    id
                 }
-                backend_ids.insert(*ip, id);
-            }
-            None => {
-                let id = fresh_ids.next().ok_or(PlanError::TooManyBackends {
-                    count: wanted.len(),
-                    max: MAX_BACKENDS,
-                })?;
-                out.ops.push(MapOp::SetBackend {
-                    id,
-                    value,
-                    fresh: true,
-                });
-                backend_ids.insert(*ip, id);
-            }
+            };
+            backend_ids.insert((sid, *ip), id);
         }
     }
 
     // Tables and service entries.
     let mut regions = Regions::new(current.maglev_capacity, &current.services);
-    let service_taken: BTreeSet<u32> = current.services.values().map(|v| v.id).collect();
-    let mut fresh_service_ids = free_ids(&service_taken, MAX_SERVICES);
     let mut table_ops = Vec::new();
     let mut service_ops = Vec::new();
     for (addr, svc) in &desired.services {
         let key = service_key(addr);
+        let (id, fresh) = service_ids[addr];
         let members: Vec<MaglevBackend> = svc
             .backends
             .iter()
             .filter_map(|(ip, spec)| {
                 Some(MaglevBackend {
                     key: maglev_key(*ip),
-                    id: *backend_ids.get(ip)?,
+                    id: *backend_ids.get(&(id, *ip))?,
                     weight: spec.weight,
                 })
             })
@@ -300,16 +334,6 @@ pub fn plan(
             maglev::fingerprint(&table)
         };
         let old = current.services.get(&key);
-        let (id, fresh) = match old {
-            Some(v) => (v.id, false),
-            None => {
-                let id = fresh_service_ids.next().ok_or(PlanError::TooManyServices {
-                    count: desired.services.len(),
-                    max: MAX_SERVICES,
-                })?;
-                (id, true)
-            }
-        };
         let same_table = old.is_some_and(|v| v.table_size == size && v.fingerprint == fingerprint);
         let table_offset = match old {
             Some(v) if same_table => v.table_offset,
@@ -336,7 +360,11 @@ pub fn plan(
             table_offset,
             table_size: size,
             forwarding: svc.forwarding as u8,
-            flags: 0,
+            flags: if svc.flow_tracking {
+                SERVICE_F_FLOW_TRACKING
+            } else {
+                0
+            },
             _pad: [0; 2],
             fingerprint,
         };
@@ -358,8 +386,8 @@ pub fn plan(
             out.ops.push(MapOp::DeleteService { key: *key });
         }
     }
-    for (ip, id) in &existing {
-        if !backend_ids.contains_key(ip) {
+    for (member, id) in &existing {
+        if !backend_ids.contains_key(member) {
             out.ops.push(MapOp::ClearBackend { id: *id });
         }
     }
@@ -418,6 +446,7 @@ mod tests {
             name: name.into(),
             forwarding: Forwarding::Ipip,
             table_size: None,
+            flow_tracking: false,
             backends: backends
                 .iter()
                 .map(|&(last, weight)| (ip(last), BackendSpec { weight, mac: None }))
@@ -426,12 +455,11 @@ mod tests {
     }
 
     fn node() -> NodeConfig {
-        NodeConfig {
-            mac: [2, 0, 0, 0, 0, 2],
-            _pad: [0; 2],
-            encap_src_v4_be: [198, 18, 0, 2],
-            flags: lb_common::CONFIG_F_VALID,
-        }
+        node_config(
+            &DesiredState::default(),
+            [2, 0, 0, 0, 0, 2],
+            std::net::Ipv4Addr::new(198, 18, 0, 2),
+        )
     }
 
     fn macs() -> BTreeMap<IpAddr, [u8; 6]> {
@@ -660,6 +688,49 @@ mod tests {
             p.ops
                 .iter()
                 .any(|op| matches!(op, MapOp::SetService { fresh: true, .. }))
+        );
+    }
+
+    #[test]
+    fn a_shared_address_has_one_entry_per_service() {
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("a", &[(11, 1), (12, 1)]));
+        let mut b = service("b", &[(11, 1)]);
+        b.flow_tracking = true;
+        desired.services.insert(svc_addr(54), b);
+        let mut snap = empty(10_000);
+        converge(&desired, &mut snap);
+        let entries_for = |snap: &MapSnapshot, last: u8| {
+            snap.backends
+                .values()
+                .filter(|v| v.addr_be[3] == last)
+                .map(|v| v.service_id)
+                .collect::<Vec<_>>()
+        };
+        let (a_id, b_id) = (
+            snap.services[&service_key(&svc_addr(53))].id,
+            snap.services[&service_key(&svc_addr(54))].id,
+        );
+        assert_eq!(entries_for(&snap, 11), vec![a_id, b_id]);
+        assert_eq!(
+            snap.services[&service_key(&svc_addr(54))].flags,
+            SERVICE_F_FLOW_TRACKING
+        );
+        assert_eq!(snap.services[&service_key(&svc_addr(53))].flags, 0);
+        // Dropping .11 from service a clears a's entry only; b's flows to .11 are untouched.
+        desired
+            .services
+            .insert(svc_addr(53), service("a", &[(12, 1)]));
+        let p = converge(&desired, &mut snap);
+        assert_eq!(entries_for(&snap, 11), vec![b_id]);
+        assert_eq!(
+            p.ops
+                .iter()
+                .filter(|op| matches!(op, MapOp::ClearBackend { .. }))
+                .count(),
+            1
         );
     }
 

@@ -16,7 +16,7 @@ use lb_agent::{
     state::{BackendSpec, DesiredState, Protocol, ServiceAddr, ServiceSpec},
     sync::{self, MapSnapshot},
 };
-use lb_common::{CONFIG_F_VALID, Forwarding, NodeConfig, Reason, hash::flow_hash_v4, maps};
+use lb_common::{Forwarding, Reason, hash::flow_hash_v4, maps};
 use lb_testkit::packet::{PacketBuilder, Tcp, arp_request, hexdump, ipv4_checksum, tcp_flags};
 
 const XDP_DROP: u32 = 1;
@@ -45,6 +45,7 @@ struct Fixture {
     ebpf: Ebpf,
     dataplane: Dataplane,
     snapshot: MapSnapshot,
+    desired: DesiredState,
 }
 
 fn service(
@@ -57,6 +58,7 @@ fn service(
         name: name.into(),
         forwarding,
         table_size: None,
+        flow_tracking: false,
         backends: backends
             .iter()
             .map(|ip| {
@@ -108,31 +110,37 @@ fn fixture() -> Fixture {
     );
     desired.services.insert(
         addr(PORT_TCP, Protocol::Tcp),
-        service("web", Forwarding::Ipip, &three, true),
+        ServiceSpec {
+            flow_tracking: true,
+            ..service("web", Forwarding::Ipip, &three, true)
+        },
     );
     // Its only backend has no MAC: programmed with an empty table.
     desired.services.insert(
         addr(PORT_EMPTY, Protocol::Udp),
         service("empty", Forwarding::Ipip, &[backend_ip(9)], false),
     );
-    let node = NodeConfig {
-        mac: LB_MAC,
-        _pad: [0; 2],
-        encap_src_v4_be: ENCAP_SRC.octets(),
-        flags: CONFIG_F_VALID,
-    };
     let snapshot = dataplane.snapshot().unwrap();
-    let plan = sync::plan(&desired, node, &BTreeMap::new(), &snapshot).unwrap();
-    dataplane.apply(&plan.ops).unwrap();
-    let snapshot = dataplane.snapshot().unwrap();
-    Fixture {
+    let mut f = Fixture {
         ebpf,
         dataplane,
         snapshot,
-    }
+        desired: DesiredState::default(),
+    };
+    f.program(desired);
+    f
 }
 
 impl Fixture {
+    /// Bring the maps to `desired` the way the agent does (plan + apply).
+    fn program(&mut self, desired: DesiredState) {
+        let node = sync::node_config(&desired, LB_MAC, ENCAP_SRC);
+        let plan = sync::plan(&desired, node, &BTreeMap::new(), &self.snapshot).unwrap();
+        self.dataplane.apply(&plan.ops).unwrap();
+        self.snapshot = self.dataplane.snapshot().unwrap();
+        self.desired = desired;
+    }
+
     fn run(&mut self, prog: &str, input: &[u8]) -> (u32, Vec<u8>) {
         let prog: &mut Xdp = self.ebpf.program_mut(prog).unwrap().try_into().unwrap();
         let mut out = vec![0u8; input.len() + 256];
@@ -554,4 +562,201 @@ fn the_same_flow_always_picks_the_same_backend_and_flows_spread() {
     for (b, n) in &seen {
         assert!(*n > 60, "backend {b} got only {n} of 300 flows: {seen:?}");
     }
+}
+
+fn tcp_to_web(sport: u16, flags: u8) -> Vec<u8> {
+    PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv4(CLIENT, VIP)
+        .tcp(
+            Tcp {
+                sport,
+                dport: PORT_TCP,
+                seq: 7,
+                ack: 9,
+                flags,
+                ..Tcp::default()
+            },
+            b"x",
+        )
+        .build()
+}
+
+fn outer_dst(frame: &[u8]) -> Ipv4Addr {
+    Ipv4Addr::new(frame[30], frame[31], frame[32], frame[33])
+}
+
+fn web_addr() -> ServiceAddr {
+    ServiceAddr {
+        vip: IpAddr::V4(VIP),
+        port: PORT_TCP,
+        protocol: Protocol::Tcp,
+    }
+}
+
+/// Keep the test on one CPU: the flow table is shared, but the flood guard counts per CPU.
+fn pin_to_one_cpu() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+#[test]
+fn established_tcp_flows_keep_their_backend_when_backends_are_added() {
+    let mut f = fixture();
+    let ports: Vec<u16> = (30000..30200).collect();
+    let mut first = BTreeMap::new();
+    for &p in &ports {
+        let (a, out) = f.run(maps::PROG_LB, &tcp_to_web(p, tcp_flags::ACK));
+        assert_eq!(a, XDP_TX);
+        assert_eq!(
+            outer_dst(&out),
+            f.expected_backend(Protocol::Tcp, p, PORT_TCP)
+        );
+        first.insert(p, outer_dst(&out));
+    }
+    let created = f.reason(Reason::FlowCreated);
+    assert!(
+        created >= ports.len() as u64,
+        "a non-SYN miss is remembered"
+    );
+
+    // Three more backends: Maglev now sends about half of these flows elsewhere.
+    let mut desired = f.desired.clone();
+    let six: Vec<Ipv4Addr> = (1..=6).map(backend_ip).collect();
+    desired.services.insert(
+        web_addr(),
+        ServiceSpec {
+            flow_tracking: true,
+            ..service("web", Forwarding::Ipip, &six, true)
+        },
+    );
+    f.program(desired);
+    let mut would_move = 0;
+    for &p in &ports {
+        let (_, out) = f.run(maps::PROG_LB, &tcp_to_web(p, tcp_flags::ACK));
+        assert_eq!(
+            outer_dst(&out),
+            first[&p],
+            "established flow {p} kept its backend"
+        );
+        if f.expected_backend(Protocol::Tcp, p, PORT_TCP) != first[&p] {
+            would_move += 1;
+        }
+    }
+    assert!(
+        would_move > 50,
+        "the table change moved {would_move} of 200 flows' Maglev choice"
+    );
+    // A SYN always takes a fresh decision (a new connection on a reused port).
+    let moved = ports
+        .iter()
+        .copied()
+        .find(|&p| f.expected_backend(Protocol::Tcp, p, PORT_TCP) != first[&p])
+        .unwrap();
+    let (_, out) = f.run(maps::PROG_LB, &tcp_to_web(moved, tcp_flags::SYN));
+    assert_eq!(
+        outer_dst(&out),
+        f.expected_backend(Protocol::Tcp, moved, PORT_TCP)
+    );
+    // ...and is remembered: the connection's next packet follows it.
+    let (_, out2) = f.run(maps::PROG_LB, &tcp_to_web(moved, tcp_flags::ACK));
+    assert_eq!(outer_dst(&out2), outer_dst(&out));
+}
+
+#[test]
+fn flows_of_a_removed_backend_are_rerouted_and_others_stay() {
+    let mut f = fixture();
+    let ports: Vec<u16> = (31000..31150).collect();
+    let mut first = BTreeMap::new();
+    for &p in &ports {
+        let (_, out) = f.run(maps::PROG_LB, &tcp_to_web(p, tcp_flags::ACK));
+        first.insert(p, outer_dst(&out));
+    }
+    let gone = backend_ip(2);
+    let mut desired = f.desired.clone();
+    desired.services.insert(
+        web_addr(),
+        ServiceSpec {
+            flow_tracking: true,
+            ..service(
+                "web",
+                Forwarding::Ipip,
+                &[backend_ip(1), backend_ip(3)],
+                true,
+            )
+        },
+    );
+    f.program(desired);
+    let rerouted_before = f.reason(Reason::FlowRerouted);
+    let mut on_gone = 0;
+    for &p in &ports {
+        let (a, out) = f.run(maps::PROG_LB, &tcp_to_web(p, tcp_flags::ACK));
+        assert_eq!(a, XDP_TX);
+        if first[&p] == gone {
+            on_gone += 1;
+            assert_eq!(
+                outer_dst(&out),
+                f.expected_backend(Protocol::Tcp, p, PORT_TCP),
+                "flow {p} rerouted by Maglev"
+            );
+        } else {
+            assert_eq!(
+                outer_dst(&out),
+                first[&p],
+                "flow {p} on a remaining backend stays"
+            );
+        }
+    }
+    assert!(on_gone > 20);
+    assert_eq!(f.reason(Reason::FlowRerouted) - rerouted_before, on_gone);
+}
+
+#[test]
+fn untracked_udp_creates_no_flow_entries() {
+    let mut f = fixture();
+    let before = f.reason(Reason::FlowCreated);
+    for p in 40000..40050u16 {
+        let (a, _) = f.run(maps::PROG_LB, &udp_to(VIP, p, PORT_IPIP).build());
+        assert_eq!(a, XDP_TX);
+    }
+    assert_eq!(f.reason(Reason::FlowCreated), before);
+    let stats = f
+        .dataplane
+        .stats(
+            [f.snapshot.services[&sync::service_key(&ServiceAddr {
+                vip: IpAddr::V4(VIP),
+                port: PORT_IPIP,
+                protocol: Protocol::Udp,
+            })]
+                .id],
+            [],
+        )
+        .unwrap();
+    let c = stats.services.values().next().unwrap();
+    assert_eq!(
+        (c.packets, c.new_flows),
+        (50, 50),
+        "every untracked packet is a Maglev decision"
+    );
+}
+
+#[test]
+fn flood_guard_caps_new_entries_but_forwards_every_flow() {
+    pin_to_one_cpu();
+    let mut f = fixture();
+    let mut desired = f.desired.clone();
+    desired.node.flows.new_flows_per_cpu_s = 5;
+    f.program(desired);
+    let (created, guarded) = (f.reason(Reason::FlowCreated), f.reason(Reason::FlowGuarded));
+    for p in 32000..32008u16 {
+        let (a, out) = f.run(maps::PROG_LB, &tcp_to_web(p, tcp_flags::SYN));
+        assert_eq!(a, XDP_TX, "flow {p} forwarded even when not remembered");
+        assert_eq!(
+            outer_dst(&out),
+            f.expected_backend(Protocol::Tcp, p, PORT_TCP)
+        );
+    }
+    assert_eq!(f.reason(Reason::FlowCreated) - created, 5);
+    assert_eq!(f.reason(Reason::FlowGuarded) - guarded, 3);
 }

@@ -16,9 +16,13 @@ pub const SERVICE_STATS: &str = "LB_SVC_STATS";
 pub const BACKEND_STATS: &str = "LB_BE_STATS";
 /// Per CPU, `Reason` → `Counters`.
 pub const REASON_STATS: &str = "LB_REASONS";
+/// `FlowKey` → `FlowValue`: LRU hash with a free list per CPU.
+pub const FLOWS: &str = "LB_FLOWS";
+/// Per CPU, index 0 → `FloodWindow`.
+pub const FLOOD: &str = "LB_FLOOD";
 
 /// Every map the load balancer pins, in the order `lb-agent status` reads them.
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 9] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -26,12 +30,18 @@ pub const ALL: [&str; 7] = [
     SERVICE_STATS,
     BACKEND_STATS,
     REASON_STATS,
+    FLOWS,
+    FLOOD,
 ];
 
 /// Distinct (VIP, port, protocol) entries; also the size of the per-service counter array.
 pub const MAX_SERVICES: u32 = 32_768;
-/// Distinct backend addresses across all services.
+/// Backend entries: one per (service, backend address).
 pub const MAX_BACKENDS: u32 = 131_072;
+/// Default size of the flow table (entries, shared by all CPUs).
+pub const DEFAULT_FLOWS: u32 = 1 << 20;
+/// `BPF_F_NO_COMMON_LRU`: each CPU evicts from its own LRU list.
+pub const LRU_PER_CPU_FLAG: usize = 1 << 1;
 /// Default capacity of `LB_MAGLEV` in slots (4 bytes each, 16 MiB). The agent may load the
 /// program with a different capacity; it must hold every table twice during a replacement.
 pub const DEFAULT_MAGLEV_SLOTS: u32 = 4 * 1024 * 1024;

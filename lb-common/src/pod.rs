@@ -1,7 +1,10 @@
 //! `aya::Pod` for the shared map types: they are `repr(C)`, padded explicitly and valid for
 //! every bit pattern.
 
-use crate::types::{BackendValue, Counters, NodeConfig, ServiceKey, ServiceValue};
+use crate::types::{
+    BackendValue, Counters, FloodWindow, FlowKey, FlowValue, NodeConfig, ServiceCounters,
+    ServiceKey, ServiceValue,
+};
 
 // SAFETY: each type is `repr(C)`, has no implicit padding (sizes asserted in `types`), and
 // every bit pattern is a valid value.
@@ -10,3 +13,7 @@ unsafe impl aya::Pod for ServiceValue {}
 unsafe impl aya::Pod for BackendValue {}
 unsafe impl aya::Pod for NodeConfig {}
 unsafe impl aya::Pod for Counters {}
+unsafe impl aya::Pod for FlowKey {}
+unsafe impl aya::Pod for FlowValue {}
+unsafe impl aya::Pod for FloodWindow {}
+unsafe impl aya::Pod for ServiceCounters {}

@@ -27,10 +27,18 @@ pub enum Reason {
     DecapPass = 9,
     /// The service names a forwarding mode this program does not know.
     DropBadForwarding = 10,
+    /// A packet followed a remembered flow.
+    FlowHit = 11,
+    /// A new flow was remembered.
+    FlowCreated = 12,
+    /// The flood guard declined to remember a new flow (it was still forwarded).
+    FlowGuarded = 13,
+    /// A remembered flow's backend left its service: the flow was decided afresh.
+    FlowRerouted = 14,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 15;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -45,6 +53,10 @@ impl Reason {
         Reason::TxL2,
         Reason::DecapPass,
         Reason::DropBadForwarding,
+        Reason::FlowHit,
+        Reason::FlowCreated,
+        Reason::FlowGuarded,
+        Reason::FlowRerouted,
     ];
 
     /// Stable snake_case name, used by `lb-agent status` and metrics.
@@ -61,6 +73,10 @@ impl Reason {
             Reason::TxL2 => "tx_l2",
             Reason::DecapPass => "decap_pass",
             Reason::DropBadForwarding => "drop_bad_forwarding",
+            Reason::FlowHit => "flow_hit",
+            Reason::FlowCreated => "flow_created",
+            Reason::FlowGuarded => "flow_guarded",
+            Reason::FlowRerouted => "flow_rerouted",
         }
     }
 }

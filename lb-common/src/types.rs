@@ -65,6 +65,11 @@ impl ServiceKey {
     }
 }
 
+/// Service flags.
+/// Remember each flow's backend in `LB_FLOWS`, so established connections keep their backend
+/// when the backend set changes.
+pub const SERVICE_F_FLOW_TRACKING: u8 = 1;
+
 /// What the data plane needs to balance one service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +82,7 @@ pub struct ServiceValue {
     pub table_size: u32,
     /// A `Forwarding` discriminant.
     pub forwarding: u8,
+    /// `SERVICE_F_*`.
     pub flags: u8,
     pub _pad: [u8; 2],
     /// Agent bookkeeping: hash of the table contents, so a restarted agent can tell whether
@@ -88,7 +94,8 @@ const _: () = assert!(size_of::<ServiceValue>() == 24);
 /// Backend flags.
 pub const BACKEND_F_VALID: u8 = 1;
 
-/// One backend address and the MAC address of the next hop towards it.
+/// One backend of one service (a backend address used by two services has two entries, so
+/// each can be removed, and counted, on its own), and the MAC address of the next hop.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BackendValue {
@@ -99,8 +106,12 @@ pub struct BackendValue {
     pub family: u8,
     /// `BACKEND_F_*`; an entry without `BACKEND_F_VALID` is free.
     pub flags: u8,
+    /// The service (`ServiceValue::id`) this entry belongs to. A remembered flow is only
+    /// followed to a backend that still belongs to the flow's service.
+    pub service_id: u32,
+    pub _pad: [u8; 4],
 }
-const _: () = assert!(size_of::<BackendValue>() == 24);
+const _: () = assert!(size_of::<BackendValue>() == 32);
 
 impl BackendValue {
     pub const EMPTY: BackendValue = BackendValue {
@@ -108,6 +119,8 @@ impl BackendValue {
         mac: [0; 6],
         family: 0,
         flags: 0,
+        service_id: 0,
+        _pad: [0; 4],
     };
 
     pub const fn is_valid(&self) -> bool {
@@ -130,17 +143,65 @@ pub struct NodeConfig {
     pub encap_src_v4_be: [u8; 4],
     /// `CONFIG_F_*`.
     pub flags: u32,
+    /// A remembered TCP flow idle for longer than this (seconds) is decided afresh.
+    pub tcp_idle_s: u32,
+    /// Likewise for UDP.
+    pub udp_idle_s: u32,
+    /// Flood guard: at most this many new flow-table entries per second on each CPU; past
+    /// it, new flows are still forwarded by Maglev, just not remembered.
+    pub new_flows_per_cpu_s: u32,
+    pub _pad2: [u8; 4],
 }
-const _: () = assert!(size_of::<NodeConfig>() == 16);
+const _: () = assert!(size_of::<NodeConfig>() == 32);
 
-impl NodeConfig {
-    pub const EMPTY: NodeConfig = NodeConfig {
-        mac: [0; 6],
-        _pad: [0; 2],
-        encap_src_v4_be: [0; 4],
-        flags: 0,
-    };
+/// Flow key: the 5-tuple as in the packet. IPv4 addresses occupy the first four bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_be: [u8; 16],
+    pub dst_be: [u8; 16],
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
 }
+const _: () = assert!(size_of::<FlowKey>() == 40);
+
+/// A remembered flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowValue {
+    /// `LB_BACKENDS` index.
+    pub backend_id: u32,
+    pub _pad: [u8; 4],
+    /// `bpf_ktime_get_coarse_ns()` of the last packet.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<FlowValue>() == 16);
+
+/// Per-CPU state of the flood guard, in `LB_FLOOD[0]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FloodWindow {
+    /// Start of the current one-second window (ns).
+    pub start_ns: u64,
+    /// Entries created in it.
+    pub created: u64,
+}
+const _: () = assert!(size_of::<FloodWindow>() == 16);
+
+/// Per-service counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    /// Maglev decisions: flow-table misses, TCP SYNs, and every packet of an untracked
+    /// service.
+    pub new_flows: u64,
+}
+const _: () = assert!(size_of::<ServiceCounters>() == 24);
 
 /// A packet and byte counter pair (per CPU in the maps).
 #[repr(C)]

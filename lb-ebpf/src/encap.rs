@@ -16,8 +16,9 @@ use crate::{
 
 const OUTER_V4_LEN: usize = 20;
 
+/// The node configuration; a VIP packet arriving before the agent wrote it is dropped.
 #[inline(always)]
-fn node_config() -> Result<NodeConfig, Verdict> {
+pub fn node_config() -> Result<NodeConfig, Verdict> {
     match LB_CONFIG.get(0) {
         Some(c) if c.flags & lb_common::CONFIG_F_VALID != 0 => Ok(*c),
         _ => Err(Verdict::drop(Reason::DropNoConfig)),
@@ -62,8 +63,8 @@ pub fn ipip_v4(
     ctx: &XdpContext,
     pkt: &PacketV4,
     backend: &BackendValue,
+    cfg: &NodeConfig,
 ) -> Result<Verdict, Verdict> {
-    let cfg = node_config()?;
     let outer_len = pkt.tot_len as u32 + OUTER_V4_LEN as u32;
     if outer_len > 0xffff {
         return Err(Verdict::drop(Reason::DropNoHeadroom));
@@ -100,8 +101,8 @@ pub fn l2_rewrite(
     ctx: &XdpContext,
     pkt: &PacketV4,
     backend: &BackendValue,
+    cfg: &NodeConfig,
 ) -> Result<Verdict, Verdict> {
-    let cfg = node_config()?;
     write_l2(ctx, &pkt.l2, backend.mac, cfg.mac, pkt.l2.ether_type)?;
     Ok(Verdict::tx(Reason::TxL2))
 }

@@ -57,13 +57,15 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let pkt = parse::parse_v4(ctx)?;
-    let (service, backend_id, backend) = select::select_v4(&pkt)?;
+    let service = select::service_v4(&pkt)?;
+    let cfg = encap::node_config()?;
     let len = (ctx.data_end() - ctx.data()) as u64;
-    stats::count_service(service.id, len);
-    stats::count_backend(backend_id, len);
-    match Forwarding::from_u8(service.forwarding) {
-        Some(Forwarding::Ipip) => encap::ipip_v4(ctx, &pkt, &backend),
-        Some(Forwarding::L2) => encap::l2_rewrite(ctx, &pkt, &backend),
+    let sel = select::select_v4(&pkt, service, &cfg, len)?;
+    stats::count_service(sel.service.id, len, sel.new_flow);
+    stats::count_backend(sel.backend_id, len);
+    match Forwarding::from_u8(sel.service.forwarding) {
+        Some(Forwarding::Ipip) => encap::ipip_v4(ctx, &pkt, &sel.backend, &cfg),
+        Some(Forwarding::L2) => encap::l2_rewrite(ctx, &pkt, &sel.backend, &cfg),
         None => Err(Verdict::drop(Reason::DropBadForwarding)),
     }
 }

@@ -1,12 +1,13 @@
 //! Every map of the data plane. Names, sizes and value types come from `lb_common`.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    BackendValue, Counters, NodeConfig, Reason, ServiceKey, ServiceValue,
-    maps::{DEFAULT_MAGLEV_SLOTS, MAX_BACKENDS, MAX_SERVICES},
+    BackendValue, Counters, FloodWindow, FlowKey, FlowValue, NodeConfig, Reason, ServiceCounters,
+    ServiceKey, ServiceValue,
+    maps::{DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_BACKENDS, MAX_SERVICES},
 };
 
 #[btf_map]
@@ -23,10 +24,18 @@ pub static LB_MAGLEV: Array<u32, { DEFAULT_MAGLEV_SLOTS as usize }> = Array::new
 pub static LB_CONFIG: Array<NodeConfig, 1> = Array::new();
 
 #[btf_map]
-pub static LB_SVC_STATS: PerCpuArray<Counters, { MAX_SERVICES as usize }> = PerCpuArray::new();
+pub static LB_SVC_STATS: PerCpuArray<ServiceCounters, { MAX_SERVICES as usize }> =
+    PerCpuArray::new();
 
 #[btf_map]
 pub static LB_BE_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCpuArray::new();
 
 #[btf_map]
 pub static LB_REASONS: PerCpuArray<Counters, { Reason::COUNT as usize }> = PerCpuArray::new();
+
+#[btf_map]
+pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue, { DEFAULT_FLOWS as usize }, LRU_PER_CPU_FLAG> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static LB_FLOOD: PerCpuArray<FloodWindow, 1> = PerCpuArray::new();

@@ -1,21 +1,55 @@
-//! VIP lookup and backend choice through the service's Maglev table.
+//! VIP lookup, the flow table, and the Maglev decision.
+//!
+//! Order for a tracked service: a TCP SYN always takes a fresh Maglev decision; any other
+//! packet follows its remembered flow if the entry is fresh and its backend still belongs to
+//! the service; otherwise Maglev decides (so a node that never saw the SYN picks the same
+//! backend as every other node) and the decision is remembered, unless the flood guard says
+//! this CPU has created too many entries this second.
 
-use lb_common::{BackendValue, Reason, ServiceKey, ServiceValue, hash::flow_hash_v4};
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use lb_common::{
+    BackendValue, FAMILY_V4, FlowKey, FlowValue, NodeConfig, PROTO_TCP, Reason,
+    SERVICE_F_FLOW_TRACKING, ServiceKey, ServiceValue, hash::flow_hash_v4,
+};
 
 use crate::{
     Verdict,
-    maps::{LB_BACKENDS, LB_MAGLEV, LB_SERVICES},
+    maps::{LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_SERVICES},
     parse::PacketV4,
+    stats,
 };
 
-/// The service the packet is addressed to, the chosen backend's id and its entry.
+const NS_PER_S: u64 = 1_000_000_000;
+/// `BPF_ANY`.
+const ANY: u64 = 0;
+
+/// The outcome of backend selection.
+pub struct Selected {
+    pub service: ServiceValue,
+    pub backend_id: u32,
+    pub backend: BackendValue,
+    /// Decided by Maglev now (not taken from the flow table).
+    pub new_flow: bool,
+}
+
+/// The service a packet is addressed to; `Err(pass)` when it is not a VIP.
 #[inline(always)]
-pub fn select_v4(pkt: &PacketV4) -> Result<(ServiceValue, u32, BackendValue), Verdict> {
+pub fn service_v4(pkt: &PacketV4) -> Result<ServiceValue, Verdict> {
     let key = ServiceKey::v4(pkt.dst_be, u16::from_ne_bytes(pkt.dport_be), pkt.proto);
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
-    let service = unsafe { LB_SERVICES.get(&key) }
+    unsafe { LB_SERVICES.get(&key) }
         .copied()
-        .ok_or(Verdict::pass(Reason::PassNotVip))?;
+        .ok_or(Verdict::pass(Reason::PassNotVip))
+}
+
+#[inline(always)]
+fn backend_of(id: u32, service: &ServiceValue) -> Option<BackendValue> {
+    let b = *LB_BACKENDS.get(id)?;
+    (b.is_valid() && b.service_id == service.id).then_some(b)
+}
+
+#[inline(always)]
+fn maglev_v4(pkt: &PacketV4, service: &ServiceValue) -> Result<(u32, BackendValue), Verdict> {
     if service.table_size == 0 {
         return Err(Verdict::drop(Reason::DropNoBackend));
     }
@@ -27,14 +61,111 @@ pub fn select_v4(pkt: &PacketV4) -> Result<(ServiceValue, u32, BackendValue), Ve
         pkt.proto,
     );
     let slot = service.table_offset.wrapping_add(hash % service.table_size);
-    let backend_id = *LB_MAGLEV
+    let id = *LB_MAGLEV
         .get(slot)
         .ok_or(Verdict::drop(Reason::DropNoBackend))?;
-    let backend = *LB_BACKENDS
-        .get(backend_id)
-        .ok_or(Verdict::drop(Reason::DropNoBackend))?;
-    if !backend.is_valid() {
-        return Err(Verdict::drop(Reason::DropNoBackend));
+    let backend = backend_of(id, service).ok_or(Verdict::drop(Reason::DropNoBackend))?;
+    Ok((id, backend))
+}
+
+#[inline(always)]
+fn flow_key_v4(pkt: &PacketV4) -> FlowKey {
+    let mut key = FlowKey {
+        src_be: [0; 16],
+        dst_be: [0; 16],
+        sport_be: u16::from_ne_bytes(pkt.sport_be),
+        dport_be: u16::from_ne_bytes(pkt.dport_be),
+        proto: pkt.proto,
+        family: FAMILY_V4,
+        _pad: [0; 2],
+    };
+    key.src_be[..4].copy_from_slice(&pkt.src_be);
+    key.dst_be[..4].copy_from_slice(&pkt.dst_be);
+    key
+}
+
+/// May this CPU create another flow entry now? Counts the creation if so.
+#[inline(always)]
+fn flood_guard_allows(now: u64, cfg: &NodeConfig) -> bool {
+    let Some(w) = LB_FLOOD.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: a per-CPU slot is only touched by this CPU while the program runs.
+    unsafe {
+        if now.wrapping_sub((*w).start_ns) >= NS_PER_S {
+            (*w).start_ns = now;
+            (*w).created = 0;
+        }
+        if (*w).created >= cfg.new_flows_per_cpu_s as u64 {
+            return false;
+        }
+        (*w).created += 1;
     }
-    Ok((service, backend_id, backend))
+    true
+}
+
+/// Choose the backend for a packet of `service`.
+#[inline(always)]
+pub fn select_v4(
+    pkt: &PacketV4,
+    service: ServiceValue,
+    cfg: &NodeConfig,
+    bytes: u64,
+) -> Result<Selected, Verdict> {
+    if service.flags & SERVICE_F_FLOW_TRACKING == 0 {
+        let (backend_id, backend) = maglev_v4(pkt, &service)?;
+        return Ok(Selected {
+            service,
+            backend_id,
+            backend,
+            new_flow: true,
+        });
+    }
+    let key = flow_key_v4(pkt);
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if !pkt.tcp_syn
+        && let Some(flow) = LB_FLOWS.get_ptr_mut(&key)
+    {
+        let idle_s = if pkt.proto == PROTO_TCP {
+            cfg.tcp_idle_s
+        } else {
+            cfg.udp_idle_s
+        };
+        // SAFETY: the entry stays valid during this program run (RCU); concurrent updates of
+        // `last_seen_ns` from other CPUs are benign.
+        let (id, seen) = unsafe { ((*flow).backend_id, (*flow).last_seen_ns) };
+        if now.wrapping_sub(seen) <= idle_s as u64 * NS_PER_S {
+            if let Some(backend) = backend_of(id, &service) {
+                // SAFETY: as above.
+                unsafe { (*flow).last_seen_ns = now };
+                return Ok(Selected {
+                    service,
+                    backend_id: id,
+                    backend,
+                    new_flow: false,
+                });
+            }
+            stats::count_reason(Reason::FlowRerouted, bytes);
+        }
+    }
+    let (backend_id, backend) = maglev_v4(pkt, &service)?;
+    if flood_guard_allows(now, cfg) {
+        let value = FlowValue {
+            backend_id,
+            _pad: [0; 4],
+            last_seen_ns: now,
+        };
+        if LB_FLOWS.insert(&key, &value, ANY).is_ok() {
+            stats::count_reason(Reason::FlowCreated, bytes);
+        }
+    } else {
+        stats::count_reason(Reason::FlowGuarded, bytes);
+    }
+    Ok(Selected {
+        service,
+        backend_id,
+        backend,
+        new_flow: true,
+    })
 }

@@ -1,6 +1,6 @@
 //! Per-CPU counters: no atomics needed, each CPU owns its slot.
 
-use lb_common::{Counters, Reason};
+use lb_common::{Counters, Reason, ServiceCounters};
 
 use crate::maps::{LB_BE_STATS, LB_REASONS, LB_SVC_STATS};
 
@@ -21,8 +21,16 @@ pub fn count_reason(reason: Reason, bytes: u64) {
 }
 
 #[inline(always)]
-pub fn count_service(id: u32, bytes: u64) {
-    bump(LB_SVC_STATS.get_ptr_mut(id), bytes);
+pub fn count_service(id: u32, bytes: u64, new_flow: bool) {
+    if let Some(c) = LB_SVC_STATS.get_ptr_mut(id) {
+        let c: *mut ServiceCounters = c;
+        // SAFETY: as in `bump`.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            (*c).new_flows += new_flow as u64;
+        }
+    }
 }
 
 #[inline(always)]

@@ -37,8 +37,9 @@ pub fn parse_v4(ctx: &XdpContext) -> Result<PacketV4, Verdict> {
     if ip.frags[0] & (IP_MF | IP_OFFSET_HI) != 0 || ip.frags[1] != 0 {
         return Err(Verdict::pass(Reason::PassFragment));
     }
-    let (sport_be, dport_be) = l4::ports(ctx, l3_off + ihl, proto, l3_off + tot_len as usize)
-        .ok_or(Verdict::pass(Reason::PassMalformed))?;
+    let (sport_be, dport_be, tcp_syn) =
+        l4::ports(ctx, l3_off + ihl, proto, l3_off + tot_len as usize)
+            .ok_or(Verdict::pass(Reason::PassMalformed))?;
     // Checked only after the L4 header was read through `ptr_at`: done first, it would let
     // the compiler drop that bounds check as implied, and the verifier cannot follow that.
     if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
@@ -55,5 +56,6 @@ pub fn parse_v4(ctx: &XdpContext) -> Result<PacketV4, Verdict> {
         tos: ip.tos,
         tot_len,
         dont_fragment: ip.frags[0] & IP_DF != 0,
+        tcp_syn,
     })
 }

@@ -36,4 +36,6 @@ pub struct PacketV4 {
     pub tot_len: u16,
     /// The inner packet's DF bit, copied into an outer header.
     pub dont_fragment: bool,
+    /// A TCP SYN without ACK: the first packet of a connection.
+    pub tcp_syn: bool,
 }
