@@ -73,6 +73,9 @@ pub struct DetachArgs {
 pub struct DecapArgs {
     #[arg(long, short)]
     pub interface: String,
+    /// UDP port of GUE packets to decapsulate (the load balancer's `gue_port`).
+    #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
+    pub gue_port: u16,
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: AttachMode,
 }

@@ -3,11 +3,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
-use lb_common::{Forwarding, maglev};
+use lb_common::{DEFAULT_GUE_PORT, Forwarding, maglev};
 use serde::Deserialize;
 
 use crate::state::{
@@ -44,6 +44,8 @@ pub enum ConfigError {
 struct RawConfig {
     interface: Option<String>,
     encap_source: Option<String>,
+    encap_source_v6: Option<String>,
+    gue_port: Option<u16>,
     #[serde(default)]
     flow_table: RawFlowTable,
     #[serde(default)]
@@ -103,10 +105,27 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
             message: format!("{s:?} is not an IPv4 address"),
         })?),
     };
+    let encap_source_v6 = match &raw.encap_source_v6 {
+        None => None,
+        Some(s) => Some(s.parse::<Ipv6Addr>().map_err(|_| ConfigError::Node {
+            file: file.to_path_buf(),
+            field: "encap_source_v6".into(),
+            message: format!("{s:?} is not an IPv6 address"),
+        })?),
+    };
+    if raw.gue_port == Some(0) {
+        return Err(ConfigError::Node {
+            file: file.to_path_buf(),
+            field: "gue_port".into(),
+            message: "must be 1-65535".into(),
+        });
+    }
     let mut state = DesiredState {
         node: NodeSpec {
             interface: raw.interface.clone(),
             encap_source,
+            encap_source_v6,
+            gue_port: raw.gue_port.unwrap_or(DEFAULT_GUE_PORT),
             flows: flow_settings(file, &raw.flow_table)?,
         },
         services: BTreeMap::new(),
@@ -129,9 +148,6 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
             .vip
             .parse()
             .map_err(|_| err("vip", format!("{:?} is not an IP address", svc.vip)))?;
-        if !vip.is_ipv4() {
-            return Err(err("vip", "IPv6 VIPs are not supported yet".into()));
-        }
         if svc.port == 0 {
             return Err(err("port", "must be 1-65535".into()));
         }
@@ -148,10 +164,11 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
         let forwarding = match svc.forwarding.as_deref().unwrap_or("ipip") {
             "ipip" => Forwarding::Ipip,
             "l2" => Forwarding::L2,
+            "gue" => Forwarding::Gue,
             other => {
                 return Err(err(
                     "forwarding",
-                    format!("unknown forwarding {other:?} (ipip or l2)"),
+                    format!("unknown forwarding {other:?} (ipip, gue or l2)"),
                 ));
             }
         };
@@ -167,10 +184,12 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
                     format!("{:?} is not an IP address", b.address),
                 )
             })?;
-            if !addr.is_ipv4() {
+            if forwarding == Forwarding::L2 && addr.is_ipv4() != vip.is_ipv4() {
                 return Err(err(
                     &field("address"),
-                    "IPv6 backends are not supported yet".into(),
+                    format!(
+                        "{addr}: l2 forwarding cannot change the address family of {vip}; use ipip or gue"
+                    ),
                 ));
             }
             let weight = b.weight.unwrap_or(1);
@@ -423,6 +442,50 @@ services:
                 "for config:\n{text}\nexpected {expected:?} in {msg:?}"
             );
         }
+    }
+
+    #[test]
+    fn ipv6_gue_and_mixed_families() {
+        let text = r#"
+encap_source_v6: "2001:db8::2"
+gue_port: 7777
+services:
+  - name: v6
+    vip: "2001:db8::100"
+    port: 53
+    protocol: udp
+    forwarding: gue
+    backends:
+      - address: "2001:db8::11"
+      - address: 198.18.0.12
+"#;
+        let state = parse_str(text).unwrap();
+        assert_eq!(state.node.gue_port, 7777);
+        assert_eq!(
+            state.node.encap_source_v6,
+            Some("2001:db8::2".parse().unwrap())
+        );
+        let svc = state.services.values().next().unwrap();
+        assert_eq!(svc.forwarding, Forwarding::Gue);
+        assert_eq!(svc.backends.len(), 2);
+        assert_eq!(
+            parse_str("services: []").unwrap().node.gue_port,
+            DEFAULT_GUE_PORT
+        );
+        let msg = error_of(
+            "services:\n  - {name: a, vip: \"2001:db8::100\", port: 53, protocol: udp, forwarding: l2, backends: [{address: 198.18.0.11}]}\n",
+        );
+        assert!(
+            msg.contains("l2 forwarding cannot change the address family"),
+            "{msg}"
+        );
+        let msg = error_of("gue_port: 0\n");
+        assert!(msg.contains("gue_port: must be 1-65535"), "{msg}");
+        let msg = error_of("encap_source_v6: 198.18.0.1\n");
+        assert!(
+            msg.contains("encap_source_v6: \"198.18.0.1\" is not an IPv6 address"),
+            "{msg}"
+        );
     }
 
     #[test]

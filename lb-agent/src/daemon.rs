@@ -51,12 +51,26 @@ impl Syncer {
         desired: &DesiredState,
     ) -> Result<(Interface, NodeConfig), AgentError> {
         let iface = self.net.interface(&self.iface_name).await?;
-        let encap = desired
-            .node
-            .encap_source
-            .or(iface.ipv4)
-            .ok_or_else(|| NetError::NoIpv4(self.iface_name.clone()))?;
-        let node = sync::node_config(desired, iface.mac, encap);
+        let encap_v4 = desired.node.encap_source.or(iface.ipv4);
+        let encap_v6 = desired.node.encap_source_v6.or(iface.ipv6);
+        // An encapsulating service needs an outer source of each backend family it uses.
+        for svc in desired.services.values() {
+            if svc.forwarding == lb_common::Forwarding::L2 {
+                continue;
+            }
+            for ip in svc.backends.keys() {
+                match ip {
+                    IpAddr::V4(_) if encap_v4.is_none() => {
+                        return Err(NetError::NoIpv4(self.iface_name.clone()).into());
+                    }
+                    IpAddr::V6(_) if encap_v6.is_none() => {
+                        return Err(NetError::NoIpv6(self.iface_name.clone()).into());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let node = sync::node_config(desired, iface.mac, encap_v4, encap_v6);
         Ok((iface, node))
     }
 
@@ -201,6 +215,12 @@ pub async fn decap(args: DecapArgs) -> Result<(), AgentError> {
         .map_max_entries(lb_common::maps::FLOWS, 1)
         .load(loader::EBPF_OBJECT)
         .map_err(LoadError::from)?;
+    // Its only setting: the GUE port, in LB_CONFIG.
+    let mut dataplane = Dataplane::from_ebpf(&mut ebpf)?;
+    let mut node = lb_common::NodeConfig::EMPTY;
+    node.flags = lb_common::CONFIG_F_VALID;
+    node.gue_port_be = args.gue_port.to_be();
+    dataplane.apply(&[MapOp::SetConfig(node)])?;
     let link = loader::attach_decap(&mut ebpf, &args.interface, args.xdp_mode)?;
     tracing::info!(iface = %args.interface, "decap attached");
     tokio::select! {

@@ -4,7 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Duration,
 };
 
@@ -33,6 +33,8 @@ pub enum NetError {
     NoMac(String),
     #[error("interface {0:?} has no IPv4 address; set encap_source in the config")]
     NoIpv4(String),
+    #[error("interface {0:?} has no global IPv6 address; set encap_source_v6 in the config")]
+    NoIpv6(String),
 }
 
 /// The attached interface as the data plane needs it.
@@ -42,6 +44,8 @@ pub struct Interface {
     pub index: u32,
     pub mac: [u8; 6],
     pub ipv4: Option<Ipv4Addr>,
+    /// First global-scope IPv6 address (no link-local, no ULA preference).
+    pub ipv6: Option<Ipv6Addr>,
 }
 
 /// A netlink connection bound to the network namespace of the thread that opened it.
@@ -116,12 +120,17 @@ impl NetInfo {
             .set_link_index_filter(index)
             .execute();
         let mut ipv4 = None;
+        let mut ipv6 = None;
         while let Some(msg) = addrs.try_next().await.map_err(nl("get addresses"))? {
             for a in &msg.attributes {
-                if let AddressAttribute::Address(IpAddr::V4(v4)) = a
-                    && ipv4.is_none()
-                {
-                    ipv4 = Some(*v4);
+                match a {
+                    AddressAttribute::Address(IpAddr::V4(v4)) if ipv4.is_none() => ipv4 = Some(*v4),
+                    AddressAttribute::Address(IpAddr::V6(v6))
+                        if ipv6.is_none() && !v6.is_unicast_link_local() && !v6.is_loopback() =>
+                    {
+                        ipv6 = Some(*v6)
+                    }
+                    _ => {}
                 }
             }
         }
@@ -130,6 +139,7 @@ impl NetInfo {
             index,
             mac,
             ipv4,
+            ipv6,
         })
     }
 

@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use lb_common::Forwarding;
@@ -103,13 +103,30 @@ impl Default for FlowSettings {
 }
 
 /// Node-level settings.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeSpec {
     /// Interface the load balancer is attached to.
     pub interface: Option<String>,
     /// Source address of outer IPv4 headers; default: the interface's first IPv4 address.
     pub encap_source: Option<Ipv4Addr>,
+    /// Source address of outer IPv6 headers; default: the interface's first global IPv6
+    /// address.
+    pub encap_source_v6: Option<Ipv6Addr>,
+    /// UDP destination port of GUE encapsulation.
+    pub gue_port: u16,
     pub flows: FlowSettings,
+}
+
+impl Default for NodeSpec {
+    fn default() -> Self {
+        NodeSpec {
+            interface: None,
+            encap_source: None,
+            encap_source_v6: None,
+            gue_port: lb_common::DEFAULT_GUE_PORT,
+            flows: FlowSettings::default(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

@@ -14,19 +14,11 @@ use crate::{
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub encap_source: Option<String>,
+    pub encap_source_v6: Option<String>,
     pub interface_mac: Option<String>,
+    pub gue_port: Option<u16>,
     pub services: Vec<ServiceStatus>,
-    /// Every programmed backend with what the data plane sent it (over all services).
-    pub backends: Vec<BackendCounters>,
     pub reasons: BTreeMap<String, CounterPair>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct BackendCounters {
-    pub address: String,
-    pub mac: String,
-    pub packets: u64,
-    pub bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -45,8 +37,13 @@ pub struct ServiceStatus {
 #[derive(Debug, Serialize)]
 pub struct BackendStatus {
     pub address: String,
+    /// Next-hop MAC the frames to it carry.
+    pub mac: String,
     /// Share of the service's Maglev slots (0..1).
     pub share: f64,
+    /// What this service sent to this backend.
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,15 +67,21 @@ pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
         for id in &table {
             *slots.entry(*id).or_default() += 1;
         }
-        let backends = slots
+        let backends = snap
+            .backends
             .iter()
-            .map(|(id, n)| BackendStatus {
-                address: snap
-                    .backends
-                    .get(id)
-                    .and_then(|b| ip_from_bytes(&b.addr_be, b.family))
-                    .map_or_else(|| format!("(id {id}, cleared)"), |ip| ip.to_string()),
-                share: f64::from(*n) / table.len().max(1) as f64,
+            .filter(|(_, b)| b.service_id == value.id)
+            .map(|(id, b)| {
+                let c = stats.backends.get(id).copied().unwrap_or_default();
+                BackendStatus {
+                    address: ip_from_bytes(&b.addr_be, b.family)
+                        .map_or_else(|| format!("(id {id})"), |ip| ip.to_string()),
+                    mac: format_mac(&b.mac),
+                    share: f64::from(slots.get(id).copied().unwrap_or(0))
+                        / table.len().max(1) as f64,
+                    packets: c.packets,
+                    bytes: c.bytes,
+                }
             })
             .collect();
         let c = stats.services.get(&value.id).copied().unwrap_or_default();
@@ -93,20 +96,6 @@ pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
             backends,
         });
     }
-    let backends = snap
-        .backends
-        .iter()
-        .map(|(id, b)| {
-            let c = stats.backends.get(id).copied().unwrap_or_default();
-            BackendCounters {
-                address: ip_from_bytes(&b.addr_be, b.family)
-                    .map_or_else(|| format!("(id {id})"), |ip| ip.to_string()),
-                mac: format_mac(&b.mac),
-                packets: c.packets,
-                bytes: c.bytes,
-            }
-        })
-        .collect();
     let reasons = stats
         .reasons
         .iter()
@@ -120,13 +109,17 @@ pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
             )
         })
         .collect();
+    let cfg = snap.config;
     Ok(Status {
-        encap_source: snap
-            .config
+        encap_source: cfg
+            .filter(|c| c.encap_src_v4_be != [0; 4])
             .map(|c| std::net::Ipv4Addr::from(c.encap_src_v4_be).to_string()),
-        interface_mac: snap.config.map(|c| format_mac(&c.mac)),
+        encap_source_v6: cfg
+            .filter(|c| c.encap_src_v6_be != [0; 16])
+            .map(|c| std::net::Ipv6Addr::from(c.encap_src_v6_be).to_string()),
+        interface_mac: cfg.map(|c| format_mac(&c.mac)),
+        gue_port: cfg.map(|c| u16::from_be(c.gue_port_be)),
         services,
-        backends,
         reasons,
     })
 }
@@ -136,19 +129,23 @@ pub fn render(status: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "node: mac {}  encap source {}",
+        "node: mac {}  encap source {} / {}  gue port {}",
         status.interface_mac.as_deref().unwrap_or("-"),
-        status.encap_source.as_deref().unwrap_or("-")
+        status.encap_source.as_deref().unwrap_or("-"),
+        status.encap_source_v6.as_deref().unwrap_or("-"),
+        status
+            .gue_port
+            .map_or_else(|| "-".to_string(), |p| p.to_string()),
     );
     let _ = writeln!(
         out,
-        "{:<28} {:<6} {:>6} {:<7} {:>12} {:>14} {:>10}",
+        "{:<34} {:<5} {:>6} {:<7} {:>12} {:>14} {:>10}",
         "SERVICE", "FWD", "SLOTS", "FLOWS", "PACKETS", "BYTES", "NEW FLOWS"
     );
     for s in &status.services {
         let _ = writeln!(
             out,
-            "{:<28} {:<6} {:>6} {:<7} {:>12} {:>14} {:>10}",
+            "{:<34} {:<5} {:>6} {:<7} {:>12} {:>14} {:>10}",
             s.address,
             s.forwarding,
             s.table_size,
@@ -160,28 +157,19 @@ pub fn render(status: &Status) -> String {
         for b in &s.backends {
             let _ = writeln!(
                 out,
-                "  -> {:<23} {:>5.1}% of slots",
+                "  -> {:<29} {:<17} {:>5.1}% {:>12} {:>14}",
                 b.address,
-                b.share * 100.0
+                b.mac,
+                b.share * 100.0,
+                b.packets,
+                b.bytes
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "{:<28} {:<17} {:>12} {:>14}",
-        "BACKEND", "NEXT-HOP MAC", "PACKETS", "BYTES"
-    );
-    for b in &status.backends {
-        let _ = writeln!(
-            out,
-            "{:<28} {:<17} {:>12} {:>14}",
-            b.address, b.mac, b.packets, b.bytes
-        );
-    }
-    let _ = writeln!(out, "{:<28} {:>12} {:>14}", "REASON", "PACKETS", "BYTES");
+    let _ = writeln!(out, "{:<34} {:>12} {:>14}", "REASON", "PACKETS", "BYTES");
     for (name, c) in &status.reasons {
         if c.packets > 0 {
-            let _ = writeln!(out, "{:<28} {:>12} {:>14}", name, c.packets, c.bytes);
+            let _ = writeln!(out, "{:<34} {:>12} {:>14}", name, c.packets, c.bytes);
         }
     }
     out

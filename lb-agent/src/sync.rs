@@ -184,23 +184,27 @@ fn free_ids(taken: &BTreeSet<u32>, max: u32) -> impl Iterator<Item = u32> + '_ {
     (0..max).filter(move |id| !taken.contains(id))
 }
 
-/// The node config the data plane gets: interface MAC and encapsulation source as resolved,
-/// flow-table settings from the desired state.
+/// The node config the data plane gets: interface MAC and encapsulation sources as
+/// resolved (unspecified: the data plane drops what would need it), the rest from the
+/// desired state.
 pub fn node_config(
     desired: &DesiredState,
     mac: [u8; 6],
-    encap_src: std::net::Ipv4Addr,
+    encap_v4: Option<std::net::Ipv4Addr>,
+    encap_v6: Option<std::net::Ipv6Addr>,
 ) -> NodeConfig {
     let f = desired.node.flows;
     NodeConfig {
         mac,
         _pad: [0; 2],
-        encap_src_v4_be: encap_src.octets(),
+        encap_src_v4_be: encap_v4.map_or([0; 4], |a| a.octets()),
         flags: lb_common::CONFIG_F_VALID,
         tcp_idle_s: f.tcp_idle_s,
         udp_idle_s: f.udp_idle_s,
         new_flows_per_cpu_s: f.new_flows_per_cpu_s,
-        _pad2: [0; 4],
+        gue_port_be: desired.node.gue_port.to_be(),
+        _pad2: [0; 2],
+        encap_src_v6_be: encap_v6.map_or([0; 16], |a| a.octets()),
     }
 }
 
@@ -458,7 +462,8 @@ mod tests {
         node_config(
             &DesiredState::default(),
             [2, 0, 0, 0, 0, 2],
-            std::net::Ipv4Addr::new(198, 18, 0, 2),
+            Some(std::net::Ipv4Addr::new(198, 18, 0, 2)),
+            None,
         )
     }
 

@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use aya::{
@@ -16,7 +16,11 @@ use lb_agent::{
     state::{BackendSpec, DesiredState, Protocol, ServiceAddr, ServiceSpec},
     sync::{self, MapSnapshot},
 };
-use lb_common::{Forwarding, Reason, hash::flow_hash_v4, maps};
+use lb_common::{
+    Forwarding, Reason,
+    hash::{flow_hash_v4, flow_hash_v6, gue_source_port},
+    maps,
+};
 use lb_testkit::packet::{PacketBuilder, Tcp, arp_request, hexdump, ipv4_checksum, tcp_flags};
 
 const XDP_DROP: u32 = 1;
@@ -26,6 +30,9 @@ const XDP_TX: u32 = 3;
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const ENCAP_SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const ENCAP_SRC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 const PORT_IPIP: u16 = 53;
@@ -91,7 +98,7 @@ fn fixture() -> Fixture {
         .try_into()
         .unwrap();
     prog.load().expect("verifier accepts lb_decap");
-    let mut dataplane = Dataplane::from_ebpf(&mut ebpf).unwrap();
+    let dataplane = Dataplane::from_ebpf(&mut ebpf).unwrap();
 
     let three: Vec<Ipv4Addr> = (1..=3).map(backend_ip).collect();
     let mut desired = DesiredState::default();
@@ -134,7 +141,7 @@ fn fixture() -> Fixture {
 impl Fixture {
     /// Bring the maps to `desired` the way the agent does (plan + apply).
     fn program(&mut self, desired: DesiredState) {
-        let node = sync::node_config(&desired, LB_MAC, ENCAP_SRC);
+        let node = sync::node_config(&desired, LB_MAC, Some(ENCAP_SRC), Some(ENCAP_SRC6));
         let plan = sync::plan(&desired, node, &BTreeMap::new(), &self.snapshot).unwrap();
         self.dataplane.apply(&plan.ops).unwrap();
         self.snapshot = self.dataplane.snapshot().unwrap();
@@ -189,28 +196,6 @@ fn udp_to(dst: Ipv4Addr, sport: u16, dport: u16) -> PacketBuilder {
         .eth(CLIENT_MAC, LB_MAC)
         .ipv4(CLIENT, dst)
         .udp(sport, dport, b"hello dns")
-}
-
-/// The frame IPIP forwarding must produce: new Ethernet header (and VLAN tag), an outer
-/// IPv4 header built independently here, then the original IP packet byte for byte.
-fn ipip_expected(input: &[u8], l3_off: usize, backend: Ipv4Addr) -> Vec<u8> {
-    let inner = &input[l3_off..];
-    let inner_len = u16::from_be_bytes([inner[2], inner[3]]) as usize;
-    let df = inner[6] & 0x40;
-    let mut outer = vec![0x45, inner[1]];
-    outer.extend_from_slice(&((inner_len + 20) as u16).to_be_bytes());
-    outer.extend_from_slice(&[0, 0, df, 0, 64, 4, 0, 0]);
-    outer.extend_from_slice(&ENCAP_SRC.octets());
-    outer.extend_from_slice(&backend.octets());
-    let c = ipv4_checksum(&outer);
-    outer[10..12].copy_from_slice(&c.to_be_bytes());
-    let mut out = Vec::new();
-    out.extend_from_slice(&backend_mac(backend));
-    out.extend_from_slice(&LB_MAC);
-    out.extend_from_slice(&input[12..l3_off]); // ethertype, or VLAN tag + ethertype
-    out.extend_from_slice(&outer);
-    out.extend_from_slice(inner);
-    out
 }
 
 fn l2_expected(input: &[u8], backend: Ipv4Addr) -> Vec<u8> {
@@ -341,8 +326,9 @@ fn forwarding_cases_produce_exact_frames() {
     for ForwardCase(name, input, l3_off, proto, sport, dport, mode) in &cases {
         let backend = f.expected_backend(*proto, *sport, *dport);
         let expected = match mode {
-            Forwarding::Ipip => ipip_expected(input, *l3_off, backend),
+            Forwarding::Ipip => encap_expected(input, *l3_off, IpAddr::V4(backend), false, 0),
             Forwarding::L2 => l2_expected(input, backend),
+            Forwarding::Gue => unreachable!("GUE cases are in the mixed-family test"),
         };
         let got = f.run(maps::PROG_LB, input);
         assert_frame(name, got, XDP_TX, &expected);
@@ -401,7 +387,7 @@ fn packets_that_are_not_ours_pass_untouched() {
             Reason::PassNotIp,
         ),
         (
-            "ipv6",
+            "ipv6, not a VIP",
             PacketBuilder::new()
                 .eth(CLIENT_MAC, LB_MAC)
                 .ipv6(
@@ -411,7 +397,7 @@ fn packets_that_are_not_ours_pass_untouched() {
                 .udp(1, 53, b"x")
                 .build(),
             XDP_PASS,
-            Reason::PassNotIp,
+            Reason::PassNotVip,
         ),
         (
             "first fragment",
@@ -524,7 +510,7 @@ fn decap_restores_the_inner_packet() {
         ("plain", udp_to(VIP, 40000, PORT_IPIP).build(), 14),
         ("vlan", udp_to(VIP, 40000, PORT_IPIP).vlan(9).build(), 18),
     ] {
-        let encapsulated = ipip_expected(&input, l3_off, backend);
+        let encapsulated = encap_expected(&input, l3_off, IpAddr::V4(backend), false, 0);
         let got = f.run(maps::PROG_DECAP, &encapsulated);
         // Inner packet with the encapsulated frame's L2 header (MACs as received).
         let mut expected = encapsulated[..l3_off].to_vec();
@@ -759,4 +745,578 @@ fn flood_guard_caps_new_entries_but_forwards_every_flow() {
     }
     assert_eq!(f.reason(Reason::FlowCreated) - created, 5);
     assert_eq!(f.reason(Reason::FlowGuarded) - guarded, 3);
+}
+
+// ---- IPv6, mixed families, GUE ----
+
+fn backend6(i: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10 + i)
+}
+
+fn mac_of(ip: IpAddr) -> [u8; 6] {
+    match ip {
+        IpAddr::V4(a) => backend_mac(a),
+        IpAddr::V6(a) => [0x02, 0, 0, 0, 0x06, a.octets()[15]],
+    }
+}
+
+fn service_any(name: &str, forwarding: Forwarding, backends: &[IpAddr]) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        forwarding,
+        table_size: None,
+        flow_tracking: false,
+        backends: backends
+            .iter()
+            .map(|ip| {
+                (
+                    *ip,
+                    BackendSpec {
+                        weight: 1,
+                        mac: Some(mac_of(*ip)),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// Flow hash of a client packet, as the data plane computes it.
+fn hash_of(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> u32 {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => flow_hash_v4(
+            u32::from_ne_bytes(s.octets()),
+            u32::from_ne_bytes(d.octets()),
+            sport.to_be(),
+            dport.to_be(),
+            proto,
+        ),
+        (IpAddr::V6(s), IpAddr::V6(d)) => flow_hash_v6(
+            &s.octets(),
+            &d.octets(),
+            sport.to_be(),
+            dport.to_be(),
+            proto,
+        ),
+        _ => unreachable!("mixed-family 5-tuple"),
+    }
+}
+
+impl Fixture {
+    fn expected_backend_any(
+        &self,
+        src: IpAddr,
+        vip: IpAddr,
+        proto: Protocol,
+        sport: u16,
+        dport: u16,
+    ) -> IpAddr {
+        let key = sync::service_key(&ServiceAddr {
+            vip,
+            port: dport,
+            protocol: proto,
+        });
+        let svc = self.snapshot.services[&key];
+        let table = self.dataplane.table(&svc).unwrap();
+        let h = hash_of(src, vip, sport, dport, proto.number());
+        let b = self.snapshot.backends[&table[(h % svc.table_size) as usize]];
+        sync::ip_from_bytes(&b.addr_be, b.family).unwrap()
+    }
+}
+
+/// The frame encapsulation must produce, built independently: L2 (VLAN kept), outer IPv4 or
+/// IPv6 header, UDP header for GUE, then the client's IP packet byte for byte.
+fn encap_expected(input: &[u8], l3_off: usize, backend: IpAddr, gue: bool, hash: u32) -> Vec<u8> {
+    let inner = &input[l3_off..];
+    let (inner_len, tos, inner_proto, df) = if inner[0] >> 4 == 4 {
+        (
+            u16::from_be_bytes([inner[2], inner[3]]) as usize,
+            inner[1],
+            4u8,
+            inner[6] & 0x40,
+        )
+    } else {
+        (
+            40 + u16::from_be_bytes([inner[4], inner[5]]) as usize,
+            (inner[0] << 4) | (inner[1] >> 4),
+            41u8,
+            0x40,
+        )
+    };
+    let inner = &inner[..inner_len];
+    let udp_len = if gue { 8 } else { 0 };
+    let mut out = Vec::new();
+    out.extend_from_slice(&mac_of(backend));
+    out.extend_from_slice(&LB_MAC);
+    match backend {
+        IpAddr::V4(b) => {
+            out.extend_from_slice(&input[12..l3_off - 2]);
+            out.extend_from_slice(&[0x08, 0x00]);
+            let mut h = vec![0x45, tos];
+            h.extend_from_slice(&((inner_len + 20 + udp_len) as u16).to_be_bytes());
+            h.extend_from_slice(&[0, 0, df, 0, 64, if gue { 17 } else { inner_proto }, 0, 0]);
+            h.extend_from_slice(&ENCAP_SRC.octets());
+            h.extend_from_slice(&b.octets());
+            let c = ipv4_checksum(&h);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            out.extend_from_slice(&h);
+        }
+        IpAddr::V6(b) => {
+            out.extend_from_slice(&input[12..l3_off - 2]);
+            out.extend_from_slice(&[0x86, 0xdd]);
+            let label = hash & 0xf_ffff;
+            let first = (6u32 << 28) | (u32::from(tos) << 20) | label;
+            out.extend_from_slice(&first.to_be_bytes());
+            out.extend_from_slice(&((inner_len + udp_len) as u16).to_be_bytes());
+            out.extend_from_slice(&[if gue { 17 } else { inner_proto }, 64]);
+            out.extend_from_slice(&ENCAP_SRC6.octets());
+            out.extend_from_slice(&b.octets());
+        }
+    }
+    if gue {
+        out.extend_from_slice(&gue_source_port(hash).to_be_bytes());
+        out.extend_from_slice(&6080u16.to_be_bytes());
+        out.extend_from_slice(&((inner_len + 8) as u16).to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+    }
+    out.extend_from_slice(inner);
+    out
+}
+
+fn udp6_to(dst: Ipv6Addr, sport: u16, dport: u16) -> PacketBuilder {
+    PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv6(CLIENT6, dst)
+        .udp(sport, dport, b"hello v6")
+}
+
+/// Insert an IPv6 extension header (type `kind`, `body` after the next-header byte, padded
+/// by the caller to a multiple of 8 with the length byte) right after the fixed header.
+fn with_ext(frame: &[u8], l3_off: usize, kind: u8, ext: &[u8]) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let next = f[l3_off + 6];
+    f[l3_off + 6] = kind;
+    let plen = u16::from_be_bytes([f[l3_off + 4], f[l3_off + 5]]) + ext.len() as u16;
+    f[l3_off + 4..l3_off + 6].copy_from_slice(&plen.to_be_bytes());
+    let mut e = ext.to_vec();
+    e[0] = next;
+    f.splice(l3_off + 40..l3_off + 40, e);
+    f
+}
+
+const P6_IPIP: u16 = 53;
+const P6_TO_V4: u16 = 54;
+const P4_TO_V6: u16 = 56;
+const P_GUE: u16 = 57;
+const P6_L2: u16 = 58;
+
+fn mixed_fixture() -> Fixture {
+    let mut f = fixture();
+    let mut desired = f.desired.clone();
+    let v6: Vec<IpAddr> = (1..=3).map(|i| IpAddr::V6(backend6(i))).collect();
+    let v4: Vec<IpAddr> = (1..=3).map(|i| IpAddr::V4(backend_ip(i))).collect();
+    let a6 = |port, protocol| ServiceAddr {
+        vip: IpAddr::V6(VIP6),
+        port,
+        protocol,
+    };
+    let a4 = |port, protocol| ServiceAddr {
+        vip: IpAddr::V4(VIP),
+        port,
+        protocol,
+    };
+    desired.services.insert(
+        a6(P6_IPIP, Protocol::Udp),
+        service_any("ip6ip6", Forwarding::Ipip, &v6),
+    );
+    desired.services.insert(
+        a6(P6_IPIP, Protocol::Tcp),
+        service_any("ip6ip6-tcp", Forwarding::Ipip, &v6),
+    );
+    desired.services.insert(
+        a6(P6_TO_V4, Protocol::Udp),
+        service_any("6in4", Forwarding::Ipip, &v4),
+    );
+    desired.services.insert(
+        a4(P4_TO_V6, Protocol::Udp),
+        service_any("4in6", Forwarding::Ipip, &v6),
+    );
+    desired.services.insert(
+        a4(P_GUE, Protocol::Udp),
+        service_any("gue4", Forwarding::Gue, &v4),
+    );
+    desired.services.insert(
+        a4(P_GUE, Protocol::Tcp),
+        service_any("gue4-tcp", Forwarding::Gue, &v6),
+    );
+    desired.services.insert(
+        a6(P_GUE, Protocol::Udp),
+        service_any("gue6", Forwarding::Gue, &v6),
+    );
+    desired.services.insert(
+        a6(P6_L2, Protocol::Udp),
+        service_any("l2-v6", Forwarding::L2, &v6),
+    );
+    f.program(desired);
+    f
+}
+
+/// (name, input, l3 offset, client, vip, protocol, source port, destination port, gue)
+struct MixedCase(
+    &'static str,
+    Vec<u8>,
+    usize,
+    IpAddr,
+    IpAddr,
+    Protocol,
+    u16,
+    u16,
+    bool,
+);
+
+#[test]
+fn ipv6_mixed_family_and_gue_cases_produce_exact_frames() {
+    let mut f = mixed_fixture();
+    let c4 = IpAddr::V4(CLIENT);
+    let c6 = IpAddr::V6(CLIENT6);
+    let (v4, v6) = (IpAddr::V4(VIP), IpAddr::V6(VIP6));
+    let tcp6 = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv6(CLIENT6, VIP6)
+        .tcp(
+            Tcp {
+                sport: 41000,
+                dport: P6_IPIP,
+                flags: tcp_flags::SYN,
+                ..Tcp::default()
+            },
+            b"",
+        )
+        .build();
+    let tcp4_gue = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv4(CLIENT, VIP)
+        .dont_fragment()
+        .tcp(
+            Tcp {
+                sport: 41001,
+                dport: P_GUE,
+                flags: tcp_flags::ACK,
+                ..Tcp::default()
+            },
+            b"data",
+        )
+        .build();
+    let cases: Vec<MixedCase> = vec![
+        MixedCase(
+            "ip6ip6 udp",
+            udp6_to(VIP6, 41002, P6_IPIP).build(),
+            14,
+            c6,
+            v6,
+            Protocol::Udp,
+            41002,
+            P6_IPIP,
+            false,
+        ),
+        MixedCase(
+            "ip6ip6 tcp",
+            tcp6,
+            14,
+            c6,
+            v6,
+            Protocol::Tcp,
+            41000,
+            P6_IPIP,
+            false,
+        ),
+        MixedCase(
+            "ip6ip6 vlan",
+            udp6_to(VIP6, 41003, P6_IPIP).vlan(5).build(),
+            18,
+            c6,
+            v6,
+            Protocol::Udp,
+            41003,
+            P6_IPIP,
+            false,
+        ),
+        MixedCase(
+            "6in4",
+            udp6_to(VIP6, 41004, P6_TO_V4).tos(0x2e).build(),
+            14,
+            c6,
+            v6,
+            Protocol::Udp,
+            41004,
+            P6_TO_V4,
+            false,
+        ),
+        MixedCase(
+            "4in6",
+            udp_to(VIP, 41005, P4_TO_V6).tos(0xb8).build(),
+            14,
+            c4,
+            v4,
+            Protocol::Udp,
+            41005,
+            P4_TO_V6,
+            false,
+        ),
+        MixedCase(
+            "gue over ipv4",
+            udp_to(VIP, 41006, P_GUE).build(),
+            14,
+            c4,
+            v4,
+            Protocol::Udp,
+            41006,
+            P_GUE,
+            true,
+        ),
+        MixedCase(
+            "gue 4in6 tcp",
+            tcp4_gue,
+            14,
+            c4,
+            v4,
+            Protocol::Tcp,
+            41001,
+            P_GUE,
+            true,
+        ),
+        MixedCase(
+            "gue over ipv6",
+            udp6_to(VIP6, 41007, P_GUE).build(),
+            14,
+            c6,
+            v6,
+            Protocol::Udp,
+            41007,
+            P_GUE,
+            true,
+        ),
+        MixedCase(
+            "ipv6 hop-by-hop + dstopts",
+            with_ext(
+                &with_ext(
+                    &udp6_to(VIP6, 41008, P6_IPIP).build(),
+                    14,
+                    60,
+                    &[0, 0, 1, 4, 0, 0, 0, 0],
+                ),
+                14,
+                0,
+                &[0, 0, 1, 4, 0, 0, 0, 0],
+            ),
+            14,
+            c6,
+            v6,
+            Protocol::Udp,
+            41008,
+            P6_IPIP,
+            false,
+        ),
+        MixedCase(
+            "ipv6 atomic fragment",
+            with_ext(
+                &udp6_to(VIP6, 41009, P6_IPIP).build(),
+                14,
+                44,
+                &[0, 0, 0, 0, 0, 0, 0, 7],
+            ),
+            14,
+            c6,
+            v6,
+            Protocol::Udp,
+            41009,
+            P6_IPIP,
+            false,
+        ),
+    ];
+    for MixedCase(name, input, l3_off, client, vip, proto, sport, dport, gue) in &cases {
+        let backend = f.expected_backend_any(*client, *vip, *proto, *sport, *dport);
+        let hash = hash_of(*client, *vip, *sport, *dport, proto.number());
+        let expected = encap_expected(input, *l3_off, backend, *gue, hash);
+        let got = f.run(maps::PROG_LB, input);
+        assert_frame(name, got, XDP_TX, &expected);
+        // The outer IPv4 header checksum is right (independently of the builder above).
+        let out = encap_expected(input, *l3_off, backend, *gue, hash);
+        if backend.is_ipv4() {
+            assert!(
+                lb_testkit::verify_ipv4_header_checksum(&out[*l3_off..*l3_off + 20]),
+                "{name}"
+            );
+        }
+    }
+    // L2 rewrite of IPv6.
+    let input = udp6_to(VIP6, 41010, P6_L2).build();
+    let backend = f.expected_backend_any(c6, v6, Protocol::Udp, 41010, P6_L2);
+    let mut expected = input.clone();
+    expected[..6].copy_from_slice(&mac_of(backend));
+    expected[6..12].copy_from_slice(&LB_MAC);
+    assert_frame("l2 ipv6", f.run(maps::PROG_LB, &input), XDP_TX, &expected);
+}
+
+#[test]
+fn ipv6_packets_that_are_not_ours_pass_untouched() {
+    let mut f = mixed_fixture();
+    let other = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x101);
+    let frag = with_ext(
+        &udp6_to(VIP6, 41000, P6_IPIP).build(),
+        14,
+        44,
+        &[0, 0, 0, 1, 0, 0, 0, 7],
+    );
+    let later_frag = with_ext(
+        &udp6_to(VIP6, 41000, P6_IPIP).build(),
+        14,
+        44,
+        &[0, 0, 0, 0x10, 0, 0, 0, 7],
+    );
+    let esp = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv6(CLIENT6, VIP6)
+        .raw(50, &[0; 16])
+        .build();
+    let icmp6 = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv6(CLIENT6, VIP6)
+        .raw(58, &[128, 0, 0, 0, 0, 1, 0, 1])
+        .build();
+    let mut bad_len = udp6_to(VIP6, 41000, P6_IPIP).build();
+    bad_len[18..20].copy_from_slice(&500u16.to_be_bytes());
+    let mut zero_len = udp6_to(VIP6, 41000, P6_IPIP).build();
+    zero_len[18..20].copy_from_slice(&0u16.to_be_bytes());
+    // Five extension headers: more than the parser follows.
+    let mut deep = udp6_to(VIP6, 41000, P6_IPIP).build();
+    for _ in 0..5 {
+        deep = with_ext(&deep, 14, 60, &[0, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    let cases: Vec<(&str, Vec<u8>, u32, Reason)> = vec![
+        (
+            "non-VIP v6",
+            udp6_to(other, 41000, P6_IPIP).build(),
+            XDP_PASS,
+            Reason::PassNotVip,
+        ),
+        (
+            "VIP v6 other port",
+            udp6_to(VIP6, 41000, 9).build(),
+            XDP_PASS,
+            Reason::PassNotVip,
+        ),
+        ("first fragment", frag, XDP_PASS, Reason::PassFragment),
+        ("later fragment", later_frag, XDP_PASS, Reason::PassFragment),
+        ("esp", esp, XDP_PASS, Reason::PassNotVip),
+        ("icmpv6 echo", icmp6, XDP_PASS, Reason::PassNotVip),
+        (
+            "payload length beyond frame",
+            bad_len,
+            XDP_PASS,
+            Reason::PassMalformed,
+        ),
+        (
+            "payload length zero",
+            zero_len,
+            XDP_PASS,
+            Reason::PassMalformed,
+        ),
+        (
+            "too many extension headers",
+            deep,
+            XDP_PASS,
+            Reason::PassNotVip,
+        ),
+    ];
+    for (name, input, action, reason) in cases {
+        let before = f.reason(reason);
+        assert_frame(name, f.run(maps::PROG_LB, &input), action, &input);
+        assert_eq!(
+            f.reason(reason) - before,
+            1,
+            "{name}: counted as {}",
+            reason.name()
+        );
+    }
+    // Truncated at every length inside the headers.
+    let full = with_ext(
+        &udp6_to(VIP6, 41000, P6_IPIP).build(),
+        14,
+        0,
+        &[0, 0, 1, 4, 0, 0, 0, 0],
+    );
+    for len in 14..14 + 40 + 8 + 8 {
+        let input = &full[..len];
+        assert_frame(
+            &format!("v6 cut at {len}"),
+            f.run(maps::PROG_LB, input),
+            XDP_PASS,
+            input,
+        );
+    }
+}
+
+#[test]
+fn decap_handles_every_encapsulation() {
+    let mut f = mixed_fixture();
+    // The decap program reads the GUE port from LB_CONFIG, which the fixture wrote (6080).
+    let inputs = [
+        (udp_to(VIP, 42000, 1).build(), IpAddr::V4(backend_ip(1))),
+        (udp_to(VIP, 42001, 1).build(), IpAddr::V6(backend6(1))),
+        (udp6_to(VIP6, 42002, 1).build(), IpAddr::V6(backend6(2))),
+        (udp6_to(VIP6, 42003, 1).build(), IpAddr::V4(backend_ip(2))),
+        (
+            udp6_to(VIP6, 42004, 1).vlan(3).build(),
+            IpAddr::V4(backend_ip(2)),
+        ),
+    ];
+    for (input, backend) in &inputs {
+        let l3_off = if input[12..14] == [0x81, 0x00] {
+            18
+        } else {
+            14
+        };
+        for gue in [false, true] {
+            let encapsulated = encap_expected(input, l3_off, *backend, gue, 0x1234_5678);
+            let (a, out) = f.run(maps::PROG_DECAP, &encapsulated);
+            let mut expected = encapsulated[..l3_off].to_vec();
+            expected[l3_off - 2..l3_off].copy_from_slice(&input[l3_off - 2..l3_off]);
+            expected.extend_from_slice(&input[l3_off..]);
+            assert_frame(
+                &format!("decap {backend} gue={gue}"),
+                (a, out),
+                XDP_PASS,
+                &expected,
+            );
+        }
+    }
+    // GUE variant 0: a 4-byte GUE header (plus one option word) before the inner packet.
+    let inner = udp_to(VIP, 42005, 1).build();
+    let mut v0 = encap_expected(&inner, 14, IpAddr::V4(backend_ip(1)), true, 7);
+    v0.splice(
+        14 + 20 + 8..14 + 20 + 8,
+        [0x01, 4, 0, 0, 0xaa, 0xbb, 0xcc, 0xdd],
+    );
+    let (a, out) = f.run(maps::PROG_DECAP, &v0);
+    let mut expected = inner[..14].to_vec();
+    expected[..12].copy_from_slice(&v0[..12]);
+    expected.extend_from_slice(&inner[14..]);
+    assert_frame("decap gue variant 0", (a, out), XDP_PASS, &expected);
+    // UDP to another port, and a GUE control message: untouched.
+    let other_port = udp_to(backend_ip(1), 42006, 6081).build();
+    assert_frame(
+        "udp, not gue",
+        f.run(maps::PROG_DECAP, &other_port),
+        XDP_PASS,
+        &other_port,
+    );
+    let mut control = encap_expected(&inner, 14, IpAddr::V4(backend_ip(1)), true, 7);
+    control.splice(14 + 28..14 + 28, [0x20, 0, 0, 0]);
+    assert_frame(
+        "gue control",
+        f.run(maps::PROG_DECAP, &control),
+        XDP_PASS,
+        &control,
+    );
 }

@@ -45,6 +45,45 @@ pub const fn flow_hash_v4(
     fmix32(h ^ 13)
 }
 
+/// Hash of an IPv6 5-tuple, on the same terms as [`flow_hash_v4`] (bytes as in the packet).
+#[inline(always)]
+pub fn flow_hash_v6(
+    src_be: &[u8; 16],
+    dst_be: &[u8; 16],
+    sport_be: u16,
+    dport_be: u16,
+    proto: u8,
+) -> u32 {
+    let mut h = SEED ^ 0x6;
+    let mut i = 0;
+    while i < 16 {
+        h = mix(
+            h,
+            u32::from_ne_bytes([src_be[i], src_be[i + 1], src_be[i + 2], src_be[i + 3]]),
+        );
+        i += 4;
+    }
+    let mut i = 0;
+    while i < 16 {
+        h = mix(
+            h,
+            u32::from_ne_bytes([dst_be[i], dst_be[i + 1], dst_be[i + 2], dst_be[i + 3]]),
+        );
+        i += 4;
+    }
+    h = mix(h, ((sport_be as u32) << 16) | dport_be as u32);
+    h = mix(h, proto as u32);
+    fmix32(h ^ 37)
+}
+
+/// UDP source port of a GUE packet: the flow hash folded into the dynamic range
+/// 49152-65535, so routers hashing the outer header spread flows (and keep each one on a
+/// path).
+#[inline(always)]
+pub const fn gue_source_port(flow_hash: u32) -> u16 {
+    0xc000 | ((flow_hash ^ (flow_hash >> 16)) as u16 & 0x3fff)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,6 +96,30 @@ mod tests {
         assert_ne!(base, flow_hash_v4(1, 2, 9, 4, 17));
         assert_ne!(base, flow_hash_v4(1, 2, 3, 9, 17));
         assert_ne!(base, flow_hash_v4(1, 2, 3, 4, 6));
+    }
+
+    #[test]
+    fn v6_hash_depends_on_every_byte() {
+        let a = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let b = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let base = flow_hash_v6(&a, &b, 1, 2, 17);
+        for i in 0..16 {
+            let mut x = a;
+            x[i] ^= 0x80;
+            assert_ne!(base, flow_hash_v6(&x, &b, 1, 2, 17), "src byte {i}");
+            let mut y = b;
+            y[i] ^= 0x80;
+            assert_ne!(base, flow_hash_v6(&a, &y, 1, 2, 17), "dst byte {i}");
+        }
+        assert_ne!(base, flow_hash_v6(&a, &b, 1, 3, 17));
+    }
+
+    #[test]
+    fn gue_ports_stay_in_the_dynamic_range() {
+        for h in [0u32, 1, 0xffff, 0xdead_beef, u32::MAX] {
+            assert!(gue_source_port(h) >= 0xc000);
+        }
+        assert_ne!(gue_source_port(0x1234_5678), gue_source_port(0x1234_5679));
     }
 
     #[test]

@@ -4,11 +4,11 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
-    /// Not IPv4 (ARP, IPv6 for now, LLDP, ...): passed untouched.
+    /// Not IP (ARP, LLDP, ...): passed untouched.
     PassNotIp = 0,
-    /// IPv4 but not TCP/UDP to a configured VIP and port: passed untouched.
+    /// IP but not TCP/UDP to a configured VIP and port: passed untouched.
     PassNotVip = 1,
-    /// IPv4 fragment: not balanced yet, passed to the stack.
+    /// IP fragment: not balanced yet, passed to the stack.
     PassFragment = 2,
     /// Header shorter than it claims to be, cut off by the end of the frame, or otherwise
     /// not parseable: the stack decides what to do with it.
@@ -27,18 +27,21 @@ pub enum Reason {
     DecapPass = 9,
     /// The service names a forwarding mode this program does not know.
     DropBadForwarding = 10,
-    /// A packet followed a remembered flow.
-    FlowHit = 11,
-    /// A new flow was remembered.
-    FlowCreated = 12,
+    /// A new flow was remembered. (Packets that followed a remembered flow are the
+    /// service's packets minus its new flows.)
+    FlowCreated = 11,
     /// The flood guard declined to remember a new flow (it was still forwarded).
-    FlowGuarded = 13,
+    FlowGuarded = 12,
     /// A remembered flow's backend left its service: the flow was decided afresh.
-    FlowRerouted = 14,
+    FlowRerouted = 13,
+    /// Forwarded with an outer IP and UDP header (GUE).
+    TxGue = 14,
+    /// The encapsulated packet would exceed the largest IP packet.
+    DropTooBig = 15,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -53,10 +56,11 @@ impl Reason {
         Reason::TxL2,
         Reason::DecapPass,
         Reason::DropBadForwarding,
-        Reason::FlowHit,
         Reason::FlowCreated,
         Reason::FlowGuarded,
         Reason::FlowRerouted,
+        Reason::TxGue,
+        Reason::DropTooBig,
     ];
 
     /// Stable snake_case name, used by `lb-agent status` and metrics.
@@ -73,10 +77,11 @@ impl Reason {
             Reason::TxL2 => "tx_l2",
             Reason::DecapPass => "decap_pass",
             Reason::DropBadForwarding => "drop_bad_forwarding",
-            Reason::FlowHit => "flow_hit",
             Reason::FlowCreated => "flow_created",
             Reason::FlowGuarded => "flow_guarded",
             Reason::FlowRerouted => "flow_rerouted",
+            Reason::TxGue => "tx_gue",
+            Reason::DropTooBig => "drop_too_big",
         }
     }
 }

@@ -6,6 +6,12 @@ use core::mem::size_of;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_IPIP: u8 = 4;
+/// IPv6 encapsulated in IPv4 or IPv6 (`41`).
+pub const PROTO_IPV6: u8 = 41;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
+/// Default UDP port of GUE encapsulation.
+pub const DEFAULT_GUE_PORT: u16 = 6080;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
@@ -14,10 +20,14 @@ pub const FAMILY_V6: u8 = 6;
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Forwarding {
-    /// Outer IPv4 header (protocol 4) from the node's encapsulation source to the backend.
+    /// IP-in-IP: an outer IP header of the backend's family from the node's encapsulation
+    /// source to the backend (IPIP, IP6IP6, 4in6 or 6in4).
     Ipip = 1,
     /// Rewrite the Ethernet addresses only; the backend must be on the same L2 segment.
     L2 = 2,
+    /// Outer IP + UDP to the node's GUE port, the inner IP packet right after the UDP header
+    /// (GUE variant 1, as Linux FOU); the UDP source port carries the flow hash for ECMP.
+    Gue = 3,
 }
 
 impl Forwarding {
@@ -25,6 +35,7 @@ impl Forwarding {
         match v {
             1 => Some(Forwarding::Ipip),
             2 => Some(Forwarding::L2),
+            3 => Some(Forwarding::Gue),
             _ => None,
         }
     }
@@ -33,6 +44,7 @@ impl Forwarding {
         match self {
             Forwarding::Ipip => "ipip",
             Forwarding::L2 => "l2",
+            Forwarding::Gue => "gue",
         }
     }
 }
@@ -150,9 +162,28 @@ pub struct NodeConfig {
     /// Flood guard: at most this many new flow-table entries per second on each CPU; past
     /// it, new flows are still forwarded by Maglev, just not remembered.
     pub new_flows_per_cpu_s: u32,
-    pub _pad2: [u8; 4],
+    /// Destination port of GUE packets.
+    pub gue_port_be: u16,
+    pub _pad2: [u8; 2],
+    /// Source address of outer IPv6 headers (all zero: no IPv6 encapsulation possible).
+    pub encap_src_v6_be: [u8; 16],
 }
-const _: () = assert!(size_of::<NodeConfig>() == 32);
+const _: () = assert!(size_of::<NodeConfig>() == 48);
+
+impl NodeConfig {
+    pub const EMPTY: NodeConfig = NodeConfig {
+        mac: [0; 6],
+        _pad: [0; 2],
+        encap_src_v4_be: [0; 4],
+        flags: 0,
+        tcp_idle_s: 0,
+        udp_idle_s: 0,
+        new_flows_per_cpu_s: 0,
+        gue_port_be: 0,
+        _pad2: [0; 2],
+        encap_src_v6_be: [0; 16],
+    };
+}
 
 /// Flow key: the 5-tuple as in the packet. IPv4 addresses occupy the first four bytes.
 #[repr(C)]

@@ -1,53 +1,115 @@
-//! Backend side: remove the outer IPv4 header of IPIP packets and hand the inner packet to
-//! the stack, so no ipip kernel module is needed.
+//! Backend side: remove the outer headers of IP-in-IP (IPIP, IP6IP6, 4in6, 6in4) and GUE
+//! packets and hand the inner packet to the stack, so no tunnel kernel module is needed.
+//!
+//! GUE is recognised by the UDP destination port in `LB_CONFIG[0].gue_port_be` (set by
+//! `lb-agent decap --gue-port`); both GUE variant 1 (the IP packet right after UDP, as the
+//! load balancer sends it and Linux FOU does) and variant 0 (a GUE header first) are
+//! accepted. A GUE control message, or anything that is not a tunnel packet, is passed
+//! untouched.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{PROTO_IPIP, Reason};
+use lb_common::{CONFIG_F_VALID, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, Reason};
 use network_types::{
     eth::{EthHdr, EtherType},
-    ip::Ipv4Hdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    udp::UdpHdr,
+    vlan::VlanHdr,
 };
 
 use crate::{
     Verdict,
-    parse::{parse_l2, ptr_at},
+    maps::LB_CONFIG,
+    parse::{L2, parse_l2, ptr_at},
 };
+
+/// The node's GUE port (network byte order), or 0 when GUE decapsulation is off.
+#[inline(always)]
+fn gue_port_be() -> u16 {
+    match LB_CONFIG.get(0) {
+        Some(c) if c.flags & CONFIG_F_VALID != 0 => c.gue_port_be,
+        _ => 0,
+    }
+}
+
+/// Length of the outer IP header and what follows it (`Err`: not a tunnel packet).
+#[inline(always)]
+fn outer_ip(ctx: &XdpContext, l2: &L2) -> Result<(usize, u8), Verdict> {
+    let l3 = l2.l3_off;
+    if l2.ether_type == EtherType::Ipv4 as u16 {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(Reason::PassMalformed))?;
+        // SAFETY: `ptr_at` checked bounds.
+        let (vihl, proto, frags) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).frags) };
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+            return Err(Verdict::pass(Reason::PassMalformed));
+        }
+        // A fragmented outer packet must be reassembled by the stack first.
+        if frags[0] & 0x3f != 0 || frags[1] != 0 {
+            return Err(Verdict::pass(Reason::PassFragment));
+        }
+        Ok((ihl, proto))
+    } else if l2.ether_type == EtherType::Ipv6 as u16 {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(Reason::PassMalformed))?;
+        // SAFETY: `ptr_at` checked bounds.
+        let (v, next) = unsafe { ((*ip).vcf[0] >> 4, (*ip).next_hdr) };
+        if v != 6 {
+            return Err(Verdict::pass(Reason::PassMalformed));
+        }
+        Ok((Ipv6Hdr::LEN, next))
+    } else {
+        Err(Verdict::pass(Reason::PassNotIp))
+    }
+}
+
+/// Bytes to strip after the outer IP header of a GUE packet (UDP and any GUE header).
+#[inline(always)]
+fn gue(ctx: &XdpContext, off: usize) -> Result<usize, Verdict> {
+    let port = gue_port_be();
+    let udp: *const UdpHdr = ptr_at(ctx, off).ok_or(Verdict::pass(Reason::PassMalformed))?;
+    // SAFETY: `ptr_at` checked bounds.
+    let dport = u16::from_ne_bytes(unsafe { (*udp).dst });
+    if port == 0 || dport != port {
+        return Err(Verdict::pass(Reason::PassNotVip));
+    }
+    let first: *const [u8; 2] =
+        ptr_at(ctx, off + UdpHdr::LEN).ok_or(Verdict::pass(Reason::PassMalformed))?;
+    // SAFETY: `ptr_at` checked bounds.
+    let b = unsafe { *first };
+    match b[0] >> 6 {
+        // Variant 1: the IP header itself.
+        0b01 => Ok(UdpHdr::LEN),
+        // Variant 0 data message: 4-byte header plus hlen words of options.
+        0b00 if b[0] & 0x20 == 0 => Ok(UdpHdr::LEN + 4 + (b[0] & 0x1f) as usize * 4),
+        _ => Err(Verdict::pass(Reason::PassNotVip)),
+    }
+}
 
 #[inline(always)]
 pub fn try_decap(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let l2 = parse_l2(ctx).ok_or(Verdict::pass(Reason::PassMalformed))?;
-    if l2.ether_type != EtherType::Ipv4 as u16 {
-        return Err(Verdict::pass(Reason::PassNotIp));
-    }
-    let ip: *const Ipv4Hdr = ptr_at(ctx, l2.l3_off).ok_or(Verdict::pass(Reason::PassMalformed))?;
-    // SAFETY: `ptr_at` checked bounds.
-    let (vihl, proto, frags) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).frags) };
-    if proto != PROTO_IPIP {
-        return Err(Verdict::pass(Reason::PassNotVip));
-    }
-    // A fragmented outer packet must be reassembled by the stack first.
-    if frags[0] & 0x3f != 0 || frags[1] != 0 {
-        return Err(Verdict::pass(Reason::PassFragment));
-    }
-    let ihl = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
-        return Err(Verdict::pass(Reason::PassMalformed));
-    }
-    // The inner header must at least start with an IPv4 version nibble.
+    let (ip_len, proto) = outer_ip(ctx, &l2)?;
+    let strip = match proto {
+        PROTO_IPIP | PROTO_IPV6 => ip_len,
+        PROTO_UDP => ip_len + gue(ctx, l2.l3_off + ip_len)?,
+        _ => return Err(Verdict::pass(Reason::PassNotVip)),
+    };
+    // The inner packet decides the new ethertype; it must agree with an IP-in-IP protocol.
     let inner: *const u8 =
-        ptr_at(ctx, l2.l3_off + ihl).ok_or(Verdict::pass(Reason::PassMalformed))?;
+        ptr_at(ctx, l2.l3_off + strip).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // SAFETY: `ptr_at` checked bounds.
-    if unsafe { *inner } >> 4 != 4 {
-        return Err(Verdict::pass(Reason::PassMalformed));
-    }
+    let version = unsafe { *inner } >> 4;
+    let ether_type = match (version, proto) {
+        (4, PROTO_IPIP | PROTO_UDP) => EtherType::Ipv4 as u16,
+        (6, PROTO_IPV6 | PROTO_UDP) => EtherType::Ipv6 as u16,
+        _ => return Err(Verdict::pass(Reason::PassMalformed)),
+    };
 
-    // Keep the L2 header, move it forward over the outer IP header.
+    // Keep the L2 header, moved forward over the outer headers.
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // SAFETY: `ptr_at` checked bounds.
     let (dst, src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
-    let vlan_tci = l2.vlan_tci;
     // SAFETY: helper call on our own context; every pointer is re-derived afterwards.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, ihl as i32) } != 0 {
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip as i32) } != 0 {
         return Err(Verdict::pass(Reason::PassMalformed));
     }
     let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Reason::PassMalformed))?;
@@ -56,16 +118,16 @@ pub fn try_decap(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         (*eth).dst_addr = dst;
         (*eth).src_addr = src;
     }
-    match vlan_tci {
-        None => unsafe { (*eth).ether_type = EtherType::Ipv4 as u16 },
+    match l2.vlan_tci {
+        None => unsafe { (*eth).ether_type = ether_type },
         Some(tci) => {
-            let vlan: *mut network_types::vlan::VlanHdr =
+            let vlan: *mut VlanHdr =
                 ptr_at(ctx, EthHdr::LEN).ok_or(Verdict::drop(Reason::PassMalformed))?;
             // SAFETY: as above.
             unsafe {
                 (*eth).ether_type = EtherType::Ieee8021q as u16;
                 (*vlan).tci = tci;
-                (*vlan).ether_type = EtherType::Ipv4 as u16;
+                (*vlan).ether_type = ether_type;
             }
         }
     }

@@ -15,7 +15,7 @@ use aya_ebpf::{
     macros::xdp,
     programs::XdpContext,
 };
-use lb_common::{Forwarding, Reason};
+use lb_common::{FAMILY_V4, Forwarding, Reason};
 
 /// What to do with a packet, and the counter that explains it.
 pub(crate) struct Verdict {
@@ -56,16 +56,27 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 }
 
 fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let pkt = parse::parse_v4(ctx)?;
-    let service = select::service_v4(&pkt)?;
+    let pkt = parse::parse(ctx)?;
+    let service = select::service(&pkt)?;
     let cfg = encap::node_config()?;
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let sel = select::select_v4(&pkt, service, &cfg, len)?;
+    let sel = select::select(&pkt, service, &cfg, len)?;
     stats::count_service(sel.service.id, len, sel.new_flow);
     stats::count_backend(sel.backend_id, len);
     match Forwarding::from_u8(sel.service.forwarding) {
-        Some(Forwarding::Ipip) => encap::ipip_v4(ctx, &pkt, &sel.backend, &cfg),
         Some(Forwarding::L2) => encap::l2_rewrite(ctx, &pkt, &sel.backend, &cfg),
+        Some(Forwarding::Ipip) => {
+            // Only an IPv6 outer header uses the hash (flow label).
+            let hash = if sel.backend.family == FAMILY_V4 {
+                0
+            } else {
+                select::flow_hash(&pkt)
+            };
+            encap::encapsulate(ctx, &pkt, &sel.backend, &cfg, false, hash)
+        }
+        Some(Forwarding::Gue) => {
+            encap::encapsulate(ctx, &pkt, &sel.backend, &cfg, true, select::flow_hash(&pkt))
+        }
         None => Err(Verdict::drop(Reason::DropBadForwarding)),
     }
 }

@@ -9,13 +9,14 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BackendValue, FAMILY_V4, FlowKey, FlowValue, NodeConfig, PROTO_TCP, Reason,
-    SERVICE_F_FLOW_TRACKING, ServiceKey, ServiceValue, hash::flow_hash_v4,
+    SERVICE_F_FLOW_TRACKING, ServiceKey, ServiceValue,
+    hash::{flow_hash_v4, flow_hash_v6},
 };
 
 use crate::{
     Verdict,
     maps::{LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_SERVICES},
-    parse::PacketV4,
+    parse::Packet,
     stats,
 };
 
@@ -34,8 +35,13 @@ pub struct Selected {
 
 /// The service a packet is addressed to; `Err(pass)` when it is not a VIP.
 #[inline(always)]
-pub fn service_v4(pkt: &PacketV4) -> Result<ServiceValue, Verdict> {
-    let key = ServiceKey::v4(pkt.dst_be, u16::from_ne_bytes(pkt.dport_be), pkt.proto);
+pub fn service(pkt: &Packet) -> Result<ServiceValue, Verdict> {
+    let key = ServiceKey {
+        addr_be: pkt.dst_be,
+        port_be: u16::from_ne_bytes(pkt.dport_be),
+        proto: pkt.proto,
+        family: pkt.family,
+    };
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
     unsafe { LB_SERVICES.get(&key) }
         .copied()
@@ -48,18 +54,34 @@ fn backend_of(id: u32, service: &ServiceValue) -> Option<BackendValue> {
     (b.is_valid() && b.service_id == service.id).then_some(b)
 }
 
+/// The flow hash of a packet (the same function the agent and `lb-agent trace` use).
 #[inline(always)]
-fn maglev_v4(pkt: &PacketV4, service: &ServiceValue) -> Result<(u32, BackendValue), Verdict> {
+pub fn flow_hash(pkt: &Packet) -> u32 {
+    let (sport, dport) = (
+        u16::from_ne_bytes(pkt.sport_be),
+        u16::from_ne_bytes(pkt.dport_be),
+    );
+    if pkt.family == FAMILY_V4 {
+        let s = &pkt.src_be;
+        let d = &pkt.dst_be;
+        flow_hash_v4(
+            u32::from_ne_bytes([s[0], s[1], s[2], s[3]]),
+            u32::from_ne_bytes([d[0], d[1], d[2], d[3]]),
+            sport,
+            dport,
+            pkt.proto,
+        )
+    } else {
+        flow_hash_v6(&pkt.src_be, &pkt.dst_be, sport, dport, pkt.proto)
+    }
+}
+
+#[inline(always)]
+fn maglev(pkt: &Packet, service: &ServiceValue) -> Result<(u32, BackendValue), Verdict> {
     if service.table_size == 0 {
         return Err(Verdict::drop(Reason::DropNoBackend));
     }
-    let hash = flow_hash_v4(
-        u32::from_ne_bytes(pkt.src_be),
-        u32::from_ne_bytes(pkt.dst_be),
-        u16::from_ne_bytes(pkt.sport_be),
-        u16::from_ne_bytes(pkt.dport_be),
-        pkt.proto,
-    );
+    let hash = flow_hash(pkt);
     let slot = service.table_offset.wrapping_add(hash % service.table_size);
     let id = *LB_MAGLEV
         .get(slot)
@@ -69,19 +91,16 @@ fn maglev_v4(pkt: &PacketV4, service: &ServiceValue) -> Result<(u32, BackendValu
 }
 
 #[inline(always)]
-fn flow_key_v4(pkt: &PacketV4) -> FlowKey {
-    let mut key = FlowKey {
-        src_be: [0; 16],
-        dst_be: [0; 16],
+fn flow_key(pkt: &Packet) -> FlowKey {
+    FlowKey {
+        src_be: pkt.src_be,
+        dst_be: pkt.dst_be,
         sport_be: u16::from_ne_bytes(pkt.sport_be),
         dport_be: u16::from_ne_bytes(pkt.dport_be),
         proto: pkt.proto,
-        family: FAMILY_V4,
+        family: pkt.family,
         _pad: [0; 2],
-    };
-    key.src_be[..4].copy_from_slice(&pkt.src_be);
-    key.dst_be[..4].copy_from_slice(&pkt.dst_be);
-    key
+    }
 }
 
 /// May this CPU create another flow entry now? Counts the creation if so.
@@ -106,14 +125,14 @@ fn flood_guard_allows(now: u64, cfg: &NodeConfig) -> bool {
 
 /// Choose the backend for a packet of `service`.
 #[inline(always)]
-pub fn select_v4(
-    pkt: &PacketV4,
+pub fn select(
+    pkt: &Packet,
     service: ServiceValue,
     cfg: &NodeConfig,
     bytes: u64,
 ) -> Result<Selected, Verdict> {
     if service.flags & SERVICE_F_FLOW_TRACKING == 0 {
-        let (backend_id, backend) = maglev_v4(pkt, &service)?;
+        let (backend_id, backend) = maglev(pkt, &service)?;
         return Ok(Selected {
             service,
             backend_id,
@@ -121,7 +140,7 @@ pub fn select_v4(
             new_flow: true,
         });
     }
-    let key = flow_key_v4(pkt);
+    let key = flow_key(pkt);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if !pkt.tcp_syn
@@ -149,7 +168,7 @@ pub fn select_v4(
             stats::count_reason(Reason::FlowRerouted, bytes);
         }
     }
-    let (backend_id, backend) = maglev_v4(pkt, &service)?;
+    let (backend_id, backend) = maglev(pkt, &service)?;
     if flood_guard_allows(now, cfg) {
         let value = FlowValue {
             backend_id,

@@ -1,23 +1,18 @@
 //! IPv4 in front of TCP or UDP.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{PROTO_TCP, PROTO_UDP, Reason};
-use network_types::{eth::EtherType, ip::Ipv4Hdr};
+use lb_common::{FAMILY_V4, PROTO_TCP, PROTO_UDP, Reason};
+use network_types::ip::Ipv4Hdr;
 
-use super::{PacketV4, l4, parse_l2, ptr_at};
+use super::{L2, Packet, l4, ptr_at};
 use crate::Verdict;
 
 const IP_MF: u8 = 0x20;
 const IP_DF: u8 = 0x40;
 const IP_OFFSET_HI: u8 = 0x1f;
 
-/// Parse Ethernet/IPv4/(TCP|UDP). Anything else is not ours: `Err` with a pass verdict.
 #[inline(always)]
-pub fn parse_v4(ctx: &XdpContext) -> Result<PacketV4, Verdict> {
-    let l2 = parse_l2(ctx).ok_or(Verdict::pass(Reason::PassMalformed))?;
-    if l2.ether_type != EtherType::Ipv4 as u16 {
-        return Err(Verdict::pass(Reason::PassNotIp));
-    }
+pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Packet, Verdict> {
     let l3_off = l2.l3_off;
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // SAFETY: `ptr_at` checked that the fixed header lies inside the packet.
@@ -45,16 +40,21 @@ pub fn parse_v4(ctx: &XdpContext) -> Result<PacketV4, Verdict> {
     if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
         return Err(Verdict::pass(Reason::PassMalformed));
     }
-    Ok(PacketV4 {
+    let mut src_be = [0u8; 16];
+    let mut dst_be = [0u8; 16];
+    src_be[..4].copy_from_slice(&ip.src_addr);
+    dst_be[..4].copy_from_slice(&ip.dst_addr);
+    Ok(Packet {
         l2,
         l3_off,
-        src_be: ip.src_addr,
-        dst_be: ip.dst_addr,
+        family: FAMILY_V4,
+        src_be,
+        dst_be,
         sport_be,
         dport_be,
         proto,
         tos: ip.tos,
-        tot_len,
+        l3_len: tot_len,
         dont_fragment: ip.frags[0] & IP_DF != 0,
         tcp_syn,
     })

@@ -2,12 +2,16 @@
 
 mod eth;
 mod ipv4;
+mod ipv6;
 mod l4;
 
 pub use eth::{L2, parse_l2};
-pub use ipv4::parse_v4;
 
 use aya_ebpf::programs::XdpContext;
+use lb_common::Reason;
+use network_types::eth::EtherType;
+
+use crate::Verdict;
 
 /// A pointer to a `T` at `off` bytes into the packet, if the whole `T` lies inside it.
 #[inline(always)]
@@ -20,22 +24,40 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
-/// The parts of an IPv4 TCP/UDP packet the load balancer decides on. Addresses and ports
-/// stay in network byte order.
-pub struct PacketV4 {
+/// The parts of a TCP/UDP packet (IPv4 or IPv6) the load balancer decides on. Addresses and
+/// ports stay in network byte order; IPv4 addresses fill the first four bytes.
+pub struct Packet {
     pub l2: L2,
-    /// Offset of the IPv4 header.
+    /// Offset of the IP header.
     pub l3_off: usize,
-    pub src_be: [u8; 4],
-    pub dst_be: [u8; 4],
+    /// `FAMILY_V4` or `FAMILY_V6`.
+    pub family: u8,
+    pub src_be: [u8; 16],
+    pub dst_be: [u8; 16],
     pub sport_be: [u8; 2],
     pub dport_be: [u8; 2],
     pub proto: u8,
+    /// IPv4 TOS or IPv6 traffic class, copied into an outer header.
     pub tos: u8,
-    /// IPv4 total length (host order).
-    pub tot_len: u16,
-    /// The inner packet's DF bit, copied into an outer header.
+    /// Length of the whole IP packet, headers included (host order).
+    pub l3_len: u16,
+    /// IPv4 DF bit (always set for IPv6, which routers never fragment); copied into an
+    /// outer IPv4 header so PMTU discovery keeps working.
     pub dont_fragment: bool,
     /// A TCP SYN without ACK: the first packet of a connection.
     pub tcp_syn: bool,
+}
+
+/// Parse Ethernet, IPv4 or IPv6, TCP or UDP. Anything else is not ours: `Err` with a pass
+/// verdict, and the packet untouched.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
+    let l2 = parse_l2(ctx).ok_or(Verdict::pass(Reason::PassMalformed))?;
+    if l2.ether_type == EtherType::Ipv4 as u16 {
+        ipv4::parse(ctx, l2)
+    } else if l2.ether_type == EtherType::Ipv6 as u16 {
+        ipv6::parse(ctx, l2)
+    } else {
+        Err(Verdict::pass(Reason::PassNotIp))
+    }
 }

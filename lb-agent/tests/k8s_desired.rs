@@ -1,0 +1,531 @@
+//! Services + EndpointSlices → DesiredState, from API objects in the form the API server
+//! returns them (`tests/fixtures/k8s/<scenario>/{services,endpointslices}.json`, plus
+//! `nodes.json`): the same types and the same function a live watch feeds.
+
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
+
+use k8s_openapi::{
+    List, ListableResource,
+    api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    },
+    serde::de::DeserializeOwned,
+};
+use lb_agent::{
+    k8s::{K8sConfig, Warning, WarningReason, desired_state},
+    state::{DesiredState, Protocol, ServiceAddr, ServiceSpec},
+};
+use lb_common::Forwarding;
+
+fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/k8s")
+}
+
+fn read_list<T: ListableResource + DeserializeOwned>(rel: &str) -> Vec<T> {
+    let path = fixture_dir().join(rel);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let list: List<T> = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not a {}List: {e}", path.display(), T::KIND));
+    list.items
+}
+
+struct Snapshot {
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+    nodes: Vec<Node>,
+}
+
+fn snapshot(scenario: &str) -> Snapshot {
+    Snapshot {
+        services: read_list(&format!("{scenario}/services.json")),
+        slices: read_list(&format!("{scenario}/endpointslices.json")),
+        nodes: read_list("nodes.json"),
+    }
+}
+
+/// `desired_state` on a snapshot; also checks that the result does not depend on the order of
+/// the lists (a reflector store has none).
+fn run_with(scenario: &str, cfg: &K8sConfig, node: &str) -> (DesiredState, Vec<Warning>) {
+    let s = snapshot(scenario);
+    let out = desired_state(&s.services, &s.slices, &s.nodes, cfg, node);
+    let reversed = desired_state(
+        &rev(&s.services),
+        &rev(&s.slices),
+        &rev(&s.nodes),
+        cfg,
+        node,
+    );
+    assert_eq!(out.0, reversed.0, "{scenario}: state depends on list order");
+    let mut a: Vec<String> = out.1.iter().map(Warning::to_string).collect();
+    let mut b: Vec<String> = reversed.1.iter().map(Warning::to_string).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "{scenario}: warnings depend on list order");
+    out
+}
+
+fn run(scenario: &str) -> (DesiredState, Vec<Warning>) {
+    run_with(scenario, &K8sConfig::default(), "node-a")
+}
+
+fn rev<T: Clone>(v: &[T]) -> Vec<T> {
+    v.iter().rev().cloned().collect()
+}
+
+/// `"198.18.0.10:80/tcp"` → ServiceAddr.
+fn addr(s: &str) -> ServiceAddr {
+    let (hostport, proto) = s.rsplit_once('/').unwrap();
+    let sa: std::net::SocketAddr = hostport.parse().unwrap();
+    ServiceAddr {
+        vip: sa.ip(),
+        port: sa.port(),
+        protocol: match proto {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            _ => panic!("{proto}"),
+        },
+    }
+}
+
+fn service<'a>(state: &'a DesiredState, key: &str) -> &'a ServiceSpec {
+    state
+        .services
+        .get(&addr(key))
+        .unwrap_or_else(|| panic!("{key} missing; have {:?}", keys(state)))
+}
+
+fn backends(state: &DesiredState, key: &str) -> Vec<String> {
+    let spec = service(state, key);
+    for b in spec.backends.values() {
+        assert_eq!((b.weight, b.mac), (1, None), "{key}");
+    }
+    spec.backends.keys().map(IpAddr::to_string).collect()
+}
+
+fn keys(state: &DesiredState) -> Vec<String> {
+    state.services.keys().map(ServiceAddr::to_string).collect()
+}
+
+/// (namespace/name, reason) of every warning, in order.
+fn reasons(warnings: &[Warning]) -> Vec<(String, WarningReason)> {
+    warnings
+        .iter()
+        .map(|w| (format!("{}/{}", w.namespace, w.name), w.reason))
+        .collect()
+}
+
+fn w(service: &str, reason: WarningReason) -> (String, WarningReason) {
+    (service.to_string(), reason)
+}
+
+#[test]
+fn ready_then_serving_terminating_and_never_the_rest() {
+    let (state, warnings) = run("conditions");
+    assert_eq!(warnings, vec![]);
+    assert_eq!(
+        keys(&state),
+        [
+            "198.18.0.10:80/tcp",
+            "198.18.0.11:443/tcp",
+            "198.18.0.12:53/udp",
+            "198.18.0.13:80/tcp"
+        ]
+    );
+    // ready:true and conditions without `ready` (unknown → ready); the serving terminating
+    // and the not-ready endpoints are not used while a ready one exists.
+    assert_eq!(
+        backends(&state, "198.18.0.10:80/tcp"),
+        ["198.18.10.1", "198.18.10.2"]
+    );
+    // No ready endpoint: fall back to serving && terminating; not-serving ones never.
+    assert_eq!(backends(&state, "198.18.0.11:443/tcp"), ["198.18.10.3"]);
+    // Nothing usable: the service stays, with no backends (the data plane drops, like
+    // kube-proxy's reject), rather than letting the VIP fall through to the host.
+    assert!(backends(&state, "198.18.0.12:53/udp").is_empty());
+    assert!(backends(&state, "198.18.0.13:80/tcp").is_empty());
+
+    let web = service(&state, "198.18.0.10:80/tcp");
+    assert_eq!(web.name, "default/web:http");
+    assert_eq!(web.forwarding, Forwarding::Ipip);
+    assert_eq!(web.table_size, None);
+    assert_eq!(
+        service(&state, "198.18.0.12:53/udp").name,
+        "default/down:dns"
+    );
+}
+
+#[test]
+fn successive_snapshots_add_update_and_delete() {
+    let cfg = K8sConfig {
+        interface: Some("eth1".into()),
+        encap_source: Some("198.18.1.1".parse().unwrap()),
+        ..K8sConfig::default()
+    };
+    let step = |s: &str| run_with(&format!("lifecycle/{s}"), &cfg, "node-a");
+
+    // Created, no address allocated yet, no endpoints: nothing to serve.
+    let (s1, w1) = step("1-created");
+    assert_eq!((keys(&s1), w1), (vec![], vec![]));
+    assert_eq!(s1.node.interface.as_deref(), Some("eth1"));
+    assert_eq!(s1.node.encap_source, cfg.encap_source);
+
+    // Address in status, one slice with two ready pods.
+    let (s2, _) = step("2-ip-and-endpoints");
+    assert_eq!(keys(&s2), ["198.18.0.20:8080/tcp"]);
+    assert_eq!(
+        backends(&s2, "198.18.0.20:8080/tcp"),
+        ["198.18.10.21", "198.18.20.21"]
+    );
+    assert_eq!(service(&s2, "198.18.0.20:8080/tcp").name, "shop/api:http");
+
+    // A second port, a second slice, one pod terminating (others ready: it is dropped).
+    let (s3, _) = step("3-scaled-and-new-port");
+    assert_eq!(keys(&s3), ["198.18.0.20:8080/tcp", "198.18.0.20:9090/tcp"]);
+    for key in ["198.18.0.20:8080/tcp", "198.18.0.20:9090/tcp"] {
+        assert_eq!(
+            backends(&s3, key),
+            ["198.18.10.22", "198.18.20.21", "198.18.20.22"],
+            "{key}"
+        );
+    }
+    assert_eq!(service(&s3, "198.18.0.20:9090/tcp").name, "shop/api:grpc");
+
+    // The port and the first slice removed.
+    let (s4, _) = step("4-port-and-slice-removed");
+    assert_eq!(keys(&s4), ["198.18.0.20:8080/tcp"]);
+    assert_eq!(backends(&s4, "198.18.0.20:8080/tcp"), ["198.18.20.22"]);
+
+    // Service deleted; its slice lingers until garbage collection and is ignored.
+    let (s5, w5) = step("5-service-deleted");
+    assert_eq!((keys(&s5), w5), (vec![], vec![]));
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_this_nodes_endpoints() {
+    let local = "198.18.0.30:443/tcp";
+    let cluster = "198.18.0.31:443/tcp";
+
+    let (a, wa) = run_with("etp-local", &K8sConfig::default(), "node-a");
+    assert_eq!(wa, vec![]);
+    assert_eq!(backends(&a, local), ["198.18.10.31", "198.18.10.32"]);
+
+    // node-b has only a serving terminating pod: the fallback applies per node, as in
+    // kube-proxy; its not-serving pod is never used.
+    let (b, wb) = run_with("etp-local", &K8sConfig::default(), "node-b");
+    assert_eq!(wb, vec![]);
+    assert_eq!(backends(&b, local), ["198.18.20.31"]);
+
+    // Cluster: every node sees the same ready set.
+    for state in [&a, &b] {
+        assert_eq!(backends(state, cluster), ["198.18.10.31", "198.18.10.32"]);
+    }
+
+    // A node name that matches no Node: no local endpoints, and a warning naming the cause.
+    let (c, wc) = run_with("etp-local", &K8sConfig::default(), "node-typo");
+    assert!(backends(&c, local).is_empty());
+    assert_eq!(
+        reasons(&wc),
+        [w("edge/ingress", WarningReason::UnknownNode)]
+    );
+    assert!(wc[0].to_string().contains("\"node-typo\""), "{}", wc[0]);
+}
+
+#[test]
+fn tcp_and_udp_share_an_address_and_conflicts_go_to_the_oldest() {
+    let (state, warnings) = run("shared-ip");
+    assert_eq!(
+        keys(&state),
+        [
+            "198.18.0.53:53/tcp",
+            "198.18.0.53:53/udp",
+            "198.18.0.53:5353/udp",
+            "198.18.0.54:80/tcp"
+        ]
+    );
+    let udp = service(&state, "198.18.0.53:53/udp");
+    assert_eq!(
+        (udp.name.as_str(), backends(&state, "198.18.0.53:53/udp")),
+        ("dns/dns-udp:dns", vec!["198.18.10.53".to_string()])
+    );
+    let tcp = service(&state, "198.18.0.53:53/tcp");
+    assert_eq!(
+        (tcp.name.as_str(), backends(&state, "198.18.0.53:53/tcp")),
+        ("dns/dns-tcp:dns-tcp", vec!["198.18.10.54".to_string()])
+    );
+    // The newer copy loses 53/udp but keeps its other port.
+    assert_eq!(
+        service(&state, "198.18.0.53:5353/udp").name,
+        "dns/dns-udp-copy:mdns"
+    );
+    // Same creation time: namespace/name decides.
+    assert_eq!(
+        service(&state, "198.18.0.54:80/tcp").name,
+        "team-a/dup:http"
+    );
+    assert_eq!(backends(&state, "198.18.0.54:80/tcp"), ["198.18.10.55"]);
+
+    assert_eq!(
+        reasons(&warnings),
+        [
+            w("dns/dns-udp-copy", WarningReason::AddressConflict),
+            w("team-b/dup", WarningReason::AddressConflict),
+        ]
+    );
+    assert_eq!(
+        warnings[0].to_string(),
+        "service dns/dns-udp-copy: port dns: 198.18.0.53:53/udp is already used by service dns/dns-udp; not served for this one"
+    );
+    assert!(
+        warnings[1].message.contains("team-a/dup"),
+        "{}",
+        warnings[1]
+    );
+}
+
+#[test]
+fn load_balancer_class_selects_the_services() {
+    let run_cfg = |cfg: K8sConfig| {
+        let (state, warnings) = run_with("classes", &cfg, "node-a");
+        assert_eq!(warnings, vec![]);
+        state
+            .services
+            .values()
+            .map(|s| s.name.clone())
+            .collect::<Vec<_>>()
+    };
+    // Default: our class, and Services without one.
+    assert_eq!(
+        run_cfg(K8sConfig::default()),
+        ["default/ours:http", "default/unset:http"]
+    );
+    assert_eq!(
+        run_cfg(K8sConfig {
+            require_class: true,
+            ..K8sConfig::default()
+        }),
+        ["default/ours:http"]
+    );
+    // No class of our own: only Services without one.
+    assert_eq!(
+        run_cfg(K8sConfig {
+            load_balancer_class: None,
+            ..K8sConfig::default()
+        }),
+        ["default/unset:http"]
+    );
+    assert_eq!(
+        run_cfg(K8sConfig {
+            load_balancer_class: Some("example.com/other-lb".into()),
+            ..K8sConfig::default()
+        }),
+        ["default/unset:http", "default/other:http"]
+    );
+}
+
+#[test]
+fn dual_stack_serves_ipv4_and_warns_about_ipv6() {
+    let (state, warnings) = run("dual-stack");
+    // The IPv6 slice does not leak into the IPv4 VIP.
+    assert_eq!(keys(&state), ["198.18.0.70:80/tcp"]);
+    assert_eq!(backends(&state, "198.18.0.70:80/tcp"), ["198.18.10.71"]);
+    assert_eq!(
+        reasons(&warnings),
+        [
+            w("default/dual", WarningReason::Ipv6VipUnsupported),
+            w("default/v6only", WarningReason::Ipv6VipUnsupported),
+        ]
+    );
+    assert!(
+        warnings[0].message.contains("2001:db8::70"),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        warnings[1].message.contains("2001:db8::72"),
+        "{}",
+        warnings[1]
+    );
+}
+
+#[test]
+fn ports_named_target_ports_and_protocols() {
+    let (state, warnings) = run("ports");
+    assert_eq!(
+        keys(&state),
+        [
+            "198.18.0.80:80/tcp",
+            "198.18.0.81:80/tcp",
+            "198.18.0.82:53/tcp",
+            "198.18.0.82:53/udp",
+            "198.18.0.83:8443/tcp"
+        ]
+    );
+    // targetPort "web" resolves per pod (8080 in one slice, 8081 in the other): every pod
+    // is a backend, keyed by address only, and the remapping is reported once.
+    assert_eq!(
+        backends(&state, "198.18.0.80:80/tcp"),
+        ["198.18.10.81", "198.18.10.82", "198.18.20.81"]
+    );
+    assert_eq!(backends(&state, "198.18.0.81:80/tcp"), ["198.18.10.84"]);
+    assert_eq!(backends(&state, "198.18.0.82:53/tcp"), ["198.18.10.85"]);
+    assert_eq!(backends(&state, "198.18.0.82:53/udp"), ["198.18.10.85"]);
+    assert_eq!(
+        service(&state, "198.18.0.82:53/udp").name,
+        "default/multi:dns-udp"
+    );
+    // An unnamed port is named by its number; its slice port has the name "".
+    assert_eq!(
+        service(&state, "198.18.0.83:8443/tcp").name,
+        "default/unnamed:8443"
+    );
+    assert_eq!(backends(&state, "198.18.0.83:8443/tcp"), ["198.18.10.86"]);
+
+    assert_eq!(
+        reasons(&warnings),
+        [
+            w("default/multi", WarningReason::UnsupportedProtocol),
+            w("default/named-target", WarningReason::TargetPortRemapped),
+        ]
+    );
+    assert!(warnings[0].message.contains("SCTP"), "{}", warnings[0]);
+    assert!(
+        warnings[1].message.starts_with(
+            "port http: backends listen on 8080, 8081 but DSR delivers packets unchanged to port 80"
+        ),
+        "{}",
+        warnings[1]
+    );
+}
+
+#[test]
+fn addresses_types_annotations_and_unsupported_fields() {
+    let (state, warnings) = run("misc");
+    assert_eq!(
+        keys(&state),
+        [
+            "198.18.0.90:80/tcp",
+            "198.18.0.91:80/tcp",
+            "198.18.0.92:80/tcp",
+            "198.18.0.93:80/tcp",
+            "198.18.0.94:80/tcp",
+            "198.18.0.95:80/tcp"
+        ]
+    );
+    // spec.loadBalancerIP without status; with status, deduplicated.
+    assert_eq!(backends(&state, "198.18.0.90:80/tcp"), ["198.18.10.90"]);
+    for key in ["198.18.0.91:80/tcp", "198.18.0.92:80/tcp"] {
+        assert_eq!(service(&state, key).name, "default/both-ips:http");
+    }
+    // ClusterIP, NodePort and ExternalName Services (and their slices) are not ours.
+    let names: Vec<&str> = state.services.values().map(|s| s.name.as_str()).collect();
+    for other in ["internal", "nodeport", "external"] {
+        assert!(!names.iter().any(|n| n.contains(other)), "{names:?}");
+    }
+
+    let forwarding = |key| service(&state, key).forwarding;
+    assert_eq!(forwarding("198.18.0.93:80/tcp"), Forwarding::L2);
+    assert_eq!(forwarding("198.18.0.94:80/tcp"), Forwarding::Ipip);
+    assert_eq!(forwarding("198.18.0.90:80/tcp"), Forwarding::Ipip);
+
+    // Served anyway, with warnings; the IPv6 address in an IPv4 slice is skipped.
+    assert_eq!(backends(&state, "198.18.0.95:80/tcp"), ["198.18.10.96"]);
+    assert_eq!(
+        reasons(&warnings),
+        [
+            w("default/bad-annotation", WarningReason::InvalidAnnotation),
+            w(
+                "default/restricted",
+                WarningReason::SessionAffinityUnsupported
+            ),
+            w("default/restricted", WarningReason::SourceRangesUnsupported),
+            w("default/restricted", WarningReason::InvalidAddress),
+        ]
+    );
+    assert_eq!(
+        warnings[0].to_string(),
+        "service default/bad-annotation: annotation xdp-lb.io/forwarding: unknown forwarding \"gre\" (ipip or l2); using ipip"
+    );
+    assert_eq!(warnings[0].reason.as_str(), "InvalidAnnotation");
+
+    // The configured default applies where there is no annotation; the annotation wins.
+    let (l2, _) = run_with(
+        "misc",
+        &K8sConfig {
+            default_forwarding: Forwarding::L2,
+            ..K8sConfig::default()
+        },
+        "node-a",
+    );
+    let by_name: BTreeMap<&str, Forwarding> = l2
+        .services
+        .values()
+        .map(|s| (s.name.as_str(), s.forwarding))
+        .collect();
+    assert_eq!(by_name["default/spec-ip:http"], Forwarding::L2);
+    assert_eq!(by_name["default/bad-annotation:http"], Forwarding::L2);
+    assert_eq!(by_name["default/l2:http"], Forwarding::L2);
+}
+
+#[test]
+fn fixtures_are_real_api_lists() {
+    // Guards the fixtures themselves: every object has the metadata a real server sets, and
+    // only documentation address ranges are used.
+    for scenario in [
+        "conditions",
+        "lifecycle/1-created",
+        "lifecycle/2-ip-and-endpoints",
+        "lifecycle/3-scaled-and-new-port",
+        "lifecycle/4-port-and-slice-removed",
+        "lifecycle/5-service-deleted",
+        "etp-local",
+        "shared-ip",
+        "classes",
+        "dual-stack",
+        "ports",
+        "misc",
+    ] {
+        let s = snapshot(scenario);
+        let metas = s
+            .services
+            .iter()
+            .map(|x| &x.metadata)
+            .chain(s.slices.iter().map(|x| &x.metadata));
+        for m in metas {
+            assert!(
+                m.uid.is_some() && m.resource_version.is_some() && m.creation_timestamp.is_some(),
+                "{scenario}: {:?} lacks server-set metadata",
+                m.name
+            );
+        }
+        for file in ["services.json", "endpointslices.json"] {
+            check_addresses(&read_json(&format!("{scenario}/{file}")), scenario);
+        }
+    }
+    check_addresses(&read_json("nodes.json"), "nodes");
+}
+
+fn read_json(rel: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(fixture_dir().join(rel)).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Every string that parses as an IP address is in 198.18.0.0/15 or 2001:db8::/32.
+fn check_addresses(v: &serde_json::Value, scenario: &str) {
+    match v {
+        serde_json::Value::String(s) => {
+            let s = s.split('/').next().unwrap_or_default();
+            if let Ok(ip) = s.parse::<IpAddr>() {
+                let ok = match ip {
+                    IpAddr::V4(a) => a.octets()[0] == 198 && (a.octets()[1] & 0xfe) == 18,
+                    IpAddr::V6(a) => a.segments()[0] == 0x2001 && a.segments()[1] == 0xdb8,
+                };
+                assert!(ok, "{scenario}: address {ip} outside the test ranges");
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| check_addresses(x, scenario)),
+        serde_json::Value::Object(o) => o.values().for_each(|x| check_addresses(x, scenario)),
+        _ => {}
+    }
+}
