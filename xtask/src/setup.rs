@@ -25,15 +25,28 @@ const PACKAGES: &[&str] = &[
     "util-linux",
 ];
 
+fn installed(package: &str) -> bool {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output();
+    matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
+
 fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
-            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
-        .collect()
+    let mut missing: Vec<&'static str> =
+        PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    // The deploy/ manifests are rendered with `kubectl kustomize` in the tests. Any kubectl
+    // will do; Debian's comes in kubernetes-client (another package may already provide one,
+    // and the two would conflict).
+    if !on_path("kubectl") {
+        missing.push("kubernetes-client");
+    }
+    missing
 }
 
 pub fn run_setup() -> anyhow::Result<()> {
