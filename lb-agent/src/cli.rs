@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::loader::{AttachMode, DEFAULT_PIN_PATH};
 
@@ -19,8 +19,9 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load and attach the load balancer, keep its maps in sync with the config, run until
-    /// SIGTERM/SIGINT. SIGHUP re-reads the config and applies the difference.
+    /// Load and attach the load balancer, keep its maps in sync with the config (a file, or
+    /// the Kubernetes API with --kubernetes), run until SIGTERM/SIGINT. SIGHUP re-reads the
+    /// config file and applies the difference.
     Run(RunArgs),
     /// Remove the pinned link(s) a `run --keep-attached` left behind (detaches the program).
     Detach(DetachArgs),
@@ -31,10 +32,22 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(group(
+    ArgGroup::new("source")
+        .required(true)
+        .multiple(false)
+        .args(["config", "kubernetes"])
+))]
 pub struct RunArgs {
-    /// Static configuration file (YAML).
+    /// Static configuration file (YAML); SIGHUP re-reads it.
     #[arg(long, short)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// Take the desired state from the Kubernetes API instead: Services, EndpointSlices,
+    /// Nodes and the agent's ConfigMap, applied as they change.
+    #[arg(long)]
+    pub kubernetes: bool,
+    #[command(flatten)]
+    pub cluster: KubernetesArgs,
     /// Interface to attach to (overrides `interface` in the config).
     #[arg(long, short)]
     pub interface: Option<String>,
@@ -55,6 +68,27 @@ pub struct RunArgs {
     /// Seconds between re-resolving backend MAC addresses.
     #[arg(long, default_value_t = 10)]
     pub resync_interval: u64,
+}
+
+/// Settings of `run --kubernetes`. The API server and credentials come from `KUBECONFIG`
+/// (or `~/.kube/config`), else from the pod's service account.
+#[derive(Debug, Args)]
+pub struct KubernetesArgs {
+    /// This node's name, as in its Node object (`externalTrafficPolicy: Local` keeps only
+    /// this node's endpoints).
+    #[arg(
+        long,
+        env = "NODE_NAME",
+        required_if_eq("kubernetes", "true"),
+        help_heading = "Kubernetes mode"
+    )]
+    pub node_name: Option<String>,
+    /// Namespace of the agent's ConfigMap.
+    #[arg(long, env = "POD_NAMESPACE", default_value = crate::k8s::watch::DEFAULT_NAMESPACE, help_heading = "Kubernetes mode")]
+    pub namespace: String,
+    /// The agent's ConfigMap (key `config.yaml`); when it does not exist, the defaults apply.
+    #[arg(long, default_value = crate::k8s::watch::DEFAULT_CONFIG_MAP, help_heading = "Kubernetes mode")]
+    pub config_map: String,
 }
 
 #[derive(Debug, Args)]

@@ -46,6 +46,8 @@ struct RawConfig {
     encap_source: Option<String>,
     encap_source_v6: Option<String>,
     gue_port: Option<u16>,
+    icmp_echo: Option<bool>,
+    pmtu_icmp: Option<bool>,
     #[serde(default)]
     flow_table: RawFlowTable,
     #[serde(default)]
@@ -126,6 +128,8 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
             encap_source,
             encap_source_v6,
             gue_port: raw.gue_port.unwrap_or(DEFAULT_GUE_PORT),
+            icmp_echo: raw.icmp_echo.unwrap_or(true),
+            pmtu_icmp: raw.pmtu_icmp.unwrap_or(true),
             flows: flow_settings(file, &raw.flow_table)?,
         },
         services: BTreeMap::new(),

@@ -1,14 +1,19 @@
 //! The long-running commands: `run` (load balancer) and `decap` (backend side).
+//!
+//! `run` takes its desired state from a `Source` (a static file, or the Kubernetes API),
+//! and one `Syncer` keeps the maps equal to it in both modes: initial sync before attach,
+//! every change, and a periodic resync that re-resolves next hops.
 
 use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Duration};
 
 use lb_common::NodeConfig;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     cli::{DecapArgs, RunArgs},
     config::{self, ConfigError},
     dataplane::{Dataplane, DataplaneError},
+    k8s::{ClusterWatch, WatchError, WatchOptions},
     loader::{self, LoadError},
     netinfo::{Interface, NetError, NetInfo},
     state::DesiredState,
@@ -23,7 +28,11 @@ pub enum AgentError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("no interface: give --interface or set `interface` in {0}")]
-    NoInterface(PathBuf),
+    NoInterface(String),
+    #[error("no node name: give --node-name or set NODE_NAME")]
+    NoNodeName,
+    #[error(transparent)]
+    Kubernetes(#[from] WatchError),
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error(transparent)]
@@ -70,7 +79,8 @@ impl Syncer {
                 }
             }
         }
-        let node = sync::node_config(desired, iface.mac, encap_v4, encap_v6);
+        let mut node = sync::node_config(desired, iface.mac, encap_v4, encap_v6);
+        node.mtu = iface.mtu;
         Ok((iface, node))
     }
 
@@ -126,16 +136,93 @@ impl Syncer {
     }
 }
 
+/// Where the desired state comes from.
+enum Source {
+    /// A static file, re-read on SIGHUP.
+    File(PathBuf),
+    /// The Kubernetes API, applied as it changes.
+    Cluster(Box<ClusterWatch>),
+}
+
+/// What the source has to say, see [`Source::next`].
+enum Change {
+    /// SIGHUP: the file re-read (or why it was rejected).
+    Reloaded(Result<DesiredState, ConfigError>),
+    /// The cluster's desired state changed.
+    Cluster(DesiredState),
+    /// SIGHUP in Kubernetes mode: re-apply the current state now.
+    Resync,
+}
+
+impl Source {
+    async fn open(args: &RunArgs) -> Result<Source, AgentError> {
+        if let Some(path) = &args.config {
+            return Ok(Source::File(path.clone()));
+        }
+        let node_name = args
+            .cluster
+            .node_name
+            .clone()
+            .ok_or(AgentError::NoNodeName)?;
+        let opts = WatchOptions {
+            node_name,
+            namespace: args.cluster.namespace.clone(),
+            config_map: args.cluster.config_map.clone(),
+        };
+        Ok(Source::Cluster(Box::new(
+            ClusterWatch::connect(opts).await?,
+        )))
+    }
+
+    /// Where `interface` can be set, for messages.
+    fn origin(&self) -> String {
+        match self {
+            Source::File(path) => path.display().to_string(),
+            Source::Cluster(watch) => watch.origin(),
+        }
+    }
+
+    /// The first desired state (in Kubernetes mode: once every store is listed).
+    async fn initial(&mut self) -> Result<DesiredState, AgentError> {
+        match self {
+            Source::File(path) => Ok(config::load(path)?),
+            Source::Cluster(watch) => Ok(watch.initial().await.inspect_err(|e| {
+                tracing::error!(error = %e, "no initial state from the cluster");
+            })?),
+        }
+    }
+
+    /// Wait for SIGHUP or a change in the cluster. Cancel-safe.
+    async fn next(&mut self, hup: &mut Signal) -> Change {
+        match self {
+            Source::File(path) => {
+                hup.recv().await;
+                Change::Reloaded(config::load(path))
+            }
+            Source::Cluster(watch) => tokio::select! {
+                state = watch.next() => Change::Cluster(state),
+                _ = hup.recv() => Change::Resync,
+            },
+        }
+    }
+}
+
 pub async fn run(args: RunArgs) -> Result<(), AgentError> {
-    let mut desired = config::load(&args.config)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let mut source = Source::open(&args).await?;
+    // Kubernetes mode may wait for the API server here: stay responsive to SIGTERM/SIGINT.
+    let mut desired = tokio::select! {
+        desired = source.initial() => desired?,
+        _ = term.recv() => return Ok(()),
+        _ = int.recv() => return Ok(()),
+    };
     let iface_name = args
         .interface
         .clone()
         .or_else(|| desired.node.interface.clone())
-        .ok_or_else(|| AgentError::NoInterface(args.config.clone()))?;
-    let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
-    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+        .ok_or_else(|| AgentError::NoInterface(source.origin()))?;
 
     let mut ebpf = loader::load(&args.pin_path, args.maglev_slots, args.flow_table_size)?;
     let dataplane = Dataplane::from_ebpf(&mut ebpf)?;
@@ -168,21 +255,41 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     resync.tick().await;
     loop {
         tokio::select! {
-            _ = hup.recv() => {
-                match config::load(&args.config) {
-                    Ok(new) => {
-                        if new.node.interface.is_some() && new.node.interface != desired.node.interface && args.interface.is_none() {
-                            tracing::warn!("changing `interface` needs a restart; keeping {iface_name}");
-                        }
-                        match syncer.sync(&new).await {
-                            Ok(writes) => {
-                                tracing::info!(writes, "config reloaded");
-                                desired = new;
-                            }
-                            Err(e) => tracing::error!(error = %e, "reload failed; maps hold a consistent older state"),
-                        }
+            change = source.next(&mut hup) => {
+                let new = match change {
+                    Change::Reloaded(Ok(new)) | Change::Cluster(new) => new,
+                    Change::Reloaded(Err(e)) => {
+                        tracing::error!(error = %e, "reload rejected; nothing changed");
+                        continue;
                     }
-                    Err(e) => tracing::error!(error = %e, "reload rejected; nothing changed"),
+                    Change::Resync => {
+                        match syncer.sync(&desired).await {
+                            Ok(writes) => tracing::info!(writes, "resync on SIGHUP done"),
+                            Err(e) => tracing::warn!(error = %e, "resync on SIGHUP failed"),
+                        }
+                        continue;
+                    }
+                };
+                if new.node.interface.is_some() && new.node.interface != desired.node.interface && args.interface.is_none() {
+                    tracing::warn!("changing `interface` needs a restart; keeping {iface_name}");
+                }
+                let cluster = matches!(source, Source::Cluster(_));
+                match syncer.sync(&new).await {
+                    Ok(writes) if cluster => {
+                        tracing::info!(writes, "cluster change applied");
+                        desired = new;
+                    }
+                    Ok(writes) => {
+                        tracing::info!(writes, "config reloaded");
+                        desired = new;
+                    }
+                    // The cluster is the truth: keep the new state so the periodic resync
+                    // retries it (the maps hold a consistent older state meanwhile).
+                    Err(e) if cluster => {
+                        tracing::error!(error = %e, "applying a cluster change failed; the periodic resync retries it");
+                        desired = new;
+                    }
+                    Err(e) => tracing::error!(error = %e, "reload failed; maps hold a consistent older state"),
                 }
             }
             _ = resync.tick() => {
@@ -196,6 +303,8 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
             _ = int.recv() => break,
         }
     }
+    // Stop watching before the data plane is left alone.
+    drop(source);
     if args.keep_attached {
         tracing::info!(link = %attachment.pin.display(), "exiting; program stays attached (--keep-attached)");
         drop(attachment);

@@ -9,7 +9,8 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BackendValue, Counters, NodeConfig, Reason, ServiceCounters, ServiceKey, ServiceValue, maps,
+    BackendValue, Counters, NodeConfig, Reason, ServiceCounters, ServiceKey, ServiceValue, VipKey,
+    VipValue, maps,
 };
 
 use crate::sync::{MapOp, MapSnapshot};
@@ -40,6 +41,7 @@ pub struct Dataplane {
     backends: Array<MapData, BackendValue>,
     maglev: Array<MapData, u32>,
     config: Array<MapData, NodeConfig>,
+    vips: HashMap<MapData, VipKey, VipValue>,
     service_stats: PerCpuArray<MapData, ServiceCounters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
@@ -74,24 +76,15 @@ fn sum_service(values: &PerCpuValues<ServiceCounters>) -> ServiceCounters {
 impl Dataplane {
     /// Take the maps out of a loaded object.
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
-        let mut take = |name: &'static str| {
+        Self::from_maps(|name| {
             ebpf.take_map(name)
                 .ok_or(DataplaneError::Missing { map: name })
-        };
-        Self::from_maps(
-            take(maps::SERVICES)?,
-            take(maps::BACKENDS)?,
-            take(maps::MAGLEV)?,
-            take(maps::CONFIG)?,
-            take(maps::SERVICE_STATS)?,
-            take(maps::BACKEND_STATS)?,
-            take(maps::REASON_STATS)?,
-        )
+        })
     }
 
     /// Open the maps a running (or kept-attached) agent pinned under `dir`.
     pub fn open_pinned(dir: &Path) -> Result<Self, DataplaneError> {
-        let open = |name: &'static str| {
+        Self::from_maps(|name| {
             let path = dir.join(name);
             MapData::from_pin(&path)
                 .and_then(Map::from_map_data)
@@ -100,38 +93,25 @@ impl Dataplane {
                     path: path.display().to_string(),
                     source,
                 })
-        };
-        Self::from_maps(
-            open(maps::SERVICES)?,
-            open(maps::BACKENDS)?,
-            open(maps::MAGLEV)?,
-            open(maps::CONFIG)?,
-            open(maps::SERVICE_STATS)?,
-            open(maps::BACKEND_STATS)?,
-            open(maps::REASON_STATS)?,
-        )
+        })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Build the handles from `get(name)`, one call per map, each map typed as `lb_common`
+    /// says (aya checks key and value sizes).
     fn from_maps(
-        services: Map,
-        backends: Map,
-        maglev: Map,
-        config: Map,
-        service_stats: Map,
-        backend_stats: Map,
-        reason_stats: Map,
+        mut get: impl FnMut(&'static str) -> Result<Map, DataplaneError>,
     ) -> Result<Self, DataplaneError> {
         Ok(Dataplane {
-            services: HashMap::try_from(services).map_err(map_err(maps::SERVICES))?,
-            backends: Array::try_from(backends).map_err(map_err(maps::BACKENDS))?,
-            maglev: Array::try_from(maglev).map_err(map_err(maps::MAGLEV))?,
-            config: Array::try_from(config).map_err(map_err(maps::CONFIG))?,
-            service_stats: PerCpuArray::try_from(service_stats)
+            services: HashMap::try_from(get(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?,
+            backends: Array::try_from(get(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?,
+            maglev: Array::try_from(get(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?,
+            config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
+            vips: HashMap::try_from(get(maps::VIPS)?).map_err(map_err(maps::VIPS))?,
+            service_stats: PerCpuArray::try_from(get(maps::SERVICE_STATS)?)
                 .map_err(map_err(maps::SERVICE_STATS))?,
-            backend_stats: PerCpuArray::try_from(backend_stats)
+            backend_stats: PerCpuArray::try_from(get(maps::BACKEND_STATS)?)
                 .map_err(map_err(maps::BACKEND_STATS))?,
-            reason_stats: PerCpuArray::try_from(reason_stats)
+            reason_stats: PerCpuArray::try_from(get(maps::REASON_STATS)?)
                 .map_err(map_err(maps::REASON_STATS))?,
             cpus: nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e.to_string()))?,
         })
@@ -156,7 +136,13 @@ impl Dataplane {
                 backends.insert(id as u32, v);
             }
         }
+        let mut vips = BTreeMap::new();
+        for entry in self.vips.iter() {
+            let (k, v) = entry.map_err(map_err(maps::VIPS))?;
+            vips.insert(k, v);
+        }
         Ok(MapSnapshot {
+            vips,
             config: (config.flags & lb_common::CONFIG_F_VALID != 0).then_some(config),
             services,
             backends,
@@ -176,6 +162,11 @@ impl Dataplane {
         for op in ops {
             match op {
                 MapOp::SetConfig(c) => self.config.set(0, c, 0).map_err(map_err(maps::CONFIG))?,
+                MapOp::SetVip { key, value } => self
+                    .vips
+                    .insert(key, value, 0)
+                    .map_err(map_err(maps::VIPS))?,
+                MapOp::DeleteVip { key } => self.vips.remove(key).map_err(map_err(maps::VIPS))?,
                 MapOp::SetBackend { id, value, fresh } => {
                     if *fresh {
                         let zero = self.zero();

@@ -46,6 +46,8 @@ pub struct Interface {
     pub ipv4: Option<Ipv4Addr>,
     /// First global-scope IPv6 address (no link-local, no ULA preference).
     pub ipv6: Option<Ipv6Addr>,
+    /// MTU (0 if the kernel did not say, or above 65535).
+    pub mtu: u16,
 }
 
 /// A netlink connection bound to the network namespace of the thread that opened it.
@@ -101,6 +103,14 @@ impl NetInfo {
             })?
             .ok_or_else(|| NetError::NoInterface(name.to_string()))?;
         let index = link.header.index;
+        let mtu = link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => u16::try_from(*m).ok(),
+                _ => None,
+            })
+            .unwrap_or(0);
         let mac = link
             .attributes
             .iter()
@@ -140,6 +150,7 @@ impl NetInfo {
             mac,
             ipv4,
             ipv6,
+            mtu,
         })
     }
 

@@ -114,6 +114,11 @@ pub struct NodeSpec {
     pub encap_source_v6: Option<Ipv6Addr>,
     /// UDP destination port of GUE encapsulation.
     pub gue_port: u16,
+    /// Answer ICMP/ICMPv6 echo requests to VIPs on the load-balancer node.
+    pub icmp_echo: bool,
+    /// Answer packets too big for the encapsulation with ICMP "fragmentation needed" /
+    /// ICMPv6 "packet too big" (else drop them).
+    pub pmtu_icmp: bool,
     pub flows: FlowSettings,
 }
 
@@ -124,6 +129,8 @@ impl Default for NodeSpec {
             encap_source: None,
             encap_source_v6: None,
             gue_port: lb_common::DEFAULT_GUE_PORT,
+            icmp_echo: true,
+            pmtu_icmp: true,
             flows: FlowSettings::default(),
         }
     }

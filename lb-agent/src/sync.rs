@@ -18,7 +18,7 @@ use std::{
 
 use lb_common::{
     BACKEND_F_VALID, BackendValue, FAMILY_V4, FAMILY_V6, Forwarding, NodeConfig,
-    SERVICE_F_FLOW_TRACKING, ServiceKey, ServiceValue,
+    SERVICE_F_FLOW_TRACKING, ServiceKey, ServiceValue, VIP_F_ECHO, VipKey, VipValue,
     maglev::{self, MaglevBackend},
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
@@ -31,6 +31,7 @@ pub struct MapSnapshot {
     pub config: Option<NodeConfig>,
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, BackendValue>,
+    pub vips: BTreeMap<VipKey, VipValue>,
     /// Slots in `LB_MAGLEV`.
     pub maglev_capacity: u32,
 }
@@ -39,6 +40,13 @@ pub struct MapSnapshot {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MapOp {
     SetConfig(NodeConfig),
+    SetVip {
+        key: VipKey,
+        value: VipValue,
+    },
+    DeleteVip {
+        key: VipKey,
+    },
     /// `fresh`: the id was free before, so its counters start from zero.
     SetBackend {
         id: u32,
@@ -198,12 +206,18 @@ pub fn node_config(
         mac,
         _pad: [0; 2],
         encap_src_v4_be: encap_v4.map_or([0; 4], |a| a.octets()),
-        flags: lb_common::CONFIG_F_VALID,
+        flags: lb_common::CONFIG_F_VALID
+            | if desired.node.pmtu_icmp {
+                lb_common::CONFIG_F_PMTU_ICMP
+            } else {
+                0
+            },
         tcp_idle_s: f.tcp_idle_s,
         udp_idle_s: f.udp_idle_s,
         new_flows_per_cpu_s: f.new_flows_per_cpu_s,
         gue_port_be: desired.node.gue_port.to_be(),
-        _pad2: [0; 2],
+        // Set from the interface by the caller; 0 disables the MTU check.
+        mtu: 0,
         encap_src_v6_be: encap_v6.map_or([0; 16], |a| a.octets()),
     }
 }
@@ -229,6 +243,36 @@ pub fn plan(
     let mut out = Plan::default();
     if current.config != Some(node) {
         out.ops.push(MapOp::SetConfig(node));
+    }
+
+    // VIPs (for ICMP echo): added first, removed last.
+    let vip_flags = if desired.node.icmp_echo {
+        VIP_F_ECHO
+    } else {
+        0
+    };
+    let vips: BTreeMap<VipKey, VipValue> = desired
+        .services
+        .keys()
+        .map(|a| {
+            let (addr_be, family) = ip_bytes(a.vip);
+            (
+                VipKey {
+                    addr_be,
+                    family,
+                    _pad: [0; 3],
+                },
+                VipValue { flags: vip_flags },
+            )
+        })
+        .collect();
+    for (key, value) in &vips {
+        if current.vips.get(key) != Some(value) {
+            out.ops.push(MapOp::SetVip {
+                key: *key,
+                value: *value,
+            });
+        }
     }
 
     // Service ids: kept for existing services, lowest free ones for new services.
@@ -395,6 +439,11 @@ pub fn plan(
             out.ops.push(MapOp::ClearBackend { id: *id });
         }
     }
+    for key in current.vips.keys() {
+        if !vips.contains_key(key) {
+            out.ops.push(MapOp::DeleteVip { key: *key });
+        }
+    }
     Ok(out)
 }
 
@@ -404,6 +453,12 @@ pub fn apply_to_snapshot(snapshot: &mut MapSnapshot, ops: &[MapOp]) {
     for op in ops {
         match op {
             MapOp::SetConfig(c) => snapshot.config = Some(*c),
+            MapOp::SetVip { key, value } => {
+                snapshot.vips.insert(*key, *value);
+            }
+            MapOp::DeleteVip { key } => {
+                snapshot.vips.remove(key);
+            }
             MapOp::SetBackend { id, value, .. } => {
                 snapshot.backends.insert(*id, *value);
             }
@@ -504,6 +559,8 @@ mod tests {
             .iter()
             .map(|op| match op {
                 MapOp::SetConfig(_) => "config",
+                MapOp::SetVip { .. } => "vip",
+                MapOp::DeleteVip { .. } => "delete vip",
                 MapOp::SetBackend { .. } => "backend",
                 MapOp::WriteTable { .. } => "table",
                 MapOp::SetService { .. } => "service",
@@ -511,8 +568,11 @@ mod tests {
                 MapOp::ClearBackend { .. } => "clear",
             })
             .collect();
-        assert_eq!(kinds, ["config", "backend", "backend", "table", "service"]);
-        let MapOp::WriteTable { offset, entries } = &p.ops[3] else {
+        assert_eq!(
+            kinds,
+            ["config", "vip", "backend", "backend", "table", "service"]
+        );
+        let MapOp::WriteTable { offset, entries } = &p.ops[4] else {
             unreachable!()
         };
         assert_eq!((*offset, entries.len()), (0, 1031)); // the smallest table size

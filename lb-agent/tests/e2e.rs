@@ -31,16 +31,34 @@ fn spec(forwarding: &str) -> ScenarioSpec {
         forwarding: forwarding.into(),
         xdp_mode: "skb".into(),
         keep_attached: false,
+        ipv6: false,
     }
 }
 
-fn check_balancing(forwarding: &str) {
+fn check_balancing(forwarding: &str, ipv6: bool) {
     require_root().unwrap();
     let lab = Lab::new(LabSpec::default()).unwrap();
-    let sc = Scenario::start(&lab, spec(forwarding)).unwrap();
+    let sc = Scenario::start(
+        &lab,
+        ScenarioSpec {
+            ipv6,
+            ..spec(forwarding)
+        },
+    )
+    .unwrap();
     let udp = udp_flows(lab.client(), sc.vip(), 300, TIMEOUT).unwrap();
     let tcp = tcp_connections(lab.client(), sc.vip(), 60, TIMEOUT).unwrap();
-    let d = Distribution::new(&udp, &tcp, sc.vip(), lab.client_addr().into());
+    let client: IpAddr = if ipv6 {
+        lab.client_addr6().into()
+    } else {
+        lab.client_addr().into()
+    };
+    let d = Distribution::new(&udp, &tcp, sc.vip(), client);
+    let forwarding = if ipv6 {
+        format!("{forwarding} over IPv6")
+    } else {
+        forwarding.to_string()
+    };
     println!("{forwarding}:\n{}", d.table());
     let log = sc.agent_log_text();
     assert_eq!(
@@ -73,10 +91,10 @@ fn check_balancing(forwarding: &str) {
     // The data plane counted what it forwarded, per backend, and the counters agree with
     // what the backends received.
     let status = sc.status_json().unwrap();
-    let reason = if forwarding == "ipip" {
-        "tx_ipip"
-    } else {
-        "tx_l2"
+    let reason = match forwarding.split(' ').next() {
+        Some("ipip") => "tx_ipip",
+        Some("gue") => "tx_gue",
+        _ => "tx_l2",
     };
     assert!(
         status["reasons"][reason]["packets"].as_u64().unwrap() >= 300 + 60 * 3,
@@ -101,12 +119,32 @@ fn check_balancing(forwarding: &str) {
 
 #[test]
 fn balances_udp_and_tcp_with_ipip() {
-    check_balancing("ipip");
+    check_balancing("ipip", false);
 }
 
 #[test]
 fn balances_udp_and_tcp_with_l2_rewrite() {
-    check_balancing("l2");
+    check_balancing("l2", false);
+}
+
+#[test]
+fn balances_udp_and_tcp_with_gue() {
+    check_balancing("gue", false);
+}
+
+#[test]
+fn balances_ipv6_with_ip6ip6() {
+    check_balancing("ipip", true);
+}
+
+#[test]
+fn balances_ipv6_with_gue() {
+    check_balancing("gue", true);
+}
+
+#[test]
+fn balances_ipv6_with_l2_rewrite() {
+    check_balancing("l2", true);
 }
 
 /// The Maglev table of the UDP service and the backend address of each id, from the pins.

@@ -141,7 +141,13 @@ fn fixture() -> Fixture {
 impl Fixture {
     /// Bring the maps to `desired` the way the agent does (plan + apply).
     fn program(&mut self, desired: DesiredState) {
-        let node = sync::node_config(&desired, LB_MAC, Some(ENCAP_SRC), Some(ENCAP_SRC6));
+        self.program_with_mtu(desired, 0);
+    }
+
+    /// As the agent does with the interface's MTU (0: no MTU check).
+    fn program_with_mtu(&mut self, desired: DesiredState, mtu: u16) {
+        let mut node = sync::node_config(&desired, LB_MAC, Some(ENCAP_SRC), Some(ENCAP_SRC6));
+        node.mtu = mtu;
         let plan = sync::plan(&desired, node, &BTreeMap::new(), &self.snapshot).unwrap();
         self.dataplane.apply(&plan.ops).unwrap();
         self.snapshot = self.dataplane.snapshot().unwrap();
@@ -371,11 +377,11 @@ fn packets_that_are_not_ours_pass_untouched() {
             Reason::PassNotVip,
         ),
         (
-            "VIP, icmp",
+            "VIP, icmp timestamp",
             PacketBuilder::new()
                 .eth(CLIENT_MAC, LB_MAC)
                 .ipv4(CLIENT, VIP)
-                .raw(1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0])
+                .raw(1, &[13, 0, 0xf2, 0xff, 0, 0, 0, 0])
                 .build(),
             XDP_PASS,
             Reason::PassNotVip,
@@ -1182,7 +1188,7 @@ fn ipv6_packets_that_are_not_ours_pass_untouched() {
     let icmp6 = PacketBuilder::new()
         .eth(CLIENT_MAC, LB_MAC)
         .ipv6(CLIENT6, VIP6)
-        .raw(58, &[128, 0, 0, 0, 0, 1, 0, 1])
+        .raw(58, &[135, 0, 0, 0, 0, 0, 0, 0])
         .build();
     let mut bad_len = udp6_to(VIP6, 41000, P6_IPIP).build();
     bad_len[18..20].copy_from_slice(&500u16.to_be_bytes());
@@ -1209,7 +1215,12 @@ fn ipv6_packets_that_are_not_ours_pass_untouched() {
         ("first fragment", frag, XDP_PASS, Reason::PassFragment),
         ("later fragment", later_frag, XDP_PASS, Reason::PassFragment),
         ("esp", esp, XDP_PASS, Reason::PassNotVip),
-        ("icmpv6 echo", icmp6, XDP_PASS, Reason::PassNotVip),
+        (
+            "icmpv6 neighbour solicitation",
+            icmp6,
+            XDP_PASS,
+            Reason::PassNotVip,
+        ),
         (
             "payload length beyond frame",
             bad_len,
@@ -1318,5 +1329,260 @@ fn decap_handles_every_encapsulation() {
         f.run(maps::PROG_DECAP, &control),
         XDP_PASS,
         &control,
+    );
+}
+
+// ---- ICMP: echo, errors to the owning backend, PMTU ----
+
+fn icmp_csum_ok(ip: &[u8]) -> bool {
+    lb_testkit::l4_checksum_ok(ip)
+}
+
+/// ICMPv6 checksum of `msg` (its checksum field zero) between `src` and `dst`.
+fn icmp6_checksum(src: Ipv6Addr, dst: Ipv6Addr, msg: &[u8]) -> u16 {
+    let mut data = Vec::new();
+    data.extend_from_slice(&src.octets());
+    data.extend_from_slice(&dst.octets());
+    data.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    data.extend_from_slice(&[0, 0, 0, 58]);
+    data.extend_from_slice(msg);
+    ipv4_checksum(&data)
+}
+
+#[test]
+fn echo_requests_to_a_vip_are_answered() {
+    let mut f = mixed_fixture();
+    // IPv4: the reply is the request with MACs and addresses swapped and type 0.
+    let req = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv4(CLIENT, VIP)
+        .raw(1, &[8, 0, 0, 0, 0x12, 0x34, 0, 1, b'p', b'i', b'n', b'g'])
+        .build();
+    let mut req = req;
+    let c = ipv4_checksum(&req[34..]);
+    req[36..38].copy_from_slice(&c.to_be_bytes());
+    let mut expected = req.clone();
+    expected[..6].copy_from_slice(&CLIENT_MAC);
+    expected[6..12].copy_from_slice(&LB_MAC);
+    expected[26..30].copy_from_slice(&VIP.octets());
+    expected[30..34].copy_from_slice(&CLIENT.octets());
+    expected[34] = 0;
+    expected[36..38].copy_from_slice(&[0, 0]);
+    let c = ipv4_checksum(&expected[34..]);
+    expected[36..38].copy_from_slice(&c.to_be_bytes());
+    assert_frame("echo v4", f.run(maps::PROG_LB, &req), XDP_TX, &expected);
+    assert!(lb_testkit::verify_ipv4_header_checksum(&expected[14..34]));
+
+    // IPv6 (checksum over the pseudo-header: checked independently).
+    let mut req6 = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv6(CLIENT6, VIP6)
+        .raw(58, &[128, 0, 0, 0, 0, 7, 0, 1, 1, 2, 3, 4])
+        .build();
+    let c = icmp6_checksum(CLIENT6, VIP6, &req6[54..]);
+    req6[56..58].copy_from_slice(&c.to_be_bytes());
+    assert!(icmp_csum_ok(&req6[14..]), "the request itself is valid");
+    let (a, out) = f.run(maps::PROG_LB, &req6);
+    assert_eq!(a, XDP_TX, "echo v6");
+    assert_eq!(&out[..6], &CLIENT_MAC);
+    assert_eq!(&out[22..38], &VIP6.octets());
+    assert_eq!(&out[38..54], &CLIENT6.octets());
+    assert_eq!(out[54], 129);
+    assert_eq!(
+        &out[56 + 2..],
+        &req6[56 + 2..],
+        "identifier, sequence and data kept"
+    );
+    assert!(icmp_csum_ok(&out[14..]), "ICMPv6 checksum of the reply");
+
+    // Not a VIP: untouched.
+    let other = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv4(CLIENT, Ipv4Addr::new(198, 18, 0, 77))
+        .raw(1, &[8, 0, 0xf7, 0xfe, 0, 1, 0, 0])
+        .build();
+    assert_frame(
+        "echo to non-VIP",
+        f.run(maps::PROG_LB, &other),
+        XDP_PASS,
+        &other,
+    );
+    assert_eq!(f.reason(Reason::TxEchoReply), 2);
+}
+
+#[test]
+fn echo_can_be_switched_off() {
+    let mut f = fixture();
+    let mut desired = f.desired.clone();
+    desired.node.icmp_echo = false;
+    f.program(desired);
+    let req = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv4(CLIENT, VIP)
+        .raw(1, &[8, 0, 0xf7, 0xff, 0, 0, 0, 0])
+        .build();
+    assert_frame("echo off", f.run(maps::PROG_LB, &req), XDP_PASS, &req);
+}
+
+/// The reply a backend sent (VIP → client) that a router answers with an ICMP error.
+fn icmp_error_v4(kind: u8, code: u8, vip_port: u16, client_port: u16, proto: u8) -> Vec<u8> {
+    let quoted = PacketBuilder::new()
+        .ipv4(VIP, CLIENT)
+        .dont_fragment()
+        .udp(vip_port, client_port, &[0u8; 64])
+        .build_ip();
+    let mut quoted = quoted[..28].to_vec();
+    quoted[9] = proto;
+    let mut icmp = vec![kind, code, 0, 0, 0, 0, 0x05, 0x00];
+    icmp.extend_from_slice(&quoted);
+    let c = ipv4_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let router = Ipv4Addr::new(198, 18, 9, 1);
+    PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv4(router, VIP)
+        .raw(1, &icmp)
+        .build()
+}
+
+#[test]
+fn icmp_errors_reach_the_backend_that_owns_the_flow() {
+    let mut f = mixed_fixture();
+    let c4 = IpAddr::V4(CLIENT);
+    for (name, kind, code, port, proto) in [
+        ("frag needed, udp", 3u8, 4u8, PORT_IPIP, Protocol::Udp),
+        ("port unreachable, udp", 3, 3, PORT_IPIP, Protocol::Udp),
+        ("time exceeded, tcp", 11, 0, PORT_TCP, Protocol::Tcp),
+    ] {
+        let client_port = 45000;
+        let input = icmp_error_v4(kind, code, port, client_port, proto.number());
+        let backend = f.expected_backend_any(c4, IpAddr::V4(VIP), proto, client_port, port);
+        let expected = encap_expected(&input, 14, backend, false, 0);
+        assert_frame(name, f.run(maps::PROG_LB, &input), XDP_TX, &expected);
+    }
+    assert_eq!(f.reason(Reason::IcmpToBackend), 3);
+    // The same client flow, sent as data, goes to the same backend.
+    let (_, data) = f.run(maps::PROG_LB, &udp_to(VIP, 45000, PORT_IPIP).build());
+    let (_, err) = f.run(maps::PROG_LB, &icmp_error_v4(3, 4, PORT_IPIP, 45000, 17));
+    assert_eq!(
+        data[30..34],
+        err[30..34],
+        "error and flow reach the same backend"
+    );
+    // An error about a port that is no service: untouched.
+    let stray = icmp_error_v4(3, 4, 9999, 45000, 17);
+    assert_frame(
+        "error about a non-service",
+        f.run(maps::PROG_LB, &stray),
+        XDP_PASS,
+        &stray,
+    );
+
+    // ICMPv6 packet too big about an IP6IP6 flow.
+    let quoted = PacketBuilder::new()
+        .ipv6(VIP6, CLIENT6)
+        .udp(P6_IPIP, 45001, &[0u8; 32])
+        .build_ip();
+    let mut icmp = vec![2, 0, 0, 0, 0, 0, 0x05, 0x00];
+    icmp.extend_from_slice(&quoted);
+    let router6 = Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 1);
+    let input = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv6(router6, VIP6)
+        .raw(58, &icmp)
+        .build();
+    let c6 = IpAddr::V6(CLIENT6);
+    let backend = f.expected_backend_any(c6, IpAddr::V6(VIP6), Protocol::Udp, 45001, P6_IPIP);
+    let hash = hash_of(c6, IpAddr::V6(VIP6), 45001, P6_IPIP, 17);
+    let expected = encap_expected(&input, 14, backend, false, hash);
+    assert_frame(
+        "icmpv6 packet too big",
+        f.run(maps::PROG_LB, &input),
+        XDP_TX,
+        &expected,
+    );
+}
+
+#[test]
+fn too_big_for_the_tunnel_is_answered_with_icmp() {
+    let mut f = mixed_fixture();
+    let desired = f.desired.clone();
+    f.program_with_mtu(desired, 1500);
+    // IPv4, DF: 1490 bytes + 20 of IPIP > 1500 → fragmentation needed, MTU 1480, from the VIP.
+    let big = udp_to(VIP, 46000, PORT_IPIP)
+        .dont_fragment()
+        .udp(46000, PORT_IPIP, &[7u8; 1462])
+        .build();
+    assert_eq!(big.len() - 14, 1490);
+    let mut expected = Vec::new();
+    expected.extend_from_slice(&CLIENT_MAC);
+    expected.extend_from_slice(&LB_MAC);
+    expected.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0];
+    ip.extend_from_slice(&VIP.octets());
+    ip.extend_from_slice(&CLIENT.octets());
+    let c = ipv4_checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    expected.extend_from_slice(&ip);
+    let mut icmp = vec![3, 4, 0, 0, 0, 0];
+    icmp.extend_from_slice(&1480u16.to_be_bytes());
+    icmp.extend_from_slice(&big[14..14 + 28]);
+    let c = ipv4_checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    expected.extend_from_slice(&icmp);
+    assert_frame("frag needed", f.run(maps::PROG_LB, &big), XDP_TX, &expected);
+    // Fits: forwarded as usual.
+    let fits = udp_to(VIP, 46001, PORT_IPIP)
+        .dont_fragment()
+        .udp(46001, PORT_IPIP, &[7u8; 1442])
+        .build();
+    assert_eq!(f.run(maps::PROG_LB, &fits).0, XDP_TX);
+    assert_eq!(f.run(maps::PROG_LB, &fits).1.len(), fits.len() + 20);
+    // No DF: cannot be answered nor fragmented here: dropped and counted.
+    let no_df = udp_to(VIP, 46002, PORT_IPIP)
+        .udp(46002, PORT_IPIP, &[7u8; 1462])
+        .build();
+    let before = f.reason(Reason::DropTooBig);
+    assert_frame(
+        "too big, no DF",
+        f.run(maps::PROG_LB, &no_df),
+        XDP_DROP,
+        &no_df,
+    );
+    assert_eq!(f.reason(Reason::DropTooBig) - before, 1);
+
+    // IPv6 through IP6IP6 (40 bytes): packet too big with MTU 1460, quoting up to 1232 bytes.
+    let big6 = udp6_to(VIP6, 46003, P6_IPIP)
+        .udp(46003, P6_IPIP, &[9u8; 1442])
+        .build();
+    let (a, out) = f.run(maps::PROG_LB, &big6);
+    assert_eq!(a, XDP_TX, "packet too big");
+    assert_eq!(&out[..6], &CLIENT_MAC);
+    assert_eq!(out[14 + 6], 58);
+    assert_eq!(&out[22..38], &VIP6.octets());
+    assert_eq!(&out[38..54], &CLIENT6.octets());
+    assert_eq!(out[54], 2, "type packet too big");
+    assert_eq!(
+        u32::from_be_bytes([out[58], out[59], out[60], out[61]]),
+        1460
+    );
+    assert_eq!(
+        &out[62..],
+        &big6[14..14 + 1232],
+        "quotes the start of the packet"
+    );
+    assert_eq!(out.len(), 14 + 1280, "the error fits the IPv6 minimum MTU");
+    assert!(icmp_csum_ok(&out[14..]), "ICMPv6 checksum");
+    assert_eq!(f.reason(Reason::TxIcmpTooBig), 2);
+
+    // Switched off: dropped instead.
+    let mut desired = f.desired.clone();
+    desired.node.pmtu_icmp = false;
+    f.program_with_mtu(desired, 1500);
+    assert_frame(
+        "too big, icmp off",
+        f.run(maps::PROG_LB, &big),
+        XDP_DROP,
+        &big,
     );
 }

@@ -20,9 +20,11 @@ pub const REASON_STATS: &str = "LB_REASONS";
 pub const FLOWS: &str = "LB_FLOWS";
 /// Per CPU, index 0 → `FloodWindow`.
 pub const FLOOD: &str = "LB_FLOOD";
+/// `VipKey` → `VipValue`: every VIP, for ICMP echo.
+pub const VIPS: &str = "LB_VIPS";
 
 /// Every map the load balancer pins, in the order `lb-agent status` reads them.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -32,6 +34,7 @@ pub const ALL: [&str; 9] = [
     REASON_STATS,
     FLOWS,
     FLOOD,
+    VIPS,
 ];
 
 /// Distinct (VIP, port, protocol) entries; also the size of the per-service counter array.

@@ -3,7 +3,7 @@
 
 use crate::types::{
     BackendValue, Counters, FloodWindow, FlowKey, FlowValue, NodeConfig, ServiceCounters,
-    ServiceKey, ServiceValue,
+    ServiceKey, ServiceValue, VipKey, VipValue,
 };
 
 // SAFETY: each type is `repr(C)`, has no implicit padding (sizes asserted in `types`), and
@@ -17,3 +17,5 @@ unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowValue {}
 unsafe impl aya::Pod for FloodWindow {}
 unsafe impl aya::Pod for ServiceCounters {}
+unsafe impl aya::Pod for VipKey {}
+unsafe impl aya::Pod for VipValue {}

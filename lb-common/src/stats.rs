@@ -36,12 +36,21 @@ pub enum Reason {
     FlowRerouted = 13,
     /// Forwarded with an outer IP and UDP header (GUE).
     TxGue = 14,
-    /// The encapsulated packet would exceed the largest IP packet.
+    /// The encapsulated packet would not fit the MTU (or the largest IP packet), and no ICMP
+    /// error could be sent for it.
     DropTooBig = 15,
+    /// An ICMP/ICMPv6 error about a VIP flow was sent to the backend owning the flow (counted
+    /// besides the packet's tx reason).
+    IcmpToBackend = 16,
+    /// An echo request to a VIP was answered.
+    TxEchoReply = 17,
+    /// A packet too big for the encapsulation was answered with ICMP fragmentation needed /
+    /// ICMPv6 packet too big.
+    TxIcmpTooBig = 18,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 19;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -61,6 +70,9 @@ impl Reason {
         Reason::FlowRerouted,
         Reason::TxGue,
         Reason::DropTooBig,
+        Reason::IcmpToBackend,
+        Reason::TxEchoReply,
+        Reason::TxIcmpTooBig,
     ];
 
     /// Stable snake_case name, used by `lb-agent status` and metrics.
@@ -82,6 +94,9 @@ impl Reason {
             Reason::FlowRerouted => "flow_rerouted",
             Reason::TxGue => "tx_gue",
             Reason::DropTooBig => "drop_too_big",
+            Reason::IcmpToBackend => "icmp_to_backend",
+            Reason::TxEchoReply => "tx_echo_reply",
+            Reason::TxIcmpTooBig => "tx_icmp_too_big",
         }
     }
 }

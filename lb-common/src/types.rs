@@ -142,6 +142,9 @@ impl BackendValue {
 
 /// Node configuration flags.
 pub const CONFIG_F_VALID: u32 = 1;
+/// A packet that would not fit the MTU once encapsulated is answered with ICMP
+/// "fragmentation needed" / ICMPv6 "packet too big" (else it is dropped).
+pub const CONFIG_F_PMTU_ICMP: u32 = 2;
 
 /// Per-node settings, in `LB_CONFIG[0]`.
 #[repr(C)]
@@ -164,7 +167,8 @@ pub struct NodeConfig {
     pub new_flows_per_cpu_s: u32,
     /// Destination port of GUE packets.
     pub gue_port_be: u16,
-    pub _pad2: [u8; 2],
+    /// MTU of the interface: an encapsulated packet must fit in it (0: not checked).
+    pub mtu: u16,
     /// Source address of outer IPv6 headers (all zero: no IPv6 encapsulation possible).
     pub encap_src_v6_be: [u8; 16],
 }
@@ -180,10 +184,32 @@ impl NodeConfig {
         udp_idle_s: 0,
         new_flows_per_cpu_s: 0,
         gue_port_be: 0,
-        _pad2: [0; 2],
+        mtu: 0,
         encap_src_v6_be: [0; 16],
     };
 }
+
+/// A VIP address (any port), in `LB_VIPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VipKey {
+    pub addr_be: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<VipKey>() == 20);
+
+/// The load balancer answers ICMP/ICMPv6 echo requests to this VIP.
+pub const VIP_F_ECHO: u32 = 1;
+
+/// Per-VIP settings.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipValue {
+    /// `VIP_F_*`.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<VipValue>() == 4);
 
 /// Flow key: the 5-tuple as in the packet. IPv4 addresses occupy the first four bytes.
 #[repr(C)]

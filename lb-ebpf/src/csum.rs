@@ -21,3 +21,12 @@ pub fn ipv4_header(hdr: &[u8; 20]) -> [u8; 2] {
     }
     fold(sum).to_ne_bytes()
 }
+
+/// RFC 1624 incremental update: the checksum after one 16-bit word of the covered data
+/// changed from `old` to `new` (all in network byte order as read from the packet).
+#[inline(always)]
+pub fn replace16(check_be: [u8; 2], old: u16, new: u16) -> [u8; 2] {
+    let hc = !u16::from_be_bytes(check_be) as u32;
+    let sum = hc + (!old as u32) + new as u32;
+    fold(sum).to_be_bytes()
+}

@@ -3,8 +3,8 @@
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
-    BackendValue, FAMILY_V4, NodeConfig, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, Reason,
-    hash::gue_source_port,
+    BackendValue, CONFIG_F_PMTU_ICMP, FAMILY_V4, NodeConfig, PROTO_IPIP, PROTO_IPV6, PROTO_UDP,
+    Reason, hash::gue_source_port,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -12,7 +12,7 @@ use network_types::{
 };
 
 use crate::{
-    Verdict, csum,
+    Verdict, csum, icmp,
     maps::LB_CONFIG,
     parse::{L2, Packet, ptr_at},
 };
@@ -32,7 +32,7 @@ pub fn node_config() -> Result<NodeConfig, Verdict> {
 
 /// Write the Ethernet header (and VLAN tag, if the frame had one) at the start of the frame.
 #[inline(always)]
-fn write_l2(
+pub fn write_l2(
     ctx: &XdpContext,
     l2: &L2,
     dst: [u8; 6],
@@ -101,6 +101,13 @@ pub fn encapsulate(
     }
     let reason = if gue { Reason::TxGue } else { Reason::TxIpip };
     let extra = overhead(backend.family, gue);
+    let mtu = cfg.mtu as usize;
+    if mtu != 0 && pkt.l3_len as usize + extra > mtu {
+        if cfg.flags & CONFIG_F_PMTU_ICMP == 0 || mtu <= extra {
+            return Err(Verdict::drop(Reason::DropTooBig));
+        }
+        return icmp::too_big(ctx, pkt, cfg, (mtu - extra) as u16);
+    }
     if backend.family == FAMILY_V4 {
         if cfg.encap_src_v4_be == [0; 4] {
             return Err(Verdict::drop(Reason::DropNoConfig));

@@ -5,6 +5,7 @@
 mod csum;
 mod decap;
 mod encap;
+mod icmp;
 mod maps;
 mod parse;
 mod select;
@@ -56,11 +57,17 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 }
 
 fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let pkt = parse::parse(ctx)?;
+    let pkt = match parse::parse(ctx)? {
+        parse::Parsed::Flow(pkt) => pkt,
+        parse::Parsed::Echo(echo) => return icmp::echo_reply(ctx, &echo),
+    };
     let service = select::service(&pkt)?;
     let cfg = encap::node_config()?;
     let len = (ctx.data_end() - ctx.data()) as u64;
     let sel = select::select(&pkt, service, &cfg, len)?;
+    if pkt.icmp_error {
+        stats::count_reason(Reason::IcmpToBackend, len);
+    }
     stats::count_service(sel.service.id, len, sel.new_flow);
     stats::count_backend(sel.backend_id, len);
     match Forwarding::from_u8(sel.service.forwarding) {

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     BackendValue, Counters, FloodWindow, FlowKey, FlowValue, NodeConfig, Reason, ServiceCounters,
-    ServiceKey, ServiceValue,
+    ServiceKey, ServiceValue, VipKey, VipValue,
     maps::{DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_BACKENDS, MAX_SERVICES},
 };
 
@@ -39,3 +39,6 @@ pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue, { DEFAULT_FLOWS as usize }, 
 
 #[btf_map]
 pub static LB_FLOOD: PerCpuArray<FloodWindow, 1> = PerCpuArray::new();
+
+#[btf_map]
+pub static LB_VIPS: HashMap<VipKey, VipValue, { MAX_SERVICES as usize }> = HashMap::new();

@@ -169,6 +169,15 @@ pub fn select(
         }
     }
     let (backend_id, backend) = maglev(pkt, &service)?;
+    if pkt.icmp_error {
+        // An error about a flow is not a flow: follow it, never remember it.
+        return Ok(Selected {
+            service,
+            backend_id,
+            backend,
+            new_flow: false,
+        });
+    }
     if flood_guard_allows(now, cfg) {
         let value = FlowValue {
             backend_id,

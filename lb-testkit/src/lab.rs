@@ -8,12 +8,15 @@
 //!     +------------------+----------------+---- br0     (bridge namespace)
 //! ```
 //!
+//! Every host also has 2001:db8::<its last IPv4 octet> (see [`v6_of`]), and the VIP has its
+//! IPv6 twin, so each test can run over either family.
+//!
 //! The client routes the VIP via the LB; backends own the VIP on `lo` with ARP for it
 //! suppressed (`arp_ignore=1`, `arp_announce=2`), the usual direct-server-return setup.
 //! Every namespace is a [`NetNs`] guard, so dropping the [`Lab`] removes everything; deleting a
 //! namespace removes its veth and with it the peer on the bridge.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -159,6 +162,18 @@ impl Lab {
                 HOST_IFACE,
             ])
             .context("routing the VIP via the LB in the client")?;
+        client
+            .ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{}/128", v6_of(spec.vip)),
+                "via",
+                &v6_of(LB_ADDR).to_string(),
+                "dev",
+                HOST_IFACE,
+            ])
+            .context("routing the IPv6 VIP via the LB in the client")?;
 
         let mut backends = Vec::with_capacity(spec.backends);
         for (i, addr) in backend_addrs.into_iter().enumerate() {
@@ -185,6 +200,16 @@ impl Lab {
         };
         lab.wait_ports_forwarding()?;
         Ok(lab)
+    }
+
+    /// The IPv6 VIP (`v6_of(vip)`, 198.18.0.100 → 2001:db8::100).
+    pub fn vip6(&self) -> Ipv6Addr {
+        v6_of(self.vip)
+    }
+
+    /// The client's IPv6 address.
+    pub fn client_addr6(&self) -> Ipv6Addr {
+        v6_of(CLIENT_ADDR)
     }
 
     /// The client namespace.
@@ -316,14 +341,48 @@ fn attach_host(bridge: &NetNs, host: &NetNs, peer: &str, addr: Ipv4Addr) -> Resu
         HOST_IFACE,
     ])
     .with_context(|| format!("addressing {} in {}", HOST_IFACE, host.name()))?;
+    // The same host on IPv6: 2001:db8::<last octet, in decimal digits>, no DAD delay.
+    host.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+    host.sysctl(&format!("net.ipv6.conf.{HOST_IFACE}.accept_dad"), "0")?;
+    host.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/{LAB_PREFIX_LEN_V6}", v6_of(addr)),
+        "dev",
+        HOST_IFACE,
+        "nodad",
+    ])
+    .with_context(|| format!("addressing {} (IPv6) in {}", HOST_IFACE, host.name()))?;
     host.ip(&["link", "set", HOST_IFACE, "up"])?;
     Ok(())
 }
 
-/// DSR backend: VIP on `lo`, no ARP for it, no reverse-path filtering.
+/// Prefix length of the lab's IPv6 subnet (2001:db8::/64).
+const LAB_PREFIX_LEN_V6: u8 = 64;
+
+/// The IPv6 address of the host whose IPv4 address is `addr`: 2001:db8::<last octet>, the
+/// octet written in decimal digits (198.18.0.11 → 2001:db8::11).
+pub fn v6_of(addr: Ipv4Addr) -> Ipv6Addr {
+    let last = addr.octets()[3] as u16;
+    let digits = (last / 100) * 0x100 + ((last / 10) % 10) * 0x10 + last % 10;
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, digits)
+}
+
+/// DSR backend: VIPs (IPv4 and IPv6) on `lo`, no ARP for them, no reverse-path filtering.
 fn configure_backend(ns: &NetNs, vip: Ipv4Addr) -> Result<()> {
     ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])
         .context("adding the VIP to lo")?;
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{}/128", v6_of(vip)),
+        "dev",
+        "lo",
+        "nodad",
+    ])
+    .context("adding the IPv6 VIP to lo")?;
     for (key, value) in [
         ("net.ipv4.conf.all.arp_ignore", "1"),
         ("net.ipv4.conf.all.arp_announce", "2"),

@@ -5,7 +5,7 @@
 use std::{
     fs,
     io::Read,
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Stdio,
     sync::atomic::{AtomicU32, Ordering},
@@ -31,6 +31,8 @@ pub struct ScenarioSpec {
     pub xdp_mode: String,
     /// Run the agent with `--keep-attached` (program and pins survive its exit).
     pub keep_attached: bool,
+    /// Balance the IPv6 VIP to the backends' IPv6 addresses instead of IPv4.
+    pub ipv6: bool,
 }
 
 /// Removes a directory tree on drop (temporary files, bpffs pin directories).
@@ -55,7 +57,7 @@ pub struct Scenario {
     servers: Vec<EchoServer>,
     decaps: Vec<ChildGuard>,
     spec: ScenarioSpec,
-    vip: Ipv4Addr,
+    vip: IpAddr,
     lb_iface: String,
     /// How many agents were started (each logs to its own file).
     starts: u32,
@@ -76,6 +78,11 @@ impl Scenario {
         let pin_dir = DirGuard(PathBuf::from("/sys/fs/bpf").join(&tag));
         let mut decaps = Vec::new();
         let mut servers = Vec::new();
+        let vip: IpAddr = if spec.ipv6 {
+            lab.vip6().into()
+        } else {
+            lab.vip().into()
+        };
         for b in lab.backends() {
             let log = work_dir.0.join(format!("decap-{}.log", b.name));
             let log =
@@ -88,7 +95,7 @@ impl Scenario {
             servers.push(EchoServer::start(
                 &b.ns,
                 &b.name,
-                SocketAddr::new(lab.vip().into(), SERVICE_PORT),
+                SocketAddr::new(vip, SERVICE_PORT),
             )?);
         }
         let mut scenario = Scenario {
@@ -96,7 +103,7 @@ impl Scenario {
             servers,
             decaps,
             spec,
-            vip: lab.vip(),
+            vip,
             lb_iface: lab.lb_iface().to_string(),
             starts: 0,
             pin_dir,
@@ -139,7 +146,7 @@ impl Scenario {
     }
 
     pub fn vip(&self) -> SocketAddr {
-        SocketAddr::new(self.vip.into(), SERVICE_PORT)
+        SocketAddr::new(self.vip, SERVICE_PORT)
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -170,16 +177,25 @@ impl Scenario {
 
     /// Write the config: one UDP and one TCP service on the VIP, with these backends.
     /// `forwarding` overrides the scenario's mode.
+    /// The address the config uses for a backend host: its IPv4 address, or its IPv6 twin.
+    pub fn backend_ip(&self, host: Ipv4Addr) -> IpAddr {
+        if self.spec.ipv6 {
+            crate::lab::v6_of(host).into()
+        } else {
+            host.into()
+        }
+    }
+
     pub fn write_config(&self, backends: &[Ipv4Addr], forwarding: Option<&str>) -> Result<()> {
         let forwarding = forwarding.unwrap_or(&self.spec.forwarding);
         let mut text = format!("interface: {}\nservices:\n", self.lb_iface);
         for proto in ["udp", "tcp"] {
             text.push_str(&format!(
-                "  - name: echo-{proto}\n    vip: {}\n    port: {SERVICE_PORT}\n    protocol: {proto}\n    forwarding: {forwarding}\n    backends:\n",
+                "  - name: echo-{proto}\n    vip: \"{}\"\n    port: {SERVICE_PORT}\n    protocol: {proto}\n    forwarding: {forwarding}\n    backends:\n",
                 self.vip
             ));
             for b in backends {
-                text.push_str(&format!("      - address: {b}\n"));
+                text.push_str(&format!("      - address: \"{}\"\n", self.backend_ip(*b)));
             }
         }
         let path = self.config_path();
@@ -199,7 +215,10 @@ impl Scenario {
             nix::sys::signal::Signal::SIGHUP,
         )
         .context("sending SIGHUP to the agent")?;
-        let mut want: Vec<String> = backends.iter().map(ToString::to_string).collect();
+        let mut want: Vec<String> = backends
+            .iter()
+            .map(|b| self.backend_ip(*b).to_string())
+            .collect();
         want.sort();
         self.wait_until(Duration::from_secs(20), "the reload is applied", |s| {
             let status = s.status_json()?;

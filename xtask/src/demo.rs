@@ -83,6 +83,7 @@ fn demo(opts: &Options, stop: &AtomicBool) -> anyhow::Result<()> {
             forwarding: forwarding.into(),
             xdp_mode: opts.xdp_mode.clone(),
             keep_attached: false,
+            ipv6: false,
         };
         let mut sc = Scenario::start(&lab, spec)
             .with_context(|| format!("starting the {forwarding} load balancer"))?;

@@ -14,6 +14,7 @@
 //! - Two Services on one (VIP, port, protocol): the older one (then namespace/name) wins.
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt,
     net::{IpAddr, Ipv4Addr},
@@ -124,20 +125,28 @@ pub fn is_ours(svc: &Service, cfg: &K8sConfig) -> bool {
 /// The data-plane state these API objects ask for on node `this_node`, and what could not be
 /// honoured. `nodes` is used to tell whether `this_node` exists (for `externalTrafficPolicy:
 /// Local`).
-pub fn desired_state(
-    services: &[Service],
-    slices: &[EndpointSlice],
-    nodes: &[Node],
+///
+/// The lists may hold the objects or anything that borrows as them (`Arc<Service>` from a
+/// reflector store), so a live watch does not copy its stores.
+pub fn desired_state<S, E, N>(
+    services: &[S],
+    slices: &[E],
+    nodes: &[N],
     cfg: &K8sConfig,
     this_node: &str,
-) -> (DesiredState, Vec<Warning>) {
+) -> (DesiredState, Vec<Warning>)
+where
+    S: Borrow<Service>,
+    E: Borrow<EndpointSlice>,
+    N: Borrow<Node>,
+{
     let mut b = Builder {
         cfg,
         this_node,
         node_known: nodes
             .iter()
-            .any(|n| n.metadata.name.as_deref() == Some(this_node)),
-        slices: index_slices(slices),
+            .any(|n| n.borrow().metadata.name.as_deref() == Some(this_node)),
+        slices: index_slices(slices.iter().map(Borrow::borrow)),
         state: DesiredState {
             node: NodeSpec {
                 interface: cfg.interface.clone(),
@@ -151,7 +160,11 @@ pub fn desired_state(
     };
     // Oldest first, so it wins every address conflict; a Service without a timestamp (never
     // from a real API server) counts as the newest.
-    let mut ours: Vec<&Service> = services.iter().filter(|s| is_ours(s, cfg)).collect();
+    let mut ours: Vec<&Service> = services
+        .iter()
+        .map(Borrow::borrow)
+        .filter(|s| is_ours(s, cfg))
+        .collect();
     ours.sort_by(|a, b| age_key(a).cmp(&age_key(b)));
     for svc in ours {
         b.add_service(svc);
@@ -177,7 +190,9 @@ fn age_key(svc: &Service) -> AgeKey<'_> {
 }
 
 /// IPv4 EndpointSlices by (namespace, Service name).
-fn index_slices(slices: &[EndpointSlice]) -> BTreeMap<(&str, &str), Vec<&EndpointSlice>> {
+fn index_slices<'a>(
+    slices: impl Iterator<Item = &'a EndpointSlice>,
+) -> BTreeMap<(&'a str, &'a str), Vec<&'a EndpointSlice>> {
     let mut index: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
         // IPv6 slices serve IPv6 VIPs (not supported yet); FQDN slices are not for proxies.

@@ -1,10 +1,10 @@
 //! IPv4 in front of TCP or UDP.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FAMILY_V4, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{FAMILY_V4, PROTO_ICMP, PROTO_TCP, PROTO_UDP, Reason};
 use network_types::ip::Ipv4Hdr;
 
-use super::{L2, Packet, l4, ptr_at};
+use super::{L2, Packet, Parsed, icmp, l4, ptr_at};
 use crate::Verdict;
 
 const IP_MF: u8 = 0x20;
@@ -12,7 +12,7 @@ const IP_DF: u8 = 0x40;
 const IP_OFFSET_HI: u8 = 0x1f;
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Packet, Verdict> {
+pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
     let l3_off = l2.l3_off;
     let ip: *const Ipv4Hdr = ptr_at(ctx, l3_off).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // SAFETY: `ptr_at` checked that the fixed header lies inside the packet.
@@ -26,11 +26,28 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Packet, Verdict> {
         return Err(Verdict::pass(Reason::PassMalformed));
     }
     let proto = ip.proto;
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
         return Err(Verdict::pass(Reason::PassNotVip));
     }
     if ip.frags[0] & (IP_MF | IP_OFFSET_HI) != 0 || ip.frags[1] != 0 {
         return Err(Verdict::pass(Reason::PassFragment));
+    }
+    if proto == PROTO_ICMP {
+        if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
+            return Err(Verdict::pass(Reason::PassMalformed));
+        }
+        let mut outer_dst = [0u8; 16];
+        outer_dst[..4].copy_from_slice(&ip.dst_addr);
+        let outer = icmp::Outer {
+            l2,
+            l3_off,
+            l4_off: l3_off + ihl,
+            l3_len: tot_len,
+            tos: ip.tos,
+            dont_fragment: ip.frags[0] & IP_DF != 0,
+            dst_be: outer_dst,
+        };
+        return icmp::parse_v4(ctx, outer);
     }
     let (sport_be, dport_be, tcp_syn) =
         l4::ports(ctx, l3_off + ihl, proto, l3_off + tot_len as usize)
@@ -44,7 +61,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Packet, Verdict> {
     let mut dst_be = [0u8; 16];
     src_be[..4].copy_from_slice(&ip.src_addr);
     dst_be[..4].copy_from_slice(&ip.dst_addr);
-    Ok(Packet {
+    Ok(Parsed::Flow(Packet {
         l2,
         l3_off,
         family: FAMILY_V4,
@@ -57,5 +74,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Packet, Verdict> {
         l3_len: tot_len,
         dont_fragment: ip.frags[0] & IP_DF != 0,
         tcp_syn,
-    })
+        l4_off: l3_off + ihl,
+        icmp_error: false,
+    }))
 }

@@ -5,10 +5,10 @@
 //! ESP, or anything else ends the parse: the packet is passed, untouched, never misread.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FAMILY_V6, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{FAMILY_V6, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason};
 use network_types::ip::Ipv6Hdr;
 
-use super::{L2, Packet, l4, ptr_at};
+use super::{L2, Packet, Parsed, icmp, l4, ptr_at};
 use crate::Verdict;
 
 const HOPOPTS: u8 = 0;
@@ -19,7 +19,7 @@ const DSTOPTS: u8 = 60;
 const MAX_EXT_HEADERS: usize = 4;
 
 #[inline(always)]
-pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Packet, Verdict> {
+pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
     let l3_off = l2.l3_off;
     let ip: *const Ipv6Hdr = ptr_at(ctx, l3_off).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // SAFETY: `ptr_at` checked that the fixed header lies inside the packet.
@@ -39,7 +39,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Packet, Verdict> {
     let mut next = ip.next_hdr;
     let mut off = l3_off + Ipv6Hdr::LEN;
     for _ in 0..MAX_EXT_HEADERS {
-        if next == PROTO_TCP || next == PROTO_UDP {
+        if next == PROTO_TCP || next == PROTO_UDP || next == PROTO_ICMPV6 {
             break;
         }
         let ext: *const [u8; 4] = ptr_at(ctx, off).ok_or(Verdict::pass(Reason::PassMalformed))?;
@@ -59,17 +59,32 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Packet, Verdict> {
         }
         next = ext[0];
     }
+    let l3_end = l3_off + l3_len as usize;
+    if next == PROTO_ICMPV6 {
+        if l3_end > ctx.data_end() - ctx.data() {
+            return Err(Verdict::pass(Reason::PassMalformed));
+        }
+        let outer = icmp::Outer {
+            l2,
+            l3_off,
+            l4_off: off,
+            l3_len: l3_len as u16,
+            tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
+            dont_fragment: true,
+            dst_be: ip.dst_addr,
+        };
+        return icmp::parse_v6(ctx, outer);
+    }
     if next != PROTO_TCP && next != PROTO_UDP {
         return Err(Verdict::pass(Reason::PassNotVip));
     }
-    let l3_end = l3_off + l3_len as usize;
     let (sport_be, dport_be, tcp_syn) =
         l4::ports(ctx, off, next, l3_end).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // After the L4 read, as for IPv4 (see there).
     if l3_end > ctx.data_end() - ctx.data() {
         return Err(Verdict::pass(Reason::PassMalformed));
     }
-    Ok(Packet {
+    Ok(Parsed::Flow(Packet {
         l2,
         l3_off,
         family: FAMILY_V6,
@@ -82,5 +97,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Packet, Verdict> {
         l3_len: l3_len as u16,
         dont_fragment: true,
         tcp_syn,
-    })
+        l4_off: off,
+        icmp_error: false,
+    }))
 }

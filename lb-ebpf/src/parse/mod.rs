@@ -1,6 +1,7 @@
 //! Bounds-checked header access. Every read of packet memory goes through [`ptr_at`].
 
 mod eth;
+mod icmp;
 mod ipv4;
 mod ipv6;
 mod l4;
@@ -46,12 +47,32 @@ pub struct Packet {
     pub dont_fragment: bool,
     /// A TCP SYN without ACK: the first packet of a connection.
     pub tcp_syn: bool,
+    /// Offset of the L4 header (of the ICMP header for an ICMP error).
+    pub l4_off: usize,
+    /// An ICMP/ICMPv6 error about a VIP flow: the 5-tuple fields above are those of the flow
+    /// (client → VIP), read from the quoted header; the frame is the ICMP packet.
+    pub icmp_error: bool,
 }
 
-/// Parse Ethernet, IPv4 or IPv6, TCP or UDP. Anything else is not ours: `Err` with a pass
-/// verdict, and the packet untouched.
+/// An ICMP/ICMPv6 echo request, to be answered if its destination is a VIP.
+pub struct Echo {
+    pub l3_off: usize,
+    pub family: u8,
+    pub dst_be: [u8; 16],
+    /// Offset of the ICMP header.
+    pub icmp_off: usize,
+}
+
+/// What the load balancer may act on.
+pub enum Parsed {
+    Flow(Packet),
+    Echo(Echo),
+}
+
+/// Parse Ethernet, IPv4 or IPv6, then TCP, UDP or ICMP. Anything else is not ours: `Err`
+/// with a pass verdict, and the packet untouched.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> Result<Packet, Verdict> {
+pub fn parse(ctx: &XdpContext) -> Result<Parsed, Verdict> {
     let l2 = parse_l2(ctx).ok_or(Verdict::pass(Reason::PassMalformed))?;
     if l2.ether_type == EtherType::Ipv4 as u16 {
         ipv4::parse(ctx, l2)

@@ -1,0 +1,398 @@
+//! Kubernetes mode, live: reflector stores of Services and EndpointSlices (all namespaces),
+//! Nodes and the agent's ConfigMap, each fed by a `watcher` that retries with backoff, and
+//! the desired state computed from their snapshots whenever they change. No map handles
+//! here: the daemon applies what [`ClusterWatch`] returns by diff, as it does a static config.
+//!
+//! - Nothing is computed before every store holds a complete first list.
+//! - Bursts are coalesced: the state is computed [`DEBOUNCE`] after the first event of a
+//!   burst, from the stores as they are by then, and handed out only when it differs from
+//!   the previous one.
+//! - While the API server is unreachable the watchers retry with backoff and the stores keep
+//!   their contents, so the data plane keeps the last state. A watch resumes from the last
+//!   resource version; when that is too old, the re-list replaces a store in one step (it is
+//!   never seen empty), and only the difference reaches the maps.
+
+use std::{collections::BTreeSet, fmt::Debug, hash::Hash, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store, store::Writer},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tokio::{sync::watch, task::JoinHandle};
+
+use super::{K8sConfig, K8sConfigError, SERVICE_NAME_LABEL, Warning, WarningReason, desired_state};
+use crate::state::DesiredState;
+
+/// Namespace of the agent's ConfigMap unless `--namespace`/`POD_NAMESPACE` says otherwise.
+pub const DEFAULT_NAMESPACE: &str = "xdp-lb";
+
+/// Name of the agent's ConfigMap unless `--config-map` says otherwise.
+pub const DEFAULT_CONFIG_MAP: &str = "xdp-lb-config";
+
+/// How long after the first event of a burst the desired state is computed.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Which objects to watch and for which node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchOptions {
+    /// This node's name, as in its Node object.
+    pub node_name: String,
+    /// Namespace of the agent's ConfigMap.
+    pub namespace: String,
+    /// Name of the agent's ConfigMap.
+    pub config_map: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+    #[error(transparent)]
+    Config(#[from] K8sConfigError),
+    #[error("the {0} watcher stopped before its first list")]
+    Stopped(&'static str),
+}
+
+/// What the agent's ConfigMap held at the last look.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Settings {
+    Missing,
+    Valid(K8sConfig),
+    /// Rejected (the message); the last valid settings stay in use.
+    Invalid(String),
+}
+
+/// A warning as a set element (log each one once, when it appears).
+type WarningKey = (String, String, WarningReason, String);
+
+/// The live stores and what was last computed from them. Dropping it stops the watchers.
+pub struct ClusterWatch {
+    opts: WatchOptions,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    config_maps: Store<ConfigMap>,
+    /// Bumped by the watcher tasks after every relevant change to a store.
+    changes: watch::Receiver<u64>,
+    tasks: Vec<JoinHandle<()>>,
+    /// A change was seen but not computed yet (survives a cancelled [`ClusterWatch::next`]).
+    pending: bool,
+    /// The settings in use: the last valid ones (the defaults without a ConfigMap).
+    config: K8sConfig,
+    settings: Option<Settings>,
+    warnings: BTreeSet<WarningKey>,
+    last: Option<DesiredState>,
+}
+
+impl Drop for ClusterWatch {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl ClusterWatch {
+    /// Connect with the default client configuration (`KUBECONFIG` or `~/.kube/config`, else
+    /// the pod's service account) and start watching.
+    pub async fn connect(opts: WatchOptions) -> Result<ClusterWatch, WatchError> {
+        let client = Client::try_default().await.map_err(WatchError::Client)?;
+        Ok(ClusterWatch::start(client, opts))
+    }
+
+    /// Start the four watchers (on the current tokio runtime).
+    pub fn start(client: Client, opts: WatchOptions) -> ClusterWatch {
+        let (tx, changes) = watch::channel(0u64);
+        let mut tasks = Vec::with_capacity(4);
+
+        let (services, writer) = reflector::store();
+        tasks.push(spawn_reflector(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+            "services",
+            writer,
+            strip_managed_fields,
+            tx.clone(),
+            any_change,
+        ));
+
+        // Slices without a Service (mirrored or hand-made ones) are never used.
+        let (slices, writer) = reflector::store();
+        tasks.push(spawn_reflector(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default().labels(SERVICE_NAME_LABEL),
+            "endpointslices",
+            writer,
+            strip_managed_fields,
+            tx.clone(),
+            any_change,
+        ));
+
+        // Only the names matter; status updates must not cause a recomputation.
+        let (nodes, writer) = reflector::store();
+        tasks.push(spawn_reflector(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            "nodes",
+            writer,
+            strip_node,
+            tx.clone(),
+            node_names_changed(nodes.clone()),
+        ));
+
+        let (config_maps, writer) = reflector::store();
+        tasks.push(spawn_reflector(
+            Api::<ConfigMap>::namespaced(client, &opts.namespace),
+            watcher::Config::default().fields(&format!("metadata.name={}", opts.config_map)),
+            "configmaps",
+            writer,
+            strip_managed_fields,
+            tx,
+            any_change,
+        ));
+
+        ClusterWatch {
+            opts,
+            services,
+            slices,
+            nodes,
+            config_maps,
+            changes,
+            tasks,
+            pending: false,
+            config: K8sConfig::default(),
+            settings: None,
+            warnings: BTreeSet::new(),
+            last: None,
+        }
+    }
+
+    /// Where the settings come from: `ConfigMap NAMESPACE/NAME`.
+    pub fn origin(&self) -> String {
+        format!("ConfigMap {}/{}", self.opts.namespace, self.opts.config_map)
+    }
+
+    /// Wait until every store holds a complete first list, then compute the first desired
+    /// state. An invalid ConfigMap is an error here: there are no earlier settings to keep.
+    pub async fn initial(&mut self) -> Result<DesiredState, WatchError> {
+        tracing::info!(
+            node = %self.opts.node_name,
+            config_map = %self.origin(),
+            "waiting for the first lists of Services, EndpointSlices, Nodes and the ConfigMap"
+        );
+        tokio::try_join!(
+            ready(&self.services, "services"),
+            ready(&self.slices, "endpointslices"),
+            ready(&self.nodes, "nodes"),
+            ready(&self.config_maps, "configmaps"),
+        )?;
+        self.changes.borrow_and_update();
+        self.pending = false;
+        if let Err(e) = self.refresh_settings() {
+            return Err(e.into());
+        }
+        let state = self.compute();
+        tracing::info!(
+            services = self.services.len(),
+            endpointslices = self.slices.len(),
+            nodes = self.nodes.len(),
+            addresses = state.services.len(),
+            "cluster state listed"
+        );
+        self.last = Some(state.clone());
+        Ok(state)
+    }
+
+    /// Wait for the next change that alters the desired state, and return that state.
+    /// Cancel-safe: a change seen by a cancelled call is computed by the next one.
+    pub async fn next(&mut self) -> DesiredState {
+        loop {
+            if !self.pending {
+                if self.changes.changed().await.is_err() {
+                    // Every watcher task ended; they retry forever, so only on shutdown.
+                    std::future::pending::<()>().await;
+                }
+                self.pending = true;
+            }
+            tokio::time::sleep(DEBOUNCE).await;
+            self.changes.borrow_and_update();
+            self.pending = false;
+            if let Err(e) = self.refresh_settings() {
+                let message = e.to_string();
+                if self.settings != Some(Settings::Invalid(message.clone())) {
+                    tracing::error!(
+                        config_map = %self.origin(),
+                        error = %message,
+                        "settings rejected; keeping the last valid ones"
+                    );
+                    self.settings = Some(Settings::Invalid(message));
+                }
+            }
+            let state = self.compute();
+            if self.last.as_ref() != Some(&state) {
+                self.last = Some(state.clone());
+                return state;
+            }
+        }
+    }
+
+    /// Read the ConfigMap into `self.config`: the defaults when there is none, unchanged when
+    /// it is invalid (the error is returned).
+    fn refresh_settings(&mut self) -> Result<(), K8sConfigError> {
+        let found = self
+            .config_maps
+            .state()
+            .into_iter()
+            .find(|cm| cm.metadata.name.as_deref() == Some(self.opts.config_map.as_str()));
+        let now = match found {
+            None => Settings::Missing,
+            Some(cm) => Settings::Valid(K8sConfig::from_config_map(&cm)?),
+        };
+        if self.settings.as_ref() != Some(&now) {
+            match &now {
+                Settings::Missing => tracing::info!(
+                    config_map = %self.origin(),
+                    "ConfigMap not found; using the default settings"
+                ),
+                Settings::Valid(cfg) => tracing::info!(
+                    config_map = %self.origin(),
+                    settings = ?cfg,
+                    "settings read"
+                ),
+                Settings::Invalid(_) => {}
+            }
+        }
+        self.config = match &now {
+            Settings::Valid(cfg) => cfg.clone(),
+            _ => K8sConfig::default(),
+        };
+        self.settings = Some(now);
+        Ok(())
+    }
+
+    /// The desired state of the stores' current contents; logs each warning once, when it
+    /// first appears.
+    fn compute(&mut self) -> DesiredState {
+        let services = self.services.state();
+        let slices = self.slices.state();
+        let nodes = self.nodes.state();
+        let (state, warnings) = desired_state(
+            &services,
+            &slices,
+            &nodes,
+            &self.config,
+            &self.opts.node_name,
+        );
+        let current: BTreeSet<WarningKey> = warnings.into_iter().map(warning_key).collect();
+        for (namespace, name, reason, message) in current.difference(&self.warnings) {
+            tracing::warn!(
+                service = %format_args!("{namespace}/{name}"),
+                reason = reason.as_str(),
+                "{message}"
+            );
+        }
+        self.warnings = current;
+        state
+    }
+}
+
+fn warning_key(w: Warning) -> WarningKey {
+    (w.namespace, w.name, w.reason, w.message)
+}
+
+async fn ready<K>(store: &Store<K>, resource: &'static str) -> Result<(), WatchError>
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store
+        .wait_until_ready()
+        .await
+        .map_err(|_| WatchError::Stopped(resource))?;
+    tracing::debug!(resource, "listed");
+    Ok(())
+}
+
+/// Run `watcher → backoff → strip → reflector` for one resource until aborted; bump
+/// `changes` after every event `relevant` accepts (the store already holds it then).
+fn spawn_reflector<K, F>(
+    api: Api<K>,
+    config: watcher::Config,
+    resource: &'static str,
+    writer: Writer<K>,
+    strip: fn(&mut K),
+    changes: watch::Sender<u64>,
+    mut relevant: F,
+) -> JoinHandle<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    F: FnMut(&watcher::Event<K>) -> bool + Send + 'static,
+{
+    let stream = watcher(api, config)
+        .default_backoff()
+        .modify(strip)
+        .reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    if relevant(&event) {
+                        changes.send_modify(|n| *n = n.wrapping_add(1));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(resource, error = %e, "watch failed; retrying with backoff");
+                }
+            }
+        }
+    })
+}
+
+/// Objects added, changed or deleted, or a (re-)list completed.
+fn any_change<K>(event: &watcher::Event<K>) -> bool {
+    matches!(
+        event,
+        watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone
+    )
+}
+
+/// Only a node joining or leaving matters (`externalTrafficPolicy: Local` checks that this
+/// node exists); heartbeats and status updates do not.
+fn node_names_changed(store: Store<Node>) -> impl FnMut(&watcher::Event<Node>) -> bool + Send {
+    let mut names = BTreeSet::new();
+    move |event| match event {
+        watcher::Event::Apply(node) => names.insert(node.name_any()),
+        watcher::Event::Delete(node) => names.remove(&node.name_any()),
+        watcher::Event::InitDone => {
+            let now: BTreeSet<String> = store.state().iter().map(|n| n.name_any()).collect();
+            let changed = now != names;
+            names = now;
+            changed
+        }
+        watcher::Event::Init | watcher::Event::InitApply(_) => false,
+    }
+}
+
+/// Managed fields are large and never read.
+fn strip_managed_fields<K: ResourceExt>(obj: &mut K) {
+    obj.managed_fields_mut().clear();
+}
+
+/// Of a Node only the name is used.
+fn strip_node(node: &mut Node) {
+    strip_managed_fields(node);
+    node.spec = None;
+    node.status = None;
+}

@@ -1,0 +1,632 @@
+//! Kubernetes mode end to end, without a cluster: the real agent binary (`run --kubernetes`)
+//! on the LB node of a network-namespace lab, its kube client talking plain HTTP to a fake API
+//! server (`fake_apiserver`) that serves the objects of `tests/fixtures/k8s/` in the API
+//! server's wire format: LIST, then chunked WATCH streams the test pushes events into, cuts,
+//! and refuses. Backends run the decap program and echo servers, and a client sends real UDP
+//! and TCP traffic to the VIP taken from the Service's `status.loadBalancer.ingress`.
+//!
+//! Why a fake: no kube-apiserver (nor etcd, kind, k3s or envtest binaries) can be installed
+//! here from the package registries, and the behaviour under test is the agent's: how it
+//! lists, watches, resumes, re-lists and applies, which the fake reproduces at the HTTP level
+//! (resource versions, `410 Expired`, field and label selectors, bookmarks).
+//!
+//! The fake server listens on 127.0.0.1 inside the LB namespace (its loopback, not the
+//! host's). Needs root; fails with a clear message otherwise.
+
+mod fake_apiserver;
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{ExitStatus, Stdio},
+    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use fake_apiserver::{FakeApiServer, Kind};
+use lb_agent::dataplane::Dataplane;
+use lb_testkit::{
+    ChildGuard, Distribution, EchoServer, Lab, LabSpec, NetNs, require_root,
+    scenario::DirGuard, tcp_connections, udp_flows,
+};
+use serde_json::{Value, json};
+
+const NAMESPACE: &str = "xdp-lb";
+const NODE: &str = "node-a";
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+const PORT: u16 = 7000;
+const UDP_SERVICE: &str = "198.18.0.100:7000/udp";
+const TCP_SERVICE: &str = "198.18.0.100:7000/tcp";
+const SLICE: (&str, &str) = ("demo", "echo-x7k2p");
+/// A bound on every wait for the agent.
+const WAIT: Duration = Duration::from_secs(30);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn agent_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_lb-agent")
+}
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/k8s")
+        .join(rel)
+}
+
+/// A work directory (kubeconfig, logs) and a pin directory on bpffs, both removed on drop.
+struct Dirs {
+    work: DirGuard,
+    pins: DirGuard,
+}
+
+impl Dirs {
+    fn new() -> Dirs {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let tag = format!(
+            "lbt-k8s-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let work = DirGuard(std::env::temp_dir().join(&tag));
+        fs::create_dir_all(&work.0).unwrap();
+        Dirs {
+            work,
+            pins: DirGuard(PathBuf::from("/sys/fs/bpf").join(&tag)),
+        }
+    }
+
+    /// A kubeconfig for `server`, without credentials (the fake server wants none).
+    fn kubeconfig(&self, server: &FakeApiServer) -> PathBuf {
+        let path = self.work.0.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {NAMESPACE}\n\
+             current-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            server.url()
+        );
+        fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+/// Bind the fake server's listener on 127.0.0.1 inside `ns` (port 0: any free one).
+fn listen(ns: &NetNs, addr: SocketAddr) -> TcpListener {
+    ns.enter(move || TcpListener::bind(addr))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("binding {addr} in {}: {e}", ns.name()))
+}
+
+fn start_server(ns: &NetNs, lists: &[(Kind, &str)]) -> FakeApiServer {
+    let listener = listen(ns, SocketAddr::from(([127, 0, 0, 1], 0)));
+    let paths: Vec<(Kind, PathBuf)> = lists.iter().map(|(k, rel)| (*k, fixture(rel))).collect();
+    let refs: Vec<(Kind, &Path)> = paths.iter().map(|(k, p)| (*k, p.as_path())).collect();
+    FakeApiServer::start(listener, &refs)
+}
+
+const ALL_LISTS: [(Kind, &str); 4] = [
+    (Kind::Service, "watch/services.json"),
+    (Kind::EndpointSlice, "watch/endpointslices.json"),
+    (Kind::Node, "nodes.json"),
+    (Kind::ConfigMap, "watch/configmaps.json"),
+];
+
+/// Decap programs and echo servers (bound to the VIP) on every backend.
+struct Backends {
+    _servers: Vec<EchoServer>,
+    _decaps: Vec<ChildGuard>,
+}
+
+fn start_backends(lab: &Lab, dir: &Path) -> Backends {
+    let mut decaps = Vec::new();
+    let mut servers = Vec::new();
+    for b in lab.backends() {
+        let log = fs::File::create(dir.join(format!("decap-{}.log", b.name))).unwrap();
+        let mut cmd = b.ns.command(agent_bin());
+        cmd.args(["decap", "--interface", "eth0", "--xdp-mode", "skb"])
+            .stdout(Stdio::null())
+            .stderr(log);
+        decaps.push(ChildGuard::spawn(&mut cmd).unwrap());
+        servers.push(EchoServer::start(&b.ns, &b.name, SocketAddr::new(VIP.into(), PORT)).unwrap());
+    }
+    let deadline = Instant::now() + WAIT;
+    for b in lab.backends() {
+        while !b
+            .ns
+            .ip(&["-d", "link", "show", "eth0"])
+            .unwrap()
+            .contains("prog/xdp")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "decap did not attach on {}",
+                b.name
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Backends {
+        _servers: servers,
+        _decaps: decaps,
+    }
+}
+
+/// One `lb-agent run --kubernetes` in a namespace, logging to a file.
+struct Agent {
+    child: Option<ChildGuard>,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(ns: &NetNs, dirs: &Dirs, kubeconfig: &Path, name: &str, extra: &[&str]) -> Agent {
+        let log = dirs.work.0.join(format!("{name}.log"));
+        let file = fs::File::create(&log).unwrap();
+        let mut cmd = ns.command(agent_bin());
+        cmd.args(["run", "--kubernetes", "--node-name", NODE])
+            .args(["--namespace", NAMESPACE, "--xdp-mode", "skb"])
+            .args(["--resync-interval", "2", "--pin-path"])
+            .arg(&dirs.pins.0)
+            .args(extra)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,netlink_packet_route=error")
+            .env_remove("NODE_NAME")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .stdout(Stdio::null())
+            .stderr(file);
+        Agent {
+            child: Some(ChildGuard::spawn(&mut cmd).unwrap()),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Wait (at most `limit`) until `done`; fails with the log if the agent exits first.
+    fn wait(&mut self, limit: Duration, what: &str, mut done: impl FnMut(&Agent) -> bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            if done(self) {
+                return;
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait().unwrap()
+            {
+                panic!("the agent exited ({status}) before {what}; log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out ({limit:?}) waiting until {what}; agent log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait until the agent exits by itself.
+    fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not exit within {limit:?}; log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, bounded wait.
+    fn stop(&mut self) -> ExitStatus {
+        self.child.take().expect("running").stop().unwrap()
+    }
+}
+
+/// `lb-agent status --json`.
+fn status(pins: &Path) -> Option<Value> {
+    let out = std::process::Command::new(agent_bin())
+        .args(["status", "--json", "--pin-path"])
+        .arg(pins)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+fn service<'a>(status: &'a Value, address: &str) -> Option<&'a Value> {
+    status["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["address"] == address)
+}
+
+/// The backend addresses of a service, sorted; `None` if the service is not programmed.
+fn backends(status: &Value, address: &str) -> Option<Vec<String>> {
+    let mut v: Vec<String> = service(status, address)?["backends"]
+        .as_array()?
+        .iter()
+        .filter_map(|b| b["address"].as_str().map(String::from))
+        .collect();
+    v.sort();
+    Some(v)
+}
+
+fn addrs(last_octets: &[u8]) -> Vec<String> {
+    last_octets
+        .iter()
+        .map(|o| format!("198.18.0.{o}"))
+        .collect()
+}
+
+/// Both echo services have exactly these backends.
+fn echo_backends_are(pins: &Path, want: &[u8]) -> bool {
+    let want = addrs(want);
+    status(pins).is_some_and(|s| {
+        backends(&s, UDP_SERVICE).as_ref() == Some(&want)
+            && backends(&s, TCP_SERVICE).as_ref() == Some(&want)
+    })
+}
+
+fn forwarding_of(pins: &Path, address: &str) -> Option<String> {
+    let s = status(pins)?;
+    service(&s, address)?["forwarding"]
+        .as_str()
+        .map(String::from)
+}
+
+/// What the pinned maps hold (not the counters): services, backends, node config, tables.
+fn maps(pins: &Path) -> String {
+    let dp = Dataplane::open_pinned(pins).unwrap();
+    let snap = dp.snapshot().unwrap();
+    let tables: Vec<Vec<u32>> = snap.services.values().map(|v| dp.table(v).unwrap()).collect();
+    format!("{snap:?}\n{tables:?}")
+}
+
+/// Real traffic to the VIP: every flow answered, from the VIP, by exactly `want` backends.
+fn check_traffic(lab: &Lab, want: &[&str]) {
+    let vip = SocketAddr::new(VIP.into(), PORT);
+    let udp = udp_flows(lab.client(), vip, 60, REPLY_TIMEOUT).unwrap();
+    let tcp = tcp_connections(lab.client(), vip, 12, REPLY_TIMEOUT).unwrap();
+    let d = Distribution::new(&udp, &tcp, vip, IpAddr::V4(lab.client_addr()));
+    assert_eq!(d.timeouts(), 0, "every flow answered:\n{}", d.table());
+    assert!(d.all_from_vip && d.all_saw_client_ip, "DSR:\n{}", d.table());
+    let hit: BTreeSet<&str> = d.per_backend.keys().map(String::as_str).collect();
+    let want: BTreeSet<&str> = want.iter().copied().collect();
+    assert_eq!(hit, want, "backends that answered:\n{}", d.table());
+}
+
+/// The echo EndpointSlice with endpoint `octet` set to these conditions (or removed).
+fn slice_with(server: &FakeApiServer, octet: u8, conditions: Option<Value>) -> Value {
+    let mut slice = server.get(Kind::EndpointSlice, SLICE.0, SLICE.1).unwrap();
+    let addr = format!("198.18.0.{octet}");
+    let endpoints = slice["endpoints"].as_array_mut().unwrap();
+    let i = endpoints
+        .iter()
+        .position(|e| e["addresses"][0] == addr.as_str())
+        .unwrap_or_else(|| panic!("no endpoint {addr}"));
+    match conditions {
+        Some(c) => endpoints[i]["conditions"] = c,
+        None => {
+            endpoints.remove(i);
+        }
+    }
+    slice
+}
+
+fn ready() -> Value {
+    json!({"ready": true, "serving": true, "terminating": false})
+}
+
+fn terminating() -> Value {
+    json!({"ready": false, "serving": true, "terminating": true})
+}
+
+fn config_map(server: &FakeApiServer, text: &str) -> Value {
+    let mut cm = server
+        .get(Kind::ConfigMap, NAMESPACE, "xdp-lb-config")
+        .unwrap();
+    cm["data"]["config.yaml"] = json!(text);
+    cm
+}
+
+/// A second Service of ours with a setting the data plane does not support (a warning).
+fn dns_service() -> Value {
+    json!({
+        "metadata": {
+            "name": "dns",
+            "namespace": "demo",
+            "uid": "f6a7b8c9-d0e1-5f2a-8b3c-4d5e6f7a8b9c",
+            "creationTimestamp": "2025-05-03T12:30:00Z",
+            "labels": {"app.kubernetes.io/name": "dns"}
+        },
+        "spec": {
+            "ports": [{"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 53, "nodePort": 30053}],
+            "selector": {"app.kubernetes.io/name": "dns"},
+            "clusterIP": "198.19.42.53",
+            "clusterIPs": ["198.19.42.53"],
+            "type": "LoadBalancer",
+            "sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 10800}},
+            "externalTrafficPolicy": "Cluster",
+            "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack",
+            "allocateLoadBalancerNodePorts": true,
+            "internalTrafficPolicy": "Cluster"
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": "198.18.0.101", "ipMode": "VIP"}]}}
+    })
+}
+
+fn count_lists(server: &FakeApiServer, path: &str) -> usize {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with(&format!("GET {path}")) && !r.contains("watch=true"))
+        .count()
+}
+
+#[test]
+fn follows_the_cluster_through_watch_events_outages_and_relists() {
+    require_root().unwrap();
+    let lab = Lab::new(LabSpec::default()).unwrap();
+    let dirs = Dirs::new();
+    let _backends = start_backends(&lab, &dirs.work.0);
+    let server = start_server(lab.lb(), &ALL_LISTS);
+    let kubeconfig = dirs.kubeconfig(&server);
+    let pins = dirs.pins.0.clone();
+    let mut agent = Agent::start(lab.lb(), &dirs, &kubeconfig, "agent", &[]);
+
+    // 1. The initial lists: the Service's two ports with the three ready endpoints; the
+    // ClusterIP Service and the other ConfigMap in the namespace are not ours.
+    agent.wait(WAIT, "the agent attaches", |a| {
+        a.log().contains("load balancer attached")
+    });
+    agent.wait(WAIT, "the listed endpoints are programmed", |_| {
+        echo_backends_are(&pins, &[11, 12, 13])
+    });
+    assert_eq!(forwarding_of(&pins, UDP_SERVICE).as_deref(), Some("ipip"));
+    let log = agent.log();
+    assert!(log.contains("settings read"), "{log}");
+    assert!(log.contains("cluster state listed"), "{log}");
+    check_traffic(&lab, &["b1", "b2", "b3"]);
+    for kind in [Kind::Service, Kind::EndpointSlice, Kind::Node, Kind::ConfigMap] {
+        let deadline = Instant::now() + WAIT;
+        while server.watches(kind) == 0 {
+            assert!(Instant::now() < deadline, "no watch on {kind:?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let requests = server.requests();
+    assert!(
+        requests.iter().any(|r| r.contains("/api/v1/namespaces/xdp-lb/configmaps?")
+            && r.contains("fieldSelector=metadata.name%3Dxdp-lb-config")),
+        "the ConfigMap is watched by name: {requests:#?}"
+    );
+
+    // 2. A new Service (ADDED): programmed without backends, its warning logged once.
+    server.apply(Kind::Service, dns_service());
+    agent.wait(WAIT, "the new Service is programmed", |_| {
+        status(&pins).is_some_and(|s| backends(&s, "198.18.0.101:53/udp") == Some(vec![]))
+    });
+    agent.wait(WAIT, "its warning is logged", |a| {
+        a.log().contains("SessionAffinityUnsupported")
+    });
+
+    // 3. An endpoint starts terminating (MODIFIED): it leaves both services; flows go to the
+    // other two. Bookmarks in between change nothing.
+    server.bookmark(Kind::EndpointSlice);
+    server.apply(Kind::EndpointSlice, slice_with(&server, 13, Some(terminating())));
+    server.bookmark(Kind::Service);
+    agent.wait(Duration::from_secs(10), "the terminating endpoint is removed", |_| {
+        echo_backends_are(&pins, &[11, 12])
+    });
+    check_traffic(&lab, &["b1", "b2"]);
+
+    // 4. The API server goes away: every connection is cut and new ones are refused. The
+    // watchers fail and retry; the maps stay exactly as they are and traffic keeps flowing,
+    // also while the cluster changes unseen (the endpoint is ready again).
+    let before = maps(&pins);
+    server.cut();
+    agent.wait(Duration::from_secs(10), "the watchers notice the outage", |a| {
+        a.log().contains("watch failed")
+    });
+    server.apply(Kind::EndpointSlice, slice_with(&server, 13, Some(ready())));
+    let outage = Instant::now();
+    while outage.elapsed() < Duration::from_secs(2) {
+        assert_eq!(maps(&pins), before, "the maps changed during the outage");
+        thread::sleep(Duration::from_millis(200));
+    }
+    check_traffic(&lab, &["b1", "b2"]);
+    assert_eq!(maps(&pins), before, "the maps changed during the outage");
+
+    // The API server is back: the watches resume from their resource version and get what
+    // they missed.
+    server.resume(listen(lab.lb(), server.addr()));
+    agent.wait(WAIT, "the change made during the outage is applied", |_| {
+        echo_backends_are(&pins, &[11, 12, 13])
+    });
+    check_traffic(&lab, &["b1", "b2", "b3"]);
+
+    // 5. A change after the reconnect: the ConfigMap switches the default forwarding to l2.
+    server.apply(
+        Kind::ConfigMap,
+        config_map(&server, "default_forwarding: l2\ninterface: eth0\n"),
+    );
+    agent.wait(Duration::from_secs(10), "the new settings are applied", |_| {
+        forwarding_of(&pins, UDP_SERVICE).as_deref() == Some("l2")
+            && forwarding_of(&pins, TCP_SERVICE).as_deref() == Some("l2")
+    });
+    check_traffic(&lab, &["b1", "b2", "b3"]);
+
+    // An invalid ConfigMap is rejected; the last valid settings stay.
+    server.apply(
+        Kind::ConfigMap,
+        config_map(&server, "default_forwarding: gre\ninterface: eth0\n"),
+    );
+    agent.wait(Duration::from_secs(10), "the invalid settings are rejected", |a| {
+        a.log().contains("settings rejected")
+    });
+    assert_eq!(forwarding_of(&pins, UDP_SERVICE).as_deref(), Some("l2"));
+
+    // 6. A longer outage: the history the watches would resume from is compacted meanwhile,
+    // so they get 410 Expired and re-list. The stores are replaced in one step; only the
+    // difference is written (the Service deleted, one endpoint gone), nothing is flushed.
+    let lists_before = count_lists(&server, "/apis/discovery.k8s.io/v1/endpointslices");
+    server.cut();
+    server.delete(Kind::Service, "demo", "dns");
+    server.apply(Kind::EndpointSlice, slice_with(&server, 12, None));
+    server.compact();
+    thread::sleep(Duration::from_millis(500));
+    server.resume(listen(lab.lb(), server.addr()));
+    agent.wait(WAIT, "the re-listed state is applied", |_| {
+        echo_backends_are(&pins, &[11, 13])
+            && status(&pins).is_some_and(|s| service(&s, "198.18.0.101:53/udp").is_none())
+    });
+    assert!(
+        count_lists(&server, "/apis/discovery.k8s.io/v1/endpointslices") > lists_before,
+        "the EndpointSlices were re-listed: {:#?}",
+        server.requests()
+    );
+    check_traffic(&lab, &["b1", "b3"]);
+
+    let log = agent.log();
+    let echo_removed = log
+        .lines()
+        .filter(|l| l.contains("service removed") && l.contains("198.18.0.100"))
+        .count();
+    assert_eq!(echo_removed, 0, "the echo services were never removed:\n{log}");
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("SessionAffinityUnsupported"))
+        .collect::<Vec<_>>();
+    assert_eq!(warnings.len(), 1, "the warning is logged once: {warnings:#?}");
+    assert!(warnings[0].contains("demo/dns"), "{}", warnings[0]);
+
+    let exit = agent.stop();
+    assert!(exit.success(), "agent exit: {exit}\n{}", agent.log());
+    assert!(agent.log().contains("detached"), "{}", agent.log());
+}
+
+#[test]
+fn restarted_agent_adopts_the_pinned_state_without_writes() {
+    require_root().unwrap();
+    let lab = Lab::new(LabSpec::default()).unwrap();
+    let dirs = Dirs::new();
+    let _backends = start_backends(&lab, &dirs.work.0);
+    // No ConfigMap: the defaults apply and the interface comes from the command line.
+    let server = start_server(lab.lb(), &ALL_LISTS[..3]);
+    let kubeconfig = dirs.kubeconfig(&server);
+    let pins = dirs.pins.0.clone();
+    let args = ["--interface", "eth0", "--keep-attached"];
+    let mut first = Agent::start(lab.lb(), &dirs, &kubeconfig, "agent-1", &args);
+    first.wait(WAIT, "the agent attaches", |a| {
+        a.log().contains("load balancer attached")
+    });
+    first.wait(WAIT, "the endpoints are programmed", |_| {
+        echo_backends_are(&pins, &[11, 12, 13])
+    });
+    assert!(
+        first
+            .log()
+            .contains("ConfigMap not found; using the default settings"),
+        "{}",
+        first.log()
+    );
+
+    let vip = SocketAddr::new(VIP.into(), PORT);
+    let stop = AtomicBool::new(false);
+    let (sent, lost, second) = thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let (mut sent, mut lost) = (0usize, 0usize);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                let replies = udp_flows(lab.client(), vip, 10, REPLY_TIMEOUT).unwrap();
+                sent += replies.len();
+                lost += replies.iter().filter(|r| !r.answered()).count();
+            }
+            (sent, lost)
+        });
+        thread::sleep(Duration::from_millis(300));
+        let exit = first.stop();
+        assert!(exit.success(), "agent exit: {exit}\n{}", first.log());
+        assert!(first.log().contains("program stays attached"), "{}", first.log());
+        // No agent at all: the pinned link keeps forwarding.
+        thread::sleep(Duration::from_millis(500));
+        let mut second = Agent::start(lab.lb(), &dirs, &kubeconfig, "agent-2", &args);
+        second.wait(WAIT, "the second agent attaches", |a| {
+            a.log().contains("load balancer attached")
+        });
+        thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        let (sent, lost) = traffic.join().unwrap();
+        (sent, lost, second)
+    });
+    let mut second = second;
+    let log = second.log();
+    assert!(log.contains("adopted=true"), "the second agent adopts the link:\n{log}");
+    assert!(
+        log.contains("initial sync done writes=0"),
+        "and finds nothing to write:\n{log}"
+    );
+    assert!(sent >= 50, "traffic kept flowing during the test: {sent} flows");
+    assert_eq!(lost, 0, "{lost} of {sent} flows lost across the restart");
+
+    // The second agent follows the cluster too.
+    server.apply(Kind::EndpointSlice, slice_with(&server, 11, None));
+    second.wait(WAIT, "a change reaches the second agent", |_| {
+        echo_backends_are(&pins, &[12, 13])
+    });
+    let exit = second.stop();
+    assert!(exit.success(), "agent exit: {exit}");
+}
+
+#[test]
+fn invalid_config_map_at_start_is_an_error_naming_it() {
+    require_root().unwrap();
+    let ns = NetNs::new("lbtk").unwrap();
+    let dirs = Dirs::new();
+    let server = start_server(&ns, &ALL_LISTS);
+    server.apply(
+        Kind::ConfigMap,
+        config_map(&server, "default_forwarding: gre\n"),
+    );
+    let kubeconfig = dirs.kubeconfig(&server);
+    let mut agent = Agent::start(&ns, &dirs, &kubeconfig, "agent", &[]);
+    let exit = agent.wait_exit(WAIT);
+    let log = agent.log();
+    assert!(!exit.success(), "{log}");
+    assert!(
+        log.contains("ConfigMap xdp-lb/xdp-lb-config: default_forwarding: unknown forwarding"),
+        "{log}"
+    );
+    assert!(!dirs.pins.0.exists(), "nothing was loaded or pinned");
+}
+
+#[test]
+fn kubernetes_mode_and_a_config_file_exclude_each_other() {
+    let out = std::process::Command::new(agent_bin())
+        .args(["run", "--kubernetes", "--config", "lb.yaml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot be used with"), "{err}");
+
+    let out = std::process::Command::new(agent_bin())
+        .args(["run", "--kubernetes"])
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--node-name"), "{err}");
+}
