@@ -1,10 +1,13 @@
 //! Command line (clap derive).
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
-use crate::loader::{AttachMode, DEFAULT_PIN_PATH};
+use crate::{
+    k8s::watch::{DEFAULT_CONFIG_MAP, DEFAULT_NAMESPACE},
+    loader::{AttachMode, DEFAULT_PIN_PATH},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,7 +32,28 @@ pub enum Command {
     Decap(DecapArgs),
     /// Show services, backends and counters from the pinned maps.
     Status(StatusArgs),
+    /// Run the real data plane on one synthesized packet against the live (pinned) maps and
+    /// show what it did: action, reason, backend, encapsulation.
+    #[command(long_about = TRACE_ABOUT)]
+    Trace(TraceArgs),
 }
+
+const TRACE_ABOUT: &str = "\
+Run the real data plane on one synthesized packet and show what it did.
+
+Loads this binary's lb_xdp program against the maps a running (or kept-attached) agent
+pinned under --pin-path, without attaching it, and runs it once with BPF_PROG_TEST_RUN on
+an Ethernet frame to the node's MAC: UDP with a short payload, or a TCP ACK (a SYN with
+--syn). Prints the action (PASS/DROP/TX), the reason counter that moved, the backend the
+frame went to, the encapsulation applied (outer addresses or new MACs) and the output length.
+
+Side effects: the program runs against the live maps, so
+  - the synthetic packet is counted in the live counters (reasons, service, backend);
+  - for a flow-tracked service a trace without --syn follows the flow entry of its 5-tuple,
+    or creates the entry the real first packet of that flow would create;
+  - a --syn trace takes a fresh Maglev decision and overwrites the flow entry of that
+    5-tuple (a live connection with the same 5-tuple could move): that is why it is opt-in.
+Use a source address and port no real client uses.";
 
 #[derive(Debug, Args)]
 #[command(group(
@@ -84,10 +108,19 @@ pub struct KubernetesArgs {
     )]
     pub node_name: Option<String>,
     /// Namespace of the agent's ConfigMap.
-    #[arg(long, env = "POD_NAMESPACE", default_value = crate::k8s::watch::DEFAULT_NAMESPACE, help_heading = "Kubernetes mode")]
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = DEFAULT_NAMESPACE,
+        help_heading = "Kubernetes mode"
+    )]
     pub namespace: String,
     /// The agent's ConfigMap (key `config.yaml`); when it does not exist, the defaults apply.
-    #[arg(long, default_value = crate::k8s::watch::DEFAULT_CONFIG_MAP, help_heading = "Kubernetes mode")]
+    #[arg(
+        long,
+        default_value = DEFAULT_CONFIG_MAP,
+        help_heading = "Kubernetes mode"
+    )]
     pub config_map: String,
 }
 
@@ -121,4 +154,41 @@ pub struct StatusArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Transport protocol of a traced packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TraceProtocol {
+    Udp,
+    Tcp,
+}
+
+impl From<TraceProtocol> for crate::state::Protocol {
+    fn from(p: TraceProtocol) -> Self {
+        match p {
+            TraceProtocol::Udp => crate::state::Protocol::Udp,
+            TraceProtocol::Tcp => crate::state::Protocol::Tcp,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    #[arg(long, value_enum)]
+    pub proto: TraceProtocol,
+    /// Client address and port, e.g. 198.18.1.1:40000 or [2001:db8::1]:40000.
+    #[arg(long, value_name = "IP:PORT")]
+    pub src: SocketAddr,
+    /// VIP and port, e.g. 198.18.0.100:53.
+    #[arg(long, value_name = "VIP:PORT")]
+    pub dst: SocketAddr,
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+    /// TCP only: send a SYN, which takes a fresh Maglev decision and overwrites the flow
+    /// entry of this 5-tuple (default: an ACK, which follows or creates it).
+    #[arg(long)]
+    pub syn: bool,
 }

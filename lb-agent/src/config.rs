@@ -73,6 +73,8 @@ struct RawService {
     table_size: Option<u32>,
     flow_tracking: Option<bool>,
     #[serde(default)]
+    source_ranges: Vec<String>,
+    #[serde(default)]
     backends: Vec<RawBackend>,
 }
 
@@ -233,6 +235,26 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
                 ));
             }
         }
+        let mut source_ranges = Vec::new();
+        for (i, r) in svc.source_ranges.iter().enumerate() {
+            let field = format!("source_ranges[{i}]");
+            let net: ipnet::IpNet = r
+                .parse()
+                .or_else(|_| r.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    err(
+                        &field,
+                        format!("{r:?} is not a CIDR (198.18.0.0/15, 2001:db8::/32)"),
+                    )
+                })?;
+            if net.addr().is_ipv4() != vip.is_ipv4() {
+                return Err(err(
+                    &field,
+                    format!("{net} is not of the VIP's address family"),
+                ));
+            }
+            source_ranges.push(net.trunc());
+        }
         let key = ServiceAddr {
             vip,
             port: svc.port,
@@ -251,6 +273,7 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
                 forwarding,
                 table_size: svc.table_size,
                 flow_tracking: svc.flow_tracking.unwrap_or(default_flow_tracking(protocol)),
+                source_ranges: (!source_ranges.is_empty()).then_some(source_ranges),
                 backends,
             },
         );
@@ -488,6 +511,40 @@ services:
         let msg = error_of("encap_source_v6: 198.18.0.1\n");
         assert!(
             msg.contains("encap_source_v6: \"198.18.0.1\" is not an IPv6 address"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn source_ranges() {
+        let ok = parse_str(
+            "services:\n  - {name: a, vip: 198.18.0.100, port: 53, protocol: udp, source_ranges: [198.18.1.7/24, 198.19.0.1], backends: [{address: 198.18.0.11}]}\n",
+        )
+        .unwrap();
+        let svc = ok.services.values().next().unwrap();
+        let want: Vec<ipnet::IpNet> = vec![
+            "198.18.1.0/24".parse().unwrap(),
+            "198.19.0.1/32".parse().unwrap(),
+        ];
+        assert_eq!(
+            svc.source_ranges.as_deref(),
+            Some(&want[..]),
+            "host bits cleared, bare address = /32"
+        );
+        let none = parse_str("services:\n  - {name: a, vip: 198.18.0.100, port: 53, protocol: udp, backends: [{address: 198.18.0.11}]}\n").unwrap();
+        assert_eq!(none.services.values().next().unwrap().source_ranges, None);
+        let msg = error_of(
+            "services:\n  - {name: a, vip: 198.18.0.100, port: 53, protocol: udp, source_ranges: [\"2001:db8::/32\"], backends: [{address: 198.18.0.11}]}\n",
+        );
+        assert!(
+            msg.contains("source_ranges[0]: 2001:db8::/32 is not of the VIP's address family"),
+            "{msg}"
+        );
+        let msg = error_of(
+            "services:\n  - {name: a, vip: 198.18.0.100, port: 53, protocol: udp, source_ranges: [bogus], backends: [{address: 198.18.0.11}]}\n",
+        );
+        assert!(
+            msg.contains("source_ranges[0]: \"bogus\" is not a CIDR"),
             "{msg}"
         );
     }

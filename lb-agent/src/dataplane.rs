@@ -5,12 +5,15 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    maps::{
+        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        lpm_trie::{Key, LpmTrie},
+    },
     util::nr_cpus,
 };
 use lb_common::{
-    BackendValue, Counters, NodeConfig, Reason, ServiceCounters, ServiceKey, ServiceValue, VipKey,
-    VipValue, maps,
+    BackendValue, Counters, NodeConfig, Reason, ServiceCounters, ServiceKey, ServiceValue,
+    SourceRange, VipKey, VipValue, maps,
 };
 
 use crate::sync::{MapOp, MapSnapshot};
@@ -42,6 +45,7 @@ pub struct Dataplane {
     maglev: Array<MapData, u32>,
     config: Array<MapData, NodeConfig>,
     vips: HashMap<MapData, VipKey, VipValue>,
+    source_ranges: LpmTrie<MapData, SourceRange, u32>,
     service_stats: PerCpuArray<MapData, ServiceCounters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
@@ -107,6 +111,8 @@ impl Dataplane {
             maglev: Array::try_from(get(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?,
             config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
             vips: HashMap::try_from(get(maps::VIPS)?).map_err(map_err(maps::VIPS))?,
+            source_ranges: LpmTrie::try_from(get(maps::SRC_RANGES)?)
+                .map_err(map_err(maps::SRC_RANGES))?,
             service_stats: PerCpuArray::try_from(get(maps::SERVICE_STATS)?)
                 .map_err(map_err(maps::SERVICE_STATS))?,
             backend_stats: PerCpuArray::try_from(get(maps::BACKEND_STATS)?)
@@ -141,8 +147,14 @@ impl Dataplane {
             let (k, v) = entry.map_err(map_err(maps::VIPS))?;
             vips.insert(k, v);
         }
+        let mut source_ranges = std::collections::BTreeSet::new();
+        for key in self.source_ranges.keys() {
+            let key = key.map_err(map_err(maps::SRC_RANGES))?;
+            source_ranges.insert((key.prefix_len(), key.data()));
+        }
         Ok(MapSnapshot {
             vips,
+            source_ranges,
             config: (config.flags & lb_common::CONFIG_F_VALID != 0).then_some(config),
             services,
             backends,
@@ -167,6 +179,14 @@ impl Dataplane {
                     .insert(key, value, 0)
                     .map_err(map_err(maps::VIPS))?,
                 MapOp::DeleteVip { key } => self.vips.remove(key).map_err(map_err(maps::VIPS))?,
+                MapOp::AddSourceRange { prefix_len, range } => self
+                    .source_ranges
+                    .insert(&Key::new(*prefix_len, *range), 1, 0)
+                    .map_err(map_err(maps::SRC_RANGES))?,
+                MapOp::RemoveSourceRange { prefix_len, range } => self
+                    .source_ranges
+                    .remove(&Key::new(*prefix_len, *range))
+                    .map_err(map_err(maps::SRC_RANGES))?,
                 MapOp::SetBackend { id, value, fresh } => {
                     if *fresh {
                         let zero = self.zero();

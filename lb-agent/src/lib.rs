@@ -11,5 +11,6 @@ pub mod netinfo;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod trace;
 
 pub use loader::EBPF_OBJECT;

@@ -2,7 +2,7 @@ use anyhow::Context;
 use clap::Parser;
 use lb_agent::{
     cli::{Cli, Command},
-    daemon, loader, status,
+    daemon, loader, status, trace,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -35,6 +35,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status(args) => status::print(&args).context("lb-agent status"),
+        Command::Trace(args) => trace::print(&args).context("lb-agent trace"),
     }
 }
 

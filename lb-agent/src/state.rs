@@ -71,6 +71,9 @@ pub struct ServiceSpec {
     pub table_size: Option<u32>,
     /// Remember each flow's backend (see `default_flow_tracking`).
     pub flow_tracking: bool,
+    /// Clients allowed to use the service (`None`: everyone; an empty list: nobody). Others
+    /// are dropped and counted.
+    pub source_ranges: Option<Vec<ipnet::IpNet>>,
     pub backends: BTreeMap<IpAddr, BackendSpec>,
 }
 

@@ -18,7 +18,8 @@ use std::{
 
 use lb_common::{
     BACKEND_F_VALID, BackendValue, FAMILY_V4, FAMILY_V6, Forwarding, NodeConfig,
-    SERVICE_F_FLOW_TRACKING, ServiceKey, ServiceValue, VIP_F_ECHO, VipKey, VipValue,
+    SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
+    VIP_F_ECHO, VipKey, VipValue,
     maglev::{self, MaglevBackend},
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
@@ -32,6 +33,8 @@ pub struct MapSnapshot {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, BackendValue>,
     pub vips: BTreeMap<VipKey, VipValue>,
+    /// `LB_SRC_RANGES` entries: (prefix length, key data).
+    pub source_ranges: BTreeSet<(u32, SourceRange)>,
     /// Slots in `LB_MAGLEV`.
     pub maglev_capacity: u32,
 }
@@ -46,6 +49,14 @@ pub enum MapOp {
     },
     DeleteVip {
         key: VipKey,
+    },
+    AddSourceRange {
+        prefix_len: u32,
+        range: SourceRange,
+    },
+    RemoveSourceRange {
+        prefix_len: u32,
+        range: SourceRange,
     },
     /// `fresh`: the id was free before, so its counters start from zero.
     SetBackend {
@@ -185,6 +196,18 @@ impl Regions {
     fn free(&self) -> u32 {
         self.capacity.saturating_sub(self.used.values().sum())
     }
+}
+
+/// The `LB_SRC_RANGES` entry allowing `net` for service `id`.
+pub fn source_range(id: u32, net: &ipnet::IpNet) -> (u32, SourceRange) {
+    let (addr_be, _) = ip_bytes(net.network());
+    (
+        32 + u32::from(net.prefix_len()),
+        SourceRange {
+            service_id_be: id.to_be_bytes(),
+            addr_be,
+        },
+    )
 }
 
 /// Lowest ids not in `taken`, handed out in order.
@@ -346,6 +369,25 @@ pub fn plan(
         }
     }
 
+    // Allow lists: entries exist before a service's flag turns them on, and go after.
+    let ranges: BTreeSet<(u32, SourceRange)> = desired
+        .services
+        .iter()
+        .flat_map(|(addr, svc)| {
+            let (id, _) = service_ids[addr];
+            svc.source_ranges
+                .iter()
+                .flatten()
+                .map(move |net| source_range(id, net))
+        })
+        .collect();
+    for (prefix_len, range) in ranges.difference(&current.source_ranges) {
+        out.ops.push(MapOp::AddSourceRange {
+            prefix_len: *prefix_len,
+            range: *range,
+        });
+    }
+
     // Tables and service entries.
     let mut regions = Regions::new(current.maglev_capacity, &current.services);
     let mut table_ops = Vec::new();
@@ -412,6 +454,10 @@ pub fn plan(
                 SERVICE_F_FLOW_TRACKING
             } else {
                 0
+            } | if svc.source_ranges.is_some() {
+                SERVICE_F_SOURCE_RANGES
+            } else {
+                0
             },
             _pad: [0; 2],
             fingerprint,
@@ -439,6 +485,12 @@ pub fn plan(
             out.ops.push(MapOp::ClearBackend { id: *id });
         }
     }
+    for (prefix_len, range) in current.source_ranges.difference(&ranges) {
+        out.ops.push(MapOp::RemoveSourceRange {
+            prefix_len: *prefix_len,
+            range: *range,
+        });
+    }
     for key in current.vips.keys() {
         if !vips.contains_key(key) {
             out.ops.push(MapOp::DeleteVip { key: *key });
@@ -458,6 +510,12 @@ pub fn apply_to_snapshot(snapshot: &mut MapSnapshot, ops: &[MapOp]) {
             }
             MapOp::DeleteVip { key } => {
                 snapshot.vips.remove(key);
+            }
+            MapOp::AddSourceRange { prefix_len, range } => {
+                snapshot.source_ranges.insert((*prefix_len, *range));
+            }
+            MapOp::RemoveSourceRange { prefix_len, range } => {
+                snapshot.source_ranges.remove(&(*prefix_len, *range));
             }
             MapOp::SetBackend { id, value, .. } => {
                 snapshot.backends.insert(*id, *value);
@@ -506,6 +564,7 @@ mod tests {
             forwarding: Forwarding::Ipip,
             table_size: None,
             flow_tracking: false,
+            source_ranges: None,
             backends: backends
                 .iter()
                 .map(|&(last, weight)| (ip(last), BackendSpec { weight, mac: None }))
@@ -561,6 +620,8 @@ mod tests {
                 MapOp::SetConfig(_) => "config",
                 MapOp::SetVip { .. } => "vip",
                 MapOp::DeleteVip { .. } => "delete vip",
+                MapOp::AddSourceRange { .. } => "add range",
+                MapOp::RemoveSourceRange { .. } => "remove range",
                 MapOp::SetBackend { .. } => "backend",
                 MapOp::WriteTable { .. } => "table",
                 MapOp::SetService { .. } => "service",

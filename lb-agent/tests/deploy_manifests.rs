@@ -87,10 +87,20 @@ fn daemonset_is_unprivileged_with_exactly_the_capabilities_it_needs() {
     assert_eq!(containers.len(), 1);
     assert!(pod["initContainers"].is_null());
     let c = &containers[0];
+    let args = strings(&c["args"]);
     assert_eq!(
-        strings(&c["args"]),
-        ["run", "--kubernetes", "--keep-attached"]
+        args,
+        [
+            "run",
+            "--kubernetes",
+            "--config-map",
+            "lb-agent",
+            "--keep-attached"
+        ]
     );
+    // The agent reads the ConfigMap these manifests create, in its own namespace.
+    let config_map = args[args.iter().position(|a| *a == "--config-map").unwrap() + 1];
+    find(&docs, "ConfigMap", config_map);
     let sc = &c["securityContext"];
     let added: BTreeSet<&str> = strings(&sc["capabilities"]["add"]).into_iter().collect();
     assert_eq!(
@@ -109,6 +119,14 @@ fn daemonset_is_unprivileged_with_exactly_the_capabilities_it_needs() {
     assert_eq!(
         node_name["valueFrom"]["fieldRef"]["fieldPath"],
         "spec.nodeName"
+    );
+    let pod_namespace = c["env"]
+        .as_array()
+        .and_then(|env| env.iter().find(|e| e["name"] == "POD_NAMESPACE"))
+        .expect("POD_NAMESPACE in env");
+    assert_eq!(
+        pod_namespace["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
     );
 
     // Mounts: bpffs (pins survive the pod) and BTF read-only, both from the host.

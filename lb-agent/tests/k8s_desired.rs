@@ -431,6 +431,12 @@ fn addresses_types_annotations_and_unsupported_fields() {
 
     // Served anyway, with warnings; the IPv6 address in an IPv4 slice is skipped.
     assert_eq!(backends(&state, "198.18.0.95:80/tcp"), ["198.18.10.96"]);
+    // loadBalancerSourceRanges: the IPv4 ranges of an IPv4 VIP are enforced; junk is warned.
+    let restricted = service(&state, "198.18.0.95:80/tcp");
+    assert_eq!(
+        restricted.source_ranges,
+        Some(vec!["198.18.0.0/24".parse::<ipnet::IpNet>().unwrap()])
+    );
     assert_eq!(
         reasons(&warnings),
         [
@@ -439,7 +445,7 @@ fn addresses_types_annotations_and_unsupported_fields() {
                 "default/restricted",
                 WarningReason::SessionAffinityUnsupported
             ),
-            w("default/restricted", WarningReason::SourceRangesUnsupported),
+            w("default/restricted", WarningReason::InvalidSourceRange),
             w("default/restricted", WarningReason::InvalidAddress),
         ]
     );

@@ -29,8 +29,8 @@ use std::{
 use fake_apiserver::{FakeApiServer, Kind};
 use lb_agent::dataplane::Dataplane;
 use lb_testkit::{
-    ChildGuard, Distribution, EchoServer, Lab, LabSpec, NetNs, require_root,
-    scenario::DirGuard, tcp_connections, udp_flows,
+    ChildGuard, Distribution, EchoServer, Lab, LabSpec, NetNs, require_root, scenario::DirGuard,
+    tcp_connections, udp_flows,
 };
 use serde_json::{Value, json};
 
@@ -195,7 +195,10 @@ impl Agent {
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait().unwrap()
             {
-                panic!("the agent exited ({status}) before {what}; log:\n{}", self.log());
+                panic!(
+                    "the agent exited ({status}) before {what}; log:\n{}",
+                    self.log()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -287,7 +290,11 @@ fn forwarding_of(pins: &Path, address: &str) -> Option<String> {
 fn maps(pins: &Path) -> String {
     let dp = Dataplane::open_pinned(pins).unwrap();
     let snap = dp.snapshot().unwrap();
-    let tables: Vec<Vec<u32>> = snap.services.values().map(|v| dp.table(v).unwrap()).collect();
+    let tables: Vec<Vec<u32>> = snap
+        .services
+        .values()
+        .map(|v| dp.table(v).unwrap())
+        .collect();
     format!("{snap:?}\n{tables:?}")
 }
 
@@ -366,6 +373,23 @@ fn dns_service() -> Value {
     })
 }
 
+/// Wait until every resource has a live WATCH stream again (after a start or an outage, each
+/// watcher reconnects after its own backoff).
+fn wait_watching(server: &FakeApiServer) {
+    let deadline = Instant::now() + 2 * WAIT;
+    for kind in [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::ConfigMap,
+    ] {
+        while server.watches(kind) == 0 {
+            assert!(Instant::now() < deadline, "no watch on {kind:?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 fn count_lists(server: &FakeApiServer, path: &str) -> usize {
     server
         .requests()
@@ -398,17 +422,13 @@ fn follows_the_cluster_through_watch_events_outages_and_relists() {
     assert!(log.contains("settings read"), "{log}");
     assert!(log.contains("cluster state listed"), "{log}");
     check_traffic(&lab, &["b1", "b2", "b3"]);
-    for kind in [Kind::Service, Kind::EndpointSlice, Kind::Node, Kind::ConfigMap] {
-        let deadline = Instant::now() + WAIT;
-        while server.watches(kind) == 0 {
-            assert!(Instant::now() < deadline, "no watch on {kind:?}");
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
+    wait_watching(&server);
     let requests = server.requests();
     assert!(
-        requests.iter().any(|r| r.contains("/api/v1/namespaces/xdp-lb/configmaps?")
-            && r.contains("fieldSelector=metadata.name%3Dxdp-lb-config")),
+        requests
+            .iter()
+            .any(|r| r.contains("/api/v1/namespaces/xdp-lb/configmaps?")
+                && r.contains("fieldSelector=metadata.name%3Dxdp-lb-config")),
         "the ConfigMap is watched by name: {requests:#?}"
     );
 
@@ -424,9 +444,12 @@ fn follows_the_cluster_through_watch_events_outages_and_relists() {
     // 3. An endpoint starts terminating (MODIFIED): it leaves both services; flows go to the
     // other two. Bookmarks in between change nothing.
     server.bookmark(Kind::EndpointSlice);
-    server.apply(Kind::EndpointSlice, slice_with(&server, 13, Some(terminating())));
+    server.apply(
+        Kind::EndpointSlice,
+        slice_with(&server, 13, Some(terminating())),
+    );
     server.bookmark(Kind::Service);
-    agent.wait(Duration::from_secs(10), "the terminating endpoint is removed", |_| {
+    agent.wait(WAIT, "the terminating endpoint is removed", |_| {
         echo_backends_are(&pins, &[11, 12])
     });
     check_traffic(&lab, &["b1", "b2"]);
@@ -436,7 +459,7 @@ fn follows_the_cluster_through_watch_events_outages_and_relists() {
     // also while the cluster changes unseen (the endpoint is ready again).
     let before = maps(&pins);
     server.cut();
-    agent.wait(Duration::from_secs(10), "the watchers notice the outage", |a| {
+    agent.wait(WAIT, "the watchers notice the outage", |a| {
         a.log().contains("watch failed")
     });
     server.apply(Kind::EndpointSlice, slice_with(&server, 13, Some(ready())));
@@ -455,13 +478,14 @@ fn follows_the_cluster_through_watch_events_outages_and_relists() {
         echo_backends_are(&pins, &[11, 12, 13])
     });
     check_traffic(&lab, &["b1", "b2", "b3"]);
+    wait_watching(&server);
 
     // 5. A change after the reconnect: the ConfigMap switches the default forwarding to l2.
     server.apply(
         Kind::ConfigMap,
         config_map(&server, "default_forwarding: l2\ninterface: eth0\n"),
     );
-    agent.wait(Duration::from_secs(10), "the new settings are applied", |_| {
+    agent.wait(WAIT, "the new settings are applied", |_| {
         forwarding_of(&pins, UDP_SERVICE).as_deref() == Some("l2")
             && forwarding_of(&pins, TCP_SERVICE).as_deref() == Some("l2")
     });
@@ -472,7 +496,7 @@ fn follows_the_cluster_through_watch_events_outages_and_relists() {
         Kind::ConfigMap,
         config_map(&server, "default_forwarding: gre\ninterface: eth0\n"),
     );
-    agent.wait(Duration::from_secs(10), "the invalid settings are rejected", |a| {
+    agent.wait(WAIT, "the invalid settings are rejected", |a| {
         a.log().contains("settings rejected")
     });
     assert_eq!(forwarding_of(&pins, UDP_SERVICE).as_deref(), Some("l2"));
@@ -487,7 +511,9 @@ fn follows_the_cluster_through_watch_events_outages_and_relists() {
     server.compact();
     thread::sleep(Duration::from_millis(500));
     server.resume(listen(lab.lb(), server.addr()));
-    agent.wait(WAIT, "the re-listed state is applied", |_| {
+    // kube's DefaultBackoff (0.8 s doubling, jittered, reset after 120 s without errors) has
+    // counted every failure of both outages by now, so the re-list may take a while.
+    agent.wait(2 * WAIT, "the re-listed state is applied", |_| {
         echo_backends_are(&pins, &[11, 13])
             && status(&pins).is_some_and(|s| service(&s, "198.18.0.101:53/udp").is_none())
     });
@@ -503,12 +529,19 @@ fn follows_the_cluster_through_watch_events_outages_and_relists() {
         .lines()
         .filter(|l| l.contains("service removed") && l.contains("198.18.0.100"))
         .count();
-    assert_eq!(echo_removed, 0, "the echo services were never removed:\n{log}");
+    assert_eq!(
+        echo_removed, 0,
+        "the echo services were never removed:\n{log}"
+    );
     let warnings = log
         .lines()
         .filter(|l| l.contains("SessionAffinityUnsupported"))
         .collect::<Vec<_>>();
-    assert_eq!(warnings.len(), 1, "the warning is logged once: {warnings:#?}");
+    assert_eq!(
+        warnings.len(),
+        1,
+        "the warning is logged once: {warnings:#?}"
+    );
     assert!(warnings[0].contains("demo/dns"), "{}", warnings[0]);
 
     let exit = agent.stop();
@@ -558,7 +591,11 @@ fn restarted_agent_adopts_the_pinned_state_without_writes() {
         thread::sleep(Duration::from_millis(300));
         let exit = first.stop();
         assert!(exit.success(), "agent exit: {exit}\n{}", first.log());
-        assert!(first.log().contains("program stays attached"), "{}", first.log());
+        assert!(
+            first.log().contains("program stays attached"),
+            "{}",
+            first.log()
+        );
         // No agent at all: the pinned link keeps forwarding.
         thread::sleep(Duration::from_millis(500));
         let mut second = Agent::start(lab.lb(), &dirs, &kubeconfig, "agent-2", &args);
@@ -572,12 +609,18 @@ fn restarted_agent_adopts_the_pinned_state_without_writes() {
     });
     let mut second = second;
     let log = second.log();
-    assert!(log.contains("adopted=true"), "the second agent adopts the link:\n{log}");
+    assert!(
+        log.contains("adopted=true"),
+        "the second agent adopts the link:\n{log}"
+    );
     assert!(
         log.contains("initial sync done writes=0"),
         "and finds nothing to write:\n{log}"
     );
-    assert!(sent >= 50, "traffic kept flowing during the test: {sent} flows");
+    assert!(
+        sent >= 50,
+        "traffic kept flowing during the test: {sent} flows"
+    );
     assert_eq!(lost, 0, "{lost} of {sent} flows lost across the restart");
 
     // The second agent follows the cluster too.
@@ -609,6 +652,87 @@ fn invalid_config_map_at_start_is_an_error_naming_it() {
         "{log}"
     );
     assert!(!dirs.pins.0.exists(), "nothing was loaded or pinned");
+}
+
+#[test]
+fn unreachable_api_server_at_start_writes_nothing_and_sigterm_exits() {
+    require_root().unwrap();
+    let ns = NetNs::new("lbtk").unwrap();
+    let dirs = Dirs::new();
+    let server = start_server(&ns, &ALL_LISTS);
+    server.cut();
+    let kubeconfig = dirs.kubeconfig(&server);
+    let mut agent = Agent::start(&ns, &dirs, &kubeconfig, "agent", &[]);
+    agent.wait(WAIT, "the watchers report the refused connections", |a| {
+        a.log().contains("watch failed")
+    });
+    thread::sleep(Duration::from_secs(1));
+    assert!(
+        !dirs.pins.0.exists(),
+        "nothing is loaded before the stores are listed"
+    );
+    let started = Instant::now();
+    let exit = agent.stop();
+    assert!(exit.success(), "agent exit: {exit}\n{}", agent.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "SIGTERM ends the wait for the API server"
+    );
+}
+
+#[test]
+fn the_watch_fixtures_are_typed_api_lists_with_the_expected_state() {
+    use k8s_openapi::api::{
+        core::v1::{ConfigMap, Node, Service},
+        discovery::v1::EndpointSlice,
+    };
+    fn list<T>(rel: &str) -> Vec<T>
+    where
+        T: k8s_openapi::ListableResource + serde::de::DeserializeOwned,
+    {
+        let text = fs::read_to_string(fixture(rel)).unwrap();
+        let list: k8s_openapi::List<T> = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{rel} is not a {}List: {e}", T::KIND));
+        list.items
+    }
+    let config_maps: Vec<ConfigMap> = list("watch/configmaps.json");
+    let cm = config_maps
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some("xdp-lb-config"))
+        .unwrap();
+    let cfg = lb_agent::k8s::K8sConfig::from_config_map(cm).unwrap();
+    let (state, warnings) = lb_agent::k8s::desired_state(
+        &list::<Service>("watch/services.json"),
+        &list::<EndpointSlice>("watch/endpointslices.json"),
+        &list::<Node>("nodes.json"),
+        &cfg,
+        NODE,
+    );
+    assert_eq!(warnings, vec![]);
+    assert_eq!(state.node.interface.as_deref(), Some("eth0"));
+    let got: Vec<(String, String, Vec<String>)> = state
+        .services
+        .iter()
+        .map(|(addr, spec)| {
+            let backends = spec.backends.keys().map(ToString::to_string).collect();
+            (addr.to_string(), spec.name.clone(), backends)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                TCP_SERVICE.to_string(),
+                "demo/echo:echo-tcp".to_string(),
+                addrs(&[11, 12, 13])
+            ),
+            (
+                UDP_SERVICE.to_string(),
+                "demo/echo:echo-udp".to_string(),
+                addrs(&[11, 12, 13])
+            ),
+        ]
+    );
 }
 
 #[test]

@@ -66,6 +66,7 @@ fn service(
         forwarding,
         table_size: None,
         flow_tracking: false,
+        source_ranges: None,
         backends: backends
             .iter()
             .map(|ip| {
@@ -119,6 +120,7 @@ fn fixture() -> Fixture {
         addr(PORT_TCP, Protocol::Tcp),
         ServiceSpec {
             flow_tracking: true,
+            source_ranges: None,
             ..service("web", Forwarding::Ipip, &three, true)
         },
     );
@@ -620,6 +622,7 @@ fn established_tcp_flows_keep_their_backend_when_backends_are_added() {
         web_addr(),
         ServiceSpec {
             flow_tracking: true,
+            source_ranges: None,
             ..service("web", Forwarding::Ipip, &six, true)
         },
     );
@@ -671,6 +674,7 @@ fn flows_of_a_removed_backend_are_rerouted_and_others_stay() {
         web_addr(),
         ServiceSpec {
             flow_tracking: true,
+            source_ranges: None,
             ..service(
                 "web",
                 Forwarding::Ipip,
@@ -772,6 +776,7 @@ fn service_any(name: &str, forwarding: Forwarding, backends: &[IpAddr]) -> Servi
         forwarding,
         table_size: None,
         flow_tracking: false,
+        source_ranges: None,
         backends: backends
             .iter()
             .map(|ip| {
@@ -1584,5 +1589,109 @@ fn too_big_for_the_tunnel_is_answered_with_icmp() {
         f.run(maps::PROG_LB, &big),
         XDP_DROP,
         &big,
+    );
+}
+
+// ---- Source ranges ----
+
+#[test]
+fn source_ranges_admit_only_listed_clients() {
+    let mut f = mixed_fixture();
+    let mut desired = f.desired.clone();
+    let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+    let a4 = ServiceAddr {
+        vip: IpAddr::V4(VIP),
+        port: PORT_IPIP,
+        protocol: Protocol::Udp,
+    };
+    let a6 = ServiceAddr {
+        vip: IpAddr::V6(VIP6),
+        port: P6_IPIP,
+        protocol: Protocol::Udp,
+    };
+    let l2 = ServiceAddr {
+        vip: IpAddr::V4(VIP),
+        port: PORT_L2,
+        protocol: Protocol::Udp,
+    };
+    desired.services.get_mut(&a4).unwrap().source_ranges =
+        Some(vec![net("198.18.1.0/24"), net("198.19.0.7/32")]);
+    desired.services.get_mut(&a6).unwrap().source_ranges = Some(vec![net("2001:db8:1::/48")]);
+    desired.services.get_mut(&l2).unwrap().source_ranges = Some(vec![]);
+    f.program(desired);
+    let from = |src: Ipv4Addr, port: u16| {
+        PacketBuilder::new()
+            .eth(CLIENT_MAC, LB_MAC)
+            .ipv4(src, VIP)
+            .udp(40000, port, b"x")
+            .build()
+    };
+    let from6 = |src: Ipv6Addr| {
+        PacketBuilder::new()
+            .eth(CLIENT_MAC, LB_MAC)
+            .ipv6(src, VIP6)
+            .udp(40000, P6_IPIP, b"x")
+            .build()
+    };
+    let before = f.reason(Reason::DropSourceRange);
+    assert_eq!(
+        f.run(maps::PROG_LB, &from(CLIENT, PORT_IPIP)).0,
+        XDP_TX,
+        "198.18.1.1 is in /24"
+    );
+    assert_eq!(
+        f.run(
+            maps::PROG_LB,
+            &from(Ipv4Addr::new(198, 19, 0, 7), PORT_IPIP)
+        )
+        .0,
+        XDP_TX,
+        "/32 entry"
+    );
+    for (name, input) in [
+        (
+            "outside the /24",
+            from(Ipv4Addr::new(198, 18, 2, 1), PORT_IPIP),
+        ),
+        (
+            "next to the /32",
+            from(Ipv4Addr::new(198, 19, 0, 8), PORT_IPIP),
+        ),
+        ("empty list admits nobody", from(CLIENT, PORT_L2)),
+        (
+            "ipv6 outside the /48",
+            from6(Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1)),
+        ),
+    ] {
+        assert_frame(name, f.run(maps::PROG_LB, &input), XDP_DROP, &input);
+    }
+    assert_eq!(
+        f.run(maps::PROG_LB, &from6(CLIENT6)).0,
+        XDP_TX,
+        "2001:db8:1::1 is in the /48"
+    );
+    assert_eq!(f.reason(Reason::DropSourceRange) - before, 4);
+    // Other services are not restricted.
+    let tcp = tcp_to_web(40000, tcp_flags::SYN);
+    let tcp = {
+        let mut t = tcp;
+        t[26..30].copy_from_slice(&[198, 18, 2, 1]);
+        t
+    };
+    assert_eq!(f.run(maps::PROG_LB, &tcp).0, XDP_TX);
+    // Lifting the restriction removes the entries and the flag.
+    let mut desired = f.desired.clone();
+    for svc in desired.services.values_mut() {
+        svc.source_ranges = None;
+    }
+    f.program(desired);
+    assert!(f.snapshot.source_ranges.is_empty());
+    assert_eq!(
+        f.run(
+            maps::PROG_LB,
+            &from(Ipv4Addr::new(198, 18, 2, 1), PORT_IPIP)
+        )
+        .0,
+        XDP_TX
     );
 }

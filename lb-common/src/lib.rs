@@ -9,6 +9,7 @@
 #[cfg(feature = "user")]
 extern crate std;
 
+pub mod bench;
 pub mod hash;
 pub mod maps;
 pub mod stats;

@@ -22,9 +22,13 @@ pub const FLOWS: &str = "LB_FLOWS";
 pub const FLOOD: &str = "LB_FLOOD";
 /// `VipKey` → `VipValue`: every VIP, for ICMP echo.
 pub const VIPS: &str = "LB_VIPS";
+/// LPM trie: (service id, client prefix) → 1, the allow lists of services that have one.
+pub const SRC_RANGES: &str = "LB_SRC_RANGES";
+/// Allow-list entries over all services.
+pub const MAX_SRC_RANGES: u32 = 65_536;
 
 /// Every map the load balancer pins, in the order `lb-agent status` reads them.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -35,6 +39,7 @@ pub const ALL: [&str; 10] = [
     FLOWS,
     FLOOD,
     VIPS,
+    SRC_RANGES,
 ];
 
 /// Distinct (VIP, port, protocol) entries; also the size of the per-service counter array.

@@ -1,9 +1,10 @@
 //! `aya::Pod` for the shared map types: they are `repr(C)`, padded explicitly and valid for
 //! every bit pattern.
 
+use crate::bench::HarnessFrame;
 use crate::types::{
     BackendValue, Counters, FloodWindow, FlowKey, FlowValue, NodeConfig, ServiceCounters,
-    ServiceKey, ServiceValue, VipKey, VipValue,
+    ServiceKey, ServiceValue, SourceRange, VipKey, VipValue,
 };
 
 // SAFETY: each type is `repr(C)`, has no implicit padding (sizes asserted in `types`), and
@@ -19,3 +20,6 @@ unsafe impl aya::Pod for FloodWindow {}
 unsafe impl aya::Pod for ServiceCounters {}
 unsafe impl aya::Pod for VipKey {}
 unsafe impl aya::Pod for VipValue {}
+unsafe impl aya::Pod for SourceRange {}
+// SAFETY: as above; the size is asserted in `bench`.
+unsafe impl aya::Pod for HarnessFrame {}

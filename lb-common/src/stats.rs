@@ -47,10 +47,12 @@ pub enum Reason {
     /// A packet too big for the encapsulation was answered with ICMP fragmentation needed /
     /// ICMPv6 packet too big.
     TxIcmpTooBig = 18,
+    /// The client is not in the service's source ranges.
+    DropSourceRange = 19,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -73,6 +75,7 @@ impl Reason {
         Reason::IcmpToBackend,
         Reason::TxEchoReply,
         Reason::TxIcmpTooBig,
+        Reason::DropSourceRange,
     ];
 
     /// Stable snake_case name, used by `lb-agent status` and metrics.
@@ -97,6 +100,7 @@ impl Reason {
             Reason::IcmpToBackend => "icmp_to_backend",
             Reason::TxEchoReply => "tx_echo_reply",
             Reason::TxIcmpTooBig => "tx_icmp_too_big",
+            Reason::DropSourceRange => "drop_source_range",
         }
     }
 }

@@ -81,6 +81,19 @@ impl ServiceKey {
 /// Remember each flow's backend in `LB_FLOWS`, so established connections keep their backend
 /// when the backend set changes.
 pub const SERVICE_F_FLOW_TRACKING: u8 = 1;
+/// Only clients in the service's entries of `LB_SRC_RANGES` are balanced; others are
+/// dropped.
+pub const SERVICE_F_SOURCE_RANGES: u8 = 2;
+
+/// Data of an `LB_SRC_RANGES` key (after the LPM prefix length): the service id, then the
+/// client address. The prefix length counts the 32 bits of the id plus the address bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SourceRange {
+    pub service_id_be: [u8; 4],
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<SourceRange>() == 20);
 
 /// What the data plane needs to balance one service.
 #[repr(C)]

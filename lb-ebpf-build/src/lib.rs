@@ -168,6 +168,16 @@ fn sysroot(rustc: &Path) -> Option<PathBuf> {
     Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
+/// Name of the benchmark harness object (`lb-ebpf/src/bin/bench_harness.rs`, used only by
+/// `cargo xtask bench`). [`build`] builds every binary of `lb-ebpf`, so it lands next to the
+/// load balancer's object.
+pub const HARNESS_BIN: &str = "lb-bench-harness";
+
+/// The benchmark harness object built alongside `object` (a path [`build`] returned).
+pub fn harness_object(object: &Path) -> PathBuf {
+    object.with_file_name(HARNESS_BIN)
+}
+
 /// Options of one build.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {

@@ -26,6 +26,8 @@ const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMP6_PACKET_TOO_BIG: u8 = 2;
 const V4_HDR: usize = 20;
+/// TTL / hop limit of what the node sends itself.
+const REPLY_TTL: u8 = 64;
 const V6_HDR: usize = 40;
 const ICMP_HDR: usize = 8;
 /// An ICMPv6 error must fit the IPv6 minimum MTU.
@@ -53,20 +55,35 @@ pub fn echo_reply(ctx: &XdpContext, echo: &Echo) -> Result<Verdict, Verdict> {
         (*eth).dst_addr = s;
         (*eth).src_addr = d;
     }
-    // Swapping source and destination leaves every checksum as it is (sums commute).
+    // Swapping source and destination leaves every checksum as it is (sums commute). The
+    // reply starts with a fresh TTL / hop limit, so it gets as far as the request came.
     if echo.family == FAMILY_V4 {
-        let a: *mut [u8; 8] =
-            ptr_at(ctx, echo.l3_off + 12).ok_or(Verdict::pass(Reason::PassMalformed))?;
+        let h: *mut [u8; V4_HDR] =
+            ptr_at(ctx, echo.l3_off).ok_or(Verdict::pass(Reason::PassMalformed))?;
         unsafe {
-            let v = *a;
-            *a = [v[4], v[5], v[6], v[7], v[0], v[1], v[2], v[3]];
+            let mut v = *h;
+            let old = u16::from_be_bytes([v[8], v[9]]);
+            let new = u16::from_be_bytes([REPLY_TTL, v[9]]);
+            let c = csum::replace16([v[10], v[11]], old, new);
+            v[8] = REPLY_TTL;
+            v[10] = c[0];
+            v[11] = c[1];
+            let src = [v[12], v[13], v[14], v[15]];
+            v.copy_within(16..20, 12);
+            v[16..20].copy_from_slice(&src);
+            *h = v;
         }
     } else {
-        let a: *mut [[u8; 16]; 2] =
-            ptr_at(ctx, echo.l3_off + 8).ok_or(Verdict::pass(Reason::PassMalformed))?;
+        let h: *mut [u8; V6_HDR] =
+            ptr_at(ctx, echo.l3_off).ok_or(Verdict::pass(Reason::PassMalformed))?;
         unsafe {
-            let v = *a;
-            *a = [v[1], v[0]];
+            let mut v = *h;
+            v[7] = REPLY_TTL;
+            let mut src = [0u8; 16];
+            src.copy_from_slice(&v[8..24]);
+            v.copy_within(24..40, 8);
+            v[24..40].copy_from_slice(&src);
+            *h = v;
         }
     }
     let (request, reply) = if echo.family == FAMILY_V4 {
@@ -80,6 +97,10 @@ pub fn echo_reply(ctx: &XdpContext, echo: &Echo) -> Result<Verdict, Verdict> {
         let old = u16::from_be_bytes([request, v[1]]);
         let new = u16::from_be_bytes([reply, v[1]]);
         let c = csum::replace16([v[2], v[3]], old, new);
+        // All-zero data sums to zero: only 0xffff is then a valid checksum (0x0000 is the
+        // other zero of one's complement and fails the receiver's check). 0xffff is valid
+        // whenever 0x0000 is, so it is always the one written.
+        let c = if c == [0, 0] { [0xff, 0xff] } else { c };
         *h = [reply, v[1], c[0], c[1]];
     }
     Ok(Verdict::tx(Reason::TxEchoReply))

@@ -1,13 +1,16 @@
 //! Every map of the data plane. Names, sizes and value types come from `lb_common`.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
     BackendValue, Counters, FloodWindow, FlowKey, FlowValue, NodeConfig, Reason, ServiceCounters,
-    ServiceKey, ServiceValue, VipKey, VipValue,
-    maps::{DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_BACKENDS, MAX_SERVICES},
+    ServiceKey, ServiceValue, SourceRange, VipKey, VipValue,
+    maps::{
+        DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_BACKENDS, MAX_SERVICES,
+        MAX_SRC_RANGES,
+    },
 };
 
 #[btf_map]
@@ -42,3 +45,7 @@ pub static LB_FLOOD: PerCpuArray<FloodWindow, 1> = PerCpuArray::new();
 
 #[btf_map]
 pub static LB_VIPS: HashMap<VipKey, VipValue, { MAX_SERVICES as usize }> = HashMap::new();
+
+/// Value 1 for every allowed (service, client prefix).
+#[btf_map]
+pub static LB_SRC_RANGES: LpmTrie<SourceRange, u32, { MAX_SRC_RANGES as usize }> = LpmTrie::new();

@@ -6,16 +6,16 @@
 //! backend as every other node) and the decision is remembered, unless the flood guard says
 //! this CPU has created too many entries this second.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
+use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
     BackendValue, FAMILY_V4, FlowKey, FlowValue, NodeConfig, PROTO_TCP, Reason,
-    SERVICE_F_FLOW_TRACKING, ServiceKey, ServiceValue,
+    SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
     hash::{flow_hash_v4, flow_hash_v6},
 };
 
 use crate::{
     Verdict,
-    maps::{LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_SERVICES},
+    maps::{LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_SERVICES, LB_SRC_RANGES},
     parse::Packet,
     stats,
 };
@@ -33,9 +33,35 @@ pub struct Selected {
     pub new_flow: bool,
 }
 
-/// The service a packet is addressed to; `Err(pass)` when it is not a VIP.
+/// Is the packet's client allowed by the service's source ranges (if it has any)?
+#[inline(always)]
+fn source_allowed(pkt: &Packet, service: &ServiceValue) -> bool {
+    if service.flags & SERVICE_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        32 + 128,
+        SourceRange {
+            service_id_be: service.id.to_be_bytes(),
+            addr_be: pkt.src_be,
+        },
+    );
+    LB_SRC_RANGES.get(&key).is_some()
+}
+
+/// The service a packet is addressed to; `Err(pass)` when it is not a VIP, `Err(drop)` when
+/// its client is not allowed.
 #[inline(always)]
 pub fn service(pkt: &Packet) -> Result<ServiceValue, Verdict> {
+    let service = service_of(pkt)?;
+    if !source_allowed(pkt, &service) {
+        return Err(Verdict::drop(Reason::DropSourceRange));
+    }
+    Ok(service)
+}
+
+#[inline(always)]
+fn service_of(pkt: &Packet) -> Result<ServiceValue, Verdict> {
     let key = ServiceKey {
         addr_be: pkt.dst_be,
         port_be: u16::from_ne_bytes(pkt.dport_be),

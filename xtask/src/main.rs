@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask <task>`.
 
+mod bench;
 mod build_ebpf;
 mod demo;
 mod setup;
@@ -27,6 +28,9 @@ enum Task {
     /// Local demo in network namespaces: a client, a load balancer and three backends.
     /// Needs root.
     Demo(demo::Options),
+    /// Benchmarks: data plane (BPF_PROG_TEST_RUN), control plane (Maglev, sync, agent RSS),
+    /// end to end (pps through an LB namespace). Writes target/bench/. Needs root.
+    Bench(bench::Options),
 }
 
 fn main() {
@@ -36,6 +40,7 @@ fn main() {
         Task::BuildEbpf(opts) => build_ebpf::run(&opts),
         Task::Test(opts) => test::run(&opts),
         Task::Demo(opts) => demo::run(&opts),
+        Task::Bench(opts) => bench::run(&opts),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -53,8 +53,9 @@ pub enum WarningReason {
     TargetPortRemapped,
     /// `sessionAffinity: ClientIP` is not implemented; flows are balanced per 5-tuple.
     SessionAffinityUnsupported,
-    /// `loadBalancerSourceRanges` are not enforced; every client can reach the VIP.
-    SourceRangesUnsupported,
+    /// A `loadBalancerSourceRanges` entry that is not a CIDR; it is skipped (the others are
+    /// enforced).
+    InvalidSourceRange,
     /// The forwarding annotation has an unknown value; the default forwarding is used.
     InvalidAnnotation,
     /// Another (older) Service already uses this VIP, port and protocol; this port is skipped.
@@ -73,7 +74,7 @@ impl WarningReason {
             WarningReason::InvalidPort => "InvalidPort",
             WarningReason::TargetPortRemapped => "TargetPortRemapped",
             WarningReason::SessionAffinityUnsupported => "SessionAffinityUnsupported",
-            WarningReason::SourceRangesUnsupported => "SourceRangesUnsupported",
+            WarningReason::InvalidSourceRange => "InvalidSourceRange",
             WarningReason::InvalidAnnotation => "InvalidAnnotation",
             WarningReason::AddressConflict => "AddressConflict",
             WarningReason::UnknownNode => "UnknownNode",
@@ -270,17 +271,17 @@ impl Builder<'_> {
                     .into(),
             );
         }
-        if spec
-            .load_balancer_source_ranges
-            .as_ref()
-            .is_some_and(|r| !r.is_empty())
-        {
-            self.warn(
-                &cur,
-                WarningReason::SourceRangesUnsupported,
-                "loadBalancerSourceRanges are not enforced yet: every client can reach the VIP"
-                    .into(),
-            );
+        // loadBalancerSourceRanges: enforced in the data plane (clients outside are dropped).
+        let mut ranges = Vec::new();
+        for r in spec.load_balancer_source_ranges.iter().flatten() {
+            match r.trim().parse::<ipnet::IpNet>() {
+                Ok(net) => ranges.push(net.trunc()),
+                Err(_) => self.warn(
+                    &cur,
+                    WarningReason::InvalidSourceRange,
+                    format!("loadBalancerSourceRanges: {r:?} is not a CIDR; skipped"),
+                ),
+            }
         }
 
         let forwarding = self.forwarding(svc, &cur);
@@ -303,7 +304,7 @@ impl Builder<'_> {
         }
 
         for port in spec.ports.iter().flatten() {
-            self.add_port(&cur, port, &vips, forwarding, local);
+            self.add_port(&cur, port, &vips, forwarding, local, &ranges);
         }
     }
 
@@ -378,6 +379,7 @@ impl Builder<'_> {
         vips: &BTreeSet<Ipv4Addr>,
         forwarding: Forwarding,
         local: bool,
+        ranges: &[ipnet::IpNet],
     ) {
         let port_name = port.name.as_deref().unwrap_or_default();
         let label = if port_name.is_empty() {
@@ -467,6 +469,15 @@ impl Builder<'_> {
                             forwarding,
                             table_size: None,
                             flow_tracking: default_flow_tracking(protocol),
+                            // The VIPs are IPv4: their ranges are the IPv4 ones (a list
+                            // with no IPv4 entry admits no IPv4 client).
+                            source_ranges: (!ranges.is_empty()).then(|| {
+                                ranges
+                                    .iter()
+                                    .filter(|n| n.addr().is_ipv4())
+                                    .copied()
+                                    .collect()
+                            }),
                             backends: backends.clone(),
                         },
                     );

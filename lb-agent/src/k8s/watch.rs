@@ -56,7 +56,7 @@ pub struct WatchOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
     #[error("Kubernetes client: {0}")]
-    Client(#[source] kube::Error),
+    Client(kube::Error),
     #[error(transparent)]
     Config(#[from] K8sConfigError),
     #[error("the {0} watcher stopped before its first list")]
@@ -395,4 +395,75 @@ fn strip_node(node: &mut Node) {
     strip_managed_fields(node);
     node.spec = None;
     node.status = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::NodeStatus;
+    use kube::api::ObjectMeta;
+
+    use super::*;
+
+    fn node(name: &str, heartbeat: &str) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                resource_version: Some(heartbeat.into()),
+                ..ObjectMeta::default()
+            },
+            status: Some(NodeStatus::default()),
+            ..Node::default()
+        }
+    }
+
+    #[test]
+    fn only_nodes_joining_or_leaving_are_changes() {
+        let (store, mut writer) = reflector::store::<Node>();
+        let mut changed = node_names_changed(store);
+        let mut feed = |event: watcher::Event<Node>| {
+            writer.apply_watcher_event(&event);
+            changed(&event)
+        };
+        let steps = [
+            (watcher::Event::Init, false),
+            (watcher::Event::InitApply(node("node-a", "1")), false),
+            (watcher::Event::InitApply(node("node-b", "2")), false),
+            (watcher::Event::InitDone, true),
+            (watcher::Event::Apply(node("node-a", "3")), false),
+            (watcher::Event::Apply(node("node-c", "4")), true),
+            (watcher::Event::Delete(node("node-b", "5")), true),
+            (watcher::Event::Delete(node("node-b", "5")), false),
+            // A re-list with the same nodes is no change; one without node-c is.
+            (watcher::Event::Init, false),
+            (watcher::Event::InitApply(node("node-a", "6")), false),
+            (watcher::Event::InitApply(node("node-c", "7")), false),
+            (watcher::Event::InitDone, false),
+            (watcher::Event::Init, false),
+            (watcher::Event::InitApply(node("node-a", "8")), false),
+            (watcher::Event::InitDone, true),
+        ];
+        for (i, (event, want)) in steps.into_iter().enumerate() {
+            let what = event.to_string();
+            assert_eq!(feed(event), want, "step {i}: {what}");
+        }
+    }
+
+    #[test]
+    fn other_resources_change_on_every_object_event_and_list() {
+        let cm = ConfigMap::default();
+        assert!(any_change(&watcher::Event::Apply(cm.clone())));
+        assert!(any_change(&watcher::Event::Delete(cm.clone())));
+        assert!(any_change(&watcher::Event::<ConfigMap>::InitDone));
+        assert!(!any_change(&watcher::Event::<ConfigMap>::Init));
+        assert!(!any_change(&watcher::Event::InitApply(cm)));
+    }
+
+    #[test]
+    fn stripping_keeps_what_the_translation_reads() {
+        let mut n = node("node-a", "1");
+        n.metadata.managed_fields = Some(vec![Default::default()]);
+        strip_node(&mut n);
+        assert_eq!(n.metadata.name.as_deref(), Some("node-a"));
+        assert!(n.status.is_none() && n.metadata.managed_fields == Some(vec![]));
+    }
 }

@@ -50,7 +50,12 @@ pub enum Kind {
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Service, Kind::EndpointSlice, Kind::Node, Kind::ConfigMap];
+    const ALL: [Kind; 4] = [
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Node,
+        Kind::ConfigMap,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -164,7 +169,12 @@ impl FakeApiServer {
                     .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
                 let list: Value = serde_json::from_str(&text)
                     .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
-                assert_eq!(list["kind"], format!("{}List", kind.name()), "{}", path.display());
+                assert_eq!(
+                    list["kind"],
+                    format!("{}List", kind.name()),
+                    "{}",
+                    path.display()
+                );
                 let list_rv = parse_rv(&list["metadata"]["resourceVersion"]);
                 st.rv = st.rv.max(list_rv);
                 for item in list["items"].as_array().expect("items") {
@@ -315,12 +325,7 @@ impl FakeApiServer {
 
     /// Live WATCH streams of `kind`.
     pub fn watches(&self, kind: Kind) -> usize {
-        self.shared
-            .lock()
-            .watches
-            .get(&kind)
-            .copied()
-            .unwrap_or(0)
+        self.shared.lock().watches.get(&kind).copied().unwrap_or(0)
     }
 
     fn acceptor_slot(&self) -> MutexGuard<'_, Option<Acceptor>> {
@@ -393,14 +398,25 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
     while let Some(req) = read_request(&mut reader) {
         shared.lock().requests.push(req.line.clone());
         let Some((kind, namespace)) = route(&req.path) else {
-            let status = status_json(404, "NotFound", &format!("the server could not find the requested resource ({})", req.path));
+            let status = status_json(
+                404,
+                "NotFound",
+                &format!(
+                    "the server could not find the requested resource ({})",
+                    req.path
+                ),
+            );
             if respond_json(&mut out, 404, &status).is_err() {
                 break;
             }
             continue;
         };
         let filter = Filter::new(namespace, &req.query);
-        if req.query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        if req
+            .query
+            .get("watch")
+            .is_some_and(|w| w == "true" || w == "1")
+        {
             let from = req
                 .query
                 .get("resourceVersion")
@@ -550,7 +566,11 @@ impl Filter {
                         if let Some((k, v)) = t.split_once("!=") {
                             (k.to_string(), Some(v.to_string()), false)
                         } else if let Some((k, v)) = t.split_once('=') {
-                            (k.to_string(), Some(v.trim_start_matches('=').to_string()), true)
+                            (
+                                k.to_string(),
+                                Some(v.trim_start_matches('=').to_string()),
+                                true,
+                            )
                         } else if let Some(k) = t.strip_prefix('!') {
                             (k.to_string(), None, false)
                         } else {
@@ -664,7 +684,8 @@ fn serve_watch(
     from: u64,
     epoch: u64,
 ) {
-    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
     if out.write_all(head.as_bytes()).is_err() {
         return;
     }
@@ -678,7 +699,10 @@ fn serve_watch(
         let status = status_json(
             410,
             "Expired",
-            &format!("too old resource version: {from} ({})", shared.lock().collections[&kind].compacted),
+            &format!(
+                "too old resource version: {from} ({})",
+                shared.lock().collections[&kind].compacted
+            ),
         );
         let _ = write_chunk(out, &json!({"type": "ERROR", "object": status}));
         let _ = out.write_all(b"0\r\n\r\n");

@@ -77,9 +77,22 @@ fn flow(
     })
 }
 
+/// Does `len` bytes at `off` lie inside the IP packet (not just the frame, which may carry
+/// Ethernet padding after it)? Checked after the bytes were read through `ptr_at`: before,
+/// together with the frame-length check, it would let the compiler drop `ptr_at`'s check,
+/// which the verifier needs to see.
+#[inline(always)]
+fn within(outer: &Outer, off: usize, len: usize) -> Result<(), Verdict> {
+    if off + len > outer.l3_off + outer.l3_len as usize {
+        return Err(Verdict::pass(Reason::PassMalformed));
+    }
+    Ok(())
+}
+
 #[inline(always)]
 pub fn parse_v4(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
     let kind = icmp_type(ctx, outer.l4_off)?;
+    within(&outer, outer.l4_off, ICMP_HDR)?;
     if kind == ICMP_ECHO_REQUEST {
         return Ok(Parsed::Echo(Echo {
             l3_off: outer.l3_off,
@@ -103,6 +116,7 @@ pub fn parse_v4(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
         return Err(Verdict::pass(Reason::PassNotVip));
     }
     let (vip_port, client_port) = quoted_ports(ctx, q + ihl)?;
+    within(&outer, q, ihl + 4)?;
     let mut vip = [0u8; 16];
     let mut client = [0u8; 16];
     vip[..4].copy_from_slice(&ip.src_addr);
@@ -122,6 +136,7 @@ pub fn parse_v4(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
 #[inline(always)]
 pub fn parse_v6(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
     let kind = icmp_type(ctx, outer.l4_off)?;
+    within(&outer, outer.l4_off, ICMP_HDR)?;
     if kind == ICMP6_ECHO_REQUEST {
         return Ok(Parsed::Echo(Echo {
             l3_off: outer.l3_off,
@@ -142,6 +157,7 @@ pub fn parse_v6(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
         return Err(Verdict::pass(Reason::PassNotVip));
     }
     let (vip_port, client_port) = quoted_ports(ctx, q + Ipv6Hdr::LEN)?;
+    within(&outer, q, Ipv6Hdr::LEN + 4)?;
     let (vip, client, proto) = (ip.src_addr, ip.dst_addr, ip.next_hdr);
     Ok(flow(
         outer,

@@ -33,9 +33,6 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
         return Err(Verdict::pass(Reason::PassFragment));
     }
     if proto == PROTO_ICMP {
-        if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
-            return Err(Verdict::pass(Reason::PassMalformed));
-        }
         let mut outer_dst = [0u8; 16];
         outer_dst[..4].copy_from_slice(&ip.dst_addr);
         let outer = icmp::Outer {
@@ -47,7 +44,12 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
             dont_fragment: ip.frags[0] & IP_DF != 0,
             dst_be: outer_dst,
         };
-        return icmp::parse_v4(ctx, outer);
+        let parsed = icmp::parse_v4(ctx, outer)?;
+        // Last, for the reason given below for TCP/UDP.
+        if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
+            return Err(Verdict::pass(Reason::PassMalformed));
+        }
+        return Ok(parsed);
     }
     let (sport_be, dport_be, tcp_syn) =
         l4::ports(ctx, l3_off + ihl, proto, l3_off + tot_len as usize)

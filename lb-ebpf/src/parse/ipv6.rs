@@ -61,9 +61,6 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
     }
     let l3_end = l3_off + l3_len as usize;
     if next == PROTO_ICMPV6 {
-        if l3_end > ctx.data_end() - ctx.data() {
-            return Err(Verdict::pass(Reason::PassMalformed));
-        }
         let outer = icmp::Outer {
             l2,
             l3_off,
@@ -73,7 +70,12 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
             dont_fragment: true,
             dst_be: ip.dst_addr,
         };
-        return icmp::parse_v6(ctx, outer);
+        let parsed = icmp::parse_v6(ctx, outer)?;
+        // Last, as for TCP/UDP below.
+        if l3_end > ctx.data_end() - ctx.data() {
+            return Err(Verdict::pass(Reason::PassMalformed));
+        }
+        return Ok(parsed);
     }
     if next != PROTO_TCP && next != PROTO_UDP {
         return Err(Verdict::pass(Reason::PassNotVip));

@@ -1,0 +1,67 @@
+//! The benchmark harness (`lb-ebpf`'s `lb-bench-harness` object) and `cargo xtask bench`
+//! share these names and this layout. Nothing here is used by the load balancer itself.
+//!
+//! BPF_PROG_TEST_RUN with `repeat` runs a program again and again on one buffer, so every
+//! iteration after the first would see what the previous one left (an encapsulated packet,
+//! moved data pointers). The harness program runs first in every iteration: it moves the
+//! data pointers back to where the kernel put them for the first iteration, restores the
+//! length, copies the pristine frame back in, then tail-calls the program under test.
+
+use core::mem::size_of;
+
+/// Program array the harness tail-calls into; slot [`TARGET_SLOT`] holds the program under
+/// test.
+pub const PROGS: &str = "BENCH_PROGS";
+/// Array of one [`HarnessFrame`]: the pristine frame and the harness's counters.
+pub const FRAME: &str = "BENCH_FRAME";
+/// The slot of [`PROGS`] the harness calls.
+pub const TARGET_SLOT: u32 = 0;
+
+/// The harness: restore the frame, tail-call the program in [`TARGET_SLOT`].
+pub const PROG_HARNESS: &str = "bench_harness";
+/// Baseline: `XDP_DROP`, touching nothing.
+pub const PROG_DROP: &str = "bench_drop";
+/// Baseline: `XDP_PASS`, touching nothing.
+pub const PROG_PASS: &str = "bench_pass";
+/// Baseline: swap the Ethernet addresses and `XDP_TX` (the smallest useful forwarder).
+pub const PROG_MACSWAP: &str = "bench_macswap";
+
+/// Largest frame the harness can restore.
+pub const FRAME_MAX: usize = 1536;
+/// Largest head movement (bytes, either way) the harness undoes; the kernel's XDP headroom
+/// is 256 bytes, so no program can move it further.
+pub const MAX_HEAD_DELTA: i64 = 256;
+
+/// The value of [`FRAME`]'s only entry. Userspace writes `len` and `bytes` and zeroes the
+/// rest before each run; the harness fills in `anchor` and counts.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HarnessFrame {
+    /// Length of the pristine frame, 14..=[`FRAME_MAX`].
+    pub len: u32,
+    pub _pad: u32,
+    /// Address of the packet data in the first iteration (0 until the harness ran once).
+    pub anchor: u64,
+    /// Scratch slot: the harness stores the current data address here and reads it back,
+    /// which turns the pointer into a plain number it may subtract.
+    pub scratch: u64,
+    /// Iterations the harness ran.
+    pub runs: u64,
+    /// Iterations it could not restore, or whose tail call failed (must stay 0).
+    pub errors: u64,
+    pub bytes: [u8; FRAME_MAX],
+}
+
+const _: () = assert!(size_of::<HarnessFrame>() == 40 + FRAME_MAX);
+
+impl HarnessFrame {
+    pub const EMPTY: HarnessFrame = HarnessFrame {
+        len: 0,
+        _pad: 0,
+        anchor: 0,
+        scratch: 0,
+        runs: 0,
+        errors: 0,
+        bytes: [0; FRAME_MAX],
+    };
+}

@@ -1,0 +1,324 @@
+//! Results → tables (terminal and Markdown) and the report file.
+
+use std::fmt::Write;
+
+use super::{
+    results::{DpRow, Results},
+    table::Table,
+};
+
+/// Targets from the issue.
+pub const FULL_SYNC_10K_S: f64 = 2.0;
+pub const CHANGE_P99_MS: f64 = 20.0;
+pub const RSS_MIB: f64 = 100.0;
+pub const E2E_VS_NFT: f64 = 3.0;
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+fn dp_table(rows: &[DpRow], baselines: &[DpRow]) -> Table {
+    let mut t = Table::new(&[
+        "case",
+        "mode",
+        "frame",
+        "verdict",
+        "ns/pkt",
+        "over baseline",
+        "±",
+        "target",
+        "harness",
+        "kernel",
+    ]);
+    for r in baselines.iter().chain(rows) {
+        let (over, spread) = match (&r.baseline, &r.over) {
+            (Some((name, _)), Some(o)) => (
+                format!("{:+.1} vs {name}", o.median),
+                format!("{:.1}", o.half_iqr()),
+            ),
+            _ => ("-".into(), format!("{:.1}", r.ns.half_iqr())),
+        };
+        let target = match (r.target, &r.over) {
+            (Some(t), Some(o)) => format!("≤ {t:.0} {}", verdict(o.median <= t)),
+            _ => "-".into(),
+        };
+        t.row(vec![
+            r.name.clone(),
+            r.mode.clone(),
+            format!("{} B", r.frame_len),
+            r.verdict.into(),
+            format!("{:.1}", r.ns.median),
+            over,
+            spread,
+            target,
+            format!("{:.1}", r.harness.median),
+            format!("{:.0}", r.kernel_ns),
+        ]);
+    }
+    t
+}
+
+/// Every table of the run, titled, in report order.
+pub fn tables(r: &Results) -> Vec<(String, Table)> {
+    let mut out = Vec::new();
+    if let Some(d) = &r.dataplane {
+        out.push((
+            format!(
+                "Data plane: BPF_PROG_TEST_RUN, ns per packet (median of {} rounds × {} iterations, CPU {})",
+                d.rounds, d.repeat, r.cpu
+            ),
+            dp_table(&d.cases, &d.baselines),
+        ));
+    }
+    if let Some(m) = &r.maglev {
+        let mut t = Table::new(&["backends", "slots", "build ms", "min", "max"]);
+        for b in &m.builds {
+            t.row(vec![
+                b.backends.to_string(),
+                b.slots.to_string(),
+                format!("{:.2}", b.ms.median),
+                format!("{:.2}", b.ms.min),
+                format!("{:.2}", b.ms.max),
+            ]);
+        }
+        out.push(("Maglev table build (CPU time, median)".into(), t));
+        let mut t = Table::new(&[
+            "N",
+            "remove one",
+            "ideal 1/N",
+            "ratio",
+            "add one",
+            "ideal 1/(N+1)",
+            "ratio",
+            "size rule (N→N-1/N+1)",
+            "rule: remove",
+            "rule: add",
+        ]);
+        for d in &m.disruption {
+            let (i_rm, i_add) = (1.0 / d.n as f64, 1.0 / (d.n + 1) as f64);
+            t.row(vec![
+                d.n.to_string(),
+                format!("{:.4}", d.removed),
+                format!("{i_rm:.4}"),
+                format!("{:.2}", d.removed / i_rm),
+                format!("{:.4}", d.added),
+                format!("{i_add:.4}"),
+                format!("{:.2}", d.added / i_add),
+                format!("{}→{}/{}", d.rule_slots.0, d.rule_slots.1, d.rule_slots.2),
+                format!("{:.4}", d.rule_removed),
+                format!("{:.4}", d.rule_added),
+            ]);
+        }
+        out.push((
+            format!(
+                "Maglev disruption: fraction of flows that change backend ({} slots fixed, and with the agent's size rule)",
+                m.disruption.first().map_or(0, |d| d.fixed_slots)
+            ),
+            t,
+        ));
+    }
+    if let Some(s) = &r.sync {
+        let mut t = Table::new(&[
+            "services",
+            "endpoints",
+            "map writes",
+            "Maglev slots",
+            "full sync s",
+            "read/plan/apply s",
+            "change p50 ms",
+            "p99 ms",
+            "max ms",
+            "n",
+            "targets",
+        ]);
+        for row in &s.rows {
+            let mut targets = format!(
+                "p99 < {CHANGE_P99_MS:.0} ms {}",
+                verdict(row.change_ms.p99 < CHANGE_P99_MS)
+            );
+            if row.services >= 10_000 {
+                targets = format!(
+                    "full < {FULL_SYNC_10K_S:.0} s {}; {targets}",
+                    verdict(row.full_ms / 1e3 < FULL_SYNC_10K_S)
+                );
+            }
+            t.row(vec![
+                row.services.to_string(),
+                (row.services * row.backends_per_service).to_string(),
+                row.ops.to_string(),
+                row.maglev_writes.to_string(),
+                format!("{:.3}", row.full_ms / 1e3),
+                format!(
+                    "{:.3}/{:.3}/{:.3}",
+                    row.snapshot_ms / 1e3,
+                    row.plan_ms / 1e3,
+                    row.apply_ms / 1e3
+                ),
+                format!("{:.2}", row.change_ms.median),
+                format!("{:.2}", row.change_ms.p99),
+                format!("{:.2}", row.change_ms.max),
+                row.change_ms.n.to_string(),
+                targets,
+            ]);
+        }
+        out.push((
+            "Sync: sync::plan + Dataplane::apply on real maps (wall clock)".into(),
+            t,
+        ));
+        if !s.rss.is_empty() {
+            let mut t = Table::new(&[
+                "services",
+                "endpoints",
+                "VmRSS MiB",
+                "VmHWM MiB",
+                "start → all programmed s",
+                "target",
+            ]);
+            for a in &s.rss {
+                t.row(vec![
+                    a.services.to_string(),
+                    a.backends.to_string(),
+                    format!("{:.1}", a.rss_mib),
+                    format!("{:.1}", a.peak_mib),
+                    format!("{:.1}", a.ready_s),
+                    if a.services >= 10_000 {
+                        format!("< {RSS_MIB:.0} MiB {}", verdict(a.rss_mib < RSS_MIB))
+                    } else {
+                        "-".into()
+                    },
+                ]);
+            }
+            out.push(("Agent memory: lb-agent run on a generated config".into(), t));
+        }
+    }
+    if let Some(e) = &r.e2e {
+        let mut t = Table::new(&[
+            "setup",
+            "flows",
+            "offered pps",
+            "delivered pps",
+            "± (half IQR)",
+            "vs nftables",
+            "sinks hit",
+            "checks",
+        ]);
+        for row in &e.rows {
+            t.row(vec![
+                row.setup.clone(),
+                row.flows.to_string(),
+                format!("{:.0}", row.offered.median),
+                format!("{:.0}", row.delivered.median),
+                format!("{:.0}", row.delivered.half_iqr()),
+                row.vs_nft.map_or("-".into(), |v| format!("{v:.2}×")),
+                row.sinks_hit.to_string(),
+                row.checks.clone(),
+            ]);
+        }
+        out.push(("End to end: packets per second through the LB namespace".into(), t));
+    }
+    out
+}
+
+/// The terminal summary.
+pub fn text(r: &Results) -> String {
+    let mut s = String::new();
+    for (title, t) in tables(r) {
+        let _ = write!(s, "\n{title}\n{}", t.text());
+    }
+    for n in &r.notes {
+        let _ = writeln!(s, "note: {n}");
+    }
+    s
+}
+
+/// The Markdown report.
+pub fn markdown(r: &Results, date: &str, plots: &[(&str, &str)]) -> String {
+    let m = &r.machine;
+    let mut s = format!(
+        "# lb benchmarks\n\n\
+         `cargo xtask bench{}` on {date}.\n\n\
+         | machine | |\n|---|---|\n\
+         | CPU | {} ({} CPUs) |\n| kernel | {} |\n| memory | {:.1} GiB |\n\
+         | load average (1 min) at start / end | {:.2} / {:.2} |\n\
+         | data plane measured on | CPU {} |\n\n\
+         The machine is shared: other work ran during the measurement (see the load average). \
+         Every figure is a median over rounds, and each is set against a baseline measured \
+         the same way in the same run, interleaved with it.\n",
+        if r.quick { " --quick" } else { "" },
+        m.cpu_model,
+        m.cpus,
+        m.kernel,
+        m.memory_gib,
+        m.load_start,
+        m.load_end,
+        r.cpu
+    );
+    if r.dataplane.is_some() {
+        s.push_str(DATAPLANE_METHOD);
+    }
+    for (title, t) in tables(r) {
+        let _ = write!(s, "\n## {title}\n\n{}", t.markdown());
+    }
+    if r.maglev.is_some() || r.sync.is_some() {
+        s.push_str(CONTROL_METHOD);
+    }
+    if let Some(e) = &r.e2e {
+        let _ = write!(s, "\n### End-to-end method\n\n{}\n", e.method);
+    }
+    if !plots.is_empty() {
+        s.push_str("\n## Plots\n\n");
+        for (file, caption) in plots {
+            let _ = write!(s, "![{caption}]({file})\n\n");
+        }
+    }
+    if !r.notes.is_empty() {
+        s.push_str("\n## Notes\n\n");
+        for n in &r.notes {
+            let _ = writeln!(s, "- {n}");
+        }
+    }
+    s
+}
+
+const DATAPLANE_METHOD: &str = "
+### Data-plane method
+
+BPF_PROG_TEST_RUN on the real object (`lb_xdp`, loaded by the agent's own loader, maps
+programmed by `sync::plan` + `Dataplane::apply`). A plain `repeat` would time the wrong thing
+(after the first iteration the frame is already encapsulated), so each iteration runs a
+harness program first (`lb-ebpf/src/bin/bench_harness.rs`): it moves the data pointer back to
+where the kernel put it for the first iteration, restores the length, copies the pristine
+frame in, and tail-calls the program under test. Per round, on the same frame and CPU:
+harness → `lb_xdp`, harness → `XDP_DROP`, `XDP_DROP` alone, harness → the baseline with the
+case's verdict (a MAC-swap `XDP_TX`, or `XDP_PASS`). ns/packet = (harness → `lb_xdp`) −
+harness cost, where harness cost = (harness → `XDP_DROP`) − `XDP_DROP`; *over baseline* =
+(harness → `lb_xdp`) − (harness → baseline), in which the harness cancels. Times are the
+thread's CPU time over the call divided by the iterations; *kernel* is the kernel's own
+whole-ns figure for harness → `lb_xdp` (harness included), as a cross-check. `±` is half the
+interquartile range over rounds.
+
+Checked for every case: one plain run gives the expected verdict and frame shape (outer
+header size, backend MAC and address, inner packet intact, or an untouched frame for PASS);
+every timed run ends with exactly that verdict and those bytes, the harness counted every
+iteration and no restore error, and the case's reason counter moved once per iteration
+(`flow_created` once per iteration for SYN, never for the others: tracked flows hit their
+entry). The flood guard is set to its maximum so every SYN creates its entry.
+";
+
+const CONTROL_METHOD: &str = "
+### Control-plane method
+
+Maglev: `lb_common::maglev::build_table` (the agent's code), CPU time. Disruption: fraction of
+the table's slots (or, when the size changes, of 200,000 sampled flow hashes) whose backend
+changes when one of N backends is removed (mean over up to 5 choices) or one is added; at a
+fixed 65,537 slots, and with the agent's size rule (`table_size_for`), which changes the size
+when the total weight crosses a power of two above 16.
+
+Sync: the object loaded by `loader::load` with `LB_MAGLEV` sized for every table twice; a
+generated config (10 backends per service, MACs given, parsed by the agent's config parser);
+full sync = read the maps + `sync::plan` + `Dataplane::apply` from empty maps; a change = one
+backend removed from (or re-added to) one service, planned against the agent's kept snapshot
+and applied. Afterwards the maps are read back and must equal that snapshot. Agent memory: the
+release `lb-agent run` on the same generated config in its own network namespace (XDP in skb
+mode on a veth); VmRSS/VmHWM from /proc once every service is in the pinned maps, plus 2 s.
+";
