@@ -73,6 +73,8 @@ struct RawService {
     table_size: Option<u32>,
     flow_tracking: Option<bool>,
     #[serde(default)]
+    fragments: bool,
+    #[serde(default)]
     source_ranges: Vec<String>,
     #[serde(default)]
     backends: Vec<RawBackend>,
@@ -255,6 +257,21 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
             }
             source_ranges.push(net.trunc());
         }
+        if svc.fragments
+            && let Some(other) = state
+                .services
+                .iter()
+                .find(|(a, o)| o.fragments && a.vip == vip && a.protocol == protocol)
+        {
+            return Err(err(
+                "fragments",
+                format!(
+                    "service {:?} already takes the {} fragments of {vip}",
+                    other.1.name,
+                    protocol.name()
+                ),
+            ));
+        }
         let key = ServiceAddr {
             vip,
             port: svc.port,
@@ -274,6 +291,7 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
                 table_size: svc.table_size,
                 flow_tracking: svc.flow_tracking.unwrap_or(default_flow_tracking(protocol)),
                 source_ranges: (!source_ranges.is_empty()).then_some(source_ranges),
+                fragments: svc.fragments,
                 backends,
             },
         );
@@ -547,6 +565,16 @@ services:
             msg.contains("source_ranges[0]: \"bogus\" is not a CIDR"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn one_fragment_service_per_vip_and_protocol() {
+        let two = "services:\n  - {name: a, vip: 198.18.0.100, port: 53, protocol: udp, fragments: true, backends: [{address: 198.18.0.11}]}\n  - {name: b, vip: 198.18.0.100, port: 54, protocol: udp, fragments: true, backends: [{address: 198.18.0.11}]}\n";
+        let msg = error_of(two);
+        assert!(msg.contains("service \"b\": fragments: service \"a\" already takes the udp fragments of 198.18.0.100"), "{msg}");
+        let ok = two.replacen("port: 54, protocol: udp", "port: 54, protocol: tcp", 1);
+        let state = parse_str(&ok).unwrap();
+        assert!(state.services.values().all(|s| s.fragments));
     }
 
     #[test]

@@ -74,6 +74,10 @@ pub struct ServiceSpec {
     /// Clients allowed to use the service (`None`: everyone; an empty list: nobody). Others
     /// are dropped and counted.
     pub source_ranges: Option<Vec<ipnet::IpNet>>,
+    /// This service takes the IP fragments of its VIP and protocol (at most one per VIP and
+    /// protocol), balanced on addresses only so all fragments of a datagram meet at one
+    /// backend. Without one, fragments to the VIP are dropped and counted.
+    pub fragments: bool,
     pub backends: BTreeMap<IpAddr, BackendSpec>,
 }
 

@@ -274,21 +274,27 @@ pub fn plan(
     } else {
         0
     };
-    let vips: BTreeMap<VipKey, VipValue> = desired
-        .services
-        .keys()
-        .map(|a| {
-            let (addr_be, family) = ip_bytes(a.vip);
-            (
-                VipKey {
-                    addr_be,
-                    family,
-                    _pad: [0; 3],
-                },
-                VipValue { flags: vip_flags },
-            )
-        })
-        .collect();
+    let mut vips: BTreeMap<VipKey, VipValue> = BTreeMap::new();
+    for (a, svc) in &desired.services {
+        let (addr_be, family) = ip_bytes(a.vip);
+        let v = vips
+            .entry(VipKey {
+                addr_be,
+                family,
+                _pad: [0; 3],
+            })
+            .or_insert(VipValue {
+                flags: vip_flags,
+                frag_port_udp_be: 0,
+                frag_port_tcp_be: 0,
+            });
+        if svc.fragments {
+            match a.protocol {
+                Protocol::Udp => v.frag_port_udp_be = a.port.to_be(),
+                Protocol::Tcp => v.frag_port_tcp_be = a.port.to_be(),
+            }
+        }
+    }
     for (key, value) in &vips {
         if current.vips.get(key) != Some(value) {
             out.ops.push(MapOp::SetVip {
@@ -565,6 +571,7 @@ mod tests {
             table_size: None,
             flow_tracking: false,
             source_ranges: None,
+            fragments: false,
             backends: backends
                 .iter()
                 .map(|&(last, weight)| (ip(last), BackendSpec { weight, mac: None }))

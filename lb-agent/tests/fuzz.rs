@@ -167,6 +167,7 @@ fn service(
         table_size: None,
         flow_tracking,
         source_ranges: None,
+        fragments: false,
         backends: backends
             .into_iter()
             .map(|ip| {
@@ -829,9 +830,18 @@ struct Echo {
     icmp: usize,
 }
 
+/// A TCP/UDP fragment (no ports): balanced through the service taking its VIP's fragments.
+#[derive(Clone, Copy, Debug)]
+struct Frag {
+    family: u8,
+    dst: [u8; 16],
+    proto: u8,
+}
+
 enum Parsed {
     Flow(Flow),
     Echo(Echo),
+    Fragment(Frag),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -976,7 +986,17 @@ fn parse_v4(f: &[u8], l3: usize) -> Result<Parsed, Reason> {
         return Err(Reason::PassNotVip);
     }
     if ip[6] & 0x3f != 0 || ip[7] != 0 {
-        return Err(Reason::PassFragment);
+        if proto == 1 {
+            return Err(Reason::PassFragment);
+        }
+        if l3 + tot > f.len() {
+            return Err(Reason::PassMalformed);
+        }
+        return Ok(Parsed::Fragment(Frag {
+            family: FAMILY_V4,
+            dst: addr16(&ip[16..20]),
+            proto,
+        }));
     }
     let mut flow = Flow {
         l3,
@@ -1014,6 +1034,7 @@ fn parse_v6(f: &[u8], l3: usize) -> Result<Parsed, Reason> {
     }
     let mut next = ip[6];
     let mut off = l3 + 40;
+    let mut fragment = false;
     for _ in 0..4 {
         if [6, 17, 58].contains(&next) {
             break;
@@ -1024,13 +1045,28 @@ fn parse_v6(f: &[u8], l3: usize) -> Result<Parsed, Reason> {
             51 => off += (usize::from(ext[1]) + 2) * 4,
             44 => {
                 if ext[2] != 0 || ext[3] & 0xf9 != 0 {
-                    return Err(Reason::PassFragment);
+                    fragment = true;
+                    next = ext[0];
+                    break;
                 }
                 off += 8;
             }
             _ => return Err(Reason::PassNotVip),
         }
         next = ext[0];
+    }
+    if fragment {
+        if next != 6 && next != 17 {
+            return Err(Reason::PassFragment);
+        }
+        if l3 + 40 + plen > f.len() {
+            return Err(Reason::PassMalformed);
+        }
+        return Ok(Parsed::Fragment(Frag {
+            family: FAMILY_V6,
+            dst: ip[24..40].try_into().unwrap(),
+            proto: next,
+        }));
     }
     let l3_end = l3 + 40 + plen;
     let mut flow = Flow {
@@ -1129,6 +1165,7 @@ impl Model {
         let p = match parse(f) {
             Ok(Parsed::Flow(p)) => p,
             Ok(Parsed::Echo(e)) => return Outcome::verdict(self.echo_reply(f, &e)),
+            Ok(Parsed::Fragment(fr)) => return Outcome::verdict(self.fragment(&fr)),
             Err(r) => return Outcome::verdict(Expect::Pass(r)),
         };
         let Some((svc, table)) = self.services.get(&service_key(&p)) else {
@@ -1412,6 +1449,29 @@ impl Model {
         self.backends
             .values()
             .any(|b| b.family == family && b.addr_be[..addr.len()] == *addr)
+    }
+
+    /// A fragment to a VIP goes to the VIP's fragment service, if it has one for the
+    /// protocol; the fuzzed configuration has none, so VIP fragments are dropped.
+    fn fragment(&self, fr: &Frag) -> Expect {
+        let key = VipKey {
+            addr_be: fr.dst,
+            family: fr.family,
+            _pad: [0; 3],
+        };
+        let Some(v) = self.vips.get(&key) else {
+            return Expect::Pass(Reason::PassFragment);
+        };
+        let port = if fr.proto == 6 {
+            v.frag_port_tcp_be
+        } else {
+            v.frag_port_udp_be
+        };
+        assert_eq!(
+            port, 0,
+            "the fuzzed configuration takes no fragments: extend the model first"
+        );
+        Expect::Drop(Reason::DropFragment)
     }
 
     fn is_echo_vip(&self, addr: &[u8], family: u8) -> bool {

@@ -89,6 +89,7 @@ fn service(forwarding: Forwarding, flow_tracking: bool) -> ServiceSpec {
         table_size: None,
         flow_tracking,
         source_ranges: None,
+        fragments: false,
         backends: (1..=3)
             .map(backend_ip)
             .map(|ip| {

@@ -67,6 +67,7 @@ fn service(
         table_size: None,
         flow_tracking: false,
         source_ranges: None,
+        fragments: false,
         backends: backends
             .iter()
             .map(|ip| {
@@ -121,6 +122,7 @@ fn fixture() -> Fixture {
         ServiceSpec {
             flow_tracking: true,
             source_ranges: None,
+            fragments: false,
             ..service("web", Forwarding::Ipip, &three, true)
         },
     );
@@ -408,10 +410,10 @@ fn packets_that_are_not_ours_pass_untouched() {
             Reason::PassNotVip,
         ),
         (
-            "first fragment",
+            "first fragment to a VIP (no service takes them)",
             udp_to(VIP, 40000, PORT_IPIP).more_fragments().build(),
-            XDP_PASS,
-            Reason::PassFragment,
+            XDP_DROP,
+            Reason::DropFragment,
         ),
         (
             "later fragment",
@@ -421,8 +423,8 @@ fn packets_that_are_not_ours_pass_untouched() {
                 .frag_offset(10)
                 .raw(17, b"payload!")
                 .build(),
-            XDP_PASS,
-            Reason::PassFragment,
+            XDP_DROP,
+            Reason::DropFragment,
         ),
         (
             "ip length beyond frame",
@@ -623,6 +625,7 @@ fn established_tcp_flows_keep_their_backend_when_backends_are_added() {
         ServiceSpec {
             flow_tracking: true,
             source_ranges: None,
+            fragments: false,
             ..service("web", Forwarding::Ipip, &six, true)
         },
     );
@@ -675,6 +678,7 @@ fn flows_of_a_removed_backend_are_rerouted_and_others_stay() {
         ServiceSpec {
             flow_tracking: true,
             source_ranges: None,
+            fragments: false,
             ..service(
                 "web",
                 Forwarding::Ipip,
@@ -777,6 +781,7 @@ fn service_any(name: &str, forwarding: Forwarding, backends: &[IpAddr]) -> Servi
         table_size: None,
         flow_tracking: false,
         source_ranges: None,
+        fragments: false,
         backends: backends
             .iter()
             .map(|ip| {
@@ -1217,8 +1222,19 @@ fn ipv6_packets_that_are_not_ours_pass_untouched() {
             XDP_PASS,
             Reason::PassNotVip,
         ),
-        ("first fragment", frag, XDP_PASS, Reason::PassFragment),
-        ("later fragment", later_frag, XDP_PASS, Reason::PassFragment),
+        ("first fragment", frag, XDP_DROP, Reason::DropFragment),
+        ("later fragment", later_frag, XDP_DROP, Reason::DropFragment),
+        (
+            "fragment, not a VIP",
+            with_ext(
+                &udp6_to(other, 41000, P6_IPIP).build(),
+                14,
+                44,
+                &[0, 0, 0, 1, 0, 0, 0, 7],
+            ),
+            XDP_PASS,
+            Reason::PassFragment,
+        ),
         ("esp", esp, XDP_PASS, Reason::PassNotVip),
         (
             "icmpv6 neighbour solicitation",
@@ -1693,5 +1709,104 @@ fn source_ranges_admit_only_listed_clients() {
         )
         .0,
         XDP_TX
+    );
+}
+
+// ---- Fragments ----
+
+#[test]
+fn fragments_of_a_datagram_meet_at_one_backend_when_enabled() {
+    let mut f = mixed_fixture();
+    let mut desired = f.desired.clone();
+    let a4 = ServiceAddr {
+        vip: IpAddr::V4(VIP),
+        port: PORT_IPIP,
+        protocol: Protocol::Udp,
+    };
+    let a6 = ServiceAddr {
+        vip: IpAddr::V6(VIP6),
+        port: P6_IPIP,
+        protocol: Protocol::Udp,
+    };
+    desired.services.get_mut(&a4).unwrap().fragments = true;
+    desired.services.get_mut(&a6).unwrap().fragments = true;
+    f.program(desired);
+    // The backend of an address-only flow: Maglev on the hash with both ports zero.
+    let l3_backend = |f: &Fixture, vip: IpAddr, client: IpAddr, port: u16| {
+        let key = sync::service_key(&ServiceAddr {
+            vip,
+            port,
+            protocol: Protocol::Udp,
+        });
+        let svc = f.snapshot.services[&key];
+        let table = f.dataplane.table(&svc).unwrap();
+        let h = hash_of(client, vip, 0, 0, 17);
+        let b = f.snapshot.backends[&table[(h % svc.table_size) as usize]];
+        sync::ip_from_bytes(&b.addr_be, b.family).unwrap()
+    };
+    let first = udp_to(VIP, 40000, PORT_IPIP)
+        .id(77)
+        .more_fragments()
+        .build();
+    let later = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv4(CLIENT, VIP)
+        .id(77)
+        .frag_offset(3)
+        .raw(17, b"rest of the datagram")
+        .build();
+    let backend = l3_backend(&f, IpAddr::V4(VIP), IpAddr::V4(CLIENT), PORT_IPIP);
+    for (name, input) in [("first", &first), ("later", &later)] {
+        let expected = encap_expected(input, 14, backend, false, 0);
+        assert_frame(
+            &format!("v4 {name} fragment"),
+            f.run(maps::PROG_LB, input),
+            XDP_TX,
+            &expected,
+        );
+    }
+    // IPv6: fragment header with offset 0 and M set, then one with an offset.
+    let first6 = with_ext(
+        &udp6_to(VIP6, 40000, P6_IPIP).build(),
+        14,
+        44,
+        &[0, 0, 0, 1, 0, 0, 0, 9],
+    );
+    let later6 = {
+        let mut l = with_ext(
+            &udp6_to(VIP6, 40000, P6_IPIP).build(),
+            14,
+            44,
+            &[0, 0, 0, 0x10, 0, 0, 0, 9],
+        );
+        // Later fragments carry payload, not a UDP header; scramble what would be the ports.
+        l[14 + 48..14 + 52].copy_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+        l
+    };
+    let c6 = IpAddr::V6(CLIENT6);
+    let v6 = IpAddr::V6(VIP6);
+    let backend6 = l3_backend(&f, v6, c6, P6_IPIP);
+    let hash6 = hash_of(c6, v6, 0, 0, 17);
+    for (name, input) in [("first", &first6), ("later", &later6)] {
+        let expected = encap_expected(input, 14, backend6, false, hash6);
+        assert_frame(
+            &format!("v6 {name} fragment"),
+            f.run(maps::PROG_LB, input),
+            XDP_TX,
+            &expected,
+        );
+    }
+    // TCP fragments to the VIP: no TCP service takes them.
+    let tcp_frag = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv4(CLIENT, VIP)
+        .frag_offset(3)
+        .raw(6, b"tcp data")
+        .build();
+    assert_frame(
+        "tcp fragment",
+        f.run(maps::PROG_LB, &tcp_frag),
+        XDP_DROP,
+        &tcp_frag,
     );
 }

@@ -8,7 +8,7 @@ pub enum Reason {
     PassNotIp = 0,
     /// IP but not TCP/UDP to a configured VIP and port: passed untouched.
     PassNotVip = 1,
-    /// IP fragment: not balanced yet, passed to the stack.
+    /// IP fragment to an address that is not a VIP: passed to the stack.
     PassFragment = 2,
     /// Header shorter than it claims to be, cut off by the end of the frame, or otherwise
     /// not parseable: the stack decides what to do with it.
@@ -49,10 +49,12 @@ pub enum Reason {
     TxIcmpTooBig = 18,
     /// The client is not in the service's source ranges.
     DropSourceRange = 19,
+    /// A fragment to a VIP whose services do not take fragments.
+    DropFragment = 20,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 21;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -76,6 +78,7 @@ impl Reason {
         Reason::TxEchoReply,
         Reason::TxIcmpTooBig,
         Reason::DropSourceRange,
+        Reason::DropFragment,
     ];
 
     /// Stable snake_case name, used by `lb-agent status` and metrics.
@@ -101,6 +104,7 @@ impl Reason {
             Reason::TxEchoReply => "tx_echo_reply",
             Reason::TxIcmpTooBig => "tx_icmp_too_big",
             Reason::DropSourceRange => "drop_source_range",
+            Reason::DropFragment => "drop_fragment",
         }
     }
 }

@@ -221,8 +221,13 @@ pub const VIP_F_ECHO: u32 = 1;
 pub struct VipValue {
     /// `VIP_F_*`.
     pub flags: u32,
+    /// The port of the UDP service of this VIP that takes its UDP fragments (network byte
+    /// order; 0: fragments are dropped).
+    pub frag_port_udp_be: u16,
+    /// Likewise for TCP.
+    pub frag_port_tcp_be: u16,
 }
-const _: () = assert!(size_of::<VipValue>() == 4);
+const _: () = assert!(size_of::<VipValue>() == 8);
 
 /// Flow key: the 5-tuple as in the packet. IPv4 addresses occupy the first four bytes.
 #[repr(C)]

@@ -10,12 +10,13 @@ use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
     BackendValue, FAMILY_V4, FlowKey, FlowValue, NodeConfig, PROTO_TCP, Reason,
     SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
+    VipKey,
     hash::{flow_hash_v4, flow_hash_v6},
 };
 
 use crate::{
     Verdict,
-    maps::{LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_SERVICES, LB_SRC_RANGES},
+    maps::{LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_SERVICES, LB_SRC_RANGES, LB_VIPS},
     parse::Packet,
     stats,
 };
@@ -62,9 +63,14 @@ pub fn service(pkt: &Packet) -> Result<ServiceValue, Verdict> {
 
 #[inline(always)]
 fn service_of(pkt: &Packet) -> Result<ServiceValue, Verdict> {
+    let port_be = if pkt.fragment {
+        fragment_port(pkt)?
+    } else {
+        u16::from_ne_bytes(pkt.dport_be)
+    };
     let key = ServiceKey {
         addr_be: pkt.dst_be,
-        port_be: u16::from_ne_bytes(pkt.dport_be),
+        port_be,
         proto: pkt.proto,
         family: pkt.family,
     };
@@ -78,6 +84,30 @@ fn service_of(pkt: &Packet) -> Result<ServiceValue, Verdict> {
 fn backend_of(id: u32, service: &ServiceValue) -> Option<BackendValue> {
     let b = *LB_BACKENDS.get(id)?;
     (b.is_valid() && b.service_id == service.id).then_some(b)
+}
+
+/// The port of the service that takes fragments to the packet's VIP: fragments to other
+/// addresses pass, fragments to a VIP without such a service are dropped (counted).
+#[inline(always)]
+fn fragment_port(pkt: &Packet) -> Result<u16, Verdict> {
+    let key = VipKey {
+        addr_be: pkt.dst_be,
+        family: pkt.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once.
+    let vip = unsafe { LB_VIPS.get(&key) }
+        .copied()
+        .ok_or(Verdict::pass(Reason::PassFragment))?;
+    let port = if pkt.proto == PROTO_TCP {
+        vip.frag_port_tcp_be
+    } else {
+        vip.frag_port_udp_be
+    };
+    if port == 0 {
+        return Err(Verdict::drop(Reason::DropFragment));
+    }
+    Ok(port)
 }
 
 /// The flow hash of a packet (the same function the agent and `lb-agent trace` use).
@@ -157,7 +187,9 @@ pub fn select(
     cfg: &NodeConfig,
     bytes: u64,
 ) -> Result<Selected, Verdict> {
-    if service.flags & SERVICE_F_FLOW_TRACKING == 0 {
+    // Fragments are balanced statelessly on addresses and protocol (their ports are zero),
+    // so every fragment of a datagram, first or later, reaches the same backend.
+    if service.flags & SERVICE_F_FLOW_TRACKING == 0 || pkt.fragment {
         let (backend_id, backend) = maglev(pkt, &service)?;
         return Ok(Selected {
             service,

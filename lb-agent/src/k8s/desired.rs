@@ -471,6 +471,9 @@ impl Builder<'_> {
                             flow_tracking: default_flow_tracking(protocol),
                             // The VIPs are IPv4: their ranges are the IPv4 ones (a list
                             // with no IPv4 entry admits no IPv4 client).
+                            // Kubernetes has no notion of fragments: dropped, as
+                            // kube-proxy's conntrack-less paths would.
+                            fragments: false,
                             source_ranges: (!ranges.is_empty()).then(|| {
                                 ranges
                                     .iter()

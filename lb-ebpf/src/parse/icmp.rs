@@ -74,6 +74,7 @@ fn flow(
         tcp_syn: false,
         l4_off: outer.l4_off,
         icmp_error: true,
+        fragment: false,
     })
 }
 

@@ -29,8 +29,35 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
     if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_ICMP {
         return Err(Verdict::pass(Reason::PassNotVip));
     }
-    if ip.frags[0] & (IP_MF | IP_OFFSET_HI) != 0 || ip.frags[1] != 0 {
+    let fragment = ip.frags[0] & (IP_MF | IP_OFFSET_HI) != 0 || ip.frags[1] != 0;
+    if fragment && proto == PROTO_ICMP {
         return Err(Verdict::pass(Reason::PassFragment));
+    }
+    let mut src_be = [0u8; 16];
+    let mut dst_be = [0u8; 16];
+    src_be[..4].copy_from_slice(&ip.src_addr);
+    dst_be[..4].copy_from_slice(&ip.dst_addr);
+    if fragment {
+        if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
+            return Err(Verdict::pass(Reason::PassMalformed));
+        }
+        return Ok(Parsed::Flow(Packet {
+            l2,
+            l3_off,
+            family: FAMILY_V4,
+            src_be,
+            dst_be,
+            sport_be: [0; 2],
+            dport_be: [0; 2],
+            proto,
+            tos: ip.tos,
+            l3_len: tot_len,
+            dont_fragment: false,
+            tcp_syn: false,
+            l4_off: l3_off + ihl,
+            icmp_error: false,
+            fragment: true,
+        }));
     }
     if proto == PROTO_ICMP {
         let mut outer_dst = [0u8; 16];
@@ -59,10 +86,6 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
     if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
         return Err(Verdict::pass(Reason::PassMalformed));
     }
-    let mut src_be = [0u8; 16];
-    let mut dst_be = [0u8; 16];
-    src_be[..4].copy_from_slice(&ip.src_addr);
-    dst_be[..4].copy_from_slice(&ip.dst_addr);
     Ok(Parsed::Flow(Packet {
         l2,
         l3_off,
@@ -78,5 +101,6 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
         tcp_syn,
         l4_off: l3_off + ihl,
         icmp_error: false,
+        fragment: false,
     }))
 }

@@ -38,6 +38,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
     }
     let mut next = ip.next_hdr;
     let mut off = l3_off + Ipv6Hdr::LEN;
+    let mut fragment = false;
     for _ in 0..MAX_EXT_HEADERS {
         if next == PROTO_TCP || next == PROTO_UDP || next == PROTO_ICMPV6 {
             break;
@@ -49,9 +50,12 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
             HOPOPTS | ROUTING | DSTOPTS => off += (ext[1] as usize + 1) * 8,
             AH => off += (ext[1] as usize + 2) * 4,
             FRAGMENT => {
-                // Offset (13 bits) and M flag in bytes 2..4.
+                // Offset (13 bits) and M flag in bytes 2..4; an atomic fragment (both zero) is
+                // a whole packet. Later fragments carry no L4 header: stop here.
                 if ext[2] != 0 || ext[3] & 0xf9 != 0 {
-                    return Err(Verdict::pass(Reason::PassFragment));
+                    fragment = true;
+                    next = ext[0];
+                    break;
                 }
                 off += 8;
             }
@@ -60,6 +64,31 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
         next = ext[0];
     }
     let l3_end = l3_off + l3_len as usize;
+    if fragment {
+        if next != PROTO_TCP && next != PROTO_UDP {
+            return Err(Verdict::pass(Reason::PassFragment));
+        }
+        if l3_end > ctx.data_end() - ctx.data() {
+            return Err(Verdict::pass(Reason::PassMalformed));
+        }
+        return Ok(Parsed::Flow(Packet {
+            l2,
+            l3_off,
+            family: FAMILY_V6,
+            src_be: ip.src_addr,
+            dst_be: ip.dst_addr,
+            sport_be: [0; 2],
+            dport_be: [0; 2],
+            proto: next,
+            tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
+            l3_len: l3_len as u16,
+            dont_fragment: true,
+            tcp_syn: false,
+            l4_off: off,
+            icmp_error: false,
+            fragment: true,
+        }));
+    }
     if next == PROTO_ICMPV6 {
         let outer = icmp::Outer {
             l2,
@@ -101,5 +130,6 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
         tcp_syn,
         l4_off: off,
         icmp_error: false,
+        fragment: false,
     }))
 }

@@ -52,6 +52,9 @@ pub struct Packet {
     /// An ICMP/ICMPv6 error about a VIP flow: the 5-tuple fields above are those of the flow
     /// (client → VIP), read from the quoted header; the frame is the ICMP packet.
     pub icmp_error: bool,
+    /// A TCP/UDP fragment (first or later): no ports (both zero here), so it is balanced by
+    /// addresses and protocol only, through the service that takes the VIP's fragments.
+    pub fragment: bool,
 }
 
 /// An ICMP/ICMPv6 echo request, to be answered if its destination is a VIP.

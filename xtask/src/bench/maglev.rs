@@ -59,7 +59,9 @@ pub fn moved(a: &[u32], b: &[u32]) -> f64 {
 fn disruption(n: usize, size: &dyn Fn(usize) -> u32) -> anyhow::Result<(f64, f64)> {
     let all = backends(n);
     let base = build(&all, size(n))?;
-    let victims: Vec<usize> = (0..VICTIMS.min(n)).map(|k| k * n / VICTIMS.min(n)).collect();
+    let victims: Vec<usize> = (0..VICTIMS.min(n))
+        .map(|k| k * n / VICTIMS.min(n))
+        .collect();
     let mut removed = 0.0;
     for &v in &victims {
         let rest: Vec<MaglevBackend> = all.iter().copied().filter(|b| b.id != v as u32).collect();

@@ -20,7 +20,19 @@ mod dataplane;
 #[cfg(feature = "bench")]
 mod harness;
 #[cfg(feature = "bench")]
+mod maglev;
+#[cfg(feature = "bench")]
+mod plots;
+#[cfg(feature = "bench")]
+mod report;
+#[cfg(feature = "bench")]
 mod results;
+#[cfg(feature = "bench")]
+mod rss;
+#[cfg(feature = "bench")]
+mod scale;
+#[cfg(feature = "bench")]
+mod sync_bench;
 #[cfg(feature = "bench")]
 mod system;
 
@@ -88,11 +100,48 @@ fn relaunch() -> anyhow::Result<()> {
         .args(std::env::args_os().skip(1)))
 }
 
+/// Set by Ctrl-C; checked between measurements (every resource is in a guard, so leaving
+/// early cleans up).
+#[cfg(feature = "bench")]
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[cfg(feature = "bench")]
+fn check_stop() -> anyhow::Result<()> {
+    if STOP.load(std::sync::atomic::Ordering::SeqCst) {
+        anyhow::bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Run one section; a failure is reported, noted, and does not stop the others.
+#[cfg(feature = "bench")]
+fn section<T>(
+    name: &str,
+    results: &mut results::Results,
+    failed: &mut Vec<String>,
+    f: impl FnOnce() -> anyhow::Result<T>,
+) -> Option<T> {
+    if check_stop().is_err() {
+        return None;
+    }
+    match f() {
+        Ok(v) => Some(v),
+        Err(e) => {
+            eprintln!("{name}: FAILED: {e:#}");
+            results.notes.push(format!("{name} failed: {e:#}"));
+            failed.push(name.to_string());
+            None
+        }
+    }
+}
+
 #[cfg(feature = "bench")]
 fn measure(opts: &Options) -> anyhow::Result<()> {
     use anyhow::Context;
     use lb_ebpf_build::{BuildOptions, workspace_root};
 
+    ctrlc::set_handler(|| STOP.store(true, std::sync::atomic::Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
     let machine = system::Machine::probe();
     let cpu = opts.cpu.unwrap_or(machine.cpus.saturating_sub(1));
     let out_dir = opts
@@ -102,6 +151,7 @@ fn measure(opts: &Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let object = lb_ebpf_build::build(&BuildOptions::default()).context("building lb-ebpf")?;
     let harness = lb_ebpf_build::harness_object(&object);
+    let agent = workspace_root().join("target/release/lb-agent");
 
     let mut results = results::Results {
         machine,
@@ -116,25 +166,99 @@ fn measure(opts: &Options) -> anyhow::Result<()> {
         results.machine.kernel,
         results.machine.load_start
     );
+    let quick = opts.quick;
     let mut failed = Vec::new();
     if opts.only.contains(&Section::Dataplane) {
         let settings = dataplane::Settings {
-            repeat: if opts.quick { 200_000 } else { 1_000_000 },
-            rounds: if opts.quick { 5 } else { 9 },
+            repeat: if quick { 200_000 } else { 1_000_000 },
+            rounds: if quick { 5 } else { 9 },
             cpu,
         };
-        match dataplane::run(&harness, settings) {
-            Ok(d) => results.dataplane = Some(d),
-            Err(e) => {
-                eprintln!("dataplane: FAILED: {e:#}");
-                results.notes.push(format!("Data plane failed: {e:#}"));
-                failed.push("dataplane");
+        results.dataplane = section("data plane", &mut results, &mut failed, || {
+            dataplane::run(&harness, settings)
+        });
+    }
+    if opts.only.contains(&Section::Control) {
+        results.maglev = section("Maglev", &mut results, &mut failed, || maglev::run(quick));
+        let mut sync = results::Sync::default();
+        for (services, changes) in [(1, 200), (1_000, 100), (10_000, 30)] {
+            let changes = if quick { changes / 4 } else { changes };
+            if let Some(row) = section("sync", &mut results, &mut failed, || {
+                let row = sync_bench::run(services, changes)?;
+                eprintln!(
+                    "sync: {services:>6} services: full {:.3} s ({} Maglev slots written), change p50 {:.2} ms p99 {:.2} ms (n={changes})",
+                    row.full_ms / 1e3,
+                    row.maglev_writes,
+                    row.change_ms.median,
+                    row.change_ms.p99
+                );
+                Ok(row)
+            }) {
+                sync.rows.push(row);
             }
+        }
+        for services in [1, 10_000] {
+            if let Some(a) = section("agent RSS", &mut results, &mut failed, || {
+                let a = rss::run(&agent, services)?;
+                eprintln!(
+                    "agent: {services:>6} services: VmRSS {:.1} MiB, peak {:.1} MiB, all programmed after {:.1} s",
+                    a.rss_mib, a.peak_mib, a.ready_s
+                );
+                Ok(a)
+            }) {
+                sync.rss.push(a);
+            }
+        }
+        if !sync.rows.is_empty() || !sync.rss.is_empty() {
+            results.sync = Some(sync);
         }
     }
     results.machine.load_end = system::load_average();
+    write_outputs(&results, &out_dir)?;
     if !failed.is_empty() {
         anyhow::bail!("sections failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Terminal tables, report.md and the plots.
+#[cfg(feature = "bench")]
+fn write_outputs(results: &results::Results, dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let mut plots: Vec<(&str, &str)> = Vec::new();
+    let mut write =
+        |file: &'static str, caption: &'static str, svg: String| -> anyhow::Result<()> {
+            let path = dir.join(file);
+            std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+            plots.push((file, caption));
+            Ok(())
+        };
+    if let Some(d) = &results.dataplane {
+        write(
+            "dataplane.svg",
+            "ns per packet per case, with baselines",
+            plots::dataplane(d),
+        )?;
+    }
+    if let Some(m) = &results.maglev {
+        write(
+            "disruption.svg",
+            "Maglev disruption vs N against 1/N",
+            plots::disruption(m),
+        )?;
+    }
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let report = dir.join("report.md");
+    std::fs::write(&report, report::markdown(results, &date, &plots))
+        .with_context(|| format!("writing {}", report.display()))?;
+    println!("{}", report::text(results));
+    println!("report: {}", report.display());
+    for (file, _) in &plots {
+        println!("plot:   {}", dir.join(file).display());
     }
     Ok(())
 }

@@ -214,7 +214,10 @@ pub fn tables(r: &Results) -> Vec<(String, Table)> {
                 row.checks.clone(),
             ]);
         }
-        out.push(("End to end: packets per second through the LB namespace".into(), t));
+        out.push((
+            "End to end: packets per second through the LB namespace".into(),
+            t,
+        ));
     }
     out
 }
@@ -258,6 +261,13 @@ pub fn markdown(r: &Results, date: &str, plots: &[(&str, &str)]) -> String {
     }
     for (title, t) in tables(r) {
         let _ = write!(s, "\n## {title}\n\n{}", t.markdown());
+    }
+    if let Some(d) = &r.dataplane {
+        s.push_str("\n<details><summary>What was verified per case</summary>\n\n");
+        for row in d.baselines.iter().chain(&d.cases) {
+            let _ = writeln!(s, "- {} [{}]: {}", row.name, row.mode, row.checks);
+        }
+        s.push_str("\n</details>\n");
     }
     if r.maglev.is_some() || r.sync.is_some() {
         s.push_str(CONTROL_METHOD);

@@ -88,7 +88,7 @@ pub struct Disruption {
 #[derive(Clone, Debug, Default)]
 pub struct Sync {
     pub rows: Vec<SyncRow>,
-    pub rss: Option<AgentRss>,
+    pub rss: Vec<AgentRss>,
 }
 
 #[derive(Clone, Debug)]

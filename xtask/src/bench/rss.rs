@@ -13,12 +13,7 @@ use aya::maps::{HashMap, Map, MapData};
 use lb_common::{ServiceKey, ServiceValue, maps};
 use lb_testkit::{ChildGuard, NetNs};
 
-use super::{
-    harness::PinDir,
-    results::AgentRss,
-    scale, sync_bench,
-    system::rss_kib,
-};
+use super::{harness::PinDir, results::AgentRss, scale, sync_bench, system::rss_kib};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -33,12 +28,15 @@ fn services_in(pin_dir: &Path) -> Option<usize> {
 pub fn run(agent: &Path, services: usize) -> anyhow::Result<AgentRss> {
     let per = sync_bench::BACKENDS_PER_SERVICE;
     let ns = NetNs::new("lbbench").context("creating the agent's namespace")?;
-    ns.ip(&["link", "add", "bench0", "type", "veth", "peer", "name", "bench1"])?;
+    ns.ip(&[
+        "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
+    ])?;
     ns.ip(&["addr", "add", "198.18.0.2/24", "dev", "bench0"])?;
     ns.ip(&["link", "set", "bench0", "up"])?;
     ns.ip(&["link", "set", "bench1", "up"])?;
 
-    let config = std::env::temp_dir().join(format!("lb-bench-{}-{services}.yaml", std::process::id()));
+    let config =
+        std::env::temp_dir().join(format!("lb-bench-{}-{services}.yaml", std::process::id()));
     std::fs::write(&config, scale::config_yaml(services, per, "bench0")?)
         .with_context(|| format!("writing {}", config.display()))?;
     let pins = PinDir::new("agent");

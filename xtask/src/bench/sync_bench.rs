@@ -45,7 +45,11 @@ pub fn run(services: usize, changes: usize) -> anyhow::Result<SyncRow> {
     let desired = lb_agent::config::parse(Path::new("<generated>"), &yaml)
         .context("the generated config does not validate")?;
     drop(yaml);
-    ensure!(desired.services.len() == services, "generated {} services", desired.services.len());
+    ensure!(
+        desired.services.len() == services,
+        "generated {} services",
+        desired.services.len()
+    );
 
     let pins = PinDir::new("sync");
     let mut ebpf = loader::load(pins.path(), maglev_slots(services, per), 65_536)
@@ -66,7 +70,10 @@ pub fn run(services: usize, changes: usize) -> anyhow::Result<SyncRow> {
     dataplane.apply(&plan.ops)?;
     let apply_ms = ms_since(t2);
     let full_ms = ms_since(t0);
-    ensure!(plan.unresolved.is_empty(), "unresolved backends in the plan");
+    ensure!(
+        plan.unresolved.is_empty(),
+        "unresolved backends in the plan"
+    );
     sync::apply_to_snapshot(&mut snapshot, &plan.ops);
     let maglev_writes: usize = plan
         .ops
