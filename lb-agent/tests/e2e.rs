@@ -19,7 +19,7 @@ use lb_agent::{
 use lb_common::hash::flow_hash_v4;
 
 use lb_testkit::{
-    Distribution, Lab, LabSpec, Scenario, ScenarioSpec, require_root, tcp_connections,
+    Distribution, Lab, LabSpec, Scenario, ScenarioSpec, TcpSession, require_root, tcp_connections,
     udp_flow_from_port, udp_flows,
 };
 
@@ -307,5 +307,113 @@ fn agent_restart_with_keep_attached_never_interrupts_forwarding() {
     assert_eq!(
         lost, 0,
         "{lost} of {sent} flows lost across the agent restart"
+    );
+}
+
+/// Open `n` TCP connections to the VIP and note which backend each one reached.
+fn open_sessions(lab: &Lab, sc: &Scenario, n: usize) -> Vec<(TcpSession, String)> {
+    (0..n)
+        .map(|_| {
+            let mut s = TcpSession::connect(lab.client(), sc.vip(), TIMEOUT).unwrap();
+            let b = s.request().unwrap();
+            (s, b)
+        })
+        .collect()
+}
+
+#[test]
+fn tcp_connections_survive_removal_of_another_backend() {
+    require_root().unwrap();
+    let lab = Lab::new(LabSpec::default()).unwrap();
+    let mut sc = Scenario::start(&lab, spec("ipip")).unwrap();
+    let mut sessions = open_sessions(&lab, &sc, 40);
+    let removed = lab.backends()[2].name.clone();
+    assert!(
+        sessions.iter().any(|(_, b)| *b == removed),
+        "some connections reached {removed}"
+    );
+    let keep: Vec<Ipv4Addr> = lab.backends()[..2].iter().map(|b| b.addr).collect();
+    sc.write_config(&keep, None).unwrap();
+    sc.reload(&keep).unwrap();
+    let mut kept = 0;
+    for (s, before) in sessions.iter_mut().filter(|(_, b)| *b != removed) {
+        // Maglev alone would move a few of these (its table changed); the flow table keeps
+        // every established connection on its backend.
+        let now = s
+            .request()
+            .unwrap_or_else(|e| panic!("connection to {before} broke: {e:#}"));
+        assert_eq!(&now, before, "connection from port {} moved", s.local_port);
+        kept += 1;
+    }
+    assert!(kept >= 20, "{kept} connections on kept backends");
+    // New connections avoid the removed backend.
+    for (_, b) in open_sessions(&lab, &sc, 20) {
+        assert_ne!(b, removed);
+    }
+}
+
+#[test]
+fn tcp_connections_survive_an_agent_restart() {
+    require_root().unwrap();
+    let lab = Lab::new(LabSpec::default()).unwrap();
+    let mut sc = Scenario::start(
+        &lab,
+        ScenarioSpec {
+            keep_attached: true,
+            ..spec("ipip")
+        },
+    )
+    .unwrap();
+    let mut sessions = open_sessions(&lab, &sc, 30);
+    assert!(sc.stop_agent().unwrap().success());
+    for (s, before) in &mut sessions {
+        assert_eq!(&s.request().unwrap(), before, "with no agent running");
+    }
+    sc.start_agent(&lab).unwrap();
+    assert!(sc.agent_log_text().contains("adopted=true"));
+    for (s, before) in &mut sessions {
+        assert_eq!(
+            &s.request().unwrap(),
+            before,
+            "after the new agent adopted the maps"
+        );
+    }
+}
+
+#[test]
+fn large_tcp_upload_through_ipip_completes_by_path_mtu_discovery() {
+    require_root().unwrap();
+    let lab = Lab::new(LabSpec::default()).unwrap();
+    let sc = Scenario::start(&lab, spec("ipip")).unwrap();
+    // Segments of wire size, as on a real NIC where XDP runs before GRO: no TSO/GSO at the
+    // client and no GRO on the way (veth would otherwise hand XDP 64 KiB aggregates).
+    lab.client()
+        .exec(&["ethtool", "-K", "eth0", "tso", "off", "gso", "off"])
+        .unwrap();
+    lab.lb()
+        .exec(&["ethtool", "-K", "eth0", "gro", "off"])
+        .unwrap();
+    for peer in lab.bridge_peers() {
+        lab.bridge_ns()
+            .exec(&["ethtool", "-K", peer, "gro", "off"])
+            .unwrap();
+    }
+    // Client and LB links have MTU 1500: a full-size client segment plus the 20-byte outer
+    // header does not fit, so the LB must answer "fragmentation needed" for the client's
+    // TCP to shrink its segments. Without it the upload would stall (XDP cannot fragment).
+    let mut s = TcpSession::connect(lab.client(), sc.vip(), Duration::from_secs(10)).unwrap();
+    let bytes = 4 << 20;
+    let (received, backend) = s.upload(bytes).unwrap();
+    assert_eq!(
+        received, bytes,
+        "the backend {backend} got the whole upload"
+    );
+    let status = sc.status_json().unwrap();
+    assert!(
+        status["reasons"]["tx_icmp_too_big"]["packets"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "the LB sent fragmentation needed: {status}"
     );
 }

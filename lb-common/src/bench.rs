@@ -65,3 +65,67 @@ impl HarnessFrame {
         bytes: [0; FRAME_MAX],
     };
 }
+
+// ---- End to end: a generator and a sink for `cargo xtask bench`'s pps measurement ----
+
+/// Array of one [`GenFrame`]: the frame `bench_gen` sends.
+pub const GEN: &str = "BENCH_GEN";
+/// Array of one [`SinkConfig`].
+pub const SINK_CFG: &str = "BENCH_SINK_CFG";
+/// Per-CPU counters of `bench_sink`, indexed by the `SINK_*` slots.
+pub const SINK: &str = "BENCH_SINK";
+
+/// Run with BPF_F_TEST_XDP_LIVE_FRAMES: rewrites the whole frame (recycled pages keep what
+/// the load balancer wrote into them), varies the UDP source port over `flows` flows, and
+/// sends it out of the generator's interface (`XDP_TX`).
+pub const PROG_GEN: &str = "bench_gen";
+/// Counts what arrives (per backend, well-formed or not) and drops it.
+pub const PROG_SINK: &str = "bench_sink";
+
+pub const GEN_FRAME_MAX: usize = 128;
+/// Offset of the UDP source port in the generator's frame (Ethernet + 20-byte IPv4).
+pub const GEN_SPORT_OFFSET: usize = 34;
+/// Backends the sink tells apart.
+pub const SINK_BACKENDS: usize = 4;
+
+/// Every frame the sink saw.
+pub const SINK_TOTAL: u32 = 0;
+/// Well-formed frames for the service that no backend received (e.g. still to the VIP).
+pub const SINK_OTHER: u32 = 1;
+/// Not IPv4/UDP to the service's port.
+pub const SINK_MALFORMED: u32 = 2;
+/// `SINK_BACKEND0 + k`: well-formed frames that reached backend `k`.
+pub const SINK_BACKEND0: u32 = 3;
+pub const SINK_SLOTS: u32 = SINK_BACKEND0 + SINK_BACKENDS as u32;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GenFrame {
+    /// Frame length; the live-frames run must be given a frame of this length.
+    pub len: u32,
+    /// Source ports `sport_base .. sport_base + flows` are used in turn.
+    pub flows: u32,
+    pub sport_base: u16,
+    pub _pad: [u8; 6],
+    /// Frames generated.
+    pub sent: u64,
+    pub bytes: [u8; GEN_FRAME_MAX],
+}
+
+const _: () = assert!(size_of::<GenFrame>() == 24 + GEN_FRAME_MAX);
+
+/// How the sink recognises a backend: the destination address is the backend's (NAT), or
+/// the destination MAC is the backend's and the address still the VIP (L2 DSR).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct SinkConfig {
+    pub vip_be: [u8; 4],
+    pub backend_ip_be: [[u8; 4]; SINK_BACKENDS],
+    pub backend_mac: [[u8; 6]; SINK_BACKENDS],
+    /// The service's UDP port (also the backends' port).
+    pub port_be: u16,
+    pub backends: u8,
+    pub _pad: u8,
+}
+
+const _: () = assert!(size_of::<SinkConfig>() == 48);

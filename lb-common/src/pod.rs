@@ -1,7 +1,7 @@
 //! `aya::Pod` for the shared map types: they are `repr(C)`, padded explicitly and valid for
 //! every bit pattern.
 
-use crate::bench::HarnessFrame;
+use crate::bench::{GenFrame, HarnessFrame, SinkConfig};
 use crate::types::{
     BackendValue, Counters, FloodWindow, FlowKey, FlowValue, NodeConfig, ServiceCounters,
     ServiceKey, ServiceValue, SourceRange, VipKey, VipValue,
@@ -23,3 +23,7 @@ unsafe impl aya::Pod for VipValue {}
 unsafe impl aya::Pod for SourceRange {}
 // SAFETY: as above; the size is asserted in `bench`.
 unsafe impl aya::Pod for HarnessFrame {}
+// SAFETY: as above.
+unsafe impl aya::Pod for GenFrame {}
+// SAFETY: as above.
+unsafe impl aya::Pod for SinkConfig {}

@@ -411,6 +411,74 @@ fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "NO" }
 }
 
+/// A TCP connection kept open across several requests (to see whether a connection survives
+/// changes on the load balancer).
+pub struct TcpSession {
+    stream: TcpStream,
+    reader: std::io::BufReader<TcpStream>,
+    /// The client's port.
+    pub local_port: u16,
+}
+
+impl TcpSession {
+    /// Connect from inside `ns` (the socket stays in that namespace afterwards).
+    pub fn connect(ns: &NetNs, vip: SocketAddr, timeout: Duration) -> Result<TcpSession> {
+        let stream = ns
+            .enter(move || TcpStream::connect_timeout(&vip, timeout))?
+            .with_context(|| format!("connecting to {vip}"))?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let local_port = stream.local_addr()?.port();
+        let reader = std::io::BufReader::new(stream.try_clone()?);
+        Ok(TcpSession {
+            stream,
+            reader,
+            local_port,
+        })
+    }
+
+    /// Send one request line and return the backend name in the reply.
+    pub fn request(&mut self) -> Result<String> {
+        use std::io::{BufRead, Write};
+        self.stream.write_all(b"hello\n").context("sending")?;
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .context("reading the reply")?;
+        let (backend, _) = parse_reply(&line);
+        backend.with_context(|| format!("no reply on the connection from port {}", self.local_port))
+    }
+
+    /// Upload `bytes` bytes in one request; returns (bytes the backend received, backend).
+    pub fn upload(&mut self, bytes: usize) -> Result<(usize, String)> {
+        use std::io::{BufRead, Write};
+        self.stream
+            .write_all(format!("BULK {bytes}\n").as_bytes())?;
+        let chunk = vec![0x5a_u8; 64 << 10];
+        let mut sent = 0;
+        while sent < bytes {
+            let n = chunk.len().min(bytes - sent);
+            self.stream.write_all(&chunk[..n]).context("uploading")?;
+            sent += n;
+        }
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .context("reading the upload receipt")?;
+        let received = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("received="))
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("bad receipt {line:?}"))?;
+        let backend = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("backend="))
+            .unwrap_or_default()
+            .to_string();
+        Ok((received, backend))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -198,8 +198,15 @@ fn serve_tcp(listener: &TcpListener, name: &str, stop: &AtomicBool, stats: &Mute
     });
 }
 
-/// Reads one request line (bounded in size and time) and answers it. `Ok(false)` when the
-/// client closed without sending anything.
+/// Longest a connection may stay open.
+const TCP_CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
+/// Largest upload `BULK <n>` accepts.
+const MAX_BULK: usize = 64 << 20;
+
+/// Answers request lines until the client closes (each line bounded in size and time; the
+/// connection in lifetime). A line `BULK <n>` is followed by `n` bytes of payload, answered
+/// with `received=<n> backend=<name>`. `Ok(false)` when the client closed without sending
+/// anything.
 fn serve_connection(
     mut stream: TcpStream,
     name: &str,
@@ -208,34 +215,77 @@ fn serve_connection(
 ) -> Result<bool> {
     stream.set_read_timeout(Some(POLL_INTERVAL))?;
     stream.set_write_timeout(Some(TCP_REQUEST_TIMEOUT))?;
-    let deadline = Instant::now() + TCP_REQUEST_TIMEOUT;
+    let end_of_life = Instant::now() + TCP_CONNECTION_LIFETIME;
+    let mut served = false;
     let mut buf = [0u8; MAX_REQUEST];
     let mut len = 0;
     loop {
-        if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
-            return Ok(false);
-        }
-        match stream.read(&mut buf[len..]) {
-            Ok(0) => {
-                if len == 0 {
-                    return Ok(false);
-                }
-                break;
+        // Read up to a newline.
+        let line_end = loop {
+            if let Some(i) = buf[..len].iter().position(|b| *b == b'\n') {
+                break Some(i);
             }
-            Ok(n) => {
-                len += n;
-                if buf[..len].contains(&b'\n') || len == buf.len() {
-                    break;
-                }
+            if len == buf.len() {
+                break Some(len);
             }
+            if stop.load(Ordering::Relaxed) || Instant::now() >= end_of_life {
+                return Ok(served);
+            }
+            match stream.read(&mut buf[len..]) {
+                // The client closed: a last line without its newline still counts.
+                Ok(0) => break (len > 0).then_some(len),
+                Ok(n) => len += n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e).context("reading request"),
+            }
+        };
+        let Some(i) = line_end else {
+            return Ok(served);
+        };
+        let line = String::from_utf8_lossy(&buf[..i]).trim().to_string();
+        // `i` is the newline's index, or `len` for a line that ends without one.
+        let rest = buf[(i + 1).min(len)..len].to_vec();
+        let reply = match line
+            .strip_prefix("BULK ")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) if n <= MAX_BULK => {
+                let got = drain(&mut stream, n, rest.len(), stop, end_of_life)?;
+                len = 0;
+                format!("received={got} backend={name}\n")
+            }
+            _ => {
+                len = rest.len();
+                buf[..len].copy_from_slice(&rest);
+                reply_text(name, peer)
+            }
+        };
+        stream
+            .write_all(reply.as_bytes())
+            .context("writing reply")?;
+        served = true;
+    }
+}
+
+/// Read and discard `n` bytes of which `already` have arrived; returns how many arrived.
+fn drain(
+    stream: &mut TcpStream,
+    n: usize,
+    already: usize,
+    stop: &AtomicBool,
+    until: Instant,
+) -> Result<usize> {
+    let mut got = already.min(n);
+    let mut chunk = vec![0u8; 64 << 10];
+    while got < n && !stop.load(Ordering::Relaxed) && Instant::now() < until {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(k) => got += k,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => return Err(e).context("reading request"),
+            Err(e) => return Err(e).context("reading upload"),
         }
     }
-    stream
-        .write_all(reply_text(name, peer).as_bytes())
-        .context("writing reply")?;
-    Ok(true)
+    Ok(got.min(n))
 }
 
 /// Waits up to `timeout` for a connection to accept.

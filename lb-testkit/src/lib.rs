@@ -13,7 +13,7 @@ pub mod packet;
 pub mod scenario;
 
 pub use client::{
-    BackendCount, Distribution, Reply, tcp_connections, udp_flow_from_port, udp_flows,
+    BackendCount, Distribution, Reply, TcpSession, tcp_connections, udp_flow_from_port, udp_flows,
 };
 pub use echo::{EchoServer, EchoStats};
 pub use lab::{Backend, Lab, LabSpec};

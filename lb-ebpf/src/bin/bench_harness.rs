@@ -10,6 +10,9 @@
 //!
 //! `bench_drop`, `bench_pass` and `bench_macswap` are the baselines: the cheapest programs
 //! with each verdict.
+//!
+//! `bench_gen` and `bench_sink` serve the end-to-end measurement: a live-frames traffic
+//! generator and a counting drop at the far end of the load balancer's link.
 #![no_std]
 #![no_main]
 
@@ -17,18 +20,31 @@ use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX},
-    btf_maps::{Array, ProgramArray},
+    btf_maps::{Array, PerCpuArray, ProgramArray},
     helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail, bpf_xdp_store_bytes},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use lb_common::bench::{FRAME_MAX, HarnessFrame, MAX_HEAD_DELTA, TARGET_SLOT};
+use lb_common::bench::{
+    FRAME_MAX, GEN_FRAME_MAX, GEN_SPORT_OFFSET, GenFrame, HarnessFrame, MAX_HEAD_DELTA,
+    SINK_BACKEND0, SINK_BACKENDS, SINK_MALFORMED, SINK_OTHER, SINK_SLOTS, SINK_TOTAL, SinkConfig,
+    TARGET_SLOT,
+};
 
 #[btf_map]
 static BENCH_PROGS: ProgramArray<1> = ProgramArray::new();
 
 #[btf_map]
 static BENCH_FRAME: Array<HarnessFrame, 1> = Array::new();
+
+#[btf_map]
+static BENCH_GEN: Array<GenFrame, 1> = Array::new();
+
+#[btf_map]
+static BENCH_SINK_CFG: Array<SinkConfig, 1> = Array::new();
+
+#[btf_map]
+static BENCH_SINK: PerCpuArray<u64, { SINK_SLOTS as usize }> = PerCpuArray::new();
 
 #[xdp]
 pub fn bench_harness(ctx: XdpContext) -> u32 {
@@ -139,6 +155,89 @@ pub fn bench_macswap(ctx: XdpContext) -> u32 {
         *macs = swapped;
     }
     XDP_TX
+}
+
+/// Traffic generator (BPF_F_TEST_XDP_LIVE_FRAMES, one CPU): write the whole frame, set the
+/// flow's source port, send it.
+#[xdp]
+pub fn bench_gen(ctx: XdpContext) -> u32 {
+    let Some(g) = BENCH_GEN.get_ptr_mut(0) else {
+        return XDP_ABORTED;
+    };
+    // SAFETY: the map value stays valid for this run; only the generating CPU writes it.
+    unsafe {
+        let len = (*g).len;
+        if len < (GEN_SPORT_OFFSET + 2) as u32 || len > GEN_FRAME_MAX as u32 {
+            return XDP_ABORTED;
+        }
+        if bpf_xdp_store_bytes(ctx.ctx, 0, addr_of_mut!((*g).bytes).cast(), len) != 0 {
+            return XDP_ABORTED;
+        }
+        let n = (*g).sent;
+        (*g).sent = n + 1;
+        let flows = u64::from((*g).flows.max(1));
+        let sport = (*g).sport_base.wrapping_add((n % flows) as u16);
+        let start = ctx.data();
+        if start + GEN_SPORT_OFFSET + 2 > ctx.data_end() {
+            return XDP_ABORTED;
+        }
+        *((start + GEN_SPORT_OFFSET) as *mut [u8; 2]) = sport.to_be_bytes();
+    }
+    XDP_TX
+}
+
+#[inline(always)]
+fn sink_count(slot: u32) {
+    if let Some(c) = BENCH_SINK.get_ptr_mut(slot) {
+        // SAFETY: a per-CPU slot is only touched by this CPU while the program runs.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Which `BENCH_SINK` slot a frame belongs to.
+#[inline(always)]
+fn sink_classify(ctx: &XdpContext) -> u32 {
+    let Some(cfg) = BENCH_SINK_CFG.get(0) else {
+        return SINK_OTHER;
+    };
+    let start = ctx.data();
+    if start + 42 > ctx.data_end() {
+        return SINK_MALFORMED;
+    }
+    // SAFETY: 42 bytes (Ethernet, a 20-byte IPv4 header, UDP) were bounds-checked above.
+    let (eth, ip, udp) = unsafe {
+        (
+            *(start as *const [u8; 14]),
+            *((start + 14) as *const [u8; 20]),
+            *((start + 34) as *const [u8; 8]),
+        )
+    };
+    if eth[12..14] != [0x08, 0x00] || ip[0] != 0x45 || ip[9] != 17 {
+        return SINK_MALFORMED;
+    }
+    if udp[2..4] != cfg.port_be.to_ne_bytes() {
+        return SINK_MALFORMED;
+    }
+    let dst_ip = [ip[16], ip[17], ip[18], ip[19]];
+    let dst_mac = [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]];
+    for k in 0..SINK_BACKENDS {
+        if k >= cfg.backends as usize {
+            break;
+        }
+        if dst_ip == cfg.backend_ip_be[k] || (dst_mac == cfg.backend_mac[k] && dst_ip == cfg.vip_be)
+        {
+            return SINK_BACKEND0 + k as u32;
+        }
+    }
+    SINK_OTHER
+}
+
+/// The far end of the load balancer's link: count, then drop.
+#[xdp]
+pub fn bench_sink(ctx: XdpContext) -> u32 {
+    sink_count(SINK_TOTAL);
+    sink_count(sink_classify(&ctx));
+    XDP_DROP
 }
 
 #[cfg(not(test))]

@@ -18,6 +18,8 @@ mod cases;
 #[cfg(feature = "bench")]
 mod dataplane;
 #[cfg(feature = "bench")]
+mod e2e;
+#[cfg(feature = "bench")]
 mod harness;
 #[cfg(feature = "bench")]
 mod maglev;
@@ -137,6 +139,8 @@ fn section<T>(
 
 #[cfg(feature = "bench")]
 fn measure(opts: &Options) -> anyhow::Result<()> {
+    use std::time::Duration;
+
     use anyhow::Context;
     use lb_ebpf_build::{BuildOptions, workspace_root};
 
@@ -213,6 +217,17 @@ fn measure(opts: &Options) -> anyhow::Result<()> {
             results.sync = Some(sync);
         }
     }
+    if opts.only.contains(&Section::E2e) {
+        let settings = e2e::Settings {
+            runs: if quick { 3 } else { 5 },
+            warmup: Duration::from_secs(1),
+            window: Duration::from_secs(if quick { 2 } else { 5 }),
+            repeat: if quick { 4_000_000 } else { 50_000_000 },
+        };
+        results.e2e = section("end to end", &mut results, &mut failed, || {
+            e2e::run(&harness, &agent, settings, &check_stop)
+        });
+    }
     results.machine.load_end = system::load_average();
     write_outputs(&results, &out_dir)?;
     if !failed.is_empty() {
@@ -238,6 +253,13 @@ fn write_outputs(results: &results::Results, dir: &std::path::Path) -> anyhow::R
             "dataplane.svg",
             "ns per packet per case, with baselines",
             plots::dataplane(d),
+        )?;
+    }
+    if let Some(e) = &results.e2e {
+        write(
+            "e2e.svg",
+            "packets per second delivered, per setup",
+            plots::e2e(e),
         )?;
     }
     if let Some(m) = &results.maglev {

@@ -196,21 +196,41 @@ pub fn tables(r: &Results) -> Vec<(String, Table)> {
             "setup",
             "flows",
             "offered pps",
+            "accepted pps",
             "delivered pps",
-            "± (half IQR)",
+            "±",
+            "dropped",
             "vs nftables",
-            "sinks hit",
             "checks",
         ]);
         for row in &e.rows {
+            let vs = match row.vs_nft {
+                Some(v) if row.flows > 1000 && row.setup.contains("native") => {
+                    format!(
+                        "{v:.2}× (target ≥ {E2E_VS_NFT:.0}× {})",
+                        verdict(v >= E2E_VS_NFT)
+                    )
+                }
+                Some(v) => format!("{v:.2}×"),
+                None => "-".into(),
+            };
+            let dropped = if row.offered.median > 0.0 {
+                format!(
+                    "{:.1} %",
+                    100.0 * (1.0 - row.delivered.median / row.offered.median)
+                )
+            } else {
+                "-".into()
+            };
             t.row(vec![
                 row.setup.clone(),
                 row.flows.to_string(),
                 format!("{:.0}", row.offered.median),
+                format!("{:.0}", row.accepted.median),
                 format!("{:.0}", row.delivered.median),
                 format!("{:.0}", row.delivered.half_iqr()),
-                row.vs_nft.map_or("-".into(), |v| format!("{v:.2}×")),
-                row.sinks_hit.to_string(),
+                dropped,
+                vs,
                 row.checks.clone(),
             ]);
         }

@@ -131,9 +131,9 @@ pub struct E2eRow {
     pub flows: usize,
     /// Medians over runs, packets per second.
     pub offered: Summary,
+    pub accepted: Summary,
     pub delivered: Summary,
     /// Delivered relative to nftables DNAT with the same flows (same run).
     pub vs_nft: Option<f64>,
-    pub sinks_hit: usize,
     pub checks: String,
 }

@@ -17,7 +17,8 @@ use super::{harness::PinDir, results::AgentRss, scale, sync_bench, system::rss_k
 
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn services_in(pin_dir: &Path) -> Option<usize> {
+/// Entries of the pinned `LB_SERVICES` under `pin_dir` (None while it does not exist).
+pub fn services_in(pin_dir: &Path) -> Option<usize> {
     let data = MapData::from_pin(pin_dir.join(maps::SERVICES)).ok()?;
     let map: HashMap<MapData, ServiceKey, ServiceValue> =
         HashMap::try_from(Map::from_map_data(data).ok()?).ok()?;
