@@ -86,9 +86,10 @@ pub struct RunArgs {
     /// Capacity of the Maglev slot array when it is created (4 bytes per slot).
     #[arg(long, default_value_t = lb_common::maps::DEFAULT_MAGLEV_SLOTS)]
     pub maglev_slots: u32,
-    /// Flow-table entries (all CPUs together) when the table is created.
-    #[arg(long, default_value_t = lb_common::maps::DEFAULT_FLOWS)]
-    pub flow_table_size: u32,
+    /// Flow-table entries (all CPUs together) when the table is created; overrides
+    /// `flow_table.size` in the config (default 1048576).
+    #[arg(long)]
+    pub flow_table_size: Option<u32>,
     /// Seconds between re-resolving backend MAC addresses.
     #[arg(long, default_value_t = 10)]
     pub resync_interval: u64,

@@ -57,6 +57,7 @@ struct RawConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFlowTable {
+    size: Option<u32>,
     tcp_idle_seconds: Option<u32>,
     udp_idle_seconds: Option<u32>,
     new_flows_per_cpu_per_second: Option<u32>,
@@ -316,6 +317,7 @@ fn flow_settings(file: &Path, raw: &RawFlowTable) -> Result<FlowSettings, Config
         new_flows_per_cpu_s: raw
             .new_flows_per_cpu_per_second
             .unwrap_or(d.new_flows_per_cpu_s),
+        size: positive("size", raw.size, d.size)?,
     })
 }
 
@@ -346,6 +348,7 @@ mod tests {
 interface: eth0
 encap_source: 198.18.0.2
 flow_table:
+  size: 4096
   udp_idle_seconds: 30
 services:
   - name: dns
@@ -396,6 +399,7 @@ services:
         assert_eq!(dns.name, "dns");
         assert!(!dns.flow_tracking, "UDP is stateless by default");
         assert_eq!(state.node.flows.udp_idle_s, 30);
+        assert_eq!(state.node.flows.size, 4096);
         assert_eq!(
             state.node.flows.tcp_idle_s,
             FlowSettings::default().tcp_idle_s

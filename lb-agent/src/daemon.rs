@@ -224,7 +224,8 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         .or_else(|| desired.node.interface.clone())
         .ok_or_else(|| AgentError::NoInterface(source.origin()))?;
 
-    let mut ebpf = loader::load(&args.pin_path, args.maglev_slots, args.flow_table_size)?;
+    let flows = args.flow_table_size.unwrap_or(desired.node.flows.size);
+    let mut ebpf = loader::load(&args.pin_path, args.maglev_slots, flows)?;
     let dataplane = Dataplane::from_ebpf(&mut ebpf)?;
     let snapshot = dataplane.snapshot()?;
     tracing::info!(

@@ -97,6 +97,9 @@ pub struct FlowSettings {
     pub udp_idle_s: u32,
     /// Flood guard: new entries per second per CPU; past it, flows are forwarded unremembered.
     pub new_flows_per_cpu_s: u32,
+    /// Entries of the flow table (all CPUs together). Takes effect when the table is
+    /// created: a pinned table keeps its size across restarts.
+    pub size: u32,
 }
 
 impl Default for FlowSettings {
@@ -105,6 +108,7 @@ impl Default for FlowSettings {
             tcp_idle_s: 3600,
             udp_idle_s: 60,
             new_flows_per_cpu_s: 125_000,
+            size: lb_common::maps::DEFAULT_FLOWS,
         }
     }
 }
