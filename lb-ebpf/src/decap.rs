@@ -13,11 +13,11 @@ use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
     udp::UdpHdr,
-    vlan::VlanHdr,
 };
 
 use crate::{
     Verdict,
+    encap::write_l2,
     maps::LB_CONFIG,
     parse::{L2, parse_l2, ptr_at},
 };
@@ -112,24 +112,6 @@ pub fn try_decap(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip as i32) } != 0 {
         return Err(Verdict::pass(Reason::PassMalformed));
     }
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Reason::PassMalformed))?;
-    // SAFETY: as above.
-    unsafe {
-        (*eth).dst_addr = dst;
-        (*eth).src_addr = src;
-    }
-    match l2.vlan_tci {
-        None => unsafe { (*eth).ether_type = ether_type },
-        Some(tci) => {
-            let vlan: *mut VlanHdr =
-                ptr_at(ctx, EthHdr::LEN).ok_or(Verdict::drop(Reason::PassMalformed))?;
-            // SAFETY: as above.
-            unsafe {
-                (*eth).ether_type = EtherType::Ieee8021q as u16;
-                (*vlan).tci = tci;
-                (*vlan).ether_type = ether_type;
-            }
-        }
-    }
+    write_l2(ctx, &l2, dst, src, ether_type)?;
     Ok(Verdict::pass(Reason::DecapPass))
 }
