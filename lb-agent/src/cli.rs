@@ -177,7 +177,7 @@ impl From<TraceProtocol> for crate::state::Protocol {
 pub struct TraceArgs {
     #[arg(long, value_enum)]
     pub proto: TraceProtocol,
-    /// Client address and port, e.g. 198.18.1.1:40000 or [2001:db8::1]:40000.
+    /// Client address and port, e.g. `198.18.1.1:40000` or `[2001:db8::1]:40000`.
     #[arg(long, value_name = "IP:PORT")]
     pub src: SocketAddr,
     /// VIP and port, e.g. 198.18.0.100:53.

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod ipam;
 pub mod k8s;
 pub mod loader;
 pub mod netinfo;

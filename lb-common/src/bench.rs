@@ -92,10 +92,12 @@ pub const SINK_BACKENDS: usize = 4;
 pub const SINK_TOTAL: u32 = 0;
 /// Well-formed frames for the service that no backend received (e.g. still to the VIP).
 pub const SINK_OTHER: u32 = 1;
-/// Not IPv4/UDP to the service's port.
+/// IPv4 but not UDP to the service's port.
 pub const SINK_MALFORMED: u32 = 2;
+/// Not IPv4 at all (ARP, IPv6 neighbour discovery from the namespaces' own stacks).
+pub const SINK_FOREIGN: u32 = 3;
 /// `SINK_BACKEND0 + k`: well-formed frames that reached backend `k`.
-pub const SINK_BACKEND0: u32 = 3;
+pub const SINK_BACKEND0: u32 = 4;
 pub const SINK_SLOTS: u32 = SINK_BACKEND0 + SINK_BACKENDS as u32;
 
 #[repr(C)]

@@ -23,6 +23,8 @@ const PACKAGES: &[&str] = &[
     "iputils-ping",
     "ethtool",
     "util-linux",
+    // `cargo xtask bench`: the nftables DNAT baseline of the end-to-end measurement.
+    "nftables",
 ];
 
 fn installed(package: &str) -> bool {

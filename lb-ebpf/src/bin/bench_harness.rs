@@ -27,8 +27,8 @@ use aya_ebpf::{
 };
 use lb_common::bench::{
     FRAME_MAX, GEN_FRAME_MAX, GEN_SPORT_OFFSET, GenFrame, HarnessFrame, MAX_HEAD_DELTA,
-    SINK_BACKEND0, SINK_BACKENDS, SINK_MALFORMED, SINK_OTHER, SINK_SLOTS, SINK_TOTAL, SinkConfig,
-    TARGET_SLOT,
+    SINK_BACKEND0, SINK_BACKENDS, SINK_FOREIGN, SINK_MALFORMED, SINK_OTHER, SINK_SLOTS, SINK_TOTAL,
+    SinkConfig, TARGET_SLOT,
 };
 
 #[btf_map]
@@ -202,7 +202,7 @@ fn sink_classify(ctx: &XdpContext) -> u32 {
     };
     let start = ctx.data();
     if start + 42 > ctx.data_end() {
-        return SINK_MALFORMED;
+        return SINK_FOREIGN;
     }
     // SAFETY: 42 bytes (Ethernet, a 20-byte IPv4 header, UDP) were bounds-checked above.
     let (eth, ip, udp) = unsafe {
@@ -212,7 +212,10 @@ fn sink_classify(ctx: &XdpContext) -> u32 {
             *((start + 34) as *const [u8; 8]),
         )
     };
-    if eth[12..14] != [0x08, 0x00] || ip[0] != 0x45 || ip[9] != 17 {
+    if eth[12..14] != [0x08, 0x00] {
+        return SINK_FOREIGN;
+    }
+    if ip[0] != 0x45 || ip[9] != 17 {
         return SINK_MALFORMED;
     }
     if udp[2..4] != cfg.port_be.to_ne_bytes() {

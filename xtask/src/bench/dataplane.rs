@@ -78,6 +78,18 @@ struct Round {
     kernel_lb: u32,
 }
 
+/// What one row measures.
+struct Subject<'a> {
+    name: String,
+    mode: String,
+    prog: Prog,
+    input: &'a [u8],
+    /// The reference run: every timed run must end with its action and output.
+    expect: &'a Run,
+    target: Option<f64>,
+    checks: String,
+}
+
 struct Bench {
     objects: Objects,
     dataplane: Dataplane,
@@ -144,19 +156,21 @@ impl Bench {
         Ok(r)
     }
 
-    /// Measure `prog` on `input` for every round and summarise.
-    #[allow(clippy::too_many_arguments)]
+    /// Measure `subject` for every round and summarise.
     fn measure(
         &mut self,
-        name: String,
-        mode: String,
-        prog: Prog,
-        input: &[u8],
-        expect: &Run,
-        target: Option<f64>,
-        checks: String,
+        subject: Subject<'_>,
         verify: &mut dyn FnMut(&Dataplane, &Run) -> anyhow::Result<()>,
     ) -> anyhow::Result<DpRow> {
+        let Subject {
+            name,
+            mode,
+            prog,
+            input,
+            expect,
+            target,
+            checks,
+        } = subject;
         let mut rounds = Vec::with_capacity(self.settings.rounds);
         for turn in 0..self.settings.rounds {
             rounds.push(self.round(prog, input, expect, turn, verify)?);
@@ -255,16 +269,16 @@ fn measure_all(bench: &mut Bench) -> anyhow::Result<results::Dataplane> {
         (Prog::MacSwap, "MAC-swap XDP_TX"),
     ] {
         let expect = bench.objects.direct(prog, &frame, 1)?;
-        let row = bench.measure(
-            format!("baseline {name}"),
-            "-".into(),
+        let subject = Subject {
+            name: format!("baseline {name}"),
+            mode: "-".into(),
             prog,
-            &frame,
-            &expect,
-            None,
-            format!("{} every iteration", verdict_name(expect.action)),
-            &mut |_, _| Ok(()),
-        )?;
+            input: &frame,
+            expect: &expect,
+            target: None,
+            checks: format!("{} every iteration", verdict_name(expect.action)),
+        };
+        let row = bench.measure(subject, &mut |_, _| Ok(()))?;
         eprintln!("{}", fmt_progress(&row));
         out.baselines.push(row);
     }
@@ -311,14 +325,14 @@ fn measure_case(bench: &mut Bench, case: &Case) -> anyhow::Result<DpRow> {
         if creates { ", flow_created ×N" } else { "" }
     );
     let mode = case.mode.map_or("-", |m| m.name()).to_string();
-    bench.measure(
-        case.kind.label().to_string(),
+    let subject = Subject {
+        name: case.kind.label().to_string(),
         mode,
-        Prog::Lb,
-        &case.input,
-        &plain,
-        case.kind.target(),
+        prog: Prog::Lb,
+        input: &case.input,
+        expect: &plain,
+        target: case.kind.target(),
         checks,
-        &mut verify,
-    )
+    };
+    bench.measure(subject, &mut verify)
 }

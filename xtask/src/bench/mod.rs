@@ -240,16 +240,21 @@ fn measure(opts: &Options) -> anyhow::Result<()> {
 #[cfg(feature = "bench")]
 fn write_outputs(results: &results::Results, dir: &std::path::Path) -> anyhow::Result<()> {
     use anyhow::Context;
-    let mut plots: Vec<(&str, &str)> = Vec::new();
-    let mut write =
-        |file: &'static str, caption: &'static str, svg: String| -> anyhow::Result<()> {
-            let path = dir.join(file);
-            std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
-            plots.push((file, caption));
-            Ok(())
-        };
+    use report::Part;
+    let mut plots: Vec<(Part, &str, &str)> = Vec::new();
+    let mut write = |part: Part,
+                     file: &'static str,
+                     caption: &'static str,
+                     svg: String|
+     -> anyhow::Result<()> {
+        let path = dir.join(file);
+        std::fs::write(&path, svg).with_context(|| format!("writing {}", path.display()))?;
+        plots.push((part, file, caption));
+        Ok(())
+    };
     if let Some(d) = &results.dataplane {
         write(
+            Part::Dataplane,
             "dataplane.svg",
             "ns per packet per case, with baselines",
             plots::dataplane(d),
@@ -257,6 +262,7 @@ fn write_outputs(results: &results::Results, dir: &std::path::Path) -> anyhow::R
     }
     if let Some(e) = &results.e2e {
         write(
+            Part::E2e,
             "e2e.svg",
             "packets per second delivered, per setup",
             plots::e2e(e),
@@ -264,6 +270,7 @@ fn write_outputs(results: &results::Results, dir: &std::path::Path) -> anyhow::R
     }
     if let Some(m) = &results.maglev {
         write(
+            Part::Control,
             "disruption.svg",
             "Maglev disruption vs N against 1/N",
             plots::disruption(m),
@@ -279,7 +286,7 @@ fn write_outputs(results: &results::Results, dir: &std::path::Path) -> anyhow::R
         .with_context(|| format!("writing {}", report.display()))?;
     println!("{}", report::text(results));
     println!("report: {}", report.display());
-    for (file, _) in &plots {
+    for (_, file, _) in &plots {
         println!("plot:   {}", dir.join(file).display());
     }
     Ok(())

@@ -13,6 +13,24 @@ pub const CHANGE_P99_MS: f64 = 20.0;
 pub const RSS_MIB: f64 = 100.0;
 pub const E2E_VS_NFT: f64 = 3.0;
 
+/// The report's sections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Dataplane,
+    Control,
+    E2e,
+}
+
+/// The reference C load balancer, measured on this machine with the same method (from the
+/// issue): UDP to a VIP, TCP ACK, TCP SYN, IPv6 UDP, non-VIP, ns over the baseline.
+const C_REFERENCE: [(&str, f64); 5] = [
+    ("UDP 64 B to a VIP", 83.0),
+    ("TCP ACK, known flow", 62.0),
+    ("TCP SYN, new flow", 146.0),
+    ("IPv6 UDP 64 B to a VIP", 81.0),
+    ("UDP 64 B, not a VIP", 19.0),
+];
+
 fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
@@ -59,10 +77,11 @@ fn dp_table(rows: &[DpRow], baselines: &[DpRow]) -> Table {
 }
 
 /// Every table of the run, titled, in report order.
-pub fn tables(r: &Results) -> Vec<(String, Table)> {
+pub fn tables(r: &Results) -> Vec<(Part, String, Table)> {
     let mut out = Vec::new();
     if let Some(d) = &r.dataplane {
         out.push((
+            Part::Dataplane,
             format!(
                 "Data plane: BPF_PROG_TEST_RUN, ns per packet (median of {} rounds × {} iterations, CPU {})",
                 d.rounds, d.repeat, r.cpu
@@ -81,7 +100,11 @@ pub fn tables(r: &Results) -> Vec<(String, Table)> {
                 format!("{:.2}", b.ms.max),
             ]);
         }
-        out.push(("Maglev table build (CPU time, median)".into(), t));
+        out.push((
+            Part::Control,
+            "Maglev table build (CPU time, median)".into(),
+            t,
+        ));
         let mut t = Table::new(&[
             "N",
             "remove one",
@@ -110,6 +133,7 @@ pub fn tables(r: &Results) -> Vec<(String, Table)> {
             ]);
         }
         out.push((
+            Part::Control,
             format!(
                 "Maglev disruption: fraction of flows that change backend ({} slots fixed, and with the agent's size rule)",
                 m.disruption.first().map_or(0, |d| d.fixed_slots)
@@ -121,7 +145,7 @@ pub fn tables(r: &Results) -> Vec<(String, Table)> {
         let mut t = Table::new(&[
             "services",
             "endpoints",
-            "map writes",
+            "plan ops",
             "Maglev slots",
             "full sync s",
             "read/plan/apply s",
@@ -162,6 +186,7 @@ pub fn tables(r: &Results) -> Vec<(String, Table)> {
             ]);
         }
         out.push((
+            Part::Control,
             "Sync: sync::plan + Dataplane::apply on real maps (wall clock)".into(),
             t,
         ));
@@ -188,7 +213,11 @@ pub fn tables(r: &Results) -> Vec<(String, Table)> {
                     },
                 ]);
             }
-            out.push(("Agent memory: lb-agent run on a generated config".into(), t));
+            out.push((
+                Part::Control,
+                "Agent memory: lb-agent run on a generated config".into(),
+                t,
+            ));
         }
     }
     if let Some(e) = &r.e2e {
@@ -214,7 +243,7 @@ pub fn tables(r: &Results) -> Vec<(String, Table)> {
                 Some(v) => format!("{v:.2}×"),
                 None => "-".into(),
             };
-            let dropped = if row.offered.median > 0.0 {
+            let dropped = if row.offered.median > 0.0 && row.delivered.median > 0.0 {
                 format!(
                     "{:.1} %",
                     100.0 * (1.0 - row.delivered.median / row.offered.median)
@@ -235,6 +264,7 @@ pub fn tables(r: &Results) -> Vec<(String, Table)> {
             ]);
         }
         out.push((
+            Part::E2e,
             "End to end: packets per second through the LB namespace".into(),
             t,
         ));
@@ -245,8 +275,12 @@ pub fn tables(r: &Results) -> Vec<(String, Table)> {
 /// The terminal summary.
 pub fn text(r: &Results) -> String {
     let mut s = String::new();
-    for (title, t) in tables(r) {
+    for (_, title, t) in tables(r) {
         let _ = write!(s, "\n{title}\n{}", t.text());
+    }
+    s.push_str("\nAgainst the targets:\n");
+    for line in summary(r) {
+        let _ = writeln!(s, "  {line}");
     }
     for n in &r.notes {
         let _ = writeln!(s, "note: {n}");
@@ -254,8 +288,112 @@ pub fn text(r: &Results) -> String {
     s
 }
 
-/// The Markdown report.
-pub fn markdown(r: &Results, date: &str, plots: &[(&str, &str)]) -> String {
+/// One line per target of the issue: what was measured, met or missed.
+pub fn summary(r: &Results) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(d) = &r.dataplane {
+        let mut by_target: Vec<(String, f64, Vec<String>)> = Vec::new();
+        for c in &d.cases {
+            let (Some(t), Some(o)) = (c.target, &c.over) else {
+                continue;
+            };
+            let name = c
+                .name
+                .split(", tracking")
+                .next()
+                .unwrap_or(&c.name)
+                .to_string();
+            let entry = format!(
+                "{}{} {:.1} {}",
+                if c.mode == "-" { "" } else { c.mode.as_str() },
+                if c.name.contains("tracking on") {
+                    " (tracked)"
+                } else {
+                    ""
+                },
+                o.median,
+                verdict(o.median <= t)
+            )
+            .trim_start()
+            .to_string();
+            match by_target.iter_mut().find(|(n, _, _)| *n == name) {
+                Some((_, _, v)) => v.push(entry),
+                None => by_target.push((name, t, vec![entry])),
+            }
+        }
+        for (name, t, entries) in by_target {
+            let reference = C_REFERENCE
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or(String::new(), |(_, ns)| format!(" (C reference: {ns:.0})"));
+            out.push(format!(
+                "{name}: ≤ {t:.0} ns over the baseline{reference}: {}",
+                entries.join(", ")
+            ));
+        }
+    }
+    if let Some(s) = &r.sync {
+        for row in &s.rows {
+            if row.services >= 10_000 {
+                out.push(format!(
+                    "full sync of {} services: < {FULL_SYNC_10K_S:.0} s: {:.2} s {}",
+                    row.services,
+                    row.full_ms / 1e3,
+                    verdict(row.full_ms / 1e3 < FULL_SYNC_10K_S)
+                ));
+            }
+        }
+        let changes: Vec<String> = s
+            .rows
+            .iter()
+            .map(|row| {
+                format!(
+                    "{} services {:.2} ms {}",
+                    row.services,
+                    row.change_ms.p99,
+                    verdict(row.change_ms.p99 < CHANGE_P99_MS)
+                )
+            })
+            .collect();
+        if !changes.is_empty() {
+            out.push(format!(
+                "single change p99 < {CHANGE_P99_MS:.0} ms: {}",
+                changes.join(", ")
+            ));
+        }
+        for a in s.rss.iter().filter(|a| a.services >= 10_000) {
+            out.push(format!(
+                "agent RSS at {} services < {RSS_MIB:.0} MiB: {:.1} MiB {} (peak {:.1} MiB)",
+                a.services,
+                a.rss_mib,
+                verdict(a.rss_mib < RSS_MIB),
+                a.peak_mib
+            ));
+        }
+    }
+    if let Some(e) = &r.e2e {
+        for row in e
+            .rows
+            .iter()
+            .filter(|row| row.vs_nft.is_some() && !row.setup.contains("nftables"))
+        {
+            let v = row.vs_nft.unwrap_or(f64::NAN);
+            let target = if row.flows > 1000 && row.setup.contains("native") {
+                format!(" (target ≥ {E2E_VS_NFT:.0}×: {})", verdict(v >= E2E_VS_NFT))
+            } else {
+                String::new()
+            };
+            out.push(format!(
+                "{} vs nftables DNAT, {} flows: {v:.2}×{target}",
+                row.setup, row.flows
+            ));
+        }
+    }
+    out
+}
+
+/// The Markdown report; `plots` are (section, file, caption).
+pub fn markdown(r: &Results, date: &str, plots: &[(Part, &str, &str)]) -> String {
     let m = &r.machine;
     let mut s = format!(
         "# lb benchmarks\n\n\
@@ -276,29 +414,38 @@ pub fn markdown(r: &Results, date: &str, plots: &[(&str, &str)]) -> String {
         m.load_end,
         r.cpu
     );
-    if r.dataplane.is_some() {
-        s.push_str(DATAPLANE_METHOD);
-    }
-    for (title, t) in tables(r) {
-        let _ = write!(s, "\n## {title}\n\n{}", t.markdown());
-    }
-    if let Some(d) = &r.dataplane {
-        s.push_str("\n<details><summary>What was verified per case</summary>\n\n");
-        for row in d.baselines.iter().chain(&d.cases) {
-            let _ = writeln!(s, "- {} [{}]: {}", row.name, row.mode, row.checks);
+    let lines = summary(r);
+    if !lines.is_empty() {
+        s.push_str("\n## Against the targets\n\n");
+        for l in lines {
+            let _ = writeln!(s, "- {l}");
         }
-        s.push_str("\n</details>\n");
     }
-    if r.maglev.is_some() || r.sync.is_some() {
-        s.push_str(CONTROL_METHOD);
-    }
-    if let Some(e) = &r.e2e {
-        let _ = write!(s, "\n### End-to-end method\n\n{}\n", e.method);
-    }
-    if !plots.is_empty() {
-        s.push_str("\n## Plots\n\n");
-        for (file, caption) in plots {
-            let _ = write!(s, "![{caption}]({file})\n\n");
+    let tables = tables(r);
+    for (part, heading, method) in [
+        (Part::Dataplane, "Data plane", DATAPLANE_METHOD),
+        (Part::Control, "Control plane", CONTROL_METHOD),
+        (Part::E2e, "End to end", ""),
+    ] {
+        if !tables.iter().any(|(p, _, _)| *p == part) {
+            continue;
+        }
+        let _ = write!(s, "\n## {heading}\n{method}");
+        if let (Part::E2e, Some(e)) = (part, &r.e2e) {
+            let _ = write!(s, "\n{}\n", e.method);
+        }
+        for (_, title, t) in tables.iter().filter(|(p, _, _)| *p == part) {
+            let _ = write!(s, "\n### {title}\n\n{}", t.markdown());
+        }
+        if let (Part::Dataplane, Some(d)) = (part, &r.dataplane) {
+            s.push_str("\n<details><summary>What was verified per case</summary>\n\n");
+            for row in d.baselines.iter().chain(&d.cases) {
+                let _ = writeln!(s, "- {} [{}]: {}", row.name, row.mode, row.checks);
+            }
+            s.push_str("\n</details>\n");
+        }
+        for (_, file, caption) in plots.iter().filter(|(p, _, _)| *p == part) {
+            let _ = write!(s, "\n![{caption}]({file})\n");
         }
     }
     if !r.notes.is_empty() {
@@ -311,8 +458,6 @@ pub fn markdown(r: &Results, date: &str, plots: &[(&str, &str)]) -> String {
 }
 
 const DATAPLANE_METHOD: &str = "
-### Data-plane method
-
 BPF_PROG_TEST_RUN on the real object (`lb_xdp`, loaded by the agent's own loader, maps
 programmed by `sync::plan` + `Dataplane::apply`). A plain `repeat` would time the wrong thing
 (after the first iteration the frame is already encapsulated), so each iteration runs a
@@ -336,8 +481,6 @@ entry). The flood guard is set to its maximum so every SYN creates its entry.
 ";
 
 const CONTROL_METHOD: &str = "
-### Control-plane method
-
 Maglev: `lb_common::maglev::build_table` (the agent's code), CPU time. Disruption: fraction of
 the table's slots (or, when the size changes, of 200,000 sampled flow hashes) whose backend
 changes when one of N backends is removed (mean over up to 5 choices) or one is added; at a
