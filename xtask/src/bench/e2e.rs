@@ -107,10 +107,10 @@ impl Setup {
 
     fn name(self) -> &'static str {
         match self {
-            Setup::Ceiling => "XDP_DROP ceiling at the LB ingress",
+            Setup::Ceiling => "XDP_DROP ceiling (LB ingress)",
             Setup::LbNative => "lb_xdp (l2), native XDP",
             Setup::LbGeneric => "lb_xdp (l2), generic XDP",
-            Setup::Nft => "nftables DNAT + conntrack",
+            Setup::Nft => "nftables DNAT, conntrack",
         }
     }
 }
@@ -648,7 +648,7 @@ fn measure(
                     .with_context(|| format!("{} with {flows} flows", setup.name()))?;
                 let w = rates(run, setup, flows, &a, &b);
                 eprintln!(
-                    "e2e: run {}/{} {:<36} {flows:>6} flows: offered {:>9.0} accepted {:>9.0} delivered {:>9.0} pps  per backend {:?}",
+                    "e2e: run {}/{} {:<36} {flows:>6} flows: offered {:>9.0} accepted {:>9.0} delivered {:>9.0} pps, frames per backend {:?}",
                     run + 1,
                     s.runs,
                     setup.name(),

@@ -44,8 +44,7 @@ use crate::util::require_root;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Options {
-    /// Fewer iterations and rounds, smaller control-plane sizes' samples, a short end-to-end
-    /// window: a few minutes in all.
+    /// Fewer iterations, rounds and samples, and short end-to-end windows: a few minutes.
     #[arg(long)]
     quick: bool,
     /// CPU the data plane is measured on (default: the last one).
@@ -83,7 +82,26 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 /// release xtask with the `bench` feature.
 #[cfg(not(feature = "bench"))]
 fn relaunch() -> anyhow::Result<()> {
-    use crate::util::{cargo, sh};
+    use crate::util::sh;
+    // `cargo run` gives this process the package's CARGO_MANIFEST_DIR, CARGO_PKG_* etc.; a
+    // nested cargo passes them on to build scripts, and some (ring's) rerun on them, which
+    // would rebuild half the dependency tree after every plain `cargo build`.
+    let cargo = || {
+        let mut cmd = crate::util::cargo();
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || matches!(
+                    &*k,
+                    "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
+                )
+            {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd
+    };
     crate::setup::ensure()?;
     eprintln!("bench: building lb-agent and the measuring xtask (release, feature `bench`)");
     sh(cargo().args([
