@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => runtime()?
             .block_on(daemon::run(args))
-            .map_err(|e| anyhow::anyhow!("{e:?}")),
+            .context("lb-agent run"),
         Command::Decap(args) => runtime()?
             .block_on(daemon::decap(args))
             .context("lb-agent decap"),
