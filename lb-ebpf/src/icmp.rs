@@ -8,14 +8,14 @@ use aya_ebpf::{
     helpers::{bpf_csum_diff, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{FAMILY_V4, NodeConfig, PROTO_ICMP, PROTO_ICMPV6, Reason, VIP_F_ECHO, VipKey};
+use lb_common::{FAMILY_V4, NodeConfig, PROTO_ICMP, PROTO_ICMPV6, Reason, VIP_F_ECHO};
 use network_types::eth::{EthHdr, EtherType};
 
 use crate::{
     Verdict, csum,
     encap::write_l2,
-    maps::LB_VIPS,
     parse::{Echo, Packet, ptr_at},
+    select,
 };
 
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -36,15 +36,7 @@ const V6_MIN_MTU: usize = 1280;
 /// Answer an echo request to a VIP that has echo enabled; anything else passes untouched.
 #[inline(always)]
 pub fn echo_reply(ctx: &XdpContext, echo: &Echo) -> Result<Verdict, Verdict> {
-    let key = VipKey {
-        addr_be: echo.dst_be,
-        family: echo.family,
-        _pad: [0; 3],
-    };
-    // SAFETY: the value is copied out at once.
-    let vip = unsafe { LB_VIPS.get(&key) }
-        .copied()
-        .ok_or(Verdict::pass(Reason::PassNotVip))?;
+    let vip = select::vip(echo.dst_be, echo.family).ok_or(Verdict::pass(Reason::PassNotVip))?;
     if vip.flags & VIP_F_ECHO == 0 {
         return Err(Verdict::pass(Reason::PassNotVip));
     }

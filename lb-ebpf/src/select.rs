@@ -10,7 +10,7 @@ use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
     BackendValue, FAMILY_V4, FlowKey, FlowValue, NodeConfig, PROTO_TCP, Reason,
     SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
-    VipKey,
+    VipKey, VipValue,
     hash::{flow_hash_v4, flow_hash_v6},
 };
 
@@ -86,19 +86,23 @@ fn backend_of(id: u32, service: &ServiceValue) -> Option<BackendValue> {
     (b.is_valid() && b.service_id == service.id).then_some(b)
 }
 
+/// The settings of a VIP (any port), if `addr_be` is one.
+#[inline(always)]
+pub fn vip(addr_be: [u8; 16], family: u8) -> Option<VipValue> {
+    let key = VipKey {
+        addr_be,
+        family,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out at once.
+    unsafe { LB_VIPS.get(&key) }.copied()
+}
+
 /// The port of the service that takes fragments to the packet's VIP: fragments to other
 /// addresses pass, fragments to a VIP without such a service are dropped (counted).
 #[inline(always)]
 fn fragment_port(pkt: &Packet) -> Result<u16, Verdict> {
-    let key = VipKey {
-        addr_be: pkt.dst_be,
-        family: pkt.family,
-        _pad: [0; 3],
-    };
-    // SAFETY: the value is copied out at once.
-    let vip = unsafe { LB_VIPS.get(&key) }
-        .copied()
-        .ok_or(Verdict::pass(Reason::PassFragment))?;
+    let vip = vip(pkt.dst_be, pkt.family).ok_or(Verdict::pass(Reason::PassFragment))?;
     let port = if pkt.proto == PROTO_TCP {
         vip.frag_port_tcp_be
     } else {
