@@ -9,6 +9,7 @@ pub mod ipam;
 pub mod k8s;
 pub mod loader;
 pub mod netinfo;
+pub mod output;
 pub mod state;
 pub mod status;
 pub mod sync;

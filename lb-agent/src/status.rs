@@ -177,15 +177,6 @@ pub fn render(status: &Status) -> String {
 
 pub fn print(args: &StatusArgs) -> Result<(), crate::daemon::AgentError> {
     let dp = Dataplane::open_pinned(&args.pin_path)?;
-    let status = collect(&dp)?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&status)
-                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-        );
-    } else {
-        print!("{}", render(&status));
-    }
+    crate::output::print(&collect(&dp)?, args.json, render);
     Ok(())
 }

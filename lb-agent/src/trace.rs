@@ -886,16 +886,7 @@ pub fn print(args: &TraceArgs) -> Result<(), TraceError> {
         dst: args.dst,
         syn: args.syn,
     };
-    let report = trace(&args.pin_path, &probe)?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report)
-                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-        );
-    } else {
-        print!("{}", render(&report));
-    }
+    crate::output::print(&trace(&args.pin_path, &probe)?, args.json, render);
     Ok(())
 }
 
