@@ -48,6 +48,7 @@ struct RawConfig {
     gue_port: Option<u16>,
     icmp_echo: Option<bool>,
     pmtu_icmp: Option<bool>,
+    decap: Option<bool>,
     #[serde(default)]
     flow_table: RawFlowTable,
     #[serde(default)]
@@ -75,6 +76,7 @@ struct RawService {
     flow_tracking: Option<bool>,
     #[serde(default)]
     fragments: bool,
+    session_affinity_seconds: Option<u32>,
     #[serde(default)]
     source_ranges: Vec<String>,
     #[serde(default)]
@@ -88,6 +90,9 @@ struct RawBackend {
     weight: Option<u32>,
     mac: Option<String>,
 }
+
+/// Longest session affinity, as Kubernetes allows (`timeoutSeconds` ≤ 86400).
+pub const MAX_AFFINITY_SECONDS: u32 = 86_400;
 
 /// Read and validate a config file.
 pub fn load(file: &Path) -> Result<DesiredState, ConfigError> {
@@ -135,9 +140,11 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
             gue_port: raw.gue_port.unwrap_or(DEFAULT_GUE_PORT),
             icmp_echo: raw.icmp_echo.unwrap_or(true),
             pmtu_icmp: raw.pmtu_icmp.unwrap_or(true),
+            decap: raw.decap.unwrap_or(false),
             flows: flow_settings(file, &raw.flow_table)?,
         },
         services: BTreeMap::new(),
+        local_endpoints: BTreeMap::new(),
     };
     let mut names = BTreeSet::new();
     for svc in &raw.services {
@@ -273,6 +280,14 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
                 ),
             ));
         }
+        if let Some(s) = svc.session_affinity_seconds
+            && !(1..=MAX_AFFINITY_SECONDS).contains(&s)
+        {
+            return Err(err(
+                "session_affinity_seconds",
+                format!("{s} is not 1-{MAX_AFFINITY_SECONDS}"),
+            ));
+        }
         let key = ServiceAddr {
             vip,
             port: svc.port,
@@ -293,6 +308,7 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
                 flow_tracking: svc.flow_tracking.unwrap_or(default_flow_tracking(protocol)),
                 source_ranges: (!source_ranges.is_empty()).then_some(source_ranges),
                 fragments: svc.fragments,
+                affinity_timeout_s: svc.session_affinity_seconds,
                 backends,
             },
         );

@@ -87,13 +87,15 @@ impl Syncer {
     /// Bring the maps to `desired`; returns the number of map writes.
     async fn sync(&mut self, desired: &DesiredState) -> Result<usize, AgentError> {
         let (iface, node) = self.node_config(desired).await?;
+        // Local endpoints need no next hop: their packets stay on the node.
+        let local: BTreeSet<IpAddr> = desired.local_endpoints.keys().map(|e| e.backend).collect();
         let need: BTreeSet<IpAddr> = desired
             .services
             .values()
             .flat_map(|s| {
                 s.backends
                     .iter()
-                    .filter(|(_, b)| b.mac.is_none())
+                    .filter(|(ip, b)| b.mac.is_none() && !local.contains(ip))
                     .map(|(ip, _)| *ip)
             })
             .collect();
@@ -226,6 +228,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
 
     let flows = args.flow_table_size.unwrap_or(desired.node.flows.size);
     let mut ebpf = loader::load(&args.pin_path, args.maglev_slots, flows)?;
+    loader::install_decap(&mut ebpf)?;
     let dataplane = Dataplane::from_ebpf(&mut ebpf)?;
     let snapshot = dataplane.snapshot()?;
     tracing::info!(
@@ -251,6 +254,14 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         link = %attachment.pin.display(),
         "load balancer attached"
     );
+    // Replies of flows translated for this node's endpoints get their VIP back on egress.
+    let revnat = if desired.node.decap {
+        let a = loader::attach_revnat(&mut ebpf, &args.pin_path, &iface_name)?;
+        tracing::info!(iface = %iface_name, adopted = a.adopted, link = %a.pin.display(), "egress translation attached");
+        Some(a)
+    } else {
+        None
+    };
 
     let mut resync = tokio::time::interval(Duration::from_secs(args.resync_interval.max(1)));
     resync.tick().await;
@@ -309,8 +320,12 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     if args.keep_attached {
         tracing::info!(link = %attachment.pin.display(), "exiting; program stays attached (--keep-attached)");
         drop(attachment);
+        drop(revnat);
     } else {
         attachment.detach()?;
+        if let Some(r) = revnat {
+            r.detach()?;
+        }
         tracing::info!(iface = %iface_name, "detached");
     }
     Ok(())
@@ -323,6 +338,8 @@ pub async fn decap(args: DecapArgs) -> Result<(), AgentError> {
     let mut ebpf = aya::EbpfLoader::new()
         .map_max_entries(lb_common::maps::MAGLEV, 1)
         .map_max_entries(lb_common::maps::FLOWS, 1)
+        .map_max_entries(lb_common::maps::AFFINITY, 1)
+        .map_max_entries(lb_common::maps::REVNAT, 1)
         .load(loader::EBPF_OBJECT)
         .map_err(LoadError::from)?;
     // Its only setting: the GUE port, in LB_CONFIG.

@@ -12,8 +12,8 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BackendValue, Counters, NodeConfig, Reason, ServiceCounters, ServiceKey, ServiceValue,
-    SourceRange, VipKey, VipValue, maps,
+    BackendValue, Counters, DnatKey, DnatValue, NodeConfig, Reason, ServiceCounters, ServiceKey,
+    ServiceValue, SourceRange, VipKey, VipValue, maps,
 };
 
 use crate::sync::{MapOp, MapSnapshot};
@@ -46,6 +46,7 @@ pub struct Dataplane {
     config: Array<MapData, NodeConfig>,
     vips: HashMap<MapData, VipKey, VipValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u32>,
+    dnat: HashMap<MapData, DnatKey, DnatValue>,
     service_stats: PerCpuArray<MapData, ServiceCounters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
@@ -113,6 +114,7 @@ impl Dataplane {
             vips: HashMap::try_from(get(maps::VIPS)?).map_err(map_err(maps::VIPS))?,
             source_ranges: LpmTrie::try_from(get(maps::SRC_RANGES)?)
                 .map_err(map_err(maps::SRC_RANGES))?,
+            dnat: HashMap::try_from(get(maps::DNAT)?).map_err(map_err(maps::DNAT))?,
             service_stats: PerCpuArray::try_from(get(maps::SERVICE_STATS)?)
                 .map_err(map_err(maps::SERVICE_STATS))?,
             backend_stats: PerCpuArray::try_from(get(maps::BACKEND_STATS)?)
@@ -152,9 +154,15 @@ impl Dataplane {
             let key = key.map_err(map_err(maps::SRC_RANGES))?;
             source_ranges.insert((key.prefix_len(), key.data()));
         }
+        let mut dnat = BTreeMap::new();
+        for entry in self.dnat.iter() {
+            let (k, v) = entry.map_err(map_err(maps::DNAT))?;
+            dnat.insert(k, v);
+        }
         Ok(MapSnapshot {
             vips,
             source_ranges,
+            dnat,
             config: (config.flags & lb_common::CONFIG_F_VALID != 0).then_some(config),
             services,
             backends,
@@ -225,6 +233,11 @@ impl Dataplane {
                     .backends
                     .set(*id, BackendValue::EMPTY, 0)
                     .map_err(map_err(maps::BACKENDS))?,
+                MapOp::SetDnat { key, value } => self
+                    .dnat
+                    .insert(key, value, 0)
+                    .map_err(map_err(maps::DNAT))?,
+                MapOp::DeleteDnat { key } => self.dnat.remove(key).map_err(map_err(maps::DNAT))?,
             }
         }
         Ok(())

@@ -8,9 +8,11 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::ProgramArray,
     programs::{
-        Xdp, XdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
         xdp::XdpLink,
     },
 };
@@ -46,6 +48,17 @@ pub enum LoadError {
     PinLink {
         path: PathBuf,
         source: aya::pin::PinError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("attaching {name} to {iface} egress: {source}")]
+    AttachTc {
+        name: &'static str,
+        iface: String,
+        source: aya::programs::ProgramError,
     },
     #[error("attaching to {iface} in {mode:?} mode: {source}")]
     Attach {
@@ -114,6 +127,100 @@ pub fn load(pin_dir: &Path, maglev_slots: u32, flows: u32) -> Result<Ebpf, LoadE
 /// Path of the pinned link for an interface.
 pub fn link_pin_path(pin_dir: &Path, iface: &str) -> PathBuf {
     pin_dir.join(format!("link-{iface}"))
+}
+
+/// Path of the pinned egress (TC) link of an interface.
+pub fn revnat_pin_path(pin_dir: &Path, iface: &str) -> PathBuf {
+    pin_dir.join(format!("revnat-{iface}"))
+}
+
+/// Load `lb_decap` and put it in `LB_PROGS`, where `lb_xdp` tail-calls it for tunnel
+/// packets to this node's endpoints and for its own local backends. The pinned program
+/// array keeps it there after the agent exits (`--keep-attached`, rolling updates).
+pub fn install_decap(ebpf: &mut Ebpf) -> Result<(), LoadError> {
+    program(ebpf, maps::PROG_DECAP)?;
+    let fd = ebpf
+        .program(maps::PROG_DECAP)
+        .ok_or(LoadError::MissingProgram(maps::PROG_DECAP))?
+        .fd()
+        .map_err(|source| LoadError::Program {
+            name: maps::PROG_DECAP,
+            source,
+        })?
+        .try_clone()
+        .map_err(|source| LoadError::Io {
+            path: PathBuf::from(maps::PROG_DECAP),
+            source,
+        })?;
+    let map = ebpf.map_mut(maps::PROGS).ok_or(LoadError::Map {
+        map: maps::PROGS,
+        source: aya::maps::MapError::InvalidName {
+            name: maps::PROGS.into(),
+        },
+    })?;
+    let mut progs: ProgramArray<_> =
+        ProgramArray::try_from(map).map_err(|source| LoadError::Map {
+            map: maps::PROGS,
+            source,
+        })?;
+    progs
+        .set(maps::PROGS_DECAP, &fd, 0)
+        .map_err(|source| LoadError::Map {
+            map: maps::PROGS,
+            source,
+        })
+}
+
+/// Attach `lb_revnat` to the egress of `iface` through a pinned TCX link; an existing
+/// pinned link (an earlier agent's) gets the new program atomically.
+pub fn attach_revnat(
+    ebpf: &mut Ebpf,
+    pin_dir: &Path,
+    iface: &str,
+) -> Result<Attachment, LoadError> {
+    let name = maps::PROG_REVNAT;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .ok_or(LoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| LoadError::Program { name, source })?;
+    prog.load()
+        .map_err(|source| LoadError::Program { name, source })?;
+    let pin = revnat_pin_path(pin_dir, iface);
+    let link_err = |pin: &Path| {
+        let path = pin.to_path_buf();
+        move |source| LoadError::Link { path, source }
+    };
+    let adopted = pin.exists();
+    let id = if adopted {
+        let pinned = PinnedLink::from_pin(&pin).map_err(link_err(&pin))?;
+        let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(link_err(&pin))?;
+        prog.attach_to_link(link)
+            .map_err(|source| LoadError::Program { name, source })?
+    } else {
+        prog.attach(iface, TcAttachType::Egress)
+            .map_err(|source| LoadError::AttachTc {
+                name,
+                iface: iface.into(),
+                source,
+            })?
+    };
+    let link = prog
+        .take_link(id)
+        .map_err(|source| LoadError::Program { name, source })?;
+    let link = FdLink::try_from(link).map_err(link_err(&pin))?;
+    if adopted {
+        return Ok(Attachment { link, pin, adopted });
+    }
+    let pinned = link.pin(&pin).map_err(|source| LoadError::PinLink {
+        path: pin.clone(),
+        source,
+    })?;
+    Ok(Attachment {
+        link: pinned.into(),
+        pin,
+        adopted,
+    })
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoadError> {
@@ -265,8 +372,8 @@ pub fn detach(pin_dir: &Path, iface: Option<&str>, purge: bool) -> Result<Vec<Pa
             .unwrap_or_default()
             .to_string();
         let is_link = match iface {
-            Some(i) => name == format!("link-{i}"),
-            None => name.starts_with("link-"),
+            Some(i) => name == format!("link-{i}") || name == format!("revnat-{i}"),
+            None => name.starts_with("link-") || name.starts_with("revnat-"),
         };
         let is_map = maps::ALL.contains(&name.as_str());
         if is_link || (purge && is_map) {

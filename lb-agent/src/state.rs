@@ -78,6 +78,9 @@ pub struct ServiceSpec {
     /// protocol), balanced on addresses only so all fragments of a datagram meet at one
     /// backend. Without one, fragments to the VIP are dropped and counted.
     pub fragments: bool,
+    /// Session affinity (`sessionAffinity: ClientIP`): a client keeps its backend for this
+    /// many seconds after its last packet. `None`: balanced per flow.
+    pub affinity_timeout_s: Option<u32>,
     pub backends: BTreeMap<IpAddr, BackendSpec>,
 }
 
@@ -130,6 +133,9 @@ pub struct NodeSpec {
     /// Answer packets too big for the encapsulation with ICMP "fragmentation needed" /
     /// ICMPv6 "packet too big" (else drop them).
     pub pmtu_icmp: bool,
+    /// Decapsulate tunnel packets addressed to this node's endpoints (`local_endpoints`) and
+    /// translate them; restore their replies on egress. On in Kubernetes mode.
+    pub decap: bool,
     pub flows: FlowSettings,
 }
 
@@ -142,13 +148,25 @@ impl Default for NodeSpec {
             gue_port: lb_common::DEFAULT_GUE_PORT,
             icmp_echo: true,
             pmtu_icmp: true,
+            decap: false,
             flows: FlowSettings::default(),
         }
     }
+}
+
+/// A backend of a service that runs on this node (a pod here). Other nodes tunnel its
+/// packets to its address; this node decapsulates them and translates the VIP and service
+/// port to the backend's address and target port (and back for the replies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LocalEndpoint {
+    pub service: ServiceAddr,
+    pub backend: IpAddr,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DesiredState {
     pub node: NodeSpec,
     pub services: BTreeMap<ServiceAddr, ServiceSpec>,
+    /// This node's endpoints and the port each listens on.
+    pub local_endpoints: BTreeMap<LocalEndpoint, u16>,
 }

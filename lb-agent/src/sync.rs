@@ -17,14 +17,14 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_VALID, BackendValue, FAMILY_V4, FAMILY_V6, Forwarding, NodeConfig,
-    SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
-    VIP_F_ECHO, VipKey, VipValue,
+    BACKEND_F_LOCAL, BACKEND_F_VALID, BackendValue, DnatKey, DnatValue, FAMILY_V4, FAMILY_V6,
+    Forwarding, NodeConfig, SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES,
+    ServiceKey, ServiceValue, SourceRange, VIP_F_ECHO, VipKey, VipValue,
     maglev::{self, MaglevBackend},
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
 
-use crate::state::{DesiredState, Protocol, ServiceAddr};
+use crate::state::{DesiredState, LocalEndpoint, Protocol, ServiceAddr};
 
 /// What the pinned maps hold now (only valid backends).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -37,6 +37,8 @@ pub struct MapSnapshot {
     pub source_ranges: BTreeSet<(u32, SourceRange)>,
     /// Slots in `LB_MAGLEV`.
     pub maglev_capacity: u32,
+    /// `LB_DNAT`: this node's endpoints.
+    pub dnat: BTreeMap<DnatKey, DnatValue>,
 }
 
 /// One write to the maps.
@@ -79,6 +81,13 @@ pub enum MapOp {
     },
     ClearBackend {
         id: u32,
+    },
+    SetDnat {
+        key: DnatKey,
+        value: DnatValue,
+    },
+    DeleteDnat {
+        key: DnatKey,
     },
 }
 
@@ -234,6 +243,11 @@ pub fn node_config(
                 lb_common::CONFIG_F_PMTU_ICMP
             } else {
                 0
+            }
+            | if desired.node.decap {
+                lb_common::CONFIG_F_DECAP
+            } else {
+                0
             },
         tcp_idle_s: f.tcp_idle_s,
         udp_idle_s: f.udp_idle_s,
@@ -266,6 +280,16 @@ pub fn plan(
     let mut out = Plan::default();
     if current.config != Some(node) {
         out.ops.push(MapOp::SetConfig(node));
+    }
+    // Local endpoints: translations exist before any packet is sent to them.
+    let dnat = dnat_entries(desired);
+    for (key, value) in &dnat {
+        if current.dnat.get(key) != Some(value) {
+            out.ops.push(MapOp::SetDnat {
+                key: *key,
+                value: *value,
+            });
+        }
     }
 
     // VIPs (for ICMP echo): added first, removed last.
@@ -334,7 +358,16 @@ pub fn plan(
     for (addr, svc) in &desired.services {
         let (sid, _) = service_ids[addr];
         for (ip, spec) in &svc.backends {
-            let Some(mac) = spec.mac.or_else(|| macs.get(ip).copied()) else {
+            // A local endpoint never leaves the node: its frames are addressed to the node.
+            let local = desired.local_endpoints.contains_key(&LocalEndpoint {
+                service: *addr,
+                backend: *ip,
+            });
+            let mac = if local {
+                node.mac
+            } else if let Some(mac) = spec.mac.or_else(|| macs.get(ip).copied()) {
+                mac
+            } else {
                 out.unresolved.push((*addr, *ip));
                 continue;
             };
@@ -343,7 +376,7 @@ pub fn plan(
                 addr_be,
                 mac,
                 family,
-                flags: BACKEND_F_VALID,
+                flags: BACKEND_F_VALID | if local { BACKEND_F_LOCAL } else { 0 },
                 service_id: sid,
                 _pad: [0; 4],
             };
@@ -464,9 +497,15 @@ pub fn plan(
                 SERVICE_F_SOURCE_RANGES
             } else {
                 0
+            } | if svc.affinity_timeout_s.is_some() {
+                SERVICE_F_AFFINITY
+            } else {
+                0
             },
             _pad: [0; 2],
             fingerprint,
+            affinity_timeout_s: svc.affinity_timeout_s.unwrap_or(0),
+            _pad2: [0; 4],
         };
         if old != Some(&value) {
             service_ops.push(MapOp::SetService {
@@ -502,7 +541,37 @@ pub fn plan(
             out.ops.push(MapOp::DeleteVip { key: *key });
         }
     }
+    for key in current.dnat.keys() {
+        if !dnat.contains_key(key) {
+            out.ops.push(MapOp::DeleteDnat { key: *key });
+        }
+    }
     Ok(out)
+}
+
+/// `LB_DNAT` entries of the desired local endpoints (only those of the service's family).
+pub fn dnat_entries(desired: &DesiredState) -> BTreeMap<DnatKey, DnatValue> {
+    desired
+        .local_endpoints
+        .iter()
+        .filter_map(|(ep, &target)| {
+            let (vip_be, family) = ip_bytes(ep.service.vip);
+            let (backend_be, backend_family) = ip_bytes(ep.backend);
+            (family == backend_family).then_some((
+                DnatKey {
+                    vip_be,
+                    backend_be,
+                    port_be: ep.service.port.to_be(),
+                    proto: ep.service.protocol.number(),
+                    family,
+                },
+                DnatValue {
+                    target_port_be: target.to_be(),
+                    _pad: [0; 2],
+                },
+            ))
+        })
+        .collect()
 }
 
 /// What the maps hold after `ops` (the Maglev region itself is not modelled). Used by tests
@@ -535,6 +604,12 @@ pub fn apply_to_snapshot(snapshot: &mut MapSnapshot, ops: &[MapOp]) {
             }
             MapOp::ClearBackend { id } => {
                 snapshot.backends.remove(id);
+            }
+            MapOp::SetDnat { key, value } => {
+                snapshot.dnat.insert(*key, *value);
+            }
+            MapOp::DeleteDnat { key } => {
+                snapshot.dnat.remove(key);
             }
         }
     }
@@ -572,6 +647,7 @@ mod tests {
             flow_tracking: false,
             source_ranges: None,
             fragments: false,
+            affinity_timeout_s: None,
             backends: backends
                 .iter()
                 .map(|&(last, weight)| (ip(last), BackendSpec { weight, mac: None }))
@@ -634,6 +710,8 @@ mod tests {
                 MapOp::SetService { .. } => "service",
                 MapOp::DeleteService { .. } => "delete",
                 MapOp::ClearBackend { .. } => "clear",
+                MapOp::SetDnat { .. } => "dnat",
+                MapOp::DeleteDnat { .. } => "delete dnat",
             })
             .collect();
         assert_eq!(
@@ -874,5 +952,75 @@ mod tests {
         assert_eq!(k.addr_be[..4], [198, 18, 0, 100]);
         assert_eq!(k.port_be, 53u16.to_be());
         assert_eq!(service_addr(&k), Some(a));
+    }
+
+    #[test]
+    fn local_endpoints_are_translated_here_and_need_no_next_hop() {
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(11, 1), (77, 1)]));
+        // 77 is a pod on this node (and has no MAC in `macs()`).
+        desired.local_endpoints.insert(
+            LocalEndpoint {
+                service: svc_addr(53),
+                backend: ip(77),
+            },
+            5353,
+        );
+        let mut snap = empty(10_000);
+        let p = converge(&desired, &mut snap);
+        assert!(p.unresolved.is_empty(), "{:?}", p.unresolved);
+        let local: Vec<&BackendValue> = snap
+            .backends
+            .values()
+            .filter(|b| b.flags & BACKEND_F_LOCAL != 0)
+            .collect();
+        assert_eq!(local.len(), 1);
+        assert_eq!(local[0].addr_be[..4], [198, 18, 0, 77]);
+        assert_eq!(
+            local[0].mac,
+            node().mac,
+            "frames to a local pod stay on the node"
+        );
+        let (key, value) = snap.dnat.iter().next().expect("a DNAT entry");
+        assert_eq!(
+            (
+                key.vip_be[..4].to_vec(),
+                key.backend_be[..4].to_vec(),
+                u16::from_be(key.port_be),
+                key.proto
+            ),
+            (
+                vec![198, 18, 0, 100],
+                vec![198, 18, 0, 77],
+                53,
+                lb_common::PROTO_UDP
+            )
+        );
+        assert_eq!(u16::from_be(value.target_port_be), 5353);
+
+        // The pod moves away: its translation goes, after the service stopped using it.
+        desired.local_endpoints.clear();
+        let p = plan(&desired, node(), &macs(), &snap).unwrap();
+        assert!(
+            matches!(p.ops.last(), Some(MapOp::DeleteDnat { .. })),
+            "{:?}",
+            p.ops
+        );
+        assert_eq!(p.unresolved, vec![(svc_addr(53), ip(77))]);
+    }
+
+    #[test]
+    fn session_affinity_sets_flag_and_timeout() {
+        let mut desired = DesiredState::default();
+        let mut svc = service("dns", &[(11, 1)]);
+        svc.affinity_timeout_s = Some(600);
+        desired.services.insert(svc_addr(53), svc);
+        let mut snap = empty(10_000);
+        converge(&desired, &mut snap);
+        let v = snap.services.values().next().unwrap();
+        assert_ne!(v.flags & SERVICE_F_AFFINITY, 0);
+        assert_eq!(v.affinity_timeout_s, 600);
     }
 }

@@ -607,11 +607,14 @@ fn reason_deltas(before: &Stats, after: &Stats) -> Vec<ReasonDelta> {
 }
 
 /// Reasons counted on the side of a packet's verdict (flow-table events and the like).
-const SIDE_REASONS: [Reason; 4] = [
+const SIDE_REASONS: [Reason; 6] = [
     Reason::FlowCreated,
     Reason::FlowGuarded,
     Reason::FlowRerouted,
     Reason::IcmpToBackend,
+    Reason::AffinityHit,
+    // Counted before the hand-over to the decap program, which counts the verdict.
+    Reason::LocalBackend,
 ];
 
 /// Every pin `trace` needs, or the first one missing.

@@ -168,6 +168,7 @@ fn service(
         flow_tracking,
         source_ranges: None,
         fragments: false,
+        affinity_timeout_s: None,
         backends: backends
             .into_iter()
             .map(|ip| {

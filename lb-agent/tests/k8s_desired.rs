@@ -324,29 +324,44 @@ fn load_balancer_class_selects_the_services() {
     );
 }
 
+/// This node's endpoints of one service: (address, target port).
+fn local(state: &DesiredState, key: &str) -> Vec<(String, u16)> {
+    let a = addr(key);
+    state
+        .local_endpoints
+        .iter()
+        .filter(|(ep, _)| ep.service == a)
+        .map(|(ep, port)| (ep.backend.to_string(), *port))
+        .collect()
+}
+
 #[test]
-fn dual_stack_serves_ipv4_and_warns_about_ipv6() {
+fn dual_stack_serves_each_vip_from_the_slices_of_its_family() {
     let (state, warnings) = run("dual-stack");
-    // The IPv6 slice does not leak into the IPv4 VIP.
-    assert_eq!(keys(&state), ["198.18.0.70:80/tcp"]);
-    assert_eq!(backends(&state, "198.18.0.70:80/tcp"), ["198.18.10.71"]);
     assert_eq!(
-        reasons(&warnings),
+        keys(&state),
         [
-            w("default/dual", WarningReason::Ipv6VipUnsupported),
-            w("default/v6only", WarningReason::Ipv6VipUnsupported),
+            "198.18.0.70:80/tcp",
+            "[2001:db8::70]:80/tcp",
+            "[2001:db8::72]:80/tcp"
         ]
     );
-    assert!(
-        warnings[0].message.contains("2001:db8::70"),
-        "{}",
-        warnings[0]
+    // Neither family's slice leaks into the other family's VIP.
+    assert_eq!(backends(&state, "198.18.0.70:80/tcp"), ["198.18.10.71"]);
+    assert_eq!(
+        backends(&state, "[2001:db8::70]:80/tcp"),
+        ["2001:db8:10::71"]
     );
-    assert!(
-        warnings[1].message.contains("2001:db8::72"),
-        "{}",
-        warnings[1]
+    assert_eq!(
+        backends(&state, "[2001:db8::72]:80/tcp"),
+        ["2001:db8:10::72"]
     );
+    // Every pod is on node-a (this node): translated here, IPv6 too.
+    assert_eq!(
+        local(&state, "[2001:db8::70]:80/tcp"),
+        [("2001:db8:10::71".to_string(), 80)]
+    );
+    assert!(warnings.is_empty(), "{warnings:?}");
 }
 
 #[test]
@@ -363,11 +378,25 @@ fn ports_named_target_ports_and_protocols() {
         ]
     );
     // targetPort "web" resolves per pod (8080 in one slice, 8081 in the other): every pod
-    // is a backend, keyed by address only, and the remapping is reported once.
+    // is a backend, keyed by address only; the pods on this node (node-a) are translated to
+    // their own target port, the one on node-b by node-b.
     assert_eq!(
         backends(&state, "198.18.0.80:80/tcp"),
         ["198.18.10.81", "198.18.10.82", "198.18.20.81"]
     );
+    assert_eq!(
+        local(&state, "198.18.0.80:80/tcp"),
+        [
+            ("198.18.10.81".to_string(), 8080),
+            ("198.18.10.82".to_string(), 8081)
+        ]
+    );
+    let (node_b, _) = run_with("ports", &K8sConfig::default(), "node-b");
+    assert_eq!(
+        local(&node_b, "198.18.0.80:80/tcp"),
+        [("198.18.20.81".to_string(), 8080)]
+    );
+    assert!(node_b.node.decap && state.node.decap);
     assert_eq!(backends(&state, "198.18.0.81:80/tcp"), ["198.18.10.84"]);
     assert_eq!(backends(&state, "198.18.0.82:53/tcp"), ["198.18.10.85"]);
     assert_eq!(backends(&state, "198.18.0.82:53/udp"), ["198.18.10.85"]);
@@ -384,18 +413,32 @@ fn ports_named_target_ports_and_protocols() {
 
     assert_eq!(
         reasons(&warnings),
-        [
-            w("default/multi", WarningReason::UnsupportedProtocol),
-            w("default/named-target", WarningReason::TargetPortRemapped),
-        ]
+        [w("default/multi", WarningReason::UnsupportedProtocol)]
     );
     assert!(warnings[0].message.contains("SCTP"), "{}", warnings[0]);
+
+    // With l2 forwarding nothing translates: the remapping is reported.
+    let (l2, warnings) = run_with(
+        "ports",
+        &K8sConfig {
+            default_forwarding: Forwarding::L2,
+            ..K8sConfig::default()
+        },
+        "node-a",
+    );
+    assert_eq!(l2.services.len(), 5);
+    let remapped: Vec<&Warning> = warnings
+        .iter()
+        .filter(|w| w.reason == WarningReason::TargetPortRemapped)
+        .collect();
+    assert_eq!(remapped.len(), 1, "{warnings:?}");
+    assert_eq!(remapped[0].name, "named-target");
     assert!(
-        warnings[1].message.starts_with(
-            "port http: backends listen on 8080, 8081 but DSR delivers packets unchanged to port 80"
+        remapped[0].message.starts_with(
+            "port http: backends listen on 8080, 8081 but l2 forwarding delivers packets unchanged to port 80"
         ),
         "{}",
-        warnings[1]
+        remapped[0]
     );
 }
 
@@ -437,14 +480,16 @@ fn addresses_types_annotations_and_unsupported_fields() {
         restricted.source_ranges,
         Some(vec!["198.18.0.0/24".parse::<ipnet::IpNet>().unwrap()])
     );
+    // sessionAffinity ClientIP with its timeout; others have none.
+    assert_eq!(restricted.affinity_timeout_s, Some(10_800));
+    assert_eq!(
+        service(&state, "198.18.0.90:80/tcp").affinity_timeout_s,
+        None
+    );
     assert_eq!(
         reasons(&warnings),
         [
             w("default/bad-annotation", WarningReason::InvalidAnnotation),
-            w(
-                "default/restricted",
-                WarningReason::SessionAffinityUnsupported
-            ),
             w("default/restricted", WarningReason::InvalidSourceRange),
             w("default/restricted", WarningReason::InvalidAddress),
         ]

@@ -356,7 +356,10 @@ fn dns_service() -> Value {
             "labels": {"app.kubernetes.io/name": "dns"}
         },
         "spec": {
-            "ports": [{"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 53, "nodePort": 30053}],
+            "ports": [
+                {"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 53, "nodePort": 30053},
+                {"name": "sig", "protocol": "SCTP", "port": 9999, "targetPort": 9999, "nodePort": 30999}
+            ],
             "selector": {"app.kubernetes.io/name": "dns"},
             "clusterIP": "198.19.42.53",
             "clusterIPs": ["198.19.42.53"],
@@ -438,7 +441,7 @@ fn follows_the_cluster_through_watch_events_outages_and_relists() {
         status(&pins).is_some_and(|s| backends(&s, "198.18.0.101:53/udp") == Some(vec![]))
     });
     agent.wait(WAIT, "its warning is logged", |a| {
-        a.log().contains("SessionAffinityUnsupported")
+        a.log().contains("UnsupportedProtocol")
     });
 
     // 3. An endpoint starts terminating (MODIFIED): it leaves both services; flows go to the
@@ -535,7 +538,7 @@ fn follows_the_cluster_through_watch_events_outages_and_relists() {
     );
     let warnings = log
         .lines()
-        .filter(|l| l.contains("SessionAffinityUnsupported"))
+        .filter(|l| l.contains("UnsupportedProtocol"))
         .collect::<Vec<_>>();
     assert_eq!(
         warnings.len(),

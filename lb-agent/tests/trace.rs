@@ -90,6 +90,7 @@ fn service(forwarding: Forwarding, flow_tracking: bool) -> ServiceSpec {
         flow_tracking,
         source_ranges: None,
         fragments: false,
+        affinity_timeout_s: None,
         backends: (1..=3)
             .map(backend_ip)
             .map(|ip| {

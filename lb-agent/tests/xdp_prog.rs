@@ -68,6 +68,7 @@ fn service(
         flow_tracking: false,
         source_ranges: None,
         fragments: false,
+        affinity_timeout_s: None,
         backends: backends
             .iter()
             .map(|ip| {
@@ -123,6 +124,7 @@ fn fixture() -> Fixture {
             flow_tracking: true,
             source_ranges: None,
             fragments: false,
+            affinity_timeout_s: None,
             ..service("web", Forwarding::Ipip, &three, true)
         },
     );
@@ -626,6 +628,7 @@ fn established_tcp_flows_keep_their_backend_when_backends_are_added() {
             flow_tracking: true,
             source_ranges: None,
             fragments: false,
+            affinity_timeout_s: None,
             ..service("web", Forwarding::Ipip, &six, true)
         },
     );
@@ -679,6 +682,7 @@ fn flows_of_a_removed_backend_are_rerouted_and_others_stay() {
             flow_tracking: true,
             source_ranges: None,
             fragments: false,
+            affinity_timeout_s: None,
             ..service(
                 "web",
                 Forwarding::Ipip,
@@ -782,6 +786,7 @@ fn service_any(name: &str, forwarding: Forwarding, backends: &[IpAddr]) -> Servi
         flow_tracking: false,
         source_ranges: None,
         fragments: false,
+        affinity_timeout_s: None,
         backends: backends
             .iter()
             .map(|ip| {

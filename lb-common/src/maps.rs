@@ -24,11 +24,27 @@ pub const FLOOD: &str = "LB_FLOOD";
 pub const VIPS: &str = "LB_VIPS";
 /// LPM trie: (service id, client prefix) → 1, the allow lists of services that have one.
 pub const SRC_RANGES: &str = "LB_SRC_RANGES";
+/// LRU hash: `AffinityKey` → `FlowValue`, the backend of each client of a
+/// `sessionAffinity: ClientIP` service.
+pub const AFFINITY: &str = "LB_AFFINITY";
+/// Hash: `DnatKey` → `DnatValue`, the endpoints on this node and their target ports.
+pub const DNAT: &str = "LB_DNAT";
+/// LRU hash: `FlowKey` of a reply (endpoint → client) → `RevNatValue`, the VIP and port the
+/// client used.
+pub const REVNAT: &str = "LB_REVNAT";
+/// Program array: slot [`PROGS_DECAP`] holds `lb_decap`, tail-called by `lb_xdp` for tunnel
+/// packets to this node's endpoints.
+pub const PROGS: &str = "LB_PROGS";
+pub const PROGS_DECAP: u32 = 0;
+/// Clients remembered for session affinity (all services).
+pub const MAX_AFFINITY: u32 = 65_536;
+/// Translated flows remembered for their replies.
+pub const MAX_REVNAT: u32 = 131_072;
 /// Allow-list entries over all services.
 pub const MAX_SRC_RANGES: u32 = 65_536;
 
 /// Every map the load balancer pins, in the order `lb-agent status` reads them.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 15] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -40,6 +56,10 @@ pub const ALL: [&str; 11] = [
     FLOOD,
     VIPS,
     SRC_RANGES,
+    AFFINITY,
+    DNAT,
+    REVNAT,
+    PROGS,
 ];
 
 /// Distinct (VIP, port, protocol) entries; also the size of the per-service counter array.
@@ -57,3 +77,4 @@ pub const DEFAULT_MAGLEV_SLOTS: u32 = 4 * 1024 * 1024;
 /// Names of the programs in the object.
 pub const PROG_LB: &str = "lb_xdp";
 pub const PROG_DECAP: &str = "lb_decap";
+pub const PROG_REVNAT: &str = "lb_revnat";

@@ -3,8 +3,9 @@
 
 use crate::bench::{GenFrame, HarnessFrame, SinkConfig};
 use crate::types::{
-    BackendValue, Counters, FloodWindow, FlowKey, FlowValue, NodeConfig, ServiceCounters,
-    ServiceKey, ServiceValue, SourceRange, VipKey, VipValue,
+    AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowValue,
+    NodeConfig, RevNatValue, ServiceCounters, ServiceKey, ServiceValue, SourceRange, VipKey,
+    VipValue,
 };
 
 // SAFETY: each type is `repr(C)`, has no implicit padding (sizes asserted in `types`), and
@@ -21,6 +22,10 @@ unsafe impl aya::Pod for ServiceCounters {}
 unsafe impl aya::Pod for VipKey {}
 unsafe impl aya::Pod for VipValue {}
 unsafe impl aya::Pod for SourceRange {}
+unsafe impl aya::Pod for AffinityKey {}
+unsafe impl aya::Pod for DnatKey {}
+unsafe impl aya::Pod for DnatValue {}
+unsafe impl aya::Pod for RevNatValue {}
 // SAFETY: as above; the size is asserted in `bench`.
 unsafe impl aya::Pod for HarnessFrame {}
 // SAFETY: as above.

@@ -51,10 +51,23 @@ pub enum Reason {
     DropSourceRange = 19,
     /// A fragment to a VIP whose services do not take fragments.
     DropFragment = 20,
+    /// Backend side of DSR to pods: a decapsulated packet for a local endpoint was
+    /// translated to the endpoint's address and target port (`LB_DNAT`) and passed to the
+    /// stack, which routes it to the pod.
+    DecapDnat = 21,
+    /// Egress: a reply of a translated flow got its VIP and service port back (`LB_REVNAT`).
+    RevNat = 22,
+    /// The chosen backend is on this node: the packet is handed to the node's own decap and
+    /// translation instead of leaving the interface.
+    LocalBackend = 23,
+    /// A local backend was chosen but the decap program is not installed (`LB_PROGS`).
+    DropNoDecap = 24,
+    /// A client of a `sessionAffinity: ClientIP` service went to its remembered backend.
+    AffinityHit = 25,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 26;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -79,6 +92,11 @@ impl Reason {
         Reason::TxIcmpTooBig,
         Reason::DropSourceRange,
         Reason::DropFragment,
+        Reason::DecapDnat,
+        Reason::RevNat,
+        Reason::LocalBackend,
+        Reason::DropNoDecap,
+        Reason::AffinityHit,
     ];
 
     /// Stable snake_case name, used by `lb-agent status` and metrics.
@@ -105,6 +123,11 @@ impl Reason {
             Reason::TxIcmpTooBig => "tx_icmp_too_big",
             Reason::DropSourceRange => "drop_source_range",
             Reason::DropFragment => "drop_fragment",
+            Reason::DecapDnat => "decap_dnat",
+            Reason::RevNat => "egress_revnat",
+            Reason::LocalBackend => "local_backend",
+            Reason::DropNoDecap => "drop_no_decap",
+            Reason::AffinityHit => "affinity_hit",
         }
     }
 }

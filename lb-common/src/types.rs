@@ -84,6 +84,10 @@ pub const SERVICE_F_FLOW_TRACKING: u8 = 1;
 /// Only clients in the service's entries of `LB_SRC_RANGES` are balanced; others are
 /// dropped.
 pub const SERVICE_F_SOURCE_RANGES: u8 = 2;
+/// `sessionAffinity: ClientIP`: each client (source address) keeps its backend in
+/// `LB_AFFINITY` for `affinity_timeout_s` after its last packet; a new client is placed by
+/// Maglev on its address alone, so every node places it alike.
+pub const SERVICE_F_AFFINITY: u8 = 4;
 
 /// Data of an `LB_SRC_RANGES` key (after the LPM prefix length): the service id, then the
 /// client address. The prefix length counts the 32 bits of the id plus the address bits.
@@ -113,11 +117,17 @@ pub struct ServiceValue {
     /// Agent bookkeeping: hash of the table contents, so a restarted agent can tell whether
     /// the table in the map is the one it wants without reading it back.
     pub fingerprint: u64,
+    /// Session affinity timeout (seconds), with `SERVICE_F_AFFINITY`.
+    pub affinity_timeout_s: u32,
+    pub _pad2: [u8; 4],
 }
-const _: () = assert!(size_of::<ServiceValue>() == 24);
+const _: () = assert!(size_of::<ServiceValue>() == 32);
 
 /// Backend flags.
 pub const BACKEND_F_VALID: u8 = 1;
+/// The backend is on this node (a local pod): the packet is not sent out but decapsulated
+/// and translated here (`LB_DNAT`), and the stack delivers it.
+pub const BACKEND_F_LOCAL: u8 = 2;
 
 /// One backend of one service (a backend address used by two services has two entries, so
 /// each can be removed, and counted, on its own), and the MAC address of the next hop.
@@ -158,6 +168,9 @@ pub const CONFIG_F_VALID: u32 = 1;
 /// A packet that would not fit the MTU once encapsulated is answered with ICMP
 /// "fragmentation needed" / ICMPv6 "packet too big" (else it is dropped).
 pub const CONFIG_F_PMTU_ICMP: u32 = 2;
+/// Tunnel packets (IPIP, IP6IP6, 4in6, 6in4, GUE) that are not for a VIP go to the decap
+/// program (`LB_PROGS`), which strips them and translates those for local endpoints.
+pub const CONFIG_F_DECAP: u32 = 4;
 
 /// Per-node settings, in `LB_CONFIG[0]`.
 #[repr(C)]
@@ -286,3 +299,48 @@ pub struct Counters {
     pub bytes: u64,
 }
 const _: () = assert!(size_of::<Counters>() == 16);
+
+/// A client of a service with session affinity, in `LB_AFFINITY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub client_be: [u8; 16],
+}
+const _: () = assert!(size_of::<AffinityKey>() == 24);
+
+/// An endpoint on this node for one service: packets for (`vip`, `port`, `proto`) that
+/// arrive tunnelled to `backend` are delivered to `backend`:`DnatValue::target_port_be`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DnatKey {
+    pub vip_be: [u8; 16],
+    pub backend_be: [u8; 16],
+    pub port_be: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+const _: () = assert!(size_of::<DnatKey>() == 36);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnatValue {
+    /// The port the endpoint listens on (the Service's `targetPort`).
+    pub target_port_be: u16,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<DnatValue>() == 4);
+
+/// What a reply of a translated flow must look like again: it leaves from the VIP and the
+/// service port, as the client expects. Keyed by the reply's own `FlowKey`
+/// (endpoint address and target port → client address and port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevNatValue {
+    pub vip_be: [u8; 16],
+    pub port_be: u16,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<RevNatValue>() == 24);

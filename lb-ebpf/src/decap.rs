@@ -6,9 +6,13 @@
 //! load balancer sends it and Linux FOU does) and variant 0 (a GUE header first) are
 //! accepted. A GUE control message, or anything that is not a tunnel packet, is passed
 //! untouched.
+//!
+//! A decapsulated packet for an endpoint on this node (`LB_DNAT`) is then translated to the
+//! endpoint's address and port (`dnat`); `lb_xdp` tail-calls this program for tunnel packets
+//! when the node decapsulates (`CONFIG_F_DECAP`), and for its own local backends.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{CONFIG_F_VALID, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, Reason};
+use lb_common::{CONFIG_F_VALID, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, Reason};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -16,7 +20,7 @@ use network_types::{
 };
 
 use crate::{
-    Verdict,
+    Verdict, dnat,
     encap::write_l2,
     maps::LB_CONFIG,
     parse::{L2, parse_l2, ptr_at},
@@ -31,14 +35,23 @@ fn gue_port_be() -> u16 {
     }
 }
 
-/// Length of the outer IP header and what follows it (`Err`: not a tunnel packet).
+/// The outer IP header: its length, what follows it, its destination and family (`Err`: not
+/// an IP packet).
+struct Outer {
+    len: usize,
+    proto: u8,
+    dst_be: [u8; 16],
+    family: u8,
+}
+
 #[inline(always)]
-fn outer_ip(ctx: &XdpContext, l2: &L2) -> Result<(usize, u8), Verdict> {
+fn outer_ip(ctx: &XdpContext, l2: &L2) -> Result<Outer, Verdict> {
     let l3 = l2.l3_off;
     if l2.ether_type == EtherType::Ipv4 as u16 {
         let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(Reason::PassMalformed))?;
         // SAFETY: `ptr_at` checked bounds.
-        let (vihl, proto, frags) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).frags) };
+        let (vihl, proto, frags, dst) =
+            unsafe { ((*ip).vihl, (*ip).proto, (*ip).frags, (*ip).dst_addr) };
         let ihl = ((vihl & 0x0f) as usize) * 4;
         if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
             return Err(Verdict::pass(Reason::PassMalformed));
@@ -47,15 +60,27 @@ fn outer_ip(ctx: &XdpContext, l2: &L2) -> Result<(usize, u8), Verdict> {
         if frags[0] & 0x3f != 0 || frags[1] != 0 {
             return Err(Verdict::pass(Reason::PassFragment));
         }
-        Ok((ihl, proto))
+        let mut dst_be = [0u8; 16];
+        dst_be[..4].copy_from_slice(&dst);
+        Ok(Outer {
+            len: ihl,
+            proto,
+            dst_be,
+            family: FAMILY_V4,
+        })
     } else if l2.ether_type == EtherType::Ipv6 as u16 {
         let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(Reason::PassMalformed))?;
         // SAFETY: `ptr_at` checked bounds.
-        let (v, next) = unsafe { ((*ip).vcf[0] >> 4, (*ip).next_hdr) };
+        let (v, next, dst_be) = unsafe { ((*ip).vcf[0] >> 4, (*ip).next_hdr, (*ip).dst_addr) };
         if v != 6 {
             return Err(Verdict::pass(Reason::PassMalformed));
         }
-        Ok((Ipv6Hdr::LEN, next))
+        Ok(Outer {
+            len: Ipv6Hdr::LEN,
+            proto: next,
+            dst_be,
+            family: FAMILY_V6,
+        })
     } else {
         Err(Verdict::pass(Reason::PassNotIp))
     }
@@ -87,10 +112,11 @@ fn gue(ctx: &XdpContext, off: usize) -> Result<usize, Verdict> {
 #[inline(always)]
 pub fn try_decap(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let l2 = parse_l2(ctx).ok_or(Verdict::pass(Reason::PassMalformed))?;
-    let (ip_len, proto) = outer_ip(ctx, &l2)?;
+    let outer = outer_ip(ctx, &l2)?;
+    let proto = outer.proto;
     let strip = match proto {
-        PROTO_IPIP | PROTO_IPV6 => ip_len,
-        PROTO_UDP => ip_len + gue(ctx, l2.l3_off + ip_len)?,
+        PROTO_IPIP | PROTO_IPV6 => outer.len,
+        PROTO_UDP => outer.len + gue(ctx, l2.l3_off + outer.len)?,
         _ => return Err(Verdict::pass(Reason::PassNotVip)),
     };
     // The inner packet decides the new ethertype; it must agree with an IP-in-IP protocol.
@@ -98,9 +124,9 @@ pub fn try_decap(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         ptr_at(ctx, l2.l3_off + strip).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // SAFETY: `ptr_at` checked bounds.
     let version = unsafe { *inner } >> 4;
-    let ether_type = match (version, proto) {
-        (4, PROTO_IPIP | PROTO_UDP) => EtherType::Ipv4 as u16,
-        (6, PROTO_IPV6 | PROTO_UDP) => EtherType::Ipv6 as u16,
+    let (ether_type, family) = match (version, proto) {
+        (4, PROTO_IPIP | PROTO_UDP) => (EtherType::Ipv4 as u16, FAMILY_V4),
+        (6, PROTO_IPV6 | PROTO_UDP) => (EtherType::Ipv6 as u16, FAMILY_V6),
         _ => return Err(Verdict::pass(Reason::PassMalformed)),
     };
 
@@ -113,5 +139,9 @@ pub fn try_decap(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         return Err(Verdict::pass(Reason::PassMalformed));
     }
     write_l2(ctx, &l2, dst, src, ether_type)?;
-    Ok(Verdict::pass(Reason::DecapPass))
+    // Only a tunnel of the inner packet's family names an endpoint address it can take.
+    if family != outer.family {
+        return Ok(Verdict::pass(Reason::DecapPass));
+    }
+    Ok(dnat::translate(ctx, l2.l3_off, outer.dst_be, family))
 }

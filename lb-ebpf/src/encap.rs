@@ -101,7 +101,12 @@ pub fn encapsulate(
     }
     let reason = if gue { Reason::TxGue } else { Reason::TxIpip };
     let extra = overhead(backend.family, gue);
-    let mtu = cfg.mtu as usize;
+    // A local backend's tunnel never leaves the node.
+    let mtu = if backend.flags & lb_common::BACKEND_F_LOCAL != 0 {
+        0
+    } else {
+        cfg.mtu as usize
+    };
     if mtu != 0 && pkt.l3_len as usize + extra > mtu {
         if cfg.flags & CONFIG_F_PMTU_ICMP == 0 || mtu <= extra {
             return Err(Verdict::drop(Reason::DropTooBig));

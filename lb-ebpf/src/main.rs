@@ -4,19 +4,32 @@
 
 mod csum;
 mod decap;
+mod dnat;
 mod encap;
 mod icmp;
 mod maps;
 mod parse;
+mod revnat;
 mod select;
 mod stats;
 
 use aya_ebpf::{
-    bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
-    macros::xdp,
-    programs::XdpContext,
+    bindings::{
+        TC_ACT_OK,
+        xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
+    },
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
-use lb_common::{FAMILY_V4, Forwarding, Reason};
+use lb_common::{
+    BACKEND_F_LOCAL, CONFIG_F_DECAP, FAMILY_V4, Forwarding, Reason, maps::PROGS_DECAP,
+};
+
+use crate::maps::{LB_CONFIG, LB_PROGS};
+
+/// Internal verdict: the packet (already encapsulated for a backend on this node) goes on
+/// to the decap program. Never returned to the kernel.
+const ACTION_DECAP: u32 = u32::MAX;
 
 /// What to do with a packet, and the counter that explains it.
 pub(crate) struct Verdict {
@@ -45,6 +58,14 @@ impl Verdict {
     }
 }
 
+/// Does this node decapsulate tunnel packets for its own endpoints?
+#[inline(always)]
+fn decap_enabled() -> bool {
+    LB_CONFIG
+        .get(0)
+        .is_some_and(|c| c.flags & CONFIG_F_DECAP != 0)
+}
+
 /// The load balancer: on the node's ingress interface.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
@@ -52,6 +73,19 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let verdict = match try_lb(&ctx) {
         Ok(v) | Err(v) => v,
     };
+    if verdict.action == ACTION_DECAP {
+        // A local backend: decap and translate here; the stack delivers it.
+        stats::count_reason(verdict.reason, len);
+        // SAFETY: tail call with our own context; it returns only if the slot is empty.
+        unsafe { LB_PROGS.tail_call(&ctx, PROGS_DECAP) };
+        stats::count_reason(Reason::DropNoDecap, len);
+        return XDP_DROP;
+    }
+    if verdict.reason as u32 == Reason::PassNotVip as u32 && decap_enabled() {
+        // Possibly a tunnel packet for an endpoint here; the decap program counts it.
+        // SAFETY: as above; an empty slot falls through to the plain pass.
+        unsafe { LB_PROGS.tail_call(&ctx, PROGS_DECAP) };
+    }
     stats::count_reason(verdict.reason, len);
     verdict.action
 }
@@ -70,6 +104,15 @@ fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     }
     stats::count_service(sel.service.id, len, sel.new_flow);
     stats::count_backend(sel.backend_id, len);
+    if sel.backend.flags & BACKEND_F_LOCAL != 0 {
+        // The backend is a pod on this node: the tunnel header carries its address to the
+        // decap program, which translates and passes the packet to the stack.
+        encap::encapsulate(ctx, &pkt, &sel.backend, &cfg, false, 0)?;
+        return Ok(Verdict {
+            action: ACTION_DECAP,
+            reason: Reason::LocalBackend,
+        });
+    }
     match Forwarding::from_u8(sel.service.forwarding) {
         Some(Forwarding::L2) => encap::l2_rewrite(ctx, &pkt, &sel.backend, &cfg),
         Some(Forwarding::Ipip) => {
@@ -97,6 +140,14 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
     };
     stats::count_reason(verdict.reason, len);
     verdict.action
+}
+
+/// Egress of a node with local endpoints: replies of translated flows get their VIP and
+/// service port back. Never drops.
+#[classifier]
+pub fn lb_revnat(ctx: TcContext) -> i32 {
+    revnat::run(&ctx);
+    TC_ACT_OK as i32
 }
 
 #[cfg(not(test))]

@@ -1,15 +1,16 @@
 //! Every map of the data plane. Names, sizes and value types come from `lb_common`.
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
     macros::btf_map,
 };
 use lb_common::{
-    BackendValue, Counters, FloodWindow, FlowKey, FlowValue, NodeConfig, Reason, ServiceCounters,
-    ServiceKey, ServiceValue, SourceRange, VipKey, VipValue,
+    AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowValue,
+    NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey, ServiceValue, SourceRange,
+    VipKey, VipValue,
     maps::{
-        DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_BACKENDS, MAX_SERVICES,
-        MAX_SRC_RANGES,
+        DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_AFFINITY, MAX_BACKENDS,
+        MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES,
     },
 };
 
@@ -49,3 +50,22 @@ pub static LB_VIPS: HashMap<VipKey, VipValue, { MAX_SERVICES as usize }> = HashM
 /// Value 1 for every allowed (service, client prefix).
 #[btf_map]
 pub static LB_SRC_RANGES: LpmTrie<SourceRange, u32, { MAX_SRC_RANGES as usize }> = LpmTrie::new();
+
+#[btf_map]
+pub static LB_AFFINITY: LruHashMap<
+    AffinityKey,
+    FlowValue,
+    { MAX_AFFINITY as usize },
+    LRU_PER_CPU_FLAG,
+> = LruHashMap::new();
+
+/// One entry per (service, local endpoint).
+#[btf_map]
+pub static LB_DNAT: HashMap<DnatKey, DnatValue, { MAX_BACKENDS as usize }> = HashMap::new();
+
+#[btf_map]
+pub static LB_REVNAT: LruHashMap<FlowKey, RevNatValue, { MAX_REVNAT as usize }, LRU_PER_CPU_FLAG> =
+    LruHashMap::new();
+
+#[btf_map]
+pub static LB_PROGS: ProgramArray<1> = ProgramArray::new();

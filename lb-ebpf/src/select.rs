@@ -5,18 +5,25 @@
 //! the service; otherwise Maglev decides (so a node that never saw the SYN picks the same
 //! backend as every other node) and the decision is remembered, unless the flood guard says
 //! this CPU has created too many entries this second.
+//!
+//! A service with session affinity places each client (source address) by Maglev on its
+//! addresses alone and remembers the client's backend in `LB_AFFINITY` while the client keeps
+//! sending within the timeout, so it keeps its backend when the backend set changes too.
 
 use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
-    BackendValue, FAMILY_V4, FlowKey, FlowValue, NodeConfig, PROTO_TCP, Reason,
-    SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
-    VipKey, VipValue,
+    AffinityKey, BackendValue, FAMILY_V4, FlowKey, FlowValue, NodeConfig, PROTO_TCP, Reason,
+    SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue,
+    SourceRange, VipKey, VipValue,
     hash::{flow_hash_v4, flow_hash_v6},
 };
 
 use crate::{
     Verdict,
-    maps::{LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_SERVICES, LB_SRC_RANGES, LB_VIPS},
+    maps::{
+        LB_AFFINITY, LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_SERVICES, LB_SRC_RANGES,
+        LB_VIPS,
+    },
     parse::Packet,
     stats,
 };
@@ -117,10 +124,17 @@ fn fragment_port(pkt: &Packet) -> Result<u16, Verdict> {
 /// The flow hash of a packet (the same function the agent and `lb-agent trace` use).
 #[inline(always)]
 pub fn flow_hash(pkt: &Packet) -> u32 {
-    let (sport, dport) = (
+    hash_of(
+        pkt,
         u16::from_ne_bytes(pkt.sport_be),
         u16::from_ne_bytes(pkt.dport_be),
-    );
+    )
+}
+
+/// The hash of a packet's addresses and protocol with the given ports (zero for the client
+/// hash of session affinity, as fragments have).
+#[inline(always)]
+fn hash_of(pkt: &Packet, sport: u16, dport: u16) -> u32 {
     if pkt.family == FAMILY_V4 {
         let s = &pkt.src_be;
         let d = &pkt.dst_be;
@@ -137,11 +151,10 @@ pub fn flow_hash(pkt: &Packet) -> u32 {
 }
 
 #[inline(always)]
-fn maglev(pkt: &Packet, service: &ServiceValue) -> Result<(u32, BackendValue), Verdict> {
+fn maglev(hash: u32, service: &ServiceValue) -> Result<(u32, BackendValue), Verdict> {
     if service.table_size == 0 {
         return Err(Verdict::drop(Reason::DropNoBackend));
     }
-    let hash = flow_hash(pkt);
     let slot = service.table_offset.wrapping_add(hash % service.table_size);
     let id = *LB_MAGLEV
         .get(slot)
@@ -183,6 +196,47 @@ fn flood_guard_allows(now: u64, cfg: &NodeConfig) -> bool {
     true
 }
 
+/// The backend of a client of a service with session affinity: its remembered one while
+/// fresh and still in the service, else Maglev on the client's address (remembered, except
+/// for ICMP errors). Returns whether the decision is new.
+#[inline(always)]
+fn affine(
+    pkt: &Packet,
+    service: &ServiceValue,
+    now: u64,
+    bytes: u64,
+) -> Result<(u32, BackendValue, bool), Verdict> {
+    let key = AffinityKey {
+        service_id: service.id,
+        family: pkt.family,
+        _pad: [0; 3],
+        client_be: pkt.src_be,
+    };
+    if let Some(entry) = LB_AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: the entry stays valid during this program run (RCU); racing updates of
+        // `last_seen_ns` are benign.
+        let (id, seen) = unsafe { ((*entry).backend_id, (*entry).last_seen_ns) };
+        if now.wrapping_sub(seen) <= service.affinity_timeout_s as u64 * NS_PER_S
+            && let Some(backend) = backend_of(id, service)
+        {
+            // SAFETY: as above.
+            unsafe { (*entry).last_seen_ns = now };
+            stats::count_reason(Reason::AffinityHit, bytes);
+            return Ok((id, backend, false));
+        }
+    }
+    let (id, backend) = maglev(hash_of(pkt, 0, 0), service)?;
+    if !pkt.icmp_error {
+        let value = FlowValue {
+            backend_id: id,
+            _pad: [0; 4],
+            last_seen_ns: now,
+        };
+        let _ = LB_AFFINITY.insert(&key, &value, ANY);
+    }
+    Ok((id, backend, true))
+}
+
 /// Choose the backend for a packet of `service`.
 #[inline(always)]
 pub fn select(
@@ -193,8 +247,10 @@ pub fn select(
 ) -> Result<Selected, Verdict> {
     // Fragments are balanced statelessly on addresses and protocol (their ports are zero),
     // so every fragment of a datagram, first or later, reaches the same backend.
-    if service.flags & SERVICE_F_FLOW_TRACKING == 0 || pkt.fragment {
-        let (backend_id, backend) = maglev(pkt, &service)?;
+    let tracked = service.flags & SERVICE_F_FLOW_TRACKING != 0 && !pkt.fragment;
+    let affinity = service.flags & SERVICE_F_AFFINITY != 0 && !pkt.fragment;
+    if !tracked && !affinity {
+        let (backend_id, backend) = maglev(flow_hash(pkt), &service)?;
         return Ok(Selected {
             service,
             backend_id,
@@ -202,9 +258,18 @@ pub fn select(
             new_flow: true,
         });
     }
-    let key = flow_key(pkt);
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
+    if !tracked {
+        let (backend_id, backend, new_flow) = affine(pkt, &service, now, bytes)?;
+        return Ok(Selected {
+            service,
+            backend_id,
+            backend,
+            new_flow,
+        });
+    }
+    let key = flow_key(pkt);
     if !pkt.tcp_syn
         && let Some(flow) = LB_FLOWS.get_ptr_mut(&key)
     {
@@ -230,7 +295,12 @@ pub fn select(
             stats::count_reason(Reason::FlowRerouted, bytes);
         }
     }
-    let (backend_id, backend) = maglev(pkt, &service)?;
+    let (backend_id, backend) = if affinity {
+        let (id, backend, _) = affine(pkt, &service, now, bytes)?;
+        (id, backend)
+    } else {
+        maglev(flow_hash(pkt), &service)?
+    };
     if pkt.icmp_error {
         // An error about a flow is not a flow: follow it, never remember it.
         return Ok(Selected {

@@ -4,20 +4,27 @@
 //!
 //! - Ours: `spec.type: LoadBalancer` and a matching (or, unless required, absent)
 //!   `spec.loadBalancerClass`.
-//! - VIPs: `status.loadBalancer.ingress[].ip` and `spec.loadBalancerIP`; IPv4 only for now.
+//! - VIPs: `status.loadBalancer.ingress[].ip` and `spec.loadBalancerIP`, IPv4 and IPv6.
 //! - Every Service port × every VIP is one `ServiceAddr`. The backends are the pod addresses
-//!   of the IPv4 EndpointSlices labelled with the Service's name whose port has the Service
-//!   port's name and protocol: the ready endpoints or, when none is ready, the serving
-//!   terminating ones. `externalTrafficPolicy: Local` keeps only this node's endpoints.
-//! - DSR delivers the packet unchanged, so a backend receives it on the Service port; a
-//!   `targetPort` that differs is reported (a backend-side DNAT would be needed).
+//!   of the EndpointSlices of the VIP's family labelled with the Service's name whose port
+//!   has the Service port's name and protocol: the ready endpoints or, when none is ready,
+//!   the serving terminating ones. `externalTrafficPolicy: Local` keeps only this node's
+//!   endpoints.
+//! - DSR to pods: the load-balancing node tunnels the client's packet to the pod address; the
+//!   pod's node (this agent, there) decapsulates it and translates VIP:port to
+//!   pod:targetPort (`DesiredState::local_endpoints`), and restores VIP:port on the replies.
+//!   So `targetPort` may differ from `port` (by number or by name), and pods need nothing.
+//!   With `l2` forwarding the packet reaches the backend unchanged: the backend must own the
+//!   VIP and listen on the Service port, and a different `targetPort` is reported.
+//! - `sessionAffinity: ClientIP`: each client keeps its backend for
+//!   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800) after its last packet.
 //! - Two Services on one (VIP, port, protocol): the older one (then namespace/name) wins.
 
 use std::{
     borrow::Borrow,
     collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
 };
 
 use k8s_openapi::api::{
@@ -28,8 +35,12 @@ use lb_common::Forwarding;
 
 use super::config::{K8sConfig, parse_forwarding};
 use crate::state::{
-    BackendSpec, DesiredState, NodeSpec, Protocol, ServiceAddr, ServiceSpec, default_flow_tracking,
+    BackendSpec, DesiredState, LocalEndpoint, NodeSpec, Protocol, ServiceAddr, ServiceSpec,
+    default_flow_tracking,
 };
+
+/// Session affinity timeout when a Service sets none (Kubernetes' default, 3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 /// Per-Service forwarding override: `ipip` or `l2`.
 pub const FORWARDING_ANNOTATION: &str = "xdp-lb.io/forwarding";
@@ -41,18 +52,17 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// CamelCase so they can be used as Event reasons.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WarningReason {
-    /// An IPv6 VIP: the data plane forwards IPv4 only; the VIP is skipped.
-    Ipv6VipUnsupported,
     /// A VIP or endpoint address that does not parse; it is skipped.
     InvalidAddress,
     /// A port whose protocol is not TCP or UDP (SCTP); the port is skipped.
     UnsupportedProtocol,
     /// A port number outside 1-65535; the port is skipped.
     InvalidPort,
-    /// Backends listen on a `targetPort` other than the Service port; DSR cannot remap it.
+    /// Backends listen on a `targetPort` other than the Service port, and the Service uses
+    /// `l2` forwarding, which delivers packets unchanged (no translation possible).
     TargetPortRemapped,
-    /// `sessionAffinity: ClientIP` is not implemented; flows are balanced per 5-tuple.
-    SessionAffinityUnsupported,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds` outside 1-86400; the default is used.
+    InvalidAffinityTimeout,
     /// A `loadBalancerSourceRanges` entry that is not a CIDR; it is skipped (the others are
     /// enforced).
     InvalidSourceRange,
@@ -68,12 +78,11 @@ pub enum WarningReason {
 impl WarningReason {
     pub const fn as_str(self) -> &'static str {
         match self {
-            WarningReason::Ipv6VipUnsupported => "IPv6VIPUnsupported",
             WarningReason::InvalidAddress => "InvalidAddress",
             WarningReason::UnsupportedProtocol => "UnsupportedProtocol",
             WarningReason::InvalidPort => "InvalidPort",
             WarningReason::TargetPortRemapped => "TargetPortRemapped",
-            WarningReason::SessionAffinityUnsupported => "SessionAffinityUnsupported",
+            WarningReason::InvalidAffinityTimeout => "InvalidAffinityTimeout",
             WarningReason::InvalidSourceRange => "InvalidSourceRange",
             WarningReason::InvalidAnnotation => "InvalidAnnotation",
             WarningReason::AddressConflict => "AddressConflict",
@@ -152,9 +161,12 @@ where
             node: NodeSpec {
                 interface: cfg.interface.clone(),
                 encap_source: cfg.encap_source,
+                // Pods on this node receive tunnelled packets from every other node.
+                decap: true,
                 ..NodeSpec::default()
             },
             services: BTreeMap::new(),
+            local_endpoints: BTreeMap::new(),
         },
         owners: BTreeMap::new(),
         warnings: Vec::new(),
@@ -190,16 +202,19 @@ fn age_key(svc: &Service) -> AgeKey<'_> {
     )
 }
 
-/// IPv4 EndpointSlices by (namespace, Service name).
-fn index_slices<'a>(
-    slices: impl Iterator<Item = &'a EndpointSlice>,
-) -> BTreeMap<(&'a str, &'a str), Vec<&'a EndpointSlice>> {
-    let mut index: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+/// Slices of one Service and one address family: (namespace, Service name, IPv6?).
+type SliceIndex<'a> = BTreeMap<(&'a str, &'a str, bool), Vec<&'a EndpointSlice>>;
+
+/// IPv4 and IPv6 EndpointSlices by (namespace, Service name, family).
+fn index_slices<'a>(slices: impl Iterator<Item = &'a EndpointSlice>) -> SliceIndex<'a> {
+    let mut index: SliceIndex<'a> = BTreeMap::new();
     for slice in slices {
-        // IPv6 slices serve IPv6 VIPs (not supported yet); FQDN slices are not for proxies.
-        if slice.address_type != "IPv4" {
-            continue;
-        }
+        // FQDN slices are not for proxies.
+        let v6 = match slice.address_type.as_str() {
+            "IPv4" => false,
+            "IPv6" => true,
+            _ => continue,
+        };
         let Some(service) = slice
             .metadata
             .labels
@@ -210,7 +225,7 @@ fn index_slices<'a>(
         };
         let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
         index
-            .entry((namespace, service.as_str()))
+            .entry((namespace, service.as_str(), v6))
             .or_default()
             .push(slice);
     }
@@ -221,7 +236,7 @@ struct Builder<'a> {
     cfg: &'a K8sConfig,
     this_node: &'a str,
     node_known: bool,
-    slices: BTreeMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>,
+    slices: SliceIndex<'a>,
     state: DesiredState,
     /// Which Service ("namespace/name") holds each address.
     owners: BTreeMap<ServiceAddr, String>,
@@ -263,14 +278,8 @@ impl Builder<'_> {
             name: svc.metadata.name.as_deref().unwrap_or_default(),
         };
 
-        if spec.session_affinity.as_deref() == Some("ClientIP") {
-            self.warn(
-                &cur,
-                WarningReason::SessionAffinityUnsupported,
-                "sessionAffinity ClientIP is not supported yet: connections are balanced per flow"
-                    .into(),
-            );
-        }
+        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP"))
+            .then(|| self.affinity_timeout(spec, &cur));
         // loadBalancerSourceRanges: enforced in the data plane (clients outside are dropped).
         let mut ranges = Vec::new();
         for r in spec.load_balancer_source_ranges.iter().flatten() {
@@ -299,12 +308,45 @@ impl Builder<'_> {
 
         let vips = self.vips(svc, &cur);
         if vips.is_empty() {
-            // No address yet (or only IPv6): nothing to serve.
+            // No address yet: nothing to serve.
             return;
         }
 
+        let how = Serving {
+            forwarding,
+            local,
+            ranges: &ranges,
+            affinity,
+        };
         for port in spec.ports.iter().flatten() {
-            self.add_port(&cur, port, &vips, forwarding, local, &ranges);
+            self.add_port(&cur, port, &vips, &how);
+        }
+    }
+
+    /// The affinity timeout a Service asks for (Kubernetes' default when unset).
+    fn affinity_timeout(
+        &mut self,
+        spec: &k8s_openapi::api::core::v1::ServiceSpec,
+        cur: &Current<'_>,
+    ) -> u32 {
+        let asked = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds);
+        match asked {
+            None => DEFAULT_AFFINITY_TIMEOUT_S,
+            Some(s) if (1..=crate::config::MAX_AFFINITY_SECONDS as i32).contains(&s) => s as u32,
+            Some(s) => {
+                self.warn(
+                    cur,
+                    WarningReason::InvalidAffinityTimeout,
+                    format!(
+                        "sessionAffinityConfig.clientIP.timeoutSeconds {s} is not 1-86400; using {DEFAULT_AFFINITY_TIMEOUT_S}"
+                    ),
+                );
+                DEFAULT_AFFINITY_TIMEOUT_S
+            }
         }
     }
 
@@ -334,8 +376,8 @@ impl Builder<'_> {
         }
     }
 
-    /// The Service's IPv4 VIPs, deduplicated; warns about the others.
-    fn vips(&mut self, svc: &Service, cur: &Current<'_>) -> BTreeSet<Ipv4Addr> {
+    /// The Service's VIPs, deduplicated; warns about addresses that do not parse.
+    fn vips(&mut self, svc: &Service, cur: &Current<'_>) -> BTreeSet<IpAddr> {
         let from_status = svc
             .status
             .iter()
@@ -354,14 +396,9 @@ impl Builder<'_> {
                 continue;
             }
             match text.parse::<IpAddr>() {
-                Ok(IpAddr::V4(v4)) => {
-                    vips.insert(v4);
+                Ok(ip) => {
+                    vips.insert(ip);
                 }
-                Ok(IpAddr::V6(v6)) => self.warn(
-                    cur,
-                    WarningReason::Ipv6VipUnsupported,
-                    format!("VIP {v6}: IPv6 VIPs are not supported yet; skipped"),
-                ),
                 Err(_) => self.warn(
                     cur,
                     WarningReason::InvalidAddress,
@@ -376,10 +413,8 @@ impl Builder<'_> {
         &mut self,
         cur: &Current<'_>,
         port: &ServicePort,
-        vips: &BTreeSet<Ipv4Addr>,
-        forwarding: Forwarding,
-        local: bool,
-        ranges: &[ipnet::IpNet],
+        vips: &BTreeSet<IpAddr>,
+        how: &Serving<'_>,
     ) {
         let port_name = port.name.as_deref().unwrap_or_default();
         let label = if port_name.is_empty() {
@@ -411,44 +446,15 @@ impl Builder<'_> {
             return;
         };
 
-        let selected = self.select_endpoints(cur, port_name, protocol_name, local);
-        let remapped: BTreeSet<u16> = selected
-            .values()
-            .copied()
-            .filter(|&target| target != number)
-            .collect();
-        if !remapped.is_empty() {
-            let list = remapped
-                .iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(", ");
-            self.warn(
-                cur,
-                WarningReason::TargetPortRemapped,
-                format!(
-                    "port {label}: backends listen on {list} but DSR delivers packets unchanged to port {number}; \
-                     they must also accept port {number} (port remapping is not supported yet)"
-                ),
-            );
-        }
-        let backends: BTreeMap<IpAddr, BackendSpec> = selected
-            .keys()
-            .map(|&addr| {
-                (
-                    IpAddr::V4(addr),
-                    BackendSpec {
-                        weight: 1,
-                        mac: None,
-                    },
-                )
-            })
-            .collect();
-
         let owner = format!("{}/{}", cur.namespace, cur.name);
         for &vip in vips {
+            let selected =
+                self.select_endpoints(cur, port_name, protocol_name, how.local, vip.is_ipv6());
+            if how.forwarding == Forwarding::L2 {
+                self.warn_remapped(cur, &label, number, &selected);
+            }
             let addr = ServiceAddr {
-                vip: IpAddr::V4(vip),
+                vip,
                 port: number,
                 protocol,
             };
@@ -462,26 +468,50 @@ impl Builder<'_> {
                 }
                 Entry::Vacant(slot) => {
                     slot.insert(owner.clone());
+                    let backends: BTreeMap<IpAddr, BackendSpec> = selected
+                        .keys()
+                        .map(|&ip| {
+                            (
+                                ip,
+                                BackendSpec {
+                                    weight: 1,
+                                    mac: None,
+                                },
+                            )
+                        })
+                        .collect();
+                    for (&backend, ep) in &selected {
+                        if ep.on_this_node {
+                            self.state.local_endpoints.insert(
+                                LocalEndpoint {
+                                    service: addr,
+                                    backend,
+                                },
+                                ep.target_port,
+                            );
+                        }
+                    }
                     self.state.services.insert(
                         addr,
                         ServiceSpec {
                             name: format!("{owner}:{label}"),
-                            forwarding,
+                            forwarding: how.forwarding,
                             table_size: None,
                             flow_tracking: default_flow_tracking(protocol),
-                            // The VIPs are IPv4: their ranges are the IPv4 ones (a list
-                            // with no IPv4 entry admits no IPv4 client).
                             // Kubernetes has no notion of fragments: dropped, as
                             // kube-proxy's conntrack-less paths would.
                             fragments: false,
-                            source_ranges: (!ranges.is_empty()).then(|| {
-                                ranges
+                            affinity_timeout_s: how.affinity,
+                            // The VIP's family's ranges (a list with no entry of that
+                            // family admits no client).
+                            source_ranges: (!how.ranges.is_empty()).then(|| {
+                                how.ranges
                                     .iter()
-                                    .filter(|n| n.addr().is_ipv4())
+                                    .filter(|n| n.addr().is_ipv6() == vip.is_ipv6())
                                     .copied()
                                     .collect()
                             }),
-                            backends: backends.clone(),
+                            backends,
                         },
                     );
                 }
@@ -489,22 +519,55 @@ impl Builder<'_> {
         }
     }
 
-    /// The endpoints for one Service port: address → the port the slice gives for it.
-    /// kube-proxy's rule: the ready endpoints (after the node filter of
-    /// `externalTrafficPolicy: Local`); if there are none, the serving terminating ones.
+    /// With `l2` forwarding nothing translates the port: report backends that listen on
+    /// another one.
+    fn warn_remapped(
+        &mut self,
+        cur: &Current<'_>,
+        label: &str,
+        number: u16,
+        selected: &BTreeMap<IpAddr, Endpoint>,
+    ) {
+        let remapped: BTreeSet<u16> = selected
+            .values()
+            .map(|ep| ep.target_port)
+            .filter(|&target| target != number)
+            .collect();
+        if remapped.is_empty() {
+            return;
+        }
+        let list = remapped
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.warn(
+            cur,
+            WarningReason::TargetPortRemapped,
+            format!(
+                "port {label}: backends listen on {list} but l2 forwarding delivers packets unchanged to port {number}; \
+                 they must also accept port {number} (use ipip or gue forwarding to translate)"
+            ),
+        );
+    }
+
+    /// The endpoints of one family for one Service port. kube-proxy's rule: the ready
+    /// endpoints (after the node filter of `externalTrafficPolicy: Local`); if there are
+    /// none, the serving terminating ones.
     fn select_endpoints(
         &mut self,
         cur: &Current<'_>,
         port_name: &str,
         protocol: &str,
         local: bool,
-    ) -> BTreeMap<Ipv4Addr, u16> {
+        v6: bool,
+    ) -> BTreeMap<IpAddr, Endpoint> {
         let mut ready = BTreeMap::new();
         let mut terminating = BTreeMap::new();
         let mut bad = Vec::new();
         let slices = self
             .slices
-            .get(&(cur.namespace, cur.name))
+            .get(&(cur.namespace, cur.name, v6))
             .map(Vec::as_slice)
             .unwrap_or_default();
         for slice in slices {
@@ -523,38 +586,67 @@ impl Builder<'_> {
                 continue;
             };
             for ep in &slice.endpoints {
-                if local && ep.node_name.as_deref() != Some(self.this_node) {
+                let on_this_node = ep.node_name.as_deref() == Some(self.this_node);
+                if local && !on_this_node {
                     continue;
                 }
-                // Consumers use the first address (the API allows exactly one for IPv4).
+                // Consumers use the first address (the API allows exactly one per endpoint).
                 let Some(text) = ep.addresses.first() else {
                     continue;
                 };
-                let Ok(addr) = text.parse::<Ipv4Addr>() else {
-                    bad.push(text.clone());
-                    continue;
+                let addr = match text.parse::<IpAddr>() {
+                    Ok(a) if a.is_ipv6() == v6 => a,
+                    _ => {
+                        bad.push(text.clone());
+                        continue;
+                    }
                 };
                 // nil ready/serving mean "unknown, treat as ready"; nil terminating: not.
                 let c = ep.conditions.as_ref();
                 let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
                 let is_serving = c.and_then(|c| c.serving).unwrap_or(true);
                 let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+                let endpoint = Endpoint {
+                    target_port: target,
+                    on_this_node,
+                };
                 if is_ready {
-                    ready.insert(addr, target);
+                    ready.insert(addr, endpoint);
                 } else if is_serving && is_terminating {
-                    terminating.insert(addr, target);
+                    terminating.insert(addr, endpoint);
                 }
             }
         }
         bad.sort();
         bad.dedup();
+        let family = if v6 { "IPv6" } else { "IPv4" };
         for text in bad {
             self.warn(
                 cur,
                 WarningReason::InvalidAddress,
-                format!("endpoint address {text:?} in an IPv4 EndpointSlice is not IPv4; skipped"),
+                format!(
+                    "endpoint address {text:?} in an {family} EndpointSlice is not {family}; skipped"
+                ),
             );
         }
         if ready.is_empty() { terminating } else { ready }
     }
+}
+
+/// How a Service's ports are served (the same for all of them).
+struct Serving<'a> {
+    forwarding: Forwarding,
+    /// `externalTrafficPolicy: Local`.
+    local: bool,
+    ranges: &'a [ipnet::IpNet],
+    affinity: Option<u32>,
+}
+
+/// A selected endpoint of one Service port.
+#[derive(Clone, Copy)]
+struct Endpoint {
+    /// The port the endpoint listens on (from its slice).
+    target_port: u16,
+    /// It runs on this node (its packets are translated here).
+    on_this_node: bool,
 }

@@ -1,0 +1,465 @@
+//! BPF_PROG_TEST_RUN on the real object for DSR to pods and session affinity: tunnelled
+//! packets for this node's endpoints are decapsulated and translated to pod:targetPort
+//! (`lb_decap`, also reached from `lb_xdp` by tail call), a local backend is delivered on the
+//! node, replies get their VIP and service port back (`lb_revnat`, TC egress), and a client
+//! of an affinity service keeps its backend. Exact output bytes: the expected frames are
+//! built independently (checksums computed from scratch by the packet builder), so a wrong
+//! incremental checksum update fails the comparison. Needs root.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+};
+use lb_agent::{
+    EBPF_OBJECT,
+    dataplane::Dataplane,
+    loader,
+    state::{BackendSpec, DesiredState, LocalEndpoint, Protocol, ServiceAddr, ServiceSpec},
+    sync::{self, MapSnapshot},
+};
+use lb_common::{DEFAULT_GUE_PORT, Forwarding, Reason, maps};
+use lb_testkit::packet::{IPPROTO_IPIP, IPPROTO_IPV6, PacketBuilder, Tcp, hexdump, tcp_flags};
+
+const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
+const TC_ACT_OK: u32 = 0;
+
+const NODE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const PEER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x03];
+const ENCAP_SRC: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const NODE_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+/// A pod on this node, and one elsewhere.
+const POD_HERE: Ipv4Addr = Ipv4Addr::new(198, 18, 5, 22);
+const POD_THERE: Ipv4Addr = Ipv4Addr::new(198, 18, 6, 11);
+const ENCAP_SRC6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 3);
+const NODE_ADDR6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x100);
+const POD_HERE6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 5, 0, 0, 0, 0, 0x22);
+
+const DNS: u16 = 53;
+const DNS_TARGET: u16 = 5353;
+const WEB: u16 = 80;
+const WEB_TARGET: u16 = 8080;
+/// UDP service with session affinity over three remote pods.
+const STICKY: u16 = 54;
+const STICKY_PODS: [Ipv4Addr; 3] = [
+    Ipv4Addr::new(198, 18, 6, 1),
+    Ipv4Addr::new(198, 18, 6, 2),
+    Ipv4Addr::new(198, 18, 6, 3),
+];
+
+struct Fixture {
+    ebpf: Ebpf,
+    dataplane: Dataplane,
+    snapshot: MapSnapshot,
+}
+
+fn addr(vip: IpAddr, port: u16, protocol: Protocol) -> ServiceAddr {
+    ServiceAddr {
+        vip,
+        port,
+        protocol,
+    }
+}
+
+fn service(name: &str, backends: &[IpAddr], affinity: Option<u32>) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        forwarding: Forwarding::Ipip,
+        table_size: None,
+        flow_tracking: false,
+        source_ranges: None,
+        fragments: false,
+        affinity_timeout_s: affinity,
+        backends: backends
+            .iter()
+            .map(|ip| {
+                (
+                    *ip,
+                    BackendSpec {
+                        weight: 1,
+                        mac: Some(PEER_MAC),
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// DNS (UDP 53 → 5353) and web (TCP 80 → 8080) on VIP and VIP6, each with the pod here;
+/// DNS also has a pod elsewhere.
+fn desired(sticky_pods: &[Ipv4Addr], affinity_s: u32) -> DesiredState {
+    let mut d = DesiredState::default();
+    d.node.decap = true;
+    let dns = addr(VIP.into(), DNS, Protocol::Udp);
+    let web = addr(VIP.into(), WEB, Protocol::Tcp);
+    let dns6 = addr(VIP6.into(), DNS, Protocol::Udp);
+    let web6 = addr(VIP6.into(), WEB, Protocol::Tcp);
+    d.services.insert(
+        dns,
+        service("dns", &[POD_HERE.into(), POD_THERE.into()], None),
+    );
+    d.services
+        .insert(web, service("web", &[POD_HERE.into()], None));
+    d.services
+        .insert(dns6, service("dns6", &[POD_HERE6.into()], None));
+    d.services
+        .insert(web6, service("web6", &[POD_HERE6.into()], None));
+    for (svc, pod, target) in [
+        (dns, IpAddr::from(POD_HERE), DNS_TARGET),
+        (web, POD_HERE.into(), WEB_TARGET),
+        (dns6, POD_HERE6.into(), DNS_TARGET),
+        (web6, POD_HERE6.into(), WEB_TARGET),
+    ] {
+        d.local_endpoints.insert(
+            LocalEndpoint {
+                service: svc,
+                backend: pod,
+            },
+            target,
+        );
+    }
+    let sticky: Vec<IpAddr> = sticky_pods.iter().map(|&p| p.into()).collect();
+    d.services.insert(
+        addr(VIP.into(), STICKY, Protocol::Udp),
+        service("sticky", &sticky, Some(affinity_s)),
+    );
+    d
+}
+
+fn fixture() -> Fixture {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "BPF_PROG_TEST_RUN tests load BPF programs: run them as root (cargo xtask test does)"
+    );
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(maps::MAGLEV, 1 << 16)
+        .load(EBPF_OBJECT)
+        .expect("load object");
+    let prog: &mut Xdp = ebpf.program_mut(maps::PROG_LB).unwrap().try_into().unwrap();
+    prog.load().expect("verifier accepts lb_xdp");
+    loader::install_decap(&mut ebpf).expect("verifier accepts lb_decap; LB_PROGS set");
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(maps::PROG_REVNAT)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    prog.load().expect("verifier accepts lb_revnat");
+    let dataplane = Dataplane::from_ebpf(&mut ebpf).unwrap();
+    let snapshot = dataplane.snapshot().unwrap();
+    let mut f = Fixture {
+        ebpf,
+        dataplane,
+        snapshot,
+    };
+    f.program(&desired(&STICKY_PODS, 3600));
+    f
+}
+
+impl Fixture {
+    fn program(&mut self, desired: &DesiredState) {
+        let node = sync::node_config(desired, NODE_MAC, Some(NODE_ADDR), Some(NODE_ADDR6));
+        let plan = sync::plan(desired, node, &BTreeMap::new(), &self.snapshot).unwrap();
+        assert!(plan.unresolved.is_empty(), "{:?}", plan.unresolved);
+        self.dataplane.apply(&plan.ops).unwrap();
+        self.snapshot = self.dataplane.snapshot().unwrap();
+    }
+
+    fn run_xdp(&mut self, prog: &str, input: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut Xdp = self.ebpf.program_mut(prog).unwrap().try_into().unwrap();
+        let mut out = vec![0u8; input.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(input);
+        opts.data_out = Some(&mut out);
+        let result = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn run_revnat(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(maps::PROG_REVNAT)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let mut out = vec![0u8; input.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(input);
+        opts.data_out = Some(&mut out);
+        let result = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
+    }
+
+    fn reason(&self, r: Reason) -> u64 {
+        let stats = self.dataplane.stats([], []).unwrap();
+        stats
+            .reasons
+            .iter()
+            .find(|(x, _)| *x == r)
+            .map_or(0, |(_, c)| c.packets)
+    }
+}
+
+fn assert_frame(name: &str, got: &(u32, Vec<u8>), action: u32, bytes: &[u8]) {
+    assert_eq!(got.0, action, "{name}: action");
+    assert!(
+        got.1 == bytes,
+        "{name}: output differs\n got:\n{}\n expected:\n{}",
+        hexdump(&got.1),
+        hexdump(bytes)
+    );
+}
+
+/// A client packet to `dst`:`dport` (UDP, or a TCP ACK when `tcp`), from `sport`.
+fn client_packet(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, tcp: bool) -> PacketBuilder {
+    let b = PacketBuilder::new().eth(PEER_MAC, NODE_MAC);
+    let b = match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => b.ipv4(s, d),
+        (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(s, d),
+        _ => unreachable!("one family"),
+    };
+    if tcp {
+        b.tcp(
+            Tcp {
+                sport,
+                dport,
+                seq: 7,
+                ack: 9,
+                flags: tcp_flags::ACK,
+                ..Tcp::default()
+            },
+            b"GET / HTTP/1.0\r\n\r\n",
+        )
+    } else {
+        b.udp(sport, dport, b"query")
+    }
+}
+
+/// `inner` (a whole frame) tunnelled from another node to `pod`: IP-in-IP of the pod's
+/// family, or GUE.
+fn tunnelled(inner: &[u8], pod: IpAddr, gue: bool) -> Vec<u8> {
+    let b = PacketBuilder::new().eth(PEER_MAC, NODE_MAC);
+    let b = match pod {
+        IpAddr::V4(p) => b.ipv4(ENCAP_SRC, p),
+        IpAddr::V6(p) => b.ipv6(ENCAP_SRC6, p),
+    };
+    let proto = if pod.is_ipv4() {
+        IPPROTO_IPIP
+    } else {
+        IPPROTO_IPV6
+    };
+    if gue {
+        b.udp(49200, DEFAULT_GUE_PORT, &inner[14..]).build()
+    } else {
+        b.raw(proto, &inner[14..]).build()
+    }
+}
+
+/// (name, client, VIP, pod, service port, target port, TCP?, GUE?)
+type Case = (&'static str, IpAddr, IpAddr, IpAddr, u16, u16, bool, bool);
+
+fn cases() -> Vec<Case> {
+    let (c4, v4, p4) = (
+        IpAddr::from(CLIENT),
+        IpAddr::from(VIP),
+        IpAddr::from(POD_HERE),
+    );
+    let (c6, v6, p6) = (
+        IpAddr::from(CLIENT6),
+        IpAddr::from(VIP6),
+        IpAddr::from(POD_HERE6),
+    );
+    vec![
+        ("udp4 ipip", c4, v4, p4, DNS, DNS_TARGET, false, false),
+        ("tcp4 ipip", c4, v4, p4, WEB, WEB_TARGET, true, false),
+        ("udp4 gue", c4, v4, p4, DNS, DNS_TARGET, false, true),
+        ("udp6 ip6ip6", c6, v6, p6, DNS, DNS_TARGET, false, false),
+        ("tcp6 ip6ip6", c6, v6, p6, WEB, WEB_TARGET, true, false),
+        ("tcp6 gue", c6, v6, p6, WEB, WEB_TARGET, true, true),
+    ]
+}
+
+#[test]
+fn tunnelled_packets_for_local_pods_are_translated_and_replies_restored() {
+    let mut f = fixture();
+    for (i, (name, client, vip, pod, port, target, tcp, gue)) in cases().into_iter().enumerate() {
+        let sport = 40000 + i as u16;
+        let inner = client_packet(client, vip, sport, port, tcp).build();
+        let input = tunnelled(&inner, pod, gue);
+        // What the pod must receive: the client's packet to pod:target, checksums computed
+        // from scratch; L2 header as the tunnel arrived.
+        let mut expected = input[..12].to_vec();
+        expected.extend_from_slice(&client_packet(client, pod, sport, target, tcp).build()[12..]);
+
+        let before = f.reason(Reason::DecapDnat);
+        let got = f.run_xdp(maps::PROG_DECAP, &input);
+        assert_frame(&format!("{name}: lb_decap"), &got, XDP_PASS, &expected);
+        // The node's load balancer hands tunnel packets to the decap program.
+        let got = f.run_xdp(maps::PROG_LB, &input);
+        assert_frame(&format!("{name}: lb_xdp"), &got, XDP_PASS, &expected);
+        assert_eq!(f.reason(Reason::DecapDnat), before + 2, "{name}");
+
+        // The pod's reply leaves with the VIP and service port again.
+        let reply = client_packet(pod, client, target, sport, tcp).build();
+        let restored = client_packet(vip, client, port, sport, tcp).build();
+        let got = f.run_revnat(&reply);
+        assert_frame(&format!("{name}: lb_revnat"), &got, TC_ACT_OK, &restored);
+        // Other traffic of the pod (another peer port) is left alone.
+        let other = client_packet(pod, client, target, sport + 1000, tcp).build();
+        let got = f.run_revnat(&other);
+        assert_frame(
+            &format!("{name}: unrelated egress"),
+            &got,
+            TC_ACT_OK,
+            &other,
+        );
+    }
+}
+
+#[test]
+fn udp_without_checksum_stays_without_one() {
+    let mut f = fixture();
+    let plain = client_packet(CLIENT.into(), VIP.into(), 41000, DNS, false);
+    let inner = plain.clone().l4_checksum_override(0).build();
+    let input = tunnelled(&inner, POD_HERE.into(), false);
+    let mut expected = input[..12].to_vec();
+    expected.extend_from_slice(
+        &client_packet(CLIENT.into(), POD_HERE.into(), 41000, DNS_TARGET, false)
+            .l4_checksum_override(0)
+            .build()[12..],
+    );
+    let got = f.run_xdp(maps::PROG_DECAP, &input);
+    assert_frame("udp checksum 0", &got, XDP_PASS, &expected);
+}
+
+#[test]
+fn tunnel_traffic_not_for_a_local_endpoint_is_only_decapsulated() {
+    let mut f = fixture();
+    let before = f.reason(Reason::DecapPass);
+    // A pod of the service that is not on this node, and a port nothing maps.
+    for (pod, port) in [(POD_THERE, DNS), (POD_HERE, 9999)] {
+        let inner = client_packet(CLIENT.into(), VIP.into(), 42000, port, false).build();
+        let input = tunnelled(&inner, pod.into(), false);
+        let mut expected = input[..12].to_vec();
+        expected.extend_from_slice(&inner[12..]);
+        let got = f.run_xdp(maps::PROG_DECAP, &input);
+        assert_frame(&format!("{pod}:{port}"), &got, XDP_PASS, &expected);
+    }
+    assert_eq!(f.reason(Reason::DecapPass), before + 2);
+    // Without decap on the node, lb_xdp passes tunnel packets untouched.
+    let mut d = desired(&STICKY_PODS, 3600);
+    d.node.decap = false;
+    f.program(&d);
+    let inner = client_packet(CLIENT.into(), VIP.into(), 42001, DNS, false).build();
+    let input = tunnelled(&inner, POD_HERE.into(), false);
+    let got = f.run_xdp(maps::PROG_LB, &input);
+    assert_frame("decap off", &got, XDP_PASS, &input);
+}
+
+#[test]
+fn a_local_backend_is_delivered_on_this_node() {
+    let mut f = fixture();
+    let before = (f.reason(Reason::LocalBackend), f.reason(Reason::DecapDnat));
+    for (client, vip, pod) in [
+        (
+            IpAddr::from(CLIENT),
+            IpAddr::from(VIP),
+            IpAddr::from(POD_HERE),
+        ),
+        (CLIENT6.into(), VIP6.into(), POD_HERE6.into()),
+    ] {
+        // web's only backend is the pod here.
+        let input = client_packet(client, vip, 43000, WEB, true).build();
+        let got = f.run_xdp(maps::PROG_LB, &input);
+        // Addressed to the node itself, so its stack takes the frame and routes it to the pod.
+        let mut expected = NODE_MAC.to_vec();
+        expected.extend_from_slice(&NODE_MAC);
+        expected
+            .extend_from_slice(&client_packet(client, pod, 43000, WEB_TARGET, true).build()[12..]);
+        assert_frame(&format!("{vip} local backend"), &got, XDP_PASS, &expected);
+    }
+    assert_eq!(
+        (f.reason(Reason::LocalBackend), f.reason(Reason::DecapDnat)),
+        (before.0 + 2, before.1 + 2)
+    );
+    // A remote pod of the same kind of service still leaves encapsulated.
+    let mut seen = BTreeSet::new();
+    for sport in 0..64 {
+        let input = client_packet(CLIENT.into(), VIP.into(), 44000 + sport, DNS, false).build();
+        let (action, out) = f.run_xdp(maps::PROG_LB, &input);
+        seen.insert(action);
+        if action == XDP_TX {
+            assert_eq!(out[30..34], POD_THERE.octets(), "tunnel to the remote pod");
+        }
+    }
+    assert_eq!(seen, BTreeSet::from([XDP_PASS, XDP_TX]), "both pods chosen");
+}
+
+/// The pod `lb_xdp` sends a packet from `client`:`sport` of the sticky service to.
+fn sticky_backend(f: &mut Fixture, client: Ipv4Addr, sport: u16) -> Ipv4Addr {
+    let input = PacketBuilder::new()
+        .eth(PEER_MAC, NODE_MAC)
+        .ipv4(client, VIP)
+        .udp(sport, STICKY, b"hi")
+        .build();
+    let (action, out) = f.run_xdp(maps::PROG_LB, &input);
+    assert_eq!(action, XDP_TX);
+    Ipv4Addr::new(out[30], out[31], out[32], out[33])
+}
+
+#[test]
+fn session_affinity_keeps_each_client_on_its_backend_until_the_timeout() {
+    let mut f = fixture();
+    let clients: Vec<Ipv4Addr> = (1..=60).map(|i| Ipv4Addr::new(198, 18, 2, i)).collect();
+    let mut placed = BTreeMap::new();
+    for &c in &clients {
+        let first = sticky_backend(&mut f, c, 30000);
+        for sport in 30001..30010 {
+            assert_eq!(
+                sticky_backend(&mut f, c, sport),
+                first,
+                "{c} changed backend"
+            );
+        }
+        placed.insert(c, first);
+    }
+    let used: BTreeSet<Ipv4Addr> = placed.values().copied().collect();
+    assert_eq!(used.len(), 3, "clients spread over all pods: {placed:?}");
+    assert!(f.reason(Reason::AffinityHit) >= 60 * 9);
+
+    // A fourth pod: Maglev would move about a quarter of the clients, affinity keeps them.
+    let mut four = STICKY_PODS.to_vec();
+    four.push(Ipv4Addr::new(198, 18, 6, 4));
+    f.program(&desired(&four, 1));
+    for &c in &clients {
+        assert_eq!(sticky_backend(&mut f, c, 31000), placed[&c], "{c} moved");
+    }
+    // New clients do reach the new pod.
+    let fresh: BTreeSet<Ipv4Addr> = (1..=60)
+        .map(|i| sticky_backend(&mut f, Ipv4Addr::new(198, 18, 3, i), 30000))
+        .collect();
+    assert!(fresh.contains(&four[3]), "{fresh:?}");
+
+    // After the timeout (1 s now) without packets, clients are placed afresh by Maglev
+    // on their address: some move to the new pod.
+    std::thread::sleep(Duration::from_millis(2500));
+    let moved = clients
+        .iter()
+        .filter(|&&c| sticky_backend(&mut f, c, 32000) != placed[&c])
+        .count();
+    assert!(
+        (5..=30).contains(&moved),
+        "{moved} of 60 clients moved after the timeout (expected about a quarter)"
+    );
+}

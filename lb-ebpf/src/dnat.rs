@@ -1,0 +1,238 @@
+//! Backend side of DSR to pods: after the decap program stripped the tunnel, a packet for a
+//! local endpoint (`LB_DNAT`: VIP, port, protocol and the tunnel's destination = the pod's
+//! address) is translated to the pod's address and target port, so the pod needs no VIP and
+//! no tunnel of its own, and still sees the client's address. The reply direction is
+//! remembered in `LB_REVNAT` for `lb_revnat`, which puts the VIP and port back on egress.
+//!
+//! Checksums are updated incrementally (RFC 1624) over the words that changed; a UDP/IPv4
+//! datagram without a checksum keeps none. Fragments and IPv6 packets with extension headers
+//! are left untranslated (passed as decapsulated).
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{
+    DnatKey, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason, RevNatValue,
+};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
+
+use crate::{
+    Verdict, csum,
+    maps::{LB_DNAT, LB_REVNAT},
+    parse::ptr_at,
+};
+
+/// `BPF_ANY`.
+const ANY: u64 = 0;
+
+/// `sum` plus `~old + new` over the 16-bit words of two equally long byte strings, words
+/// read as they sit in memory (the byte order of the checksum field they update).
+#[inline(always)]
+pub fn diff_words<const N: usize>(old: &[u8; N], new: &[u8; N], mut sum: u32) -> u32 {
+    let mut i = 0;
+    while i + 1 < N {
+        sum += !u16::from_ne_bytes([old[i], old[i + 1]]) as u32;
+        sum += u16::from_ne_bytes([new[i], new[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// A checksum field (bytes as in the packet) after the covered data changed by `diff`.
+#[inline(always)]
+pub fn apply_diff(check: [u8; 2], diff: u32) -> [u8; 2] {
+    let sum = !u16::from_ne_bytes(check) as u32 + diff;
+    csum::fold(sum).to_ne_bytes()
+}
+
+/// Offset of the TCP/UDP checksum field within the L4 header.
+#[inline(always)]
+fn check_offset(proto: u8) -> Option<usize> {
+    match proto {
+        PROTO_TCP => Some(16),
+        PROTO_UDP => Some(6),
+        _ => None,
+    }
+}
+
+/// Translate the (decapsulated) IP packet at `l3_off` if it is for a local endpoint;
+/// `backend_be` is the destination of the tunnel the packet came in (the endpoint's address),
+/// `family` its family. Returns the decap verdict to report.
+#[inline(always)]
+pub fn translate(ctx: &XdpContext, l3_off: usize, backend_be: [u8; 16], family: u8) -> Verdict {
+    let done = if family == FAMILY_V4 {
+        translate_v4(ctx, l3_off, backend_be)
+    } else {
+        translate_v6(ctx, l3_off, backend_be)
+    };
+    match done {
+        Some(()) => Verdict::pass(Reason::DecapDnat),
+        None => Verdict::pass(Reason::DecapPass),
+    }
+}
+
+/// The endpoint's target port for this packet, if it is for a local endpoint.
+#[inline(always)]
+fn target_port(
+    vip_be: [u8; 16],
+    backend_be: [u8; 16],
+    dport: [u8; 2],
+    proto: u8,
+    family: u8,
+) -> Option<[u8; 2]> {
+    let key = DnatKey {
+        vip_be,
+        backend_be,
+        port_be: u16::from_ne_bytes(dport),
+        proto,
+        family,
+    };
+    // SAFETY: the value is copied out at once.
+    let value = unsafe { LB_DNAT.get(&key) }?;
+    Some(value.target_port_be.to_ne_bytes())
+}
+
+/// Remember how to restore the reply: endpoint:target → client:port becomes VIP:port again.
+#[inline(always)]
+fn remember_reply(
+    backend_be: [u8; 16],
+    client_be: [u8; 16],
+    target: [u8; 2],
+    ports: [u8; 4],
+    proto: u8,
+    family: u8,
+    vip_be: [u8; 16],
+) {
+    let key = FlowKey {
+        src_be: backend_be,
+        dst_be: client_be,
+        sport_be: u16::from_ne_bytes(target),
+        dport_be: u16::from_ne_bytes([ports[0], ports[1]]),
+        proto,
+        family,
+        _pad: [0; 2],
+    };
+    let value = RevNatValue {
+        vip_be,
+        port_be: u16::from_ne_bytes([ports[2], ports[3]]),
+        _pad: [0; 6],
+    };
+    // SAFETY: compared at once; a concurrent replacement is benign (same value).
+    if unsafe { LB_REVNAT.get(&key) }.is_some_and(|v| *v == value) {
+        return;
+    }
+    let _ = LB_REVNAT.insert(&key, &value, ANY);
+}
+
+#[inline(always)]
+fn translate_v4(ctx: &XdpContext, l3: usize, backend_be: [u8; 16]) -> Option<()> {
+    let ip: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
+    // SAFETY: `ptr_at` checked bounds.
+    let (vihl, proto, frags, src, dst, ip_check) = unsafe {
+        (
+            (*ip).vihl,
+            (*ip).proto,
+            (*ip).frags,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+            (*ip).check,
+        )
+    };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || frags[0] & 0x3f != 0 || frags[1] != 0 {
+        return None;
+    }
+    let check_off = check_offset(proto)?;
+    let l4 = l3 + ihl;
+    let ports: *mut [u8; 4] = ptr_at(ctx, l4)?;
+    let l4_check: *mut [u8; 2] = ptr_at(ctx, l4 + check_off)?;
+    // SAFETY: `ptr_at` checked bounds.
+    let (old_ports, old_check) = unsafe { (*ports, *l4_check) };
+    let mut vip_be = [0u8; 16];
+    vip_be[..4].copy_from_slice(&dst);
+    let target = target_port(
+        vip_be,
+        backend_be,
+        [old_ports[2], old_ports[3]],
+        proto,
+        FAMILY_V4,
+    )?;
+    let new_dst = [backend_be[0], backend_be[1], backend_be[2], backend_be[3]];
+    let addr_diff = diff_words(&dst, &new_dst, 0);
+    let new_ip_check = apply_diff(ip_check, addr_diff);
+    // A UDP/IPv4 datagram may carry no checksum (0); it keeps none.
+    let new_l4_check = if proto == PROTO_UDP && old_check == [0, 0] {
+        old_check
+    } else {
+        let c = apply_diff(
+            old_check,
+            diff_words(&[old_ports[2], old_ports[3]], &target, addr_diff),
+        );
+        if proto == PROTO_UDP && c == [0, 0] {
+            [0xff, 0xff]
+        } else {
+            c
+        }
+    };
+    let mut src_be = [0u8; 16];
+    src_be[..4].copy_from_slice(&src);
+    // SAFETY: the pointers were bounds-checked above and no helper moved the packet since.
+    unsafe {
+        (*ip).dst_addr = new_dst;
+        (*ip).check = new_ip_check;
+        (*ports)[2] = target[0];
+        (*ports)[3] = target[1];
+        *l4_check = new_l4_check;
+    }
+    remember_reply(
+        backend_be, src_be, target, old_ports, proto, FAMILY_V4, vip_be,
+    );
+    Some(())
+}
+
+#[inline(always)]
+fn translate_v6(ctx: &XdpContext, l3: usize, backend_be: [u8; 16]) -> Option<()> {
+    let ip: *mut Ipv6Hdr = ptr_at(ctx, l3)?;
+    // SAFETY: `ptr_at` checked bounds.
+    let (v, proto, src, dst) = unsafe {
+        (
+            (*ip).vcf[0] >> 4,
+            (*ip).next_hdr,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
+    if v != 6 {
+        return None;
+    }
+    // Extension headers: not translated (the packet is passed as decapsulated).
+    let check_off = check_offset(proto)?;
+    let l4 = l3 + Ipv6Hdr::LEN;
+    let ports: *mut [u8; 4] = ptr_at(ctx, l4)?;
+    let l4_check: *mut [u8; 2] = ptr_at(ctx, l4 + check_off)?;
+    // SAFETY: `ptr_at` checked bounds.
+    let (old_ports, old_check) = unsafe { (*ports, *l4_check) };
+    let target = target_port(
+        dst,
+        backend_be,
+        [old_ports[2], old_ports[3]],
+        proto,
+        FAMILY_V6,
+    )?;
+    let diff = diff_words(
+        &[old_ports[2], old_ports[3]],
+        &target,
+        diff_words(&dst, &backend_be, 0),
+    );
+    let mut new_check = apply_diff(old_check, diff);
+    if proto == PROTO_UDP && new_check == [0, 0] {
+        new_check = [0xff, 0xff];
+    }
+    // SAFETY: the pointers were bounds-checked above and no helper moved the packet since.
+    unsafe {
+        (*ip).dst_addr = backend_be;
+        (*ports)[2] = target[0];
+        (*ports)[3] = target[1];
+        *l4_check = new_check;
+    }
+    remember_reply(backend_be, src, target, old_ports, proto, FAMILY_V6, dst);
+    Some(())
+}
