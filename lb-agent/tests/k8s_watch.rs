@@ -29,8 +29,8 @@ use std::{
 use fake_apiserver::{FakeApiServer, Kind};
 use lb_agent::dataplane::Dataplane;
 use lb_testkit::{
-    ChildGuard, Distribution, EchoServer, Lab, LabSpec, NetNs, require_root, scenario::DirGuard,
-    tcp_connections, udp_flows,
+    ChildGuard, Distribution, EchoServer, Lab, LabSpec, NetNs, Pod, require_root,
+    scenario::DirGuard, tcp_connections, udp_flows,
 };
 use serde_json::{Value, json};
 
@@ -160,10 +160,22 @@ struct Agent {
 
 impl Agent {
     fn start(ns: &NetNs, dirs: &Dirs, kubeconfig: &Path, name: &str, extra: &[&str]) -> Agent {
+        Agent::start_on(ns, NODE, dirs, kubeconfig, name, extra)
+    }
+
+    /// The agent of node `node`.
+    fn start_on(
+        ns: &NetNs,
+        node: &str,
+        dirs: &Dirs,
+        kubeconfig: &Path,
+        name: &str,
+        extra: &[&str],
+    ) -> Agent {
         let log = dirs.work.0.join(format!("{name}.log"));
         let file = fs::File::create(&log).unwrap();
         let mut cmd = ns.command(agent_bin());
-        cmd.args(["run", "--kubernetes", "--node-name", NODE])
+        cmd.args(["run", "--kubernetes", "--node-name", node])
             .args(["--namespace", NAMESPACE, "--xdp-mode", "skb"])
             .args(["--resync-interval", "2", "--pin-path"])
             .arg(&dirs.pins.0)
@@ -756,4 +768,118 @@ fn kubernetes_mode_and_a_config_file_exclude_each_other() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--node-name"), "{err}");
+}
+
+/// Packets counted under `reason` by the agent whose maps are pinned at `pins`.
+fn reason_count(pins: &Path, reason: &str) -> u64 {
+    status(pins)
+        .and_then(|s| s["reasons"][reason]["packets"].as_u64())
+        .unwrap_or(0)
+}
+
+/// DSR to pods, end to end: two nodes run the agent in Kubernetes mode against one API
+/// server; the Service's port 7000 has a named `targetPort` that the pods' slice resolves to
+/// 8080; one pod is on the load-balancing node (node-a), one behind node-b. Pods have no VIP
+/// and no tunnel: node-a tunnels to the remote pod's address, node-b decapsulates and
+/// translates to pod:8080, node-a delivers to its own pod the same way, and each node's
+/// egress program gives the replies VIP:7000 back. The client's checksums are computed in
+/// software (offload off), so the pods' stacks verify the translated checksums.
+#[test]
+fn pods_behind_two_nodes_get_dsr_traffic_on_their_target_port() {
+    require_root().unwrap();
+    let lab = Lab::new(LabSpec {
+        backends: 1,
+        ..LabSpec::default()
+    })
+    .unwrap();
+    let node_b = &lab.backends()[0];
+    let pod_a = Pod::attach(lab.lb(), "pod-a", 7).unwrap();
+    let pod_b = Pod::attach(&node_b.ns, "pod-b", 8).unwrap();
+    // Routed pod networks: each node reaches the other's pods through it.
+    lab.lb()
+        .ip(&[
+            "route",
+            "add",
+            "198.18.8.0/24",
+            "via",
+            &node_b.addr.to_string(),
+        ])
+        .unwrap();
+    node_b
+        .ns
+        .ip(&[
+            "route",
+            "add",
+            "198.18.7.0/24",
+            "via",
+            &lab.lb_addr().to_string(),
+        ])
+        .unwrap();
+    lab.client()
+        .exec(&["ethtool", "-K", "eth0", "tx", "off"])
+        .unwrap();
+    let _servers = [&pod_a, &pod_b]
+        .map(|p| EchoServer::start(&p.ns, &p.name, SocketAddr::new(p.addr.into(), 8080)).unwrap());
+
+    // The API server on node-a's own address, so node-b's agent reaches it too.
+    let listener = listen(lab.lb(), SocketAddr::new(lab.lb_addr().into(), 0));
+    let lists: Vec<(Kind, PathBuf)> = [
+        (Kind::Service, "pods/services.json"),
+        (Kind::EndpointSlice, "pods/endpointslices.json"),
+        (Kind::Node, "nodes.json"),
+        (Kind::ConfigMap, "watch/configmaps.json"),
+    ]
+    .into_iter()
+    .map(|(k, rel)| (k, fixture(rel)))
+    .collect();
+    let refs: Vec<(Kind, &Path)> = lists.iter().map(|(k, p)| (*k, p.as_path())).collect();
+    let server = FakeApiServer::start(listener, &refs);
+    let (dirs_a, dirs_b) = (Dirs::new(), Dirs::new());
+    let kubeconfig = dirs_a.kubeconfig(&server);
+    let mut agent_a = Agent::start_on(lab.lb(), "node-a", &dirs_a, &kubeconfig, "node-a", &[]);
+    let mut agent_b = Agent::start_on(&node_b.ns, "node-b", &dirs_b, &kubeconfig, "node-b", &[]);
+    let pods = vec!["198.18.7.11".to_string(), "198.18.8.11".to_string()];
+    for (agent, dirs) in [(&mut agent_a, &dirs_a), (&mut agent_b, &dirs_b)] {
+        agent.wait(WAIT, "egress translation is attached", |a| {
+            a.log().contains("egress translation attached")
+        });
+        agent.wait(WAIT, "both pods are backends", |_| {
+            status(&dirs.pins.0).is_some_and(|s| {
+                backends(&s, UDP_SERVICE).as_ref() == Some(&pods)
+                    && backends(&s, TCP_SERVICE).as_ref() == Some(&pods)
+            })
+        });
+    }
+
+    let vip = SocketAddr::new(VIP.into(), PORT);
+    let udp = udp_flows(lab.client(), vip, 60, REPLY_TIMEOUT).unwrap();
+    let tcp = tcp_connections(lab.client(), vip, 16, REPLY_TIMEOUT).unwrap();
+    let d = Distribution::new(&udp, &tcp, vip, IpAddr::V4(lab.client_addr()));
+    let logs = || format!("node-a:\n{}\nnode-b:\n{}", agent_a.log(), agent_b.log());
+    assert_eq!(
+        d.timeouts(),
+        0,
+        "every flow answered:\n{}\n{}",
+        d.table(),
+        logs()
+    );
+    assert!(
+        d.all_from_vip && d.all_saw_client_ip && d.all_saw_client_port,
+        "replies from VIP:7000, pods saw the client's address and port:\n{}",
+        d.table()
+    );
+    let hit: BTreeSet<&str> = d.per_backend.keys().map(String::as_str).collect();
+    assert_eq!(hit, BTreeSet::from(["pod-a", "pod-b"]), "{}", d.table());
+
+    // Where it happened: node-a kept its pod's packets on the node, node-b translated the
+    // tunnelled ones, both restored replies.
+    let (pins_a, pins_b) = (&dirs_a.pins.0, &dirs_b.pins.0);
+    assert!(reason_count(pins_a, "local_backend") > 0, "{}", logs());
+    assert!(reason_count(pins_a, "decap_dnat") > 0);
+    assert!(reason_count(pins_a, "egress_revnat") > 0);
+    assert!(reason_count(pins_b, "decap_dnat") > 0);
+    assert!(reason_count(pins_b, "egress_revnat") > 0);
+    assert_eq!(reason_count(pins_b, "local_backend"), 0);
+    agent_a.stop();
+    agent_b.stop();
 }

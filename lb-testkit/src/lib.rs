@@ -10,6 +10,7 @@ pub mod echo;
 pub mod lab;
 pub mod netns;
 pub mod packet;
+pub mod pod;
 pub mod scenario;
 
 pub use client::{
@@ -21,6 +22,7 @@ pub use netns::{ChildGuard, NetNs, list_netns};
 pub use packet::{
     PacketBuilder, Tcp, arp_request, ipv4_checksum, l4_checksum_ok, verify_ipv4_header_checksum,
 };
+pub use pod::Pod;
 pub use scenario::{Scenario, ScenarioSpec};
 
 use anyhow::{Result, bail};
