@@ -93,6 +93,11 @@ pub struct RunArgs {
     /// Seconds between re-resolving backend MAC addresses.
     #[arg(long, default_value_t = 10)]
     pub resync_interval: u64,
+    /// Keep this JSON file equal to the VIPs this node should announce and their route
+    /// weights (the number of local endpoints for `externalTrafficPolicy: Local`), for the
+    /// routing daemon that announces them with weighted ECMP (README: "Announcing VIPs").
+    #[arg(long)]
+    pub announce_file: Option<PathBuf>,
 }
 
 /// Settings of `run --kubernetes`. The API server and credentials come from `KUBECONFIG`

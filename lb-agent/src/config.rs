@@ -145,6 +145,7 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
         },
         services: BTreeMap::new(),
         local_endpoints: BTreeMap::new(),
+        announce: BTreeMap::new(),
     };
     let mut names = BTreeSet::new();
     for svc in &raw.services {
@@ -313,6 +314,8 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
             },
         );
     }
+    // Every node balances every static service over all its backends: equal weights.
+    state.announce = state.services.keys().map(|a| (a.vip, 1)).collect();
     Ok(state)
 }
 

@@ -247,6 +247,26 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     // Fill the maps before the program sees traffic (or, when adopting, before it is replaced).
     let writes = syncer.sync(&desired).await?;
     tracing::info!(writes, "initial sync done");
+    let node = args.cluster.node_name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_or_else(|_| "localhost".into(), |h| h.trim().to_string())
+    });
+    let mut announcer = args
+        .announce_file
+        .clone()
+        .map(|path| crate::announce::Announcer::new(path, node));
+    let mut announce = |desired: &DesiredState| {
+        if let Some(a) = announcer.as_mut() {
+            match a.update(&desired.announce) {
+                Ok(true) => {
+                    tracing::info!(vips = ?desired.announce, "announcement weights written")
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "writing the announcement file failed"),
+            }
+        }
+    };
+    announce(&desired);
     let attachment = loader::attach_lb(&mut ebpf, &args.pin_path, &iface_name, args.xdp_mode)?;
     tracing::info!(
         iface = %iface_name,
@@ -290,10 +310,12 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                     Ok(writes) if cluster => {
                         tracing::info!(writes, "cluster change applied");
                         desired = new;
+                        announce(&desired);
                     }
                     Ok(writes) => {
                         tracing::info!(writes, "config reloaded");
                         desired = new;
+                        announce(&desired);
                     }
                     // The cluster is the truth: keep the new state so the periodic resync
                     // retries it (the maps hold a consistent older state meanwhile).

@@ -1,6 +1,7 @@
 //! lb-agent: loads the XDP load balancer, keeps its BPF maps equal to the desired state by
 //! diff, and reports what the data plane does.
 
+pub mod announce;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -169,4 +169,8 @@ pub struct DesiredState {
     pub services: BTreeMap<ServiceAddr, ServiceSpec>,
     /// This node's endpoints and the port each listens on.
     pub local_endpoints: BTreeMap<LocalEndpoint, u16>,
+    /// The VIPs this node balances and the weight its route for each should get: equal (1)
+    /// when every node balances over all endpoints; the number of endpoints on this node
+    /// when only local ones are used (0: nothing to send here, do not announce).
+    pub announce: BTreeMap<IpAddr, u32>,
 }

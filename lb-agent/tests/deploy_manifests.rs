@@ -95,7 +95,9 @@ fn daemonset_is_unprivileged_with_exactly_the_capabilities_it_needs() {
             "--kubernetes",
             "--config-map",
             "lb-agent",
-            "--keep-attached"
+            "--keep-attached",
+            "--announce-file",
+            "/run/xdp-lb/announce.json"
         ]
     );
     // The agent reads the ConfigMap these manifests create, in its own namespace.
@@ -151,6 +153,9 @@ fn daemonset_is_unprivileged_with_exactly_the_capabilities_it_needs() {
         "Bidirectional needs privileged"
     );
     assert_eq!(mount_of("/sys/kernel/btf")["readOnly"], true);
+    // The announcement file for the node's routing daemon lives on the host.
+    assert_ne!(mount_of("/run/xdp-lb")["readOnly"], true);
+
     for m in mounts {
         assert_ne!(m["mountPropagation"], "Bidirectional", "{m}");
     }

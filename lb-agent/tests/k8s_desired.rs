@@ -230,6 +230,15 @@ fn external_traffic_policy_local_keeps_this_nodes_endpoints() {
         [w("edge/ingress", WarningReason::UnknownNode)]
     );
     assert!(wc[0].to_string().contains("\"node-typo\""), "{}", wc[0]);
+
+    // Route weights: node-a has two pods of the Local service, node-b one (its terminating
+    // fallback), the typo node none (not announced); the Cluster VIP weighs 1 everywhere. So
+    // weighted ECMP over the nodes sends each pod the same share.
+    let vip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    for (state, weight) in [(&a, 2), (&b, 1), (&c, 0)] {
+        assert_eq!(state.announce.get(&vip("198.18.0.30")), Some(&weight));
+        assert_eq!(state.announce.get(&vip("198.18.0.31")), Some(&1));
+    }
 }
 
 #[test]

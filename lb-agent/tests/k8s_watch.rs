@@ -836,7 +836,16 @@ fn pods_behind_two_nodes_get_dsr_traffic_on_their_target_port() {
     let server = FakeApiServer::start(listener, &refs);
     let (dirs_a, dirs_b) = (Dirs::new(), Dirs::new());
     let kubeconfig = dirs_a.kubeconfig(&server);
-    let mut agent_a = Agent::start_on(lab.lb(), "node-a", &dirs_a, &kubeconfig, "node-a", &[]);
+    let announce = dirs_a.work.0.join("announce.json");
+    let announce_arg = announce.to_str().unwrap();
+    let mut agent_a = Agent::start_on(
+        lab.lb(),
+        "node-a",
+        &dirs_a,
+        &kubeconfig,
+        "node-a",
+        &["--announce-file", announce_arg],
+    );
     let mut agent_b = Agent::start_on(&node_b.ns, "node-b", &dirs_b, &kubeconfig, "node-b", &[]);
     let pods = vec!["198.18.7.11".to_string(), "198.18.8.11".to_string()];
     for (agent, dirs) in [(&mut agent_a, &dirs_a), (&mut agent_b, &dirs_b)] {
@@ -880,6 +889,12 @@ fn pods_behind_two_nodes_get_dsr_traffic_on_their_target_port() {
     assert!(reason_count(pins_b, "decap_dnat") > 0);
     assert!(reason_count(pins_b, "egress_revnat") > 0);
     assert_eq!(reason_count(pins_b, "local_backend"), 0);
+    // What node-a tells its routing daemon: the VIP, equal weight (Cluster policy).
+    let file: Value = serde_json::from_str(&fs::read_to_string(&announce).unwrap()).unwrap();
+    assert_eq!(
+        file,
+        json!({"node": "node-a", "vips": [{"address": "198.18.0.100", "weight": 1}]})
+    );
     agent_a.stop();
     agent_b.stop();
 }

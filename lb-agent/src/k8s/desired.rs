@@ -18,6 +18,10 @@
 //!   VIP and listen on the Service port, and a different `targetPort` is reported.
 //! - `sessionAffinity: ClientIP`: each client keeps its backend for
 //!   `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800) after its last packet.
+//! - Route weights (`DesiredState::announce`): 1 per VIP on every node, except that a VIP
+//!   whose Services use `externalTrafficPolicy: Local` weighs as many as this node has local
+//!   endpoints for it (the largest count over its ports), so weighted ECMP towards the nodes
+//!   gives every pod the same share; 0 means "do not announce from here".
 //! - Two Services on one (VIP, port, protocol): the older one (then namespace/name) wins.
 
 use std::{
@@ -167,6 +171,7 @@ where
             },
             services: BTreeMap::new(),
             local_endpoints: BTreeMap::new(),
+            announce: BTreeMap::new(),
         },
         owners: BTreeMap::new(),
         warnings: Vec::new(),
@@ -450,6 +455,15 @@ impl Builder<'_> {
         for &vip in vips {
             let selected =
                 self.select_endpoints(cur, port_name, protocol_name, how.local, vip.is_ipv6());
+            // Route weight of this node for the VIP: with only local endpoints in use, their
+            // number, so each pod behind an announcing node gets an even share.
+            let weight = if how.local {
+                u32::try_from(selected.len()).unwrap_or(u32::MAX)
+            } else {
+                1
+            };
+            let w = self.state.announce.entry(vip).or_insert(0);
+            *w = (*w).max(weight);
             if how.forwarding == Forwarding::L2 {
                 self.warn_remapped(cur, &label, number, &selected);
             }
