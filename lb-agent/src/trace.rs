@@ -656,7 +656,7 @@ pub fn trace(pin_dir: &Path, probe: &Probe) -> Result<TraceReport, TraceError> {
     let maglev_choice = match &service {
         Some(s) if s.table_size > 0 => {
             let table = dp.table(s)?;
-            let slot = (probe.flow_hash() % s.table_size) as usize;
+            let slot = lb_common::hash::slot(probe.flow_hash(), s.table_size) as usize;
             table.get(slot).and_then(|id| backend_info(*id, &snap))
         }
         _ => None,

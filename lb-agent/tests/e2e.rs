@@ -179,7 +179,7 @@ fn slot(size: u32, client: Ipv4Addr, vip: SocketAddr, sport: u16) -> usize {
         vip.port().to_be(),
         lb_common::PROTO_UDP,
     );
-    (h % size) as usize
+    lb_common::hash::slot(h, size) as usize
 }
 
 #[test]

@@ -1181,7 +1181,7 @@ impl Model {
         // With a constant configuration a remembered flow holds exactly what Maglev
         // decides, so the flow table does not change the outcome.
         let hash = flow_hash(&p);
-        let id = table[(hash % svc.table_size) as usize];
+        let id = table[lb_common::hash::slot(hash, svc.table_size) as usize];
         let Some(b) = self
             .backends
             .get(&id)

@@ -185,7 +185,7 @@ impl Node {
             dport.to_be(),
             protocol.number(),
         );
-        let b = self.snapshot.backends[&table[(h % svc.table_size) as usize]];
+        let b = self.snapshot.backends[&table[lb_common::hash::slot(h, svc.table_size) as usize]];
         Ipv4Addr::new(b.addr_be[0], b.addr_be[1], b.addr_be[2], b.addr_be[3])
     }
 }
@@ -315,7 +315,7 @@ fn ipv6_trace_decodes_the_outer_ipv6_header() {
             PORT_IPIP.to_be(),
             Protocol::Udp.number(),
         );
-        let b = n.snapshot.backends[&table[(h % svc.table_size) as usize]];
+        let b = n.snapshot.backends[&table[lb_common::hash::slot(h, svc.table_size) as usize]];
         let expected = IpAddr::from(b.addr_be);
         assert_eq!(r.action, XdpAction::Tx, "{}", trace::render(&r));
         assert_eq!(backend_addr(&r), Some(expected));

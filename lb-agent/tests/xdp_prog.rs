@@ -187,7 +187,7 @@ impl Fixture {
             dport.to_be(),
             proto.number(),
         );
-        let id = table[(h % svc.table_size) as usize];
+        let id = table[lb_common::hash::slot(h, svc.table_size) as usize];
         let b = self.snapshot.backends[&id];
         Ipv4Addr::new(b.addr_be[0], b.addr_be[1], b.addr_be[2], b.addr_be[3])
     }
@@ -840,7 +840,7 @@ impl Fixture {
         let svc = self.snapshot.services[&key];
         let table = self.dataplane.table(&svc).unwrap();
         let h = hash_of(src, vip, sport, dport, proto.number());
-        let b = self.snapshot.backends[&table[(h % svc.table_size) as usize]];
+        let b = self.snapshot.backends[&table[lb_common::hash::slot(h, svc.table_size) as usize]];
         sync::ip_from_bytes(&b.addr_be, b.family).unwrap()
     }
 }
@@ -1746,7 +1746,7 @@ fn fragments_of_a_datagram_meet_at_one_backend_when_enabled() {
         let svc = f.snapshot.services[&key];
         let table = f.dataplane.table(&svc).unwrap();
         let h = hash_of(client, vip, 0, 0, 17);
-        let b = f.snapshot.backends[&table[(h % svc.table_size) as usize]];
+        let b = f.snapshot.backends[&table[lb_common::hash::slot(h, svc.table_size) as usize]];
         sync::ip_from_bytes(&b.addr_be, b.family).unwrap()
     };
     let first = udp_to(VIP, 40000, PORT_IPIP)

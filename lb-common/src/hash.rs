@@ -76,6 +76,15 @@ pub fn flow_hash_v6(
     fmix32(h ^ 37)
 }
 
+/// The Maglev slot of a flow hash in a table of `size` slots: the hash scaled to the table
+/// (`hash × size / 2³²`, Lemire's multiply-shift) rather than `hash % size`, which costs a
+/// division per packet. The hash's high bits are well mixed (`fmix32`), so slots are hit
+/// evenly.
+#[inline(always)]
+pub const fn slot(hash: u32, size: u32) -> u32 {
+    ((hash as u64 * size as u64) >> 32) as u32
+}
+
 /// UDP source port of a GUE packet: the flow hash folded into the dynamic range
 /// 49152-65535, so routers hashing the outer header spread flows (and keep each one on a
 /// path).
@@ -112,6 +121,23 @@ mod tests {
             assert_ne!(base, flow_hash_v6(&a, &y, 1, 2, 17), "dst byte {i}");
         }
         assert_ne!(base, flow_hash_v6(&a, &b, 1, 3, 17));
+    }
+
+    #[test]
+    fn slots_stay_in_the_table_and_spread() {
+        for size in [1u32, 7, 1031, 65537] {
+            assert_eq!(slot(0, size), 0);
+            assert_eq!(slot(u32::MAX, size), size - 1);
+        }
+        let mut buckets = [0u32; 7];
+        for port in 0..10_000u16 {
+            let h = flow_hash_v4(0x0a00_0001, 0x0a00_0064, port.to_be(), 53u16.to_be(), 17);
+            buckets[slot(h, 7) as usize] += 1;
+        }
+        let mean = 10_000 / 7;
+        for b in buckets {
+            assert!(b.abs_diff(mean) < mean / 10, "{buckets:?}");
+        }
     }
 
     #[test]

@@ -23,9 +23,11 @@ const UDP_HDR: usize = 8;
 
 /// The node configuration; a VIP packet arriving before the agent wrote it is dropped.
 #[inline(always)]
-pub fn node_config() -> Result<NodeConfig, Verdict> {
+pub fn node_config() -> Result<&'static NodeConfig, Verdict> {
+    // By reference: the agent replaces the whole value at once, and copying it per packet
+    // costs more than reading the few fields a packet needs.
     match LB_CONFIG.get(0) {
-        Some(c) if c.flags & lb_common::CONFIG_F_VALID != 0 => Ok(*c),
+        Some(c) if c.flags & lb_common::CONFIG_F_VALID != 0 => Ok(c),
         _ => Err(Verdict::drop(Reason::DropNoConfig)),
     }
 }

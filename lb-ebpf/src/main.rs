@@ -98,7 +98,7 @@ fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let service = select::service(&pkt)?;
     let cfg = encap::node_config()?;
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let sel = select::select(&pkt, service, &cfg, len)?;
+    let sel = select::select(&pkt, service, cfg, len)?;
     if pkt.icmp_error {
         stats::count_reason(Reason::IcmpToBackend, len);
     }
@@ -107,14 +107,14 @@ fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     if sel.backend.flags & BACKEND_F_LOCAL != 0 {
         // The backend is a pod on this node: the tunnel header carries its address to the
         // decap program, which translates and passes the packet to the stack.
-        encap::encapsulate(ctx, &pkt, &sel.backend, &cfg, false, 0)?;
+        encap::encapsulate(ctx, &pkt, &sel.backend, cfg, false, 0)?;
         return Ok(Verdict {
             action: ACTION_DECAP,
             reason: Reason::LocalBackend,
         });
     }
     match Forwarding::from_u8(sel.service.forwarding) {
-        Some(Forwarding::L2) => encap::l2_rewrite(ctx, &pkt, &sel.backend, &cfg),
+        Some(Forwarding::L2) => encap::l2_rewrite(ctx, &pkt, &sel.backend, cfg),
         Some(Forwarding::Ipip) => {
             // Only an IPv6 outer header uses the hash (flow label).
             let hash = if sel.backend.family == FAMILY_V4 {
@@ -122,10 +122,10 @@ fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
             } else {
                 select::flow_hash(&pkt)
             };
-            encap::encapsulate(ctx, &pkt, &sel.backend, &cfg, false, hash)
+            encap::encapsulate(ctx, &pkt, &sel.backend, cfg, false, hash)
         }
         Some(Forwarding::Gue) => {
-            encap::encapsulate(ctx, &pkt, &sel.backend, &cfg, true, select::flow_hash(&pkt))
+            encap::encapsulate(ctx, &pkt, &sel.backend, cfg, true, select::flow_hash(&pkt))
         }
         None => Err(Verdict::drop(Reason::DropBadForwarding)),
     }

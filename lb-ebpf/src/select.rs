@@ -155,7 +155,9 @@ fn maglev(hash: u32, service: &ServiceValue) -> Result<(u32, BackendValue), Verd
     if service.table_size == 0 {
         return Err(Verdict::drop(Reason::DropNoBackend));
     }
-    let slot = service.table_offset.wrapping_add(hash % service.table_size);
+    let slot = service
+        .table_offset
+        .wrapping_add(lb_common::hash::slot(hash, service.table_size));
     let id = *LB_MAGLEV
         .get(slot)
         .ok_or(Verdict::drop(Reason::DropNoBackend))?;
