@@ -98,11 +98,11 @@ fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let service = select::service(&pkt)?;
     let cfg = encap::node_config()?;
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let sel = select::select(&pkt, service, cfg, len)?;
+    let sel = select::select(&pkt, &service, cfg, len)?;
     if pkt.icmp_error {
         stats::count_reason(Reason::IcmpToBackend, len);
     }
-    stats::count_service(sel.service.id, len, sel.new_flow);
+    stats::count_service(service.id, len, sel.new_flow);
     stats::count_backend(sel.backend_id, len);
     if sel.backend.flags & BACKEND_F_LOCAL != 0 {
         // The backend is a pod on this node: the tunnel header carries its address to the
@@ -113,19 +113,28 @@ fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
             reason: Reason::LocalBackend,
         });
     }
-    match Forwarding::from_u8(sel.service.forwarding) {
+    match Forwarding::from_u8(service.forwarding) {
         Some(Forwarding::L2) => encap::l2_rewrite(ctx, &pkt, &sel.backend, cfg),
         Some(Forwarding::Ipip) => {
             // Only an IPv6 outer header uses the hash (flow label).
             let hash = if sel.backend.family == FAMILY_V4 {
                 0
             } else {
-                select::flow_hash(&pkt)
+                if sel.flow_hash != 0 {
+                    sel.flow_hash
+                } else {
+                    select::flow_hash(&pkt)
+                }
             };
             encap::encapsulate(ctx, &pkt, &sel.backend, cfg, false, hash)
         }
         Some(Forwarding::Gue) => {
-            encap::encapsulate(ctx, &pkt, &sel.backend, cfg, true, select::flow_hash(&pkt))
+            let hash = if sel.flow_hash != 0 {
+                sel.flow_hash
+            } else {
+                select::flow_hash(&pkt)
+            };
+            encap::encapsulate(ctx, &pkt, &sel.backend, cfg, true, hash)
         }
         None => Err(Verdict::drop(Reason::DropBadForwarding)),
     }

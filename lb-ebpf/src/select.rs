@@ -34,11 +34,13 @@ const ANY: u64 = 0;
 
 /// The outcome of backend selection.
 pub struct Selected {
-    pub service: ServiceValue,
     pub backend_id: u32,
     pub backend: BackendValue,
     /// Decided by Maglev now (not taken from the flow table).
     pub new_flow: bool,
+    /// The flow hash when the decision computed it, else 0 (GUE and IPv6 outer headers
+    /// reuse it; a hash that happens to be 0 is just computed again).
+    pub flow_hash: u32,
 }
 
 /// Is the packet's client allowed by the service's source ranges (if it has any)?
@@ -243,7 +245,7 @@ fn affine(
 #[inline(always)]
 pub fn select(
     pkt: &Packet,
-    service: ServiceValue,
+    service: &ServiceValue,
     cfg: &NodeConfig,
     bytes: u64,
 ) -> Result<Selected, Verdict> {
@@ -252,23 +254,24 @@ pub fn select(
     let tracked = service.flags & SERVICE_F_FLOW_TRACKING != 0 && !pkt.fragment;
     let affinity = service.flags & SERVICE_F_AFFINITY != 0 && !pkt.fragment;
     if !tracked && !affinity {
-        let (backend_id, backend) = maglev(flow_hash(pkt), &service)?;
+        let hash = flow_hash(pkt);
+        let (backend_id, backend) = maglev(hash, service)?;
         return Ok(Selected {
-            service,
             backend_id,
             backend,
             new_flow: true,
+            flow_hash: hash,
         });
     }
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if !tracked {
-        let (backend_id, backend, new_flow) = affine(pkt, &service, now, bytes)?;
+        let (backend_id, backend, new_flow) = affine(pkt, service, now, bytes)?;
         return Ok(Selected {
-            service,
             backend_id,
             backend,
             new_flow,
+            flow_hash: 0,
         });
     }
     let key = flow_key(pkt);
@@ -284,32 +287,34 @@ pub fn select(
         // `last_seen_ns` from other CPUs are benign.
         let (id, seen) = unsafe { ((*flow).backend_id, (*flow).last_seen_ns) };
         if now.wrapping_sub(seen) <= idle_s as u64 * NS_PER_S {
-            if let Some(backend) = backend_of(id, &service) {
+            if let Some(backend) = backend_of(id, service) {
                 // SAFETY: as above.
                 unsafe { (*flow).last_seen_ns = now };
                 return Ok(Selected {
-                    service,
                     backend_id: id,
                     backend,
                     new_flow: false,
+                    flow_hash: 0,
                 });
             }
             stats::count_reason(Reason::FlowRerouted, bytes);
         }
     }
-    let (backend_id, backend) = if affinity {
-        let (id, backend, _) = affine(pkt, &service, now, bytes)?;
-        (id, backend)
+    let (backend_id, backend, hash) = if affinity {
+        let (id, backend, _) = affine(pkt, service, now, bytes)?;
+        (id, backend, 0)
     } else {
-        maglev(flow_hash(pkt), &service)?
+        let hash = flow_hash(pkt);
+        let (id, backend) = maglev(hash, service)?;
+        (id, backend, hash)
     };
     if pkt.icmp_error {
         // An error about a flow is not a flow: follow it, never remember it.
         return Ok(Selected {
-            service,
             backend_id,
             backend,
             new_flow: false,
+            flow_hash: hash,
         });
     }
     if flood_guard_allows(now, cfg) {
@@ -325,9 +330,9 @@ pub fn select(
         stats::count_reason(Reason::FlowGuarded, bytes);
     }
     Ok(Selected {
-        service,
         backend_id,
         backend,
         new_flow: true,
+        flow_hash: hash,
     })
 }
