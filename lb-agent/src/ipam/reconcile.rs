@@ -9,7 +9,10 @@
 //!    valid version (an edit with a typo never takes addresses away), a pool without one is
 //!    ignored; either way it gets a Warning Event and a `Valid=False` condition, and the other
 //!    pools keep working. When the valid pools change, addresses outside every pool are
-//!    revoked (Warning `AddressRevoked`) and their Services get new ones.
+//!    revoked (Warning `AddressRevoked`) and their Services get new ones. With no valid pool
+//!    at all (none created yet, all deleted, the CRD reinstalled) nothing is revoked or
+//!    written: the allocations are forgotten, Services without an address are told why, and
+//!    the next pass with pools rebuilds everything from the status.
 //! 2. Releases: a Service that was deleted, or is no longer ours (type or class changed), gives
 //!    its addresses back; a still existing one that is no longer `type: LoadBalancer` has them
 //!    removed from its status (Normal `IPReleased`).
@@ -207,6 +210,26 @@ impl Reconciler {
         });
         let our_keys: BTreeSet<ServiceKey> = ours.iter().map(|s| service_key(s)).collect();
 
+        // 0. No valid pool at all (none yet, all deleted, the CRD reinstalled): stand still.
+        if valid.is_empty() {
+            self.allocator = None;
+            self.revoked.clear();
+            for svc in ours.iter().filter(|s| ingress_ips(s).is_empty()) {
+                self.fail(
+                    &mut plan,
+                    Subject::Service(service_key(svc)),
+                    service_ref(svc),
+                    Notice::warning(
+                        ALLOCATION_FAILED,
+                        "Allocate",
+                        "cannot allocate an address: there is no valid IPAddressPool",
+                    ),
+                );
+            }
+            self.forget_gone(snap.pools, &our_keys);
+            return plan;
+        }
+
         // 1. Pool changes revoke what left every pool.
         let mut alloc = match self.allocator.take() {
             None => Allocator::new(valid),
@@ -376,16 +399,20 @@ impl Reconciler {
             }
         }
 
-        // Forget what is about objects that are gone.
-        let pools: BTreeSet<&str> = snap.pools.iter().map(|p| p.name.as_str()).collect();
+        self.forget_gone(snap.pools, &our_keys);
+        self.allocator = Some(alloc);
+        plan
+    }
+
+    /// Forget what is about objects that are gone.
+    fn forget_gone(&mut self, pools: &[PoolObject], our_keys: &BTreeSet<ServiceKey>) {
+        let pools: BTreeSet<&str> = pools.iter().map(|p| p.name.as_str()).collect();
         self.failures.retain(|s, _| match s {
             Subject::Service(k) => our_keys.contains(k),
             Subject::Pool(p) => pools.contains(p.as_str()),
         });
         self.revoked.retain(|k| our_keys.contains(k));
         self.last_valid.retain(|p, _| pools.contains(p.as_str()));
-        self.allocator = Some(alloc);
-        plan
     }
 
     /// Validate the pools, plan their conditions and Events; returns the pools in effect.
@@ -756,16 +783,82 @@ mod tests {
         let mut r = Reconciler::new();
         let plan = pass(&mut r, &[], &services);
         assert_eq!(writes(&plan), []);
-        let new = plan
-            .events
-            .iter()
-            .find(|e| e.regarding.name.as_deref() == Some("new"))
-            .unwrap();
-        assert_eq!(new.notice.reason, ALLOCATION_FAILED);
-        assert!(
-            new.notice.note.contains("no address pool can give"),
-            "{}",
-            new.notice.note
+        assert_eq!(
+            reasons(&plan),
+            [("new".to_string(), ALLOCATION_FAILED.to_string())]
+        );
+        assert_eq!(
+            plan.events[0].notice.note,
+            "cannot allocate an address: there is no valid IPAddressPool"
+        );
+    }
+
+    #[test]
+    fn sharing_conflicts_have_their_own_reason() {
+        let pools = [pool("p", json!({"addresses": ["198.18.0.0/30"]}))];
+        let shared = |name: &str, created: i64, port: u16| {
+            let mut s = svc(name, created, &[]);
+            s.metadata.annotations = Some(
+                [
+                    ("metallb.universe.tf/allow-shared-ip", "dns"),
+                    ("metallb.universe.tf/loadBalancerIPs", "198.18.0.3"),
+                ]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+            );
+            s.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = i32::from(port);
+            s
+        };
+        let services = [
+            shared("tcp", 1, 53),
+            shared("web", 2, 80),
+            shared("clash", 3, 53),
+        ];
+        let mut r = Reconciler::new();
+        let plan = pass(&mut r, &pools, &services);
+        assert_eq!(
+            writes(&plan),
+            [
+                ("tcp".to_string(), vec![ip("198.18.0.3")]),
+                ("web".to_string(), vec![ip("198.18.0.3")])
+            ]
+        );
+        let clash = plan.events.last().unwrap();
+        assert_eq!(clash.notice.reason, SHARING_CONFLICT);
+        assert_eq!(
+            clash.notice.note,
+            "cannot share the address: address 198.18.0.3 is shared with service web/tcp, \
+             which already uses port 53/TCP"
+        );
+    }
+
+    #[test]
+    fn deleting_every_pool_revokes_nothing_and_pools_coming_back_restore() {
+        let pools = [pool("p", json!({"addresses": ["198.18.0.0/30"]}))];
+        let mut r = Reconciler::new();
+        let services = [svc("a", 1, &[]), svc("b", 2, &[])];
+        let plan = pass(&mut r, &pools, &services);
+        let services = applied(&services, &plan);
+        // The CRD is reinstalled: every pool is deleted, then created again.
+        let plan = pass(&mut r, &[], &services);
+        assert_eq!((writes(&plan), reasons(&plan)), (vec![], vec![]));
+        assert!(r.allocator().is_none());
+        let plan = pass(&mut r, &pools, &services);
+        assert_eq!((writes(&plan), reasons(&plan)), (vec![], vec![]));
+        assert_eq!(
+            r.allocator()
+                .unwrap()
+                .addresses_of(&service_key(&services[1])),
+            Some([ip("198.18.0.1")].as_slice())
+        );
+        // An invalid pool alone is no pool either.
+        let typo = [pool("p", json!({"addresses": ["198.18.0.1/30"]}))];
+        let mut r = Reconciler::new();
+        let plan = pass(&mut r, &typo, &services);
+        assert_eq!(writes(&plan), []);
+        assert_eq!(
+            reasons(&plan),
+            [("p".to_string(), INVALID_POOL.to_string())]
         );
     }
 
