@@ -488,6 +488,15 @@ where
                     changes.send_modify(|n| *n = n.wrapping_add(1));
                 }
                 Ok(_) => {}
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(s)))
+                    if resource == POOL_PLURAL && s.is_not_found() =>
+                {
+                    tracing::warn!(
+                        resource,
+                        "IPAM: the IPAddressPool resource does not exist; install its CRD \
+                         (deploy/crd-ipaddresspool.yaml) or run with --ipam=false; retrying"
+                    );
+                }
                 Err(e) => {
                     tracing::warn!(resource, error = %e, "IPAM: watch failed; retrying with backoff");
                 }
