@@ -432,7 +432,9 @@ fn deleting_a_service_frees_its_address_for_the_next_one() {
     c.wait("the waiting Service gets the freed address", || {
         c.ingress("web", "waiting") == ["198.18.102.7"]
     });
-    assert_eq!(c.events("waiting", "IPAllocated").len(), 1);
+    c.wait("its IPAllocated Event is published", || {
+        c.events("waiting", "IPAllocated").len() == 1
+    });
 
     // A Service that stops being a LoadBalancer gives its address back too, and loses it
     // from its status.

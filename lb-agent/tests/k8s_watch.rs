@@ -595,13 +595,12 @@ fn ipam_gives_a_pending_service_its_vip_and_the_data_plane_follows() {
     agent.wait(WAIT, "the allocation is logged", |a| {
         a.log().contains("Assigned IP [198.18.0.100] from pool lab")
     });
-    let events = server.list(Kind::Event);
-    assert!(
-        events
+    agent.wait(WAIT, "the IPAllocated Event is published", |_| {
+        server
+            .list(Kind::Event)
             .iter()
-            .any(|e| e["reason"] == "IPAllocated" && e["regarding"]["name"] == "echo"),
-        "{events:#?}"
-    );
+            .any(|e| e["reason"] == "IPAllocated" && e["regarding"]["name"] == "echo")
+    });
     let exit = agent.stop();
     assert!(exit.success(), "agent exit: {exit}\n{}", agent.log());
 
