@@ -230,12 +230,26 @@ impl Reconciler {
             return plan;
         }
 
-        // 1. Pool changes revoke what left every pool.
-        let mut alloc = match self.allocator.take() {
+        let mut alloc = self.update_pools(valid, &all, &mut plan);
+        self.release(&mut alloc, &all, &our_keys, &mut plan);
+        let left_alone = self.restore(&mut alloc, &ours, &mut plan);
+        self.allocate(&mut alloc, &ours, &left_alone, &mut plan);
+        self.forget_gone(snap.pools, &our_keys);
+        self.allocator = Some(alloc);
+        plan
+    }
+
+    /// Step 1: the allocator with the pools in effect; what left every pool is revoked.
+    fn update_pools(
+        &mut self,
+        valid: Vec<Pool>,
+        all: &BTreeMap<ServiceKey, &Service>,
+        plan: &mut Plan,
+    ) -> Allocator {
+        match self.allocator.take() {
             None => Allocator::new(valid),
             Some(mut a) if a.pools() != valid.as_slice() => {
-                let revoked = a.update_pools(valid);
-                for r in revoked {
+                for r in a.update_pools(valid) {
                     if let Some(svc) = all.get(&r.service) {
                         plan.events.push(PlannedEvent {
                             regarding: service_ref(svc),
@@ -247,9 +261,17 @@ impl Reconciler {
                 a
             }
             Some(a) => a,
-        };
+        }
+    }
 
-        // 2. Releases.
+    /// Step 2: Services that were deleted or are no longer ours give their addresses back.
+    fn release(
+        &mut self,
+        alloc: &mut Allocator,
+        all: &BTreeMap<ServiceKey, &Service>,
+        our_keys: &BTreeSet<ServiceKey>,
+        plan: &mut Plan,
+    ) {
         let gone: Vec<ServiceKey> = alloc
             .services()
             .map(|(k, _)| k.clone())
@@ -285,10 +307,18 @@ impl Reconciler {
                 });
             }
         }
+    }
 
-        // 3. Restore what the status shows, oldest first.
+    /// Step 3: record what the status shows for Services the allocator does not know yet, oldest
+    /// first. Returns the Services left alone (an address in their status is in no pool).
+    fn restore(
+        &mut self,
+        alloc: &mut Allocator,
+        ours: &[&Service],
+        plan: &mut Plan,
+    ) -> BTreeSet<ServiceKey> {
         let mut left_alone: BTreeSet<ServiceKey> = BTreeSet::new();
-        for svc in &ours {
+        for svc in ours {
             let key = service_key(svc);
             let status = ingress_ips(svc);
             let outside: Vec<IpAddr> = status
@@ -311,7 +341,7 @@ impl Reconciler {
                     if outside.len() == 1 { "it" } else { "them" },
                 );
                 self.fail(
-                    &mut plan,
+                    plan,
                     Subject::Service(key.clone()),
                     service_ref(svc),
                     Notice::warning(ADDRESS_NOT_IN_POOL, "Restore", note),
@@ -339,9 +369,18 @@ impl Reconciler {
                 }
             }
         }
+        left_alone
+    }
 
-        // 4. Allocate, oldest first; 5. status.
-        for svc in &ours {
+    /// Steps 4 and 5: allocate, oldest first, and plan the status writes.
+    fn allocate(
+        &mut self,
+        alloc: &mut Allocator,
+        ours: &[&Service],
+        left_alone: &BTreeSet<ServiceKey>,
+        plan: &mut Plan,
+    ) {
+        for svc in ours {
             let key = service_key(svc);
             if left_alone.contains(&key) {
                 continue;
@@ -352,7 +391,7 @@ impl Reconciler {
                 Err(e) => {
                     // Its status (if any) is left as it is until the request is fixed.
                     self.fail(
-                        &mut plan,
+                        plan,
                         subject,
                         service_ref(svc),
                         failure_notice(&e, "Allocate", ""),
@@ -383,7 +422,7 @@ impl Reconciler {
                         format!("it keeps {}", ip_list(&before))
                     };
                     self.fail(
-                        &mut plan,
+                        plan,
                         subject,
                         service_ref(svc),
                         failure_notice(&e, "Allocate", &kept),
@@ -398,10 +437,6 @@ impl Reconciler {
                 });
             }
         }
-
-        self.forget_gone(snap.pools, &our_keys);
-        self.allocator = Some(alloc);
-        plan
     }
 
     /// Forget what is about objects that are gone.
