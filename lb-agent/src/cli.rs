@@ -2,9 +2,10 @@
 
 use std::{net::SocketAddr, path::PathBuf};
 
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::{ArgAction, ArgGroup, Args, Parser, Subcommand};
 
 use crate::{
+    ipam::DEFAULT_LEASE_NAME,
     k8s::watch::{DEFAULT_CONFIG_MAP, DEFAULT_NAMESPACE},
     loader::{AttachMode, DEFAULT_PIN_PATH},
 };
@@ -113,7 +114,7 @@ pub struct KubernetesArgs {
         help_heading = "Kubernetes mode"
     )]
     pub node_name: Option<String>,
-    /// Namespace of the agent's ConfigMap.
+    /// Namespace of the agent's ConfigMap and of the IPAM Lease.
     #[arg(
         long,
         env = "POD_NAMESPACE",
@@ -128,6 +129,28 @@ pub struct KubernetesArgs {
         help_heading = "Kubernetes mode"
     )]
     pub config_map: String,
+    /// Also run the IPAM controller: give `type: LoadBalancer` Services of our class addresses
+    /// from the IPAddressPool resources and write `status.loadBalancer.ingress` (one agent,
+    /// elected with a Lease, writes). `--ipam=false` leaves addresses to another controller.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_name = "BOOL",
+        help_heading = "Kubernetes mode"
+    )]
+    pub ipam: bool,
+    /// The Lease (in --namespace) the agents elect the IPAM writer with; holderIdentity is
+    /// the node name.
+    #[arg(
+        long,
+        default_value = DEFAULT_LEASE_NAME,
+        help_heading = "Kubernetes mode"
+    )]
+    pub ipam_lease: String,
 }
 
 #[derive(Debug, Args)]

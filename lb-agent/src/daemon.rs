@@ -13,6 +13,7 @@ use crate::{
     cli::{DecapArgs, RunArgs},
     config::{self, ConfigError},
     dataplane::{Dataplane, DataplaneError},
+    ipam::{IpamController, IpamOptions, LeaseSettings},
     k8s::{ClusterWatch, WatchError, WatchOptions},
     loader::{self, LoadError},
     netinfo::{Interface, NetError, NetInfo},
@@ -142,8 +143,11 @@ impl Syncer {
 enum Source {
     /// A static file, re-read on SIGHUP.
     File(PathBuf),
-    /// The Kubernetes API, applied as it changes.
-    Cluster(Box<ClusterWatch>),
+    /// The Kubernetes API, applied as it changes; with the IPAM controller unless disabled.
+    Cluster {
+        watch: Box<ClusterWatch>,
+        ipam: Option<IpamController>,
+    },
 }
 
 /// What the source has to say, see [`Source::next`].
@@ -166,21 +170,51 @@ impl Source {
             .node_name
             .clone()
             .ok_or(AgentError::NoNodeName)?;
+        let client = kube::Client::try_default()
+            .await
+            .map_err(WatchError::Client)?;
+        let ipam = args.cluster.ipam.then(|| {
+            IpamController::spawn(
+                client.clone(),
+                IpamOptions {
+                    namespace: args.cluster.namespace.clone(),
+                    config_map: args.cluster.config_map.clone(),
+                    lease: LeaseSettings::new(
+                        &args.cluster.namespace,
+                        &args.cluster.ipam_lease,
+                        &node_name,
+                    ),
+                },
+            )
+        });
         let opts = WatchOptions {
             node_name,
             namespace: args.cluster.namespace.clone(),
             config_map: args.cluster.config_map.clone(),
         };
-        Ok(Source::Cluster(Box::new(
-            ClusterWatch::connect(opts).await?,
-        )))
+        Ok(Source::Cluster {
+            watch: Box::new(ClusterWatch::start(client, opts)),
+            ipam,
+        })
+    }
+
+    /// Stop watching; the IPAM controller gives up its Lease.
+    async fn close(self) {
+        if let Source::Cluster {
+            watch,
+            ipam: Some(ipam),
+        } = self
+        {
+            drop(watch);
+            ipam.shutdown().await;
+        }
     }
 
     /// Where `interface` can be set, for messages.
     fn origin(&self) -> String {
         match self {
             Source::File(path) => path.display().to_string(),
-            Source::Cluster(watch) => watch.origin(),
+            Source::Cluster { watch, .. } => watch.origin(),
         }
     }
 
@@ -188,7 +222,7 @@ impl Source {
     async fn initial(&mut self) -> Result<DesiredState, AgentError> {
         match self {
             Source::File(path) => Ok(config::load(path)?),
-            Source::Cluster(watch) => Ok(watch.initial().await.inspect_err(|e| {
+            Source::Cluster { watch, .. } => Ok(watch.initial().await.inspect_err(|e| {
                 tracing::error!(error = %e, "no initial state from the cluster");
             })?),
         }
@@ -201,7 +235,7 @@ impl Source {
                 hup.recv().await;
                 Change::Reloaded(config::load(path))
             }
-            Source::Cluster(watch) => tokio::select! {
+            Source::Cluster { watch, .. } => tokio::select! {
                 state = watch.next() => Change::Cluster(state),
                 _ = hup.recv() => Change::Resync,
             },
@@ -215,10 +249,21 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut source = Source::open(&args).await?;
     // Kubernetes mode may wait for the API server here: stay responsive to SIGTERM/SIGINT.
-    let mut desired = tokio::select! {
-        desired = source.initial() => desired?,
-        _ = term.recv() => return Ok(()),
-        _ = int.recv() => return Ok(()),
+    let initial = tokio::select! {
+        desired = source.initial() => Some(desired),
+        _ = term.recv() => None,
+        _ = int.recv() => None,
+    };
+    let mut desired = match initial {
+        Some(Ok(desired)) => desired,
+        Some(Err(e)) => {
+            source.close().await;
+            return Err(e);
+        }
+        None => {
+            source.close().await;
+            return Ok(());
+        }
     };
     let iface_name = args
         .interface
@@ -305,7 +350,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                 if new.node.interface.is_some() && new.node.interface != desired.node.interface && args.interface.is_none() {
                     tracing::warn!("changing `interface` needs a restart; keeping {iface_name}");
                 }
-                let cluster = matches!(source, Source::Cluster(_));
+                let cluster = matches!(source, Source::Cluster { .. });
                 match syncer.sync(&new).await {
                     Ok(writes) if cluster => {
                         tracing::info!(writes, "cluster change applied");
@@ -338,7 +383,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         }
     }
     // Stop watching before the data plane is left alone.
-    drop(source);
+    source.close().await;
     if args.keep_attached {
         tracing::info!(link = %attachment.pin.display(), "exiting; program stays attached (--keep-attached)");
         drop(attachment);

@@ -1,10 +1,23 @@
 //! The manifests under deploy/, rendered by `kubectl kustomize` exactly as `kubectl apply -k`
-//! would send them: least privilege (no `privileged`, four capabilities, read-only RBAC on
-//! Services), the mounts the agent needs, and a ConfigMap the agent accepts.
+//! would send them: least privilege (no `privileged`, four capabilities, RBAC that writes only
+//! Service and pool status, Events and the IPAM Lease), the mounts the agent needs, a
+//! ConfigMap the agent accepts, and an IPAddressPool CRD whose schema keeps every field the
+//! agent reads (and the example pools, which the agent accepts).
 
-use std::{collections::BTreeSet, path::PathBuf, process::Command};
+use std::{collections::BTreeSet, fs, path::PathBuf, process::Command};
 
-use lb_agent::k8s::{CONFIG_KEY, K8sConfig};
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, LabelSelectorRequirement, Time},
+    jiff::Timestamp,
+};
+use lb_agent::{
+    ipam::{
+        DEFAULT_LEASE_NAME, IpAddressPool, IpAddressPoolSpec, POOL_API_VERSION, POOL_KIND,
+        ServiceAllocationSpec, controller::pool_resource, reconcile::CONDITION_VALID,
+        validate_pools,
+    },
+    k8s::{CONFIG_KEY, K8sConfig},
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -203,36 +216,53 @@ fn rbac_is_least_privilege() {
             .collect()
     };
     let read: BTreeSet<String> = READ.iter().map(|v| v.to_string()).collect();
+    let patch: BTreeSet<String> = BTreeSet::from(["patch".to_string()]);
     assert_eq!(verbs_on("", "services"), read);
     assert_eq!(verbs_on("", "nodes"), read);
     assert_eq!(verbs_on("discovery.k8s.io", "endpointslices"), read);
-    // No status writer yet: nothing on services/status.
-    assert!(verbs_on("", "services/status").is_empty());
-    // The only writes: Events.
+    assert_eq!(verbs_on("xdp-lb.io", "ipaddresspools"), read);
+    // The IPAM controller writes status.loadBalancer.ingress and the pools' condition with
+    // merge patches, nothing else of them.
+    assert_eq!(verbs_on("", "services/status"), patch);
+    assert_eq!(verbs_on("xdp-lb.io", "ipaddresspools/status"), patch);
+    // The only writes: those two status subresources and Events.
     for (group, resource, verbs) in &grants {
         let writes: Vec<&String> = verbs
             .iter()
             .filter(|v| !READ.contains(&v.as_str()))
             .collect();
-        if !writes.is_empty() {
-            assert_eq!(
-                (resource.as_str(), group.as_str()),
-                ("events", "events.k8s.io"),
-                "write verbs {writes:?}"
-            );
-            assert!(
+        if writes.is_empty() {
+            continue;
+        }
+        match (group.as_str(), resource.as_str()) {
+            ("events.k8s.io", "events") => assert!(
                 writes.iter().all(|v| *v == "create" || *v == "patch"),
                 "{writes:?}"
-            );
+            ),
+            ("", "services/status") | ("xdp-lb.io", "ipaddresspools/status") => {
+                assert!(writes.iter().all(|v| *v == "patch"), "{writes:?}")
+            }
+            other => panic!("write verbs {writes:?} on {other:?}"),
         }
     }
 
-    // The Role: read its ConfigMap, nothing else.
+    // The Role: read its ConfigMap; create the Lease, read and renew only that one.
     let rules = role["rules"].as_array().expect("rules");
-    assert_eq!(rules.len(), 1);
+    assert_eq!(rules.len(), 3, "{rules:#?}");
     assert_eq!(strings(&rules[0]["apiGroups"]), [""]);
     assert_eq!(strings(&rules[0]["resources"]), ["configmaps"]);
     assert_eq!(strings(&rules[0]["verbs"]), READ);
+    for rule in &rules[1..] {
+        assert_eq!(strings(&rule["apiGroups"]), ["coordination.k8s.io"]);
+        assert_eq!(strings(&rule["resources"]), ["leases"]);
+    }
+    assert_eq!(strings(&rules[1]["verbs"]), ["create"]);
+    assert_eq!(strings(&rules[2]["verbs"]), ["get", "update"]);
+    // The Lease the agent uses (the DaemonSet does not pick another one).
+    let ds = find(&docs, "DaemonSet", "lb-agent");
+    let args = strings(&ds["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert!(!args.iter().any(|a| a.starts_with("--ipam")), "{args:?}");
+    assert_eq!(strings(&rules[2]["resourceNames"]), [DEFAULT_LEASE_NAME]);
 
     // Both bound to the agent's ServiceAccount.
     find(&docs, "ServiceAccount", "lb-agent");
@@ -261,7 +291,10 @@ fn namespace_and_config_map_are_valid() {
     find(&docs, "Namespace", NAMESPACE);
     for d in &docs {
         let kind = d["kind"].as_str().unwrap_or_default();
-        if !matches!(kind, "Namespace" | "ClusterRole" | "ClusterRoleBinding") {
+        if !matches!(
+            kind,
+            "Namespace" | "ClusterRole" | "ClusterRoleBinding" | "CustomResourceDefinition"
+        ) {
             assert_eq!(d["metadata"]["namespace"], NAMESPACE, "{kind}");
         }
     }
@@ -277,4 +310,165 @@ fn namespace_and_config_map_are_valid() {
             ..K8sConfig::default()
         }
     );
+}
+
+/// Every key of `value` (an object as the agent would write or read it) must be kept by
+/// `schema` (a structural OpenAPI schema), or the API server would prune it.
+fn assert_schema_keeps(schema: &Value, value: &Value, path: &str) {
+    match value {
+        Value::Object(o) => {
+            assert_eq!(schema["type"], "object", "{path}: {schema}");
+            for (k, v) in o {
+                let sub = if schema["properties"][k].is_object() {
+                    &schema["properties"][k]
+                } else if schema["additionalProperties"].is_object() {
+                    &schema["additionalProperties"]
+                } else {
+                    panic!("{path}.{k} is not in the schema (it would be pruned)");
+                };
+                assert_schema_keeps(sub, v, &format!("{path}.{k}"));
+            }
+        }
+        Value::Array(a) => {
+            assert_eq!(schema["type"], "array", "{path}: {schema}");
+            for (i, v) in a.iter().enumerate() {
+                assert_schema_keeps(&schema["items"], v, &format!("{path}[{i}]"));
+            }
+        }
+        Value::String(s) => {
+            assert_eq!(schema["type"], "string", "{path}: {schema}");
+            if let Some(values) = schema["enum"].as_array() {
+                assert!(values.contains(value), "{path}: {s:?} not in {values:?}");
+            }
+        }
+        Value::Bool(_) => assert_eq!(schema["type"], "boolean", "{path}"),
+        Value::Number(_) => assert_eq!(schema["type"], "integer", "{path}"),
+        Value::Null => {}
+    }
+}
+
+#[test]
+fn the_pool_crd_matches_what_the_agent_reads_and_writes() {
+    let docs = render();
+    let resource = pool_resource();
+    let crd = find(
+        &docs,
+        "CustomResourceDefinition",
+        &format!("{}.{}", resource.plural, resource.group),
+    );
+    let spec = &crd["spec"];
+    assert_eq!(spec["group"], resource.group);
+    assert_eq!(spec["scope"], "Cluster");
+    assert_eq!(spec["names"]["kind"], POOL_KIND);
+    assert_eq!(spec["names"]["plural"], resource.plural);
+    let versions = spec["versions"].as_array().expect("versions");
+    assert_eq!(versions.len(), 1);
+    let v = &versions[0];
+    assert_eq!(
+        format!(
+            "{}/{}",
+            spec["group"].as_str().unwrap(),
+            v["name"].as_str().unwrap()
+        ),
+        POOL_API_VERSION
+    );
+    assert_eq!(
+        (&v["served"], &v["storage"]),
+        (&Value::Bool(true), &Value::Bool(true))
+    );
+    assert!(
+        v["subresources"]["status"].is_object(),
+        "the agent patches the status subresource"
+    );
+    let columns: Vec<&str> = v["additionalPrinterColumns"]
+        .as_array()
+        .expect("printer columns")
+        .iter()
+        .filter_map(|c| c["jsonPath"].as_str())
+        .collect();
+    assert!(
+        columns.contains(
+            &format!(".status.conditions[?(@.type==\"{CONDITION_VALID}\")].status").as_str()
+        ),
+        "{columns:?}"
+    );
+
+    // A spec with every field set survives the schema.
+    let schema = &v["schema"]["openAPIV3Schema"];
+    let full = IpAddressPoolSpec {
+        addresses: vec!["198.18.10.0/24".into()],
+        ipv4: vec!["198.18.20.10-198.18.20.19".into()],
+        ipv6: vec!["2001:db8:10::/120".into()],
+        auto_assign: Some(false),
+        avoid_buggy_ips: Some(true),
+        service_allocation: Some(ServiceAllocationSpec {
+            namespaces: vec!["dns".into()],
+            service_selector: Some(LabelSelector {
+                match_labels: Some([("exposure".to_string(), "public".to_string())].into()),
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "tier".into(),
+                    operator: "In".into(),
+                    values: Some(vec!["edge".into()]),
+                }]),
+            }),
+        }),
+    };
+    assert_schema_keeps(
+        &schema["properties"]["spec"],
+        &serde_json::to_value(&full).unwrap(),
+        "spec",
+    );
+    // So does the condition the agent writes, with every field the schema requires.
+    let condition = serde_json::to_value(Condition {
+        type_: CONDITION_VALID.into(),
+        status: "False".into(),
+        reason: "InvalidPool".into(),
+        message: "addresses: ...".into(),
+        observed_generation: Some(3),
+        last_transition_time: Time(Timestamp::from_second(1_700_000_000).unwrap()),
+    })
+    .unwrap();
+    let conditions = &schema["properties"]["status"]["properties"]["conditions"];
+    assert_schema_keeps(
+        conditions,
+        &Value::Array(vec![condition.clone()]),
+        "status.conditions",
+    );
+    for field in strings(&conditions["items"]["required"]) {
+        assert!(!condition[field].is_null(), "required {field} is written");
+    }
+}
+
+#[test]
+fn the_example_pools_are_valid() {
+    let path = deploy_dir().join("examples/ipaddresspool.yaml");
+    let text = fs::read_to_string(&path).unwrap();
+    let pools: Vec<IpAddressPool> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|doc| IpAddressPool::deserialize(doc).expect("an IPAddressPool"))
+        .collect();
+    assert_eq!(pools.len(), 2);
+    for p in &pools {
+        assert_eq!(
+            (p.api_version.as_str(), p.kind.as_str()),
+            (POOL_API_VERSION, POOL_KIND)
+        );
+    }
+    let (valid, errors) = validate_pools(pools.iter().map(|p| (p.name(), &p.spec)));
+    assert_eq!(errors, vec![]);
+    assert_eq!(valid.len(), 2);
+    let docs = render();
+    let crd = find(
+        &docs,
+        "CustomResourceDefinition",
+        "ipaddresspools.xdp-lb.io",
+    );
+    let spec_schema =
+        &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    for p in &pools {
+        assert_schema_keeps(
+            spec_schema,
+            &serde_json::to_value(&p.spec).unwrap(),
+            p.name(),
+        );
+    }
 }

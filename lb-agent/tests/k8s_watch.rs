@@ -559,9 +559,81 @@ fn follows_the_cluster_through_watch_events_outages_and_relists() {
     );
     assert!(warnings[0].contains("demo/dns"), "{}", warnings[0]);
 
+    // The IPAM controller ran too (the only agent, so it led), but without IPAddressPools it
+    // left every Service's status alone.
+    let writes = server.writes();
+    assert!(
+        writes.iter().any(|w| w.kind == Kind::Lease
+            && w.code < 300
+            && w.body["spec"]["holderIdentity"] == NODE),
+        "the agent took the IPAM Lease"
+    );
+    let service_writes: Vec<_> = writes.iter().filter(|w| w.kind == Kind::Service).collect();
+    assert!(service_writes.is_empty(), "{service_writes:#?}");
+
     let exit = agent.stop();
     assert!(exit.success(), "agent exit: {exit}\n{}", agent.log());
     assert!(agent.log().contains("detached"), "{}", agent.log());
+    assert!(agent.log().contains("lease released"), "{}", agent.log());
+}
+
+#[test]
+fn ipam_gives_a_pending_service_its_vip_and_the_data_plane_follows() {
+    require_root().unwrap();
+    let lab = Lab::new(LabSpec::default()).unwrap();
+    let dirs = Dirs::new();
+    let _backends = start_backends(&lab, &dirs.work.0);
+    let server = start_server(lab.lb(), &ALL_LISTS);
+    // The echo Service has no address yet; a pool holds exactly the lab's VIP.
+    let mut echo = server.get(Kind::Service, "demo", "echo").unwrap();
+    echo["status"] = json!({"loadBalancer": {}});
+    server.apply(Kind::Service, echo);
+    server.apply(
+        Kind::IpAddressPool,
+        json!({
+            "metadata": {"name": "lab", "uid": "0d9c8b7a-6f5e-4d3c-2b1a-0f9e8d7c6b5a", "generation": 1},
+            "spec": {"addresses": [format!("{VIP}/32")]}
+        }),
+    );
+    let kubeconfig = dirs.kubeconfig(&server);
+    let pins = dirs.pins.0.clone();
+    let mut agent = Agent::start(lab.lb(), &dirs, &kubeconfig, "agent", &[]);
+    agent.wait(WAIT, "the VIP is allocated and programmed", |_| {
+        echo_backends_are(&pins, &[11, 12, 13])
+    });
+    let echo = server.get(Kind::Service, "demo", "echo").unwrap();
+    assert_eq!(
+        echo["status"]["loadBalancer"]["ingress"],
+        json!([{"ip": VIP.to_string(), "ipMode": "VIP"}])
+    );
+    check_traffic(&lab, &["b1", "b2", "b3"]);
+    agent.wait(WAIT, "the allocation is logged", |a| {
+        a.log().contains("Assigned IP [198.18.0.100] from pool lab")
+    });
+    agent.wait(WAIT, "the IPAllocated Event is published", |_| {
+        server
+            .list(Kind::Event)
+            .iter()
+            .any(|e| e["reason"] == "IPAllocated" && e["regarding"]["name"] == "echo")
+    });
+    let exit = agent.stop();
+    assert!(exit.success(), "agent exit: {exit}\n{}", agent.log());
+
+    // With --ipam=false another agent reads the status but never writes or elects.
+    let requests_before = server.requests().len();
+    let mut passive = Agent::start(lab.lb(), &dirs, &kubeconfig, "passive", &["--ipam=false"]);
+    passive.wait(WAIT, "the passive agent attaches", |a| {
+        a.log().contains("load balancer attached")
+    });
+    let later = &server.requests()[requests_before..];
+    assert!(
+        !later
+            .iter()
+            .any(|r| r.contains("leases") || r.contains("ipaddresspools")),
+        "{later:#?}"
+    );
+    let exit = passive.stop();
+    assert!(exit.success(), "agent exit: {exit}\n{}", passive.log());
 }
 
 #[test]
@@ -759,6 +831,16 @@ fn kubernetes_mode_and_a_config_file_exclude_each_other() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot be used with"), "{err}");
+
+    let out = std::process::Command::new(agent_bin())
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--ipam[=<BOOL>]") && help.contains("--ipam=false"),
+        "{help}"
+    );
 
     let out = std::process::Command::new(agent_bin())
         .args(["run", "--kubernetes"])

@@ -158,6 +158,11 @@ impl Allocator {
         self.services.get(service).map(|h| h.ips.as_slice())
     }
 
+    /// Every Service holding addresses, by name, with its addresses.
+    pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &[IpAddr])> {
+        self.services.iter().map(|(k, h)| (k, h.ips.as_slice()))
+    }
+
     /// The Services holding `ip` (more than one only when shared), by name.
     pub fn holders(&self, ip: IpAddr) -> impl Iterator<Item = &ServiceKey> {
         self.by_ip.get(&ip).into_iter().flatten()

@@ -1,11 +1,18 @@
 //! LoadBalancer IP address management: address pools and a pure allocator that gives
 //! `type: LoadBalancer` Services their addresses, with MetalLB's user experience (same
-//! annotations, same defaults). No I/O here: the controller feeds pools and Services in and
-//! writes `status.loadBalancer.ingress` and Events from what comes out.
+//! annotations, same defaults), and the controller that runs it against the API: it feeds
+//! pools and Services in and writes `status.loadBalancer.ingress` and Events from what comes
+//! out. Only `lease`, `events` and `controller` do I/O.
 //!
 //! - `pool`: the `IPAddressPool` spec and its validation into [`Pool`]s.
 //! - `request`: what a Service asks for ([`ServiceRequest`]), read from a `Service` object.
 //! - `allocator`: [`Allocator`]: assign, release, restore after a restart, pool updates.
+//! - `reconcile`: one controller pass, pure: pools and Services in, status writes and Events
+//!   out ([`Reconciler`]).
+//! - `lease`: leader election with a `coordination.k8s.io/v1` Lease ([`Elector`] is the pure
+//!   state machine, [`LeaseLock`] the I/O).
+//! - `events`: Events on Services and pools ([`Recorder`]).
+//! - `controller`: the live controller ([`IpamController`]): watches, election, writes.
 //!
 //! # Pools
 //!
@@ -73,16 +80,24 @@
 //! - Transactional: an [`AllocError`] leaves the allocator unchanged.
 
 pub mod allocator;
+pub mod controller;
+pub mod events;
+pub mod lease;
 pub mod pool;
+pub mod reconcile;
 pub mod request;
 
 use std::{fmt, net::IpAddr};
 
 pub use allocator::{AllocError, Allocator, Revoked};
+pub use controller::{IpamController, IpamOptions};
+pub use events::{EventType, Notice, Recorder};
+pub use lease::{DEFAULT_LEASE_NAME, Elector, LeaseAction, LeaseLock, LeaseSettings};
 pub use pool::{
     AddrRange, IpAddressPool, IpAddressPoolSpec, LabelSelector, Operator, POOL_API_VERSION,
     POOL_KIND, Pool, PoolError, Requirement, ServiceAllocationSpec, validate_pools,
 };
+pub use reconcile::{Plan, PoolObject, Reconciler, Snapshot};
 pub use request::{
     ANNOTATION_PREFIXES, IpFamilyPolicy, PortSpec, ServiceRequest, ingress_ips, service_key,
 };

@@ -14,6 +14,22 @@
 //!   version older than the last [`FakeApiServer::compact`] gets the `ERROR` event with the
 //!   `410 Expired` Status a real server sends, which makes a client re-list.
 //!
+//! It also takes the writes the IPAM controller makes, with the API server's semantics:
+//!
+//! - GET of one object (`.../NAME`): the object, or `404 NotFound`;
+//! - POST to a collection: create (`201`), `409 AlreadyExists` if the name is taken;
+//! - PUT of one object: replace (`200`), `404` if it does not exist, `409 Conflict` when the
+//!   body's `metadata.resourceVersion` is not the stored one (optimistic concurrency, which the
+//!   Lease election relies on);
+//! - PATCH of one object or its `status` subresource with `application/merge-patch+json`
+//!   (RFC 7386; `status` patches change only the status, others everything but the status),
+//!   `415` for other patch types, `409` on a stale `metadata.resourceVersion`;
+//! - resources: also `IPAddressPool` (`xdp-lb.io/v1alpha1`, cluster-scoped), `Lease`
+//!   (`coordination.k8s.io/v1`) and `Event` (`events.k8s.io/v1`).
+//!
+//! Every write is a watch event like any change, and is recorded ([`FakeApiServer::writes`])
+//! with the request's headers, so a test can tell which client wrote what.
+//!
 //! Every object change gets the next resource version, as etcd would hand out. The test can
 //! cut every connection and refuse new ones ([`FakeApiServer::cut`]: the listener is closed,
 //! so connects fail with ECONNREFUSED), and accept again on a fresh listener
@@ -21,10 +37,13 @@
 //!
 //! Plain threads and blocking sockets: one thread accepts, one serves each connection.
 
+// Each test crate uses a different part of it.
+#![allow(dead_code)]
+
 use std::{
     collections::BTreeMap,
     fs,
-    io::{BufRead, BufReader, ErrorKind, Write},
+    io::{BufRead, BufReader, ErrorKind, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     path::Path,
     sync::{
@@ -40,21 +59,27 @@ use serde_json::{Value, json};
 /// How often the accept loop looks at its stop flag, and idle watch streams at theirs.
 const POLL: Duration = Duration::from_millis(20);
 
-/// The resources the agent watches.
+/// The resources the agent watches and writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
     Service,
     EndpointSlice,
     Node,
     ConfigMap,
+    IpAddressPool,
+    Lease,
+    Event,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [
+    const ALL: [Kind; 7] = [
         Kind::Service,
         Kind::EndpointSlice,
         Kind::Node,
         Kind::ConfigMap,
+        Kind::IpAddressPool,
+        Kind::Lease,
+        Kind::Event,
     ];
 
     fn name(self) -> &'static str {
@@ -63,12 +88,18 @@ impl Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
             Kind::ConfigMap => "ConfigMap",
+            Kind::IpAddressPool => "IPAddressPool",
+            Kind::Lease => "Lease",
+            Kind::Event => "Event",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
+            Kind::IpAddressPool => "xdp-lb.io/v1alpha1",
+            Kind::Lease => "coordination.k8s.io/v1",
+            Kind::Event => "events.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -80,11 +111,14 @@ impl Kind {
             Kind::EndpointSlice => "endpointslices",
             Kind::Node => "nodes",
             Kind::ConfigMap => "configmaps",
+            Kind::IpAddressPool => "ipaddresspools",
+            Kind::Lease => "leases",
+            Kind::Event => "events",
         }
     }
 
     fn namespaced(self) -> bool {
-        self != Kind::Node
+        !matches!(self, Kind::Node | Kind::IpAddressPool)
     }
 
     /// `/api/v1` or `/apis/discovery.k8s.io/v1`.
@@ -93,6 +127,30 @@ impl Kind {
             "v1" => "/api/v1".to_string(),
             group => format!("/apis/{group}"),
         }
+    }
+}
+
+/// A write the server accepted or refused.
+#[derive(Clone, Debug)]
+pub struct Write {
+    /// `POST`, `PUT` or `PATCH`.
+    pub method: String,
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+    /// `Some("status")` for the status subresource.
+    pub subresource: Option<String>,
+    /// Request headers, names in lower case.
+    pub headers: BTreeMap<String, String>,
+    pub body: Value,
+    /// The HTTP status of the answer.
+    pub code: u16,
+}
+
+impl Write {
+    /// A request header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
     }
 }
 
@@ -127,6 +185,34 @@ struct State {
     watches: BTreeMap<Kind, usize>,
     /// Request lines, in arrival order.
     requests: Vec<String>,
+    /// Writes, in arrival order.
+    writes: Vec<Write>,
+    /// For `metadata.uid` of created objects.
+    next_uid: u64,
+}
+
+impl State {
+    /// Store `object` (create or replace) with the next resource version and tell the
+    /// watches; returns the stored object.
+    fn put(&mut self, kind: Kind, mut object: Value) -> Value {
+        self.rv += 1;
+        let rv = self.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = key_of(&object);
+        let coll = self.collections.get_mut(&kind).expect("collection");
+        let event_kind = if coll.objects.contains_key(&key) {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        coll.objects.insert(key, object.clone());
+        coll.events.push(Event {
+            rv,
+            kind: event_kind,
+            object: object.clone(),
+        });
+        object
+    }
 }
 
 #[derive(Debug, Default)]
@@ -213,27 +299,24 @@ impl FakeApiServer {
     }
 
     /// Create or replace an object (ADDED or MODIFIED); returns its new resource version.
-    pub fn apply(&self, kind: Kind, mut object: Value) -> u64 {
+    pub fn apply(&self, kind: Kind, object: Value) -> u64 {
         let mut st = self.shared.lock();
-        st.rv += 1;
+        st.put(kind, object);
         let rv = st.rv;
-        object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = key_of(&object);
-        let coll = st.collections.get_mut(&kind).expect("collection");
-        let event_kind = if coll.objects.contains_key(&key) {
-            "MODIFIED"
-        } else {
-            "ADDED"
-        };
-        coll.objects.insert(key, object.clone());
-        coll.events.push(Event {
-            rv,
-            kind: event_kind,
-            object,
-        });
         drop(st);
         self.shared.changed.notify_all();
         rv
+    }
+
+    /// Every stored object of `kind`, as a LIST would return them.
+    pub fn list(&self, kind: Kind) -> Vec<Value> {
+        let st = self.shared.lock();
+        st.collections[&kind].objects.values().cloned().collect()
+    }
+
+    /// Every write so far, in arrival order.
+    pub fn writes(&self) -> Vec<Write> {
+        self.shared.lock().writes.clone()
     }
 
     /// Delete an object (DELETED carries its last state with a new resource version).
@@ -372,11 +455,15 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, stop: &AtomicBool) 
     }
 }
 
-/// One HTTP/1.1 request: method, path, query parameters (decoded).
+/// One HTTP/1.1 request: method, path, query parameters (decoded), headers, body.
 struct Request {
     line: String,
+    method: String,
     path: String,
     query: BTreeMap<String, String>,
+    /// Names in lower case.
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
 }
 
 fn serve_connection(shared: &Shared, stream: TcpStream) {
@@ -397,7 +484,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
     // Keep-alive: requests follow each other until the client closes or a WATCH takes over.
     while let Some(req) = read_request(&mut reader) {
         shared.lock().requests.push(req.line.clone());
-        let Some((kind, namespace)) = route(&req.path) else {
+        let Some(target) = route(&req.path) else {
             let status = status_json(
                 404,
                 "NotFound",
@@ -411,22 +498,40 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
             }
             continue;
         };
-        let filter = Filter::new(namespace, &req.query);
-        if req
-            .query
-            .get("watch")
-            .is_some_and(|w| w == "true" || w == "1")
-        {
-            let from = req
-                .query
-                .get("resourceVersion")
-                .and_then(|s| s.parse::<u64>().ok())
-                .unwrap_or(0);
-            serve_watch(shared, &mut out, kind, &filter, from, epoch);
-            break;
-        }
-        let body = list_json(shared, kind, &filter);
-        if respond_json(&mut out, 200, &body).is_err() {
+        let (code, body) = match (req.method.as_str(), &target.name) {
+            ("GET", None) => {
+                let filter = Filter::new(target.namespace.clone(), &req.query);
+                if req
+                    .query
+                    .get("watch")
+                    .is_some_and(|w| w == "true" || w == "1")
+                {
+                    let from = req
+                        .query
+                        .get("resourceVersion")
+                        .and_then(|s| s.parse::<u64>().ok())
+                        .unwrap_or(0);
+                    serve_watch(shared, &mut out, target.kind, &filter, from, epoch);
+                    break;
+                }
+                (200, list_json(shared, target.kind, &filter))
+            }
+            ("GET", Some(name)) => get_one(shared, &target, name),
+            ("POST", None) | ("PUT" | "PATCH", Some(_)) => {
+                let answer = write(shared, &target, &req);
+                shared.changed.notify_all();
+                answer
+            }
+            (method, _) => (
+                405,
+                status_json(
+                    405,
+                    "MethodNotAllowed",
+                    &format!("{method} is not supported on {}", req.path),
+                ),
+            ),
+        };
+        if respond_json(&mut out, code, &body).is_err() {
             break;
         }
     }
@@ -434,15 +539,15 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
     shared.lock().conns.remove(&id);
 }
 
-/// Reads a request line and headers (GET requests carry no body); `None` at EOF or on a
-/// malformed request.
+/// Reads a request line, headers and body (by Content-Length or chunked); `None` at EOF or
+/// on a malformed request.
 fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
     let mut line = String::new();
     if reader.read_line(&mut line).ok()? == 0 {
         return None;
     }
     let line = line.trim_end().to_string();
-    let mut content_length = 0usize;
+    let mut headers = BTreeMap::new();
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header).ok()? == 0 {
@@ -452,17 +557,27 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
         if header.is_empty() {
             break;
         }
-        if let Some((name, value)) = header.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            content_length = value.trim().parse().ok()?;
+        if let Some((name, value)) = header.split_once(':') {
+            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
         }
     }
-    if content_length > 0 {
-        let mut body = vec![0u8; content_length];
+    let body = if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.eq_ignore_ascii_case("chunked"))
+    {
+        read_chunked(reader)?
+    } else {
+        let len: usize = match headers.get("content-length") {
+            Some(v) => v.parse().ok()?,
+            None => 0,
+        };
+        let mut body = vec![0u8; len];
         std::io::Read::read_exact(reader, &mut body).ok()?;
-    }
-    let target = line.split_whitespace().nth(1)?.to_string();
+        body
+    };
+    let mut words = line.split_whitespace();
+    let method = words.next()?.to_string();
+    let target = words.next()?.to_string();
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let query = query
         .split('&')
@@ -474,9 +589,27 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
         .collect();
     Some(Request {
         line,
+        method,
         path: path.to_string(),
         query,
+        headers,
+        body,
     })
+}
+
+fn read_chunked(reader: &mut BufReader<TcpStream>) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let mut size = String::new();
+        reader.read_line(&mut size).ok()?;
+        let size = usize::from_str_radix(size.trim().split(';').next()?, 16).ok()?;
+        let mut chunk = vec![0u8; size + 2];
+        std::io::Read::read_exact(reader, &mut chunk).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.extend_from_slice(&chunk[..size]);
+    }
 }
 
 fn percent_decode(s: &str) -> String {
@@ -511,24 +644,260 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// `/api/v1/services`, `/api/v1/namespaces/NS/configmaps`, ... → (kind, namespace).
-fn route(path: &str) -> Option<(Kind, Option<String>)> {
+/// What a URL names: a collection (all namespaces, or one) or one object, maybe a
+/// subresource of it.
+struct Target {
+    kind: Kind,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+/// `/api/v1/services`, `/api/v1/namespaces/NS/configmaps`,
+/// `/api/v1/namespaces/NS/services/NAME/status`, `/apis/xdp-lb.io/v1alpha1/ipaddresspools/NAME`.
+fn route(path: &str) -> Option<Target> {
     for kind in Kind::ALL {
         let Some(rest) = path.strip_prefix(&kind.prefix()) else {
             continue;
         };
-        if rest == format!("/{}", kind.plural()) {
-            return Some((kind, None));
+        let (namespace, rest) = match rest.strip_prefix("/namespaces/") {
+            Some(ns_rest) if kind.namespaced() => {
+                let (ns, rest) = ns_rest.split_once('/')?;
+                (Some(ns.to_string()), rest)
+            }
+            Some(_) => continue,
+            None => match rest.strip_prefix('/') {
+                Some(rest) => (None, rest),
+                None => continue,
+            },
+        };
+        let mut parts = rest.split('/');
+        if parts.next() != Some(kind.plural()) {
+            continue;
         }
-        if kind.namespaced()
-            && let Some(ns_rest) = rest.strip_prefix("/namespaces/")
-            && let Some((ns, plural)) = ns_rest.split_once('/')
-            && plural == kind.plural()
-        {
-            return Some((kind, Some(ns.to_string())));
+        let name = parts.next().map(str::to_string);
+        let subresource = parts.next().map(str::to_string);
+        if parts.next().is_some() || (name.is_some() && kind.namespaced() && namespace.is_none()) {
+            return None;
         }
+        return Some(Target {
+            kind,
+            namespace,
+            name,
+            subresource,
+        });
     }
     None
+}
+
+/// The object as a GET returns it.
+fn with_type(kind: Kind, mut object: Value) -> Value {
+    object["kind"] = json!(kind.name());
+    object["apiVersion"] = json!(kind.api_version());
+    object
+}
+
+fn not_found(kind: Kind, name: &str) -> (u16, Value) {
+    (
+        404,
+        status_json(
+            404,
+            "NotFound",
+            &format!("{} \"{name}\" not found", kind.plural()),
+        ),
+    )
+}
+
+fn get_one(shared: &Shared, target: &Target, name: &str) -> (u16, Value) {
+    let st = shared.lock();
+    let key = (
+        target.namespace.clone().unwrap_or_default(),
+        name.to_string(),
+    );
+    match st.collections[&target.kind].objects.get(&key) {
+        Some(object) => (200, with_type(target.kind, object.clone())),
+        None => not_found(target.kind, name),
+    }
+}
+
+/// POST, PUT or PATCH, recorded in `writes`.
+fn write(shared: &Shared, target: &Target, req: &Request) -> (u16, Value) {
+    let body: Value = match serde_json::from_slice(&req.body) {
+        Ok(v) => v,
+        Err(e) => {
+            return (
+                400,
+                status_json(400, "BadRequest", &format!("body is not JSON: {e}")),
+            );
+        }
+    };
+    let mut st = shared.lock();
+    let namespace = target.namespace.clone().unwrap_or_default();
+    let name = target
+        .name
+        .clone()
+        .or_else(|| body["metadata"]["name"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    let (code, answer) = apply_write(&mut st, target, req, &namespace, &name, &body);
+    st.writes.push(Write {
+        method: req.method.clone(),
+        kind: target.kind,
+        namespace,
+        name,
+        subresource: target.subresource.clone(),
+        headers: req.headers.clone(),
+        body,
+        code,
+    });
+    (code, answer)
+}
+
+fn apply_write(
+    st: &mut State,
+    target: &Target,
+    req: &Request,
+    namespace: &str,
+    name: &str,
+    body: &Value,
+) -> (u16, Value) {
+    let kind = target.kind;
+    let key = (namespace.to_string(), name.to_string());
+    let stored = st.collections[&kind].objects.get(&key).cloned();
+    let conflict = || {
+        (
+            409,
+            status_json(
+                409,
+                "Conflict",
+                &format!(
+                    "Operation cannot be fulfilled on {} \"{name}\": the object has been \
+                     modified; please apply your changes to the latest version and try again",
+                    kind.plural()
+                ),
+            ),
+        )
+    };
+    let stale = |stored: &Value| {
+        body["metadata"]["resourceVersion"]
+            .as_str()
+            .is_some_and(|rv| Some(rv) != stored["metadata"]["resourceVersion"].as_str())
+    };
+    match req.method.as_str() {
+        "POST" => {
+            if name.is_empty() {
+                return (
+                    422,
+                    status_json(422, "Invalid", "metadata.name: Required value"),
+                );
+            }
+            if stored.is_some() {
+                return (
+                    409,
+                    status_json(
+                        409,
+                        "AlreadyExists",
+                        &format!("{} \"{name}\" already exists", kind.plural()),
+                    ),
+                );
+            }
+            let mut object = body.clone();
+            if let Some(o) = object.as_object_mut() {
+                o.remove("kind");
+                o.remove("apiVersion");
+            }
+            st.next_uid += 1;
+            let meta = &mut object["metadata"];
+            meta["name"] = json!(name);
+            if kind.namespaced() {
+                meta["namespace"] = json!(namespace);
+            }
+            meta["uid"] = json!(format!("00000000-0000-4000-8000-{:012}", st.next_uid));
+            meta["creationTimestamp"] = json!(now_rfc3339());
+            (201, with_type(kind, st.put(kind, object)))
+        }
+        "PUT" => {
+            let Some(stored) = stored else {
+                return not_found(kind, name);
+            };
+            if stale(&stored) {
+                return conflict();
+            }
+            let mut object = body.clone();
+            if let Some(o) = object.as_object_mut() {
+                o.remove("kind");
+                o.remove("apiVersion");
+            }
+            for field in ["uid", "creationTimestamp", "namespace", "name"] {
+                object["metadata"][field] = stored["metadata"][field].clone();
+            }
+            (200, with_type(kind, st.put(kind, object)))
+        }
+        "PATCH" => {
+            let content_type = req.headers.get("content-type").map(String::as_str);
+            if content_type != Some("application/merge-patch+json") {
+                return (
+                    415,
+                    status_json(
+                        415,
+                        "UnsupportedMediaType",
+                        &format!("only merge patches are served here, not {content_type:?}"),
+                    ),
+                );
+            }
+            let Some(mut object) = stored else {
+                return not_found(kind, name);
+            };
+            if stale(&object) {
+                return conflict();
+            }
+            match target.subresource.as_deref() {
+                Some("status") => merge(&mut object["status"], &body["status"]),
+                None => {
+                    let mut patch = body.clone();
+                    if let Some(o) = patch.as_object_mut() {
+                        o.remove("status");
+                    }
+                    merge(&mut object, &patch);
+                }
+                Some(other) => {
+                    return (
+                        404,
+                        status_json(404, "NotFound", &format!("no subresource {other}")),
+                    );
+                }
+            }
+            (200, with_type(kind, st.put(kind, object)))
+        }
+        _ => unreachable!("routed writes only"),
+    }
+}
+
+/// RFC 7386 JSON merge patch: objects merge key by key, `null` removes, anything else
+/// replaces (lists as a whole).
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(patch) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let target = target.as_object_mut().expect("object");
+    for (k, v) in patch {
+        if v.is_null() {
+            target.remove(k);
+        } else {
+            merge(target.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+/// The current time as the API server writes timestamps (RFC 3339, seconds).
+fn now_rfc3339() -> String {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    k8s_openapi::jiff::Timestamp::from_second(now.as_second())
+        .expect("valid time")
+        .to_string()
 }
 
 /// Which objects a request sees: namespace, field and label selectors.
@@ -644,7 +1013,17 @@ fn status_json(code: u16, reason: &str, message: &str) -> Value {
 
 fn respond_json(out: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
     let body = serde_json::to_vec(body).expect("JSON");
-    let reason = if code == 200 { "OK" } else { "Not Found" };
+    let reason = match code {
+        200 => "OK",
+        201 => "Created",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        415 => "Unsupported Media Type",
+        422 => "Unprocessable Entity",
+        _ => "Error",
+    };
     let mut msg = format!(
         "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
@@ -665,10 +1044,7 @@ fn write_chunk(out: &mut TcpStream, line: &Value) -> std::io::Result<()> {
 
 /// A watch event on the wire: the object with its `kind` and `apiVersion`.
 fn event_json(kind: Kind, event: &Event) -> Value {
-    let mut object = event.object.clone();
-    object["kind"] = json!(kind.name());
-    object["apiVersion"] = json!(kind.api_version());
-    json!({"type": event.kind, "object": object})
+    json!({"type": event.kind, "object": with_type(kind, event.object.clone())})
 }
 
 /// Index of the first event pushed after now.
