@@ -90,6 +90,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     verdict.action
 }
 
+#[inline(always)]
 fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let pkt = match parse::parse(ctx)? {
         parse::Parsed::Flow(pkt) => pkt,
