@@ -47,6 +47,7 @@ pub struct Dataplane {
     vips: HashMap<MapData, VipKey, VipValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u32>,
     dnat: HashMap<MapData, DnatKey, DnatValue>,
+    vip_bits: Array<MapData, u64>,
     service_stats: PerCpuArray<MapData, ServiceCounters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
@@ -115,6 +116,7 @@ impl Dataplane {
             source_ranges: LpmTrie::try_from(get(maps::SRC_RANGES)?)
                 .map_err(map_err(maps::SRC_RANGES))?,
             dnat: HashMap::try_from(get(maps::DNAT)?).map_err(map_err(maps::DNAT))?,
+            vip_bits: Array::try_from(get(maps::VIP_BITS)?).map_err(map_err(maps::VIP_BITS))?,
             service_stats: PerCpuArray::try_from(get(maps::SERVICE_STATS)?)
                 .map_err(map_err(maps::SERVICE_STATS))?,
             backend_stats: PerCpuArray::try_from(get(maps::BACKEND_STATS)?)
@@ -159,10 +161,18 @@ impl Dataplane {
             let (k, v) = entry.map_err(map_err(maps::DNAT))?;
             dnat.insert(k, v);
         }
+        let mut vip_bits = BTreeMap::new();
+        for (word, entry) in self.vip_bits.iter().enumerate() {
+            let bits = entry.map_err(map_err(maps::VIP_BITS))?;
+            if bits != 0 {
+                vip_bits.insert(word as u32, bits);
+            }
+        }
         Ok(MapSnapshot {
             vips,
             source_ranges,
             dnat,
+            vip_bits,
             config: (config.flags & lb_common::CONFIG_F_VALID != 0).then_some(config),
             services,
             backends,
@@ -238,6 +248,10 @@ impl Dataplane {
                     .insert(key, value, 0)
                     .map_err(map_err(maps::DNAT))?,
                 MapOp::DeleteDnat { key } => self.dnat.remove(key).map_err(map_err(maps::DNAT))?,
+                MapOp::SetVipBits { word, bits } => self
+                    .vip_bits
+                    .set(*word, bits, 0)
+                    .map_err(map_err(maps::VIP_BITS))?,
             }
         }
         Ok(())

@@ -39,6 +39,8 @@ pub struct MapSnapshot {
     pub maglev_capacity: u32,
     /// `LB_DNAT`: this node's endpoints.
     pub dnat: BTreeMap<DnatKey, DnatValue>,
+    /// `LB_VIP_BITS`: the words that are not zero.
+    pub vip_bits: BTreeMap<u32, u64>,
 }
 
 /// One write to the maps.
@@ -88,6 +90,10 @@ pub enum MapOp {
     },
     DeleteDnat {
         key: DnatKey,
+    },
+    SetVipBits {
+        word: u32,
+        bits: u64,
     },
 }
 
@@ -327,6 +333,26 @@ pub fn plan(
             });
         }
     }
+    // The VIP filter: new VIPs' bits set now, bits of removed VIPs cleared at the end, so
+    // it never says "not a VIP" for an address that has a service entry.
+    let vip_bits = vip_filter(vips.keys());
+    let transition: BTreeMap<u32, u64> =
+        current
+            .vip_bits
+            .iter()
+            .chain(&vip_bits)
+            .fold(BTreeMap::new(), |mut acc, (w, b)| {
+                *acc.entry(*w).or_insert(0) |= b;
+                acc
+            });
+    for (word, bits) in &transition {
+        if current.vip_bits.get(word).copied().unwrap_or(0) != *bits {
+            out.ops.push(MapOp::SetVipBits {
+                word: *word,
+                bits: *bits,
+            });
+        }
+    }
 
     // Service ids: kept for existing services, lowest free ones for new services.
     let service_taken: BTreeSet<u32> = current.services.values().map(|v| v.id).collect();
@@ -546,7 +572,26 @@ pub fn plan(
             out.ops.push(MapOp::DeleteDnat { key: *key });
         }
     }
+    for (word, bits) in &transition {
+        let want = vip_bits.get(word).copied().unwrap_or(0);
+        if want != *bits {
+            out.ops.push(MapOp::SetVipBits {
+                word: *word,
+                bits: want,
+            });
+        }
+    }
     Ok(out)
+}
+
+/// The `LB_VIP_BITS` words (those not zero) for a set of VIPs.
+pub fn vip_filter<'a>(vips: impl Iterator<Item = &'a VipKey>) -> BTreeMap<u32, u64> {
+    let mut words = BTreeMap::new();
+    for key in vips {
+        let (word, bit) = lb_common::hash::vip_bit(&key.addr_be, key.family);
+        *words.entry(word).or_insert(0) |= bit;
+    }
+    words
 }
 
 /// `LB_DNAT` entries of the desired local endpoints (only those of the service's family).
@@ -610,6 +655,13 @@ pub fn apply_to_snapshot(snapshot: &mut MapSnapshot, ops: &[MapOp]) {
             }
             MapOp::DeleteDnat { key } => {
                 snapshot.dnat.remove(key);
+            }
+            MapOp::SetVipBits { word, bits } => {
+                if *bits == 0 {
+                    snapshot.vip_bits.remove(word);
+                } else {
+                    snapshot.vip_bits.insert(*word, *bits);
+                }
             }
         }
     }
@@ -712,13 +764,16 @@ mod tests {
                 MapOp::ClearBackend { .. } => "clear",
                 MapOp::SetDnat { .. } => "dnat",
                 MapOp::DeleteDnat { .. } => "delete dnat",
+                MapOp::SetVipBits { .. } => "vip bits",
             })
             .collect();
         assert_eq!(
             kinds,
-            ["config", "vip", "backend", "backend", "table", "service"]
+            [
+                "config", "vip", "vip bits", "backend", "backend", "table", "service"
+            ]
         );
-        let MapOp::WriteTable { offset, entries } = &p.ops[4] else {
+        let MapOp::WriteTable { offset, entries } = &p.ops[5] else {
             unreachable!()
         };
         assert_eq!((*offset, entries.len()), (0, 1031)); // the smallest table size
@@ -1022,5 +1077,40 @@ mod tests {
         let v = snap.services.values().next().unwrap();
         assert_ne!(v.flags & SERVICE_F_AFFINITY, 0);
         assert_eq!(v.affinity_timeout_s, 600);
+    }
+
+    #[test]
+    fn vip_filter_bits_are_set_before_services_and_cleared_after() {
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(11, 1)]));
+        let mut snap = empty(10_000);
+        let p = converge(&desired, &mut snap);
+        let first_bits = p
+            .ops
+            .iter()
+            .position(|o| matches!(o, MapOp::SetVipBits { .. }));
+        let first_service = p
+            .ops
+            .iter()
+            .position(|o| matches!(o, MapOp::SetService { .. }));
+        assert!(first_bits < first_service, "{:?}", p.ops);
+        let (addr_be, family) = ip_bytes(ip(100));
+        let (word, bit) = lb_common::hash::vip_bit(&addr_be, family);
+        assert_eq!(snap.vip_bits.get(&word), Some(&bit));
+
+        desired.services.clear();
+        let p = converge(&desired, &mut snap);
+        let last_delete = p
+            .ops
+            .iter()
+            .rposition(|o| matches!(o, MapOp::DeleteService { .. }));
+        let clear = p
+            .ops
+            .iter()
+            .rposition(|o| matches!(o, MapOp::SetVipBits { bits: 0, .. }));
+        assert!(last_delete < clear, "{:?}", p.ops);
+        assert!(snap.vip_bits.is_empty());
     }
 }

@@ -75,6 +75,22 @@ pub fn flow_hash_v6(
     fmix32(h ^ 36)
 }
 
+/// The word (index into `LB_VIP_BITS`) and bit of an address in the VIP filter. IPv4
+/// addresses fill the first four bytes of `addr_be`, as everywhere.
+#[inline(always)]
+pub fn vip_bit(addr_be: &[u8; 16], family: u8) -> (u32, u64) {
+    let w =
+        |i: usize| u32::from_ne_bytes([addr_be[i], addr_be[i + 1], addr_be[i + 2], addr_be[i + 3]]);
+    let folded = if family == crate::FAMILY_V4 {
+        w(0)
+    } else {
+        w(0) ^ w(4).rotate_left(7) ^ w(8).rotate_left(14) ^ w(12).rotate_left(21)
+    };
+    let h = fmix32(folded ^ family as u32);
+    // 4096 words × 64 bits: 12 bits of word, 6 of bit.
+    (h >> 20, 1u64 << ((h >> 14) & 63))
+}
+
 /// The Maglev slot of a flow hash in a table of `size` slots: the hash scaled to the table
 /// (`hash × size / 2³²`, Lemire's multiply-shift) rather than `hash % size`, which costs a
 /// division per packet. The hash's high bits are well mixed (`fmix32`), so slots are hit

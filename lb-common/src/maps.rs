@@ -40,11 +40,16 @@ pub const PROGS_DECAP: u32 = 0;
 pub const MAX_AFFINITY: u32 = 65_536;
 /// Translated flows remembered for their replies.
 pub const MAX_REVNAT: u32 = 131_072;
+/// Array of `VIP_BITS_WORDS` `u64`: a one-hash Bloom filter of every VIP address
+/// ([`crate::hash::vip_bit`]). A packet whose destination's bit is clear is not for a VIP,
+/// without a hash-map lookup.
+pub const VIP_BITS: &str = "LB_VIP_BITS";
+pub const VIP_BITS_WORDS: u32 = 4096;
 /// Allow-list entries over all services.
 pub const MAX_SRC_RANGES: u32 = 65_536;
 
 /// Every map the load balancer pins, in the order `lb-agent status` reads them.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -60,6 +65,7 @@ pub const ALL: [&str; 15] = [
     DNAT,
     REVNAT,
     PROGS,
+    VIP_BITS,
 ];
 
 /// Distinct (VIP, port, protocol) entries; also the size of the per-service counter array.

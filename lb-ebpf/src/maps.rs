@@ -10,7 +10,7 @@ use lb_common::{
     VipKey, VipValue,
     maps::{
         DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_AFFINITY, MAX_BACKENDS,
-        MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES,
+        MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES, VIP_BITS_WORDS,
     },
 };
 
@@ -66,6 +66,9 @@ pub static LB_DNAT: HashMap<DnatKey, DnatValue, { MAX_BACKENDS as usize }> = Has
 #[btf_map]
 pub static LB_REVNAT: LruHashMap<FlowKey, RevNatValue, { MAX_REVNAT as usize }, LRU_PER_CPU_FLAG> =
     LruHashMap::new();
+
+#[btf_map]
+pub static LB_VIP_BITS: Array<u64, { VIP_BITS_WORDS as usize }> = Array::new();
 
 #[btf_map]
 pub static LB_PROGS: ProgramArray<1> = ProgramArray::new();

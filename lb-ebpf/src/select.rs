@@ -22,7 +22,7 @@ use crate::{
     Verdict,
     maps::{
         LB_AFFINITY, LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_SERVICES, LB_SRC_RANGES,
-        LB_VIPS,
+        LB_VIP_BITS, LB_VIPS,
     },
     parse::Packet,
     stats,
@@ -70,11 +70,22 @@ pub fn service(pkt: &Packet) -> Result<ServiceValue, Verdict> {
     Ok(service)
 }
 
+/// May `pkt`'s destination be a VIP? A clear bit in the VIP filter says surely not, for the
+/// price of an array read instead of a hash-map lookup.
+#[inline(always)]
+fn may_be_vip(pkt: &Packet) -> bool {
+    let (word, bit) = lb_common::hash::vip_bit(&pkt.dst_be, pkt.family);
+    LB_VIP_BITS.get(word).is_some_and(|w| *w & bit != 0)
+}
+
 #[inline(always)]
 fn service_of(pkt: &Packet) -> Result<ServiceValue, Verdict> {
     let port_be = if pkt.fragment {
         fragment_port(pkt)?
     } else {
+        if !may_be_vip(pkt) {
+            return Err(Verdict::pass(Reason::PassNotVip));
+        }
         u16::from_ne_bytes(pkt.dport_be)
     };
     let key = ServiceKey {
