@@ -75,6 +75,9 @@ impl TableCache {
     /// Start a round of lookups (a plan); an unfinished round is discarded.
     pub fn begin(&mut self) {
         self.next.clear();
+        // A round usually looks up what the previous one did: grow once, not by doubling.
+        self.next.services.reserve(self.prev.services.len());
+        self.next.members.reserve(self.prev.members.len());
         self.cursor = 0;
     }
 
