@@ -19,6 +19,7 @@ use crate::{
     netinfo::{Interface, NetError, NetInfo},
     state::DesiredState,
     sync::{self, MapOp, MapSnapshot, PlanError},
+    table_cache::TableCache,
 };
 
 /// How long a sync waits for missing neighbour entries.
@@ -53,6 +54,8 @@ struct Syncer {
     dataplane: Dataplane,
     /// What the maps hold: read once at start, then kept current with every applied op.
     snapshot: MapSnapshot,
+    /// Fingerprints of the tables of the last plan, so a change rebuilds only its tables.
+    tables: TableCache,
 }
 
 impl Syncer {
@@ -101,7 +104,7 @@ impl Syncer {
             })
             .collect();
         let macs = self.net.resolve(&iface, &need, RESOLVE_WAIT).await;
-        let plan = sync::plan(desired, node, &macs, &self.snapshot)?;
+        let plan = sync::plan_with_cache(desired, node, &macs, &self.snapshot, &mut self.tables)?;
         for (service, backend) in &plan.unresolved {
             tracing::warn!(%service, %backend, "backend MAC unknown, left out until it resolves");
         }
@@ -288,6 +291,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         iface_name: iface_name.clone(),
         dataplane,
         snapshot,
+        tables: TableCache::default(),
     };
     // Fill the maps before the program sees traffic (or, when adopting, before it is replaced).
     let writes = syncer.sync(&desired).await?;

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, path::Path};
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+        Array, HashMap, IterableMap, Map, MapData, MapError, PerCpuArray, PerCpuValues,
         lpm_trie::{Key, LpmTrie},
     },
     util::nr_cpus,
@@ -17,6 +17,11 @@ use lb_common::{
 };
 
 use crate::sync::{MapOp, MapSnapshot};
+
+mod batch;
+mod mmap;
+
+use mmap::ArrayWriter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -32,6 +37,19 @@ pub enum DataplaneError {
     },
     #[error("cannot count CPUs: {0}")]
     Cpus(String),
+    #[error("map {map}: batch update of {entries} entries: {source}")]
+    Batch {
+        map: &'static str,
+        entries: usize,
+        source: std::io::Error,
+    },
+    #[error("map {map}: writing {entries} slots from {offset} through a memory mapping: {source}")]
+    Mmap {
+        map: &'static str,
+        offset: u32,
+        entries: usize,
+        source: std::io::Error,
+    },
 }
 
 fn map_err(map: &'static str) -> impl FnOnce(MapError) -> DataplaneError {
@@ -52,6 +70,12 @@ pub struct Dataplane {
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
     cpus: usize,
+    /// Slots of `LB_MAGLEV` as created (a pinned map keeps its size).
+    maglev_slots: u32,
+    /// `LB_MAGLEV` was created with `BPF_F_MMAPABLE`: tables are written as memory.
+    maglev_mmapable: bool,
+    /// Write runs of entries with batch updates (until the kernel says it cannot).
+    batch_updates: bool,
 }
 
 /// Counters summed over CPUs.
@@ -107,10 +131,16 @@ impl Dataplane {
     fn from_maps(
         mut get: impl FnMut(&'static str) -> Result<Map, DataplaneError>,
     ) -> Result<Self, DataplaneError> {
+        let maglev: Array<MapData, u32> =
+            Array::try_from(get(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?;
+        // The map as the kernel has it: a pinned map may predate this object's definition.
+        let info = maglev.map().info().map_err(map_err(maps::MAGLEV))?;
         Ok(Dataplane {
+            maglev_slots: info.max_entries().min(maglev.len()),
+            maglev_mmapable: info.map_flags() as usize & maps::MMAPABLE_FLAG != 0,
             services: HashMap::try_from(get(maps::SERVICES)?).map_err(map_err(maps::SERVICES))?,
             backends: Array::try_from(get(maps::BACKENDS)?).map_err(map_err(maps::BACKENDS))?,
-            maglev: Array::try_from(get(maps::MAGLEV)?).map_err(map_err(maps::MAGLEV))?,
+            maglev,
             config: Array::try_from(get(maps::CONFIG)?).map_err(map_err(maps::CONFIG))?,
             vips: HashMap::try_from(get(maps::VIPS)?).map_err(map_err(maps::VIPS))?,
             source_ranges: LpmTrie::try_from(get(maps::SRC_RANGES)?)
@@ -124,11 +154,12 @@ impl Dataplane {
             reason_stats: PerCpuArray::try_from(get(maps::REASON_STATS)?)
                 .map_err(map_err(maps::REASON_STATS))?,
             cpus: nr_cpus().map_err(|(_, e)| DataplaneError::Cpus(e.to_string()))?,
+            batch_updates: true,
         })
     }
 
     pub fn maglev_capacity(&self) -> u32 {
-        self.maglev.len()
+        self.maglev_slots
     }
 
     /// Read what the maps hold.
@@ -188,70 +219,224 @@ impl Dataplane {
 
     /// Apply operations in order. On error the maps hold a prefix of `ops`: every prefix is
     /// consistent, because of the order `sync::plan` produces.
+    ///
+    /// Runs of backend, table and service writes (a full sync is mostly that) go in bulk:
+    /// one batch update per map and run, tables through a memory mapping of `LB_MAGLEV`. A
+    /// batch writes its entries in order, so the prefix property holds.
     pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DataplaneError> {
-        for op in ops {
-            match op {
-                MapOp::SetConfig(c) => self.config.set(0, c, 0).map_err(map_err(maps::CONFIG))?,
-                MapOp::SetVip { key, value } => self
-                    .vips
+        use std::mem::discriminant;
+        for run in ops.chunk_by(|a, b| discriminant(a) == discriminant(b)) {
+            match &run[0] {
+                MapOp::SetBackend { .. } if run.len() > 1 => self.set_backends(run)?,
+                MapOp::SetService { .. } if run.len() > 1 => self.set_services(run)?,
+                MapOp::WriteTable { .. } => self.write_tables(run)?,
+                _ => run.iter().try_for_each(|op| self.apply_one(op))?,
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_one(&mut self, op: &MapOp) -> Result<(), DataplaneError> {
+        match op {
+            MapOp::SetConfig(c) => self.config.set(0, c, 0).map_err(map_err(maps::CONFIG)),
+            MapOp::SetVip { key, value } => {
+                self.vips.insert(key, value, 0).map_err(map_err(maps::VIPS))
+            }
+            MapOp::DeleteVip { key } => self.vips.remove(key).map_err(map_err(maps::VIPS)),
+            MapOp::AddSourceRange { prefix_len, range } => self
+                .source_ranges
+                .insert(&Key::new(*prefix_len, *range), 1, 0)
+                .map_err(map_err(maps::SRC_RANGES)),
+            MapOp::RemoveSourceRange { prefix_len, range } => self
+                .source_ranges
+                .remove(&Key::new(*prefix_len, *range))
+                .map_err(map_err(maps::SRC_RANGES)),
+            MapOp::SetBackend { id, value, fresh } => {
+                if *fresh {
+                    let zero = self.zero();
+                    self.backend_stats
+                        .set(*id, zero, 0)
+                        .map_err(map_err(maps::BACKEND_STATS))?;
+                }
+                self.backends
+                    .set(*id, value, 0)
+                    .map_err(map_err(maps::BACKENDS))
+            }
+            MapOp::WriteTable { .. } => self.write_tables(std::slice::from_ref(op)),
+            MapOp::SetService {
+                key, value, fresh, ..
+            } => {
+                if *fresh {
+                    let zero = self.zero();
+                    self.service_stats
+                        .set(value.id, zero, 0)
+                        .map_err(map_err(maps::SERVICE_STATS))?;
+                }
+                self.services
                     .insert(key, value, 0)
-                    .map_err(map_err(maps::VIPS))?,
-                MapOp::DeleteVip { key } => self.vips.remove(key).map_err(map_err(maps::VIPS))?,
-                MapOp::AddSourceRange { prefix_len, range } => self
-                    .source_ranges
-                    .insert(&Key::new(*prefix_len, *range), 1, 0)
-                    .map_err(map_err(maps::SRC_RANGES))?,
-                MapOp::RemoveSourceRange { prefix_len, range } => self
-                    .source_ranges
-                    .remove(&Key::new(*prefix_len, *range))
-                    .map_err(map_err(maps::SRC_RANGES))?,
-                MapOp::SetBackend { id, value, fresh } => {
-                    if *fresh {
-                        let zero = self.zero();
-                        self.backend_stats
-                            .set(*id, zero, 0)
-                            .map_err(map_err(maps::BACKEND_STATS))?;
+                    .map_err(map_err(maps::SERVICES))
+            }
+            MapOp::DeleteService { key } => {
+                self.services.remove(key).map_err(map_err(maps::SERVICES))
+            }
+            MapOp::ClearBackend { id } => self
+                .backends
+                .set(*id, BackendValue::EMPTY, 0)
+                .map_err(map_err(maps::BACKENDS)),
+            MapOp::SetDnat { key, value } => {
+                self.dnat.insert(key, value, 0).map_err(map_err(maps::DNAT))
+            }
+            MapOp::DeleteDnat { key } => self.dnat.remove(key).map_err(map_err(maps::DNAT)),
+            MapOp::SetVipBits { word, bits } => self
+                .vip_bits
+                .set(*word, bits, 0)
+                .map_err(map_err(maps::VIP_BITS)),
+        }
+    }
+
+    /// One batch update of `keys` → `values` into `map`; `Ok(false)` when the kernel has no
+    /// batch update (nothing written; batches are not tried again).
+    fn batch_update<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        map: impl FnOnce(&Self) -> &MapData,
+        keys: &[K],
+        values: &[V],
+    ) -> Result<bool, DataplaneError> {
+        if !self.batch_updates {
+            return Ok(false);
+        }
+        match batch::update(map(self), keys, values) {
+            Ok(()) => Ok(true),
+            Err(e) if batch::unsupported(&e) => {
+                tracing::debug!(map = name, error = %e, "no batch map updates; writing entry by entry");
+                self.batch_updates = false;
+                Ok(false)
+            }
+            Err(source) => Err(DataplaneError::Batch {
+                map: name,
+                entries: keys.len(),
+                source,
+            }),
+        }
+    }
+
+    /// A run of `SetBackend`: counters of fresh ids zeroed, then every entry written.
+    fn set_backends(&mut self, run: &[MapOp]) -> Result<(), DataplaneError> {
+        let (mut ids, mut values, mut fresh) = (Vec::new(), Vec::new(), Vec::new());
+        for op in run {
+            if let MapOp::SetBackend {
+                id,
+                value,
+                fresh: f,
+            } = op
+            {
+                ids.push(*id);
+                values.push(*value);
+                if *f {
+                    fresh.push(*id);
+                }
+            }
+        }
+        let zeros = vec![Counters::default(); fresh.len() * self.cpus];
+        let done = self.batch_update(
+            maps::BACKEND_STATS,
+            |d| d.backend_stats.map(),
+            &fresh,
+            &zeros,
+        )? && self.batch_update(maps::BACKENDS, |d| d.backends.map(), &ids, &values)?;
+        if !done {
+            run.iter().try_for_each(|op| self.apply_one(op))?;
+        }
+        Ok(())
+    }
+
+    /// A run of `SetService`: counters of fresh ids zeroed, then every entry written.
+    fn set_services(&mut self, run: &[MapOp]) -> Result<(), DataplaneError> {
+        let (mut keys, mut values, mut fresh) = (Vec::new(), Vec::new(), Vec::new());
+        for op in run {
+            if let MapOp::SetService {
+                key,
+                value,
+                fresh: f,
+                ..
+            } = op
+            {
+                keys.push(*key);
+                values.push(*value);
+                if *f {
+                    fresh.push(value.id);
+                }
+            }
+        }
+        let zeros = vec![ServiceCounters::default(); fresh.len() * self.cpus];
+        let done = self.batch_update(
+            maps::SERVICE_STATS,
+            |d| d.service_stats.map(),
+            &fresh,
+            &zeros,
+        )? && self.batch_update(maps::SERVICES, |d| d.services.map(), &keys, &values)?;
+        if !done {
+            run.iter().try_for_each(|op| self.apply_one(op))?;
+        }
+        Ok(())
+    }
+
+    /// A run of `WriteTable`: through a memory mapping of `LB_MAGLEV` when it is mmapable
+    /// (maps pinned by an older agent are not), else one batch update per table, else slot
+    /// by slot.
+    fn write_tables(&mut self, run: &[MapOp]) -> Result<(), DataplaneError> {
+        let tables = run.iter().filter_map(|op| match op {
+            MapOp::WriteTable { offset, entries } => Some((*offset, entries.as_slice())),
+            _ => None,
+        });
+        let capacity = self.maglev_capacity();
+        for (offset, entries) in tables.clone() {
+            let end = u64::from(offset) + entries.len() as u64;
+            if end > u64::from(capacity) {
+                return Err(DataplaneError::Map {
+                    map: maps::MAGLEV,
+                    source: MapError::OutOfBounds {
+                        index: u32::try_from(end - 1).unwrap_or(u32::MAX),
+                        max_entries: capacity,
+                    },
+                });
+            }
+        }
+        if self.maglev_mmapable {
+            let mut writer =
+                ArrayWriter::<u32>::new(self.maglev.map(), capacity).map_err(|source| {
+                    DataplaneError::Mmap {
+                        map: maps::MAGLEV,
+                        offset: 0,
+                        entries: 0,
+                        source,
                     }
-                    self.backends
-                        .set(*id, value, 0)
-                        .map_err(map_err(maps::BACKENDS))?;
+                })?;
+            for (offset, entries) in tables {
+                writer
+                    .write(offset, entries)
+                    .map_err(|source| DataplaneError::Mmap {
+                        map: maps::MAGLEV,
+                        offset,
+                        entries: entries.len(),
+                        source,
+                    })?;
+            }
+            return Ok(());
+        }
+        let mut slots = Vec::new();
+        for (offset, entries) in tables {
+            // In bounds (checked above), so the end fits in u32.
+            let range = offset..offset + entries.len() as u32;
+            slots.clear();
+            slots.extend(range.clone());
+            if !self.batch_update(maps::MAGLEV, |d| d.maglev.map(), &slots, entries)? {
+                for (slot, backend) in range.zip(entries) {
+                    self.maglev
+                        .set(slot, backend, 0)
+                        .map_err(map_err(maps::MAGLEV))?;
                 }
-                MapOp::WriteTable { offset, entries } => {
-                    for (i, backend) in entries.iter().enumerate() {
-                        self.maglev
-                            .set(offset + i as u32, backend, 0)
-                            .map_err(map_err(maps::MAGLEV))?;
-                    }
-                }
-                MapOp::SetService {
-                    key, value, fresh, ..
-                } => {
-                    if *fresh {
-                        let zero = self.zero();
-                        self.service_stats
-                            .set(value.id, zero, 0)
-                            .map_err(map_err(maps::SERVICE_STATS))?;
-                    }
-                    self.services
-                        .insert(key, value, 0)
-                        .map_err(map_err(maps::SERVICES))?;
-                }
-                MapOp::DeleteService { key } => {
-                    self.services.remove(key).map_err(map_err(maps::SERVICES))?
-                }
-                MapOp::ClearBackend { id } => self
-                    .backends
-                    .set(*id, BackendValue::EMPTY, 0)
-                    .map_err(map_err(maps::BACKENDS))?,
-                MapOp::SetDnat { key, value } => self
-                    .dnat
-                    .insert(key, value, 0)
-                    .map_err(map_err(maps::DNAT))?,
-                MapOp::DeleteDnat { key } => self.dnat.remove(key).map_err(map_err(maps::DNAT))?,
-                MapOp::SetVipBits { word, bits } => self
-                    .vip_bits
-                    .set(*word, bits, 0)
-                    .map_err(map_err(maps::VIP_BITS))?,
             }
         }
         Ok(())

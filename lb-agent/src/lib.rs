@@ -14,6 +14,7 @@ pub mod output;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod table_cache;
 pub mod trace;
 
 pub use loader::EBPF_OBJECT;

@@ -24,7 +24,18 @@ use lb_common::{
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
 
-use crate::state::{DesiredState, LocalEndpoint, Protocol, ServiceAddr};
+use crate::{
+    state::{DesiredState, LocalEndpoint, Protocol, ServiceAddr},
+    table_cache::{Lookup, TableCache},
+};
+
+mod alloc;
+mod existing;
+#[cfg(test)]
+mod model_tests;
+
+use alloc::{IdPool, Regions};
+use existing::Existing;
 
 /// What the pinned maps hold now (only valid backends).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -176,43 +187,6 @@ fn maglev_key(ip: IpAddr) -> [u8; 17] {
     key
 }
 
-/// First-fit allocator over the free gaps of `LB_MAGLEV`.
-struct Regions {
-    /// Used regions: offset → size.
-    used: BTreeMap<u32, u32>,
-    capacity: u32,
-}
-
-impl Regions {
-    fn new(capacity: u32, services: &BTreeMap<ServiceKey, ServiceValue>) -> Self {
-        let used = services
-            .values()
-            .filter(|v| v.table_size > 0)
-            .map(|v| (v.table_offset, v.table_size))
-            .collect();
-        Regions { used, capacity }
-    }
-
-    fn allocate(&mut self, size: u32) -> Option<u32> {
-        let mut cursor = 0u32;
-        for (&off, &len) in &self.used {
-            if off >= cursor && off - cursor >= size {
-                break;
-            }
-            cursor = cursor.max(off.saturating_add(len));
-        }
-        if self.capacity.checked_sub(cursor)? < size {
-            return None;
-        }
-        self.used.insert(cursor, size);
-        Some(cursor)
-    }
-
-    fn free(&self) -> u32 {
-        self.capacity.saturating_sub(self.used.values().sum())
-    }
-}
-
 /// The `LB_SRC_RANGES` entry allowing `net` for service `id`.
 pub fn source_range(id: u32, net: &ipnet::IpNet) -> (u32, SourceRange) {
     let (addr_be, _) = ip_bytes(net.network());
@@ -225,9 +199,26 @@ pub fn source_range(id: u32, net: &ipnet::IpNet) -> (u32, SourceRange) {
     )
 }
 
-/// Lowest ids not in `taken`, handed out in order.
-fn free_ids(taken: &BTreeSet<u32>, max: u32) -> impl Iterator<Item = u32> + '_ {
-    (0..max).filter(move |id| !taken.contains(id))
+/// Add service `addr`'s VIP to `vips`, and make it the VIP's fragment service if it is one.
+fn add_vip(vips: &mut BTreeMap<VipKey, VipValue>, addr: &ServiceAddr, fragments: bool, flags: u32) {
+    let (addr_be, family) = ip_bytes(addr.vip);
+    let v = vips
+        .entry(VipKey {
+            addr_be,
+            family,
+            _pad: [0; 3],
+        })
+        .or_insert(VipValue {
+            flags,
+            frag_port_udp_be: 0,
+            frag_port_tcp_be: 0,
+        });
+    if fragments {
+        match addr.protocol {
+            Protocol::Udp => v.frag_port_udp_be = addr.port.to_be(),
+            Protocol::Tcp => v.frag_port_tcp_be = addr.port.to_be(),
+        }
+    }
 }
 
 /// The node config the data plane gets: interface MAC and encapsulation sources as
@@ -277,6 +268,20 @@ pub fn plan(
     macs: &BTreeMap<IpAddr, [u8; 6]>,
     current: &MapSnapshot,
 ) -> Result<Plan, PlanError> {
+    plan_with_cache(desired, node, macs, current, &mut TableCache::default())
+}
+
+/// [`plan`], with Maglev fingerprints remembered in `tables` across calls: the result is the
+/// same as [`plan`]'s, but only the tables whose inputs changed since the previous call are
+/// built. Keep one `TableCache` for the agent's life: it depends on nothing the maps hold, so
+/// it stays correct when the snapshot is read again.
+pub fn plan_with_cache(
+    desired: &DesiredState,
+    node: NodeConfig,
+    macs: &BTreeMap<IpAddr, [u8; 6]>,
+    current: &MapSnapshot,
+    tables: &mut TableCache,
+) -> Result<Plan, PlanError> {
     if desired.services.len() > MAX_SERVICES as usize {
         return Err(PlanError::TooManyServices {
             count: desired.services.len(),
@@ -305,85 +310,45 @@ pub fn plan(
         0
     };
     let mut vips: BTreeMap<VipKey, VipValue> = BTreeMap::new();
-    for (a, svc) in &desired.services {
-        let (addr_be, family) = ip_bytes(a.vip);
-        let v = vips
-            .entry(VipKey {
-                addr_be,
-                family,
-                _pad: [0; 3],
-            })
-            .or_insert(VipValue {
-                flags: vip_flags,
-                frag_port_udp_be: 0,
-                frag_port_tcp_be: 0,
-            });
-        if svc.fragments {
-            match a.protocol {
-                Protocol::Udp => v.frag_port_udp_be = a.port.to_be(),
-                Protocol::Tcp => v.frag_port_tcp_be = a.port.to_be(),
-            }
-        }
-    }
-    for (key, value) in &vips {
-        if current.vips.get(key) != Some(value) {
-            out.ops.push(MapOp::SetVip {
-                key: *key,
-                value: *value,
-            });
-        }
-    }
-    // The VIP filter: new VIPs' bits set now, bits of removed VIPs cleared at the end, so
-    // it never says "not a VIP" for an address that has a service entry.
-    let vip_bits = vip_filter(vips.keys());
-    let transition: BTreeMap<u32, u64> =
-        current
-            .vip_bits
-            .iter()
-            .chain(&vip_bits)
-            .fold(BTreeMap::new(), |mut acc, (w, b)| {
-                *acc.entry(*w).or_insert(0) |= b;
-                acc
-            });
-    for (word, bits) in &transition {
-        if current.vip_bits.get(word).copied().unwrap_or(0) != *bits {
-            out.ops.push(MapOp::SetVipBits {
-                word: *word,
-                bits: *bits,
-            });
-        }
-    }
 
-    // Service ids: kept for existing services, lowest free ones for new services.
-    let service_taken: BTreeSet<u32> = current.services.values().map(|v| v.id).collect();
-    let mut fresh_service_ids = free_ids(&service_taken, MAX_SERVICES);
-    let mut service_ids: BTreeMap<ServiceAddr, (u32, bool)> = BTreeMap::new();
-    for addr in desired.services.keys() {
-        let id = match current.services.get(&service_key(addr)) {
-            Some(v) => (v.id, false),
+    // One pass over the desired services, in order. Each keeps its id (new ones get the
+    // lowest free); its backends are matched against the entries the maps hold for that id,
+    // and its table is looked up in `tables` (built only when its inputs changed).
+    tables.begin();
+    let mut service_pool = IdPool::new(MAX_SERVICES, current.services.values().map(|v| v.id));
+    let mut backend_pool = IdPool::new(MAX_BACKENDS, []);
+    let mut existing = Existing::new(&current.backends, &mut backend_pool);
+    let mut regions: Option<Regions> = None;
+    let mut ranges: BTreeSet<(u32, SourceRange)> = BTreeSet::new();
+    let mut backend_ops = Vec::new();
+    let mut table_ops = Vec::new();
+    let mut service_ops = Vec::new();
+    let mut members: Vec<MaglevBackend> = Vec::new();
+    // Desired services already in the maps: when that is all of them, none is deleted.
+    let mut kept_services = 0usize;
+    for (addr, svc) in &desired.services {
+        add_vip(&mut vips, addr, svc.fragments, vip_flags);
+        let key = service_key(addr);
+        let old = current.services.get(&key);
+        let (id, fresh) = match old {
+            Some(v) => {
+                kept_services += 1;
+                (v.id, false)
+            }
             None => {
-                let id = fresh_service_ids.next().ok_or(PlanError::TooManyServices {
+                let id = service_pool.take().ok_or(PlanError::TooManyServices {
                     count: desired.services.len(),
                     max: MAX_SERVICES,
                 })?;
                 (id, true)
             }
         };
-        service_ids.insert(*addr, id);
-    }
 
-    // Backend entries: one per (service, address) whose next-hop MAC is known.
-    let existing: BTreeMap<(u32, IpAddr), u32> = current
-        .backends
-        .iter()
-        .filter_map(|(id, v)| Some(((v.service_id, ip_from_bytes(&v.addr_be, v.family)?), *id)))
-        .collect();
-    let taken: BTreeSet<u32> = current.backends.keys().copied().collect();
-    let mut fresh_ids = free_ids(&taken, MAX_BACKENDS);
-    let mut backend_ids: BTreeMap<(u32, IpAddr), u32> = BTreeMap::new();
-    for (addr, svc) in &desired.services {
-        let (sid, _) = service_ids[addr];
+        // Backend entries: one per (service, address) whose next-hop MAC is known.
+        members.clear();
+        let mut cursor = existing.cursor(id);
         for (ip, spec) in &svc.backends {
+            let found = existing.find(&mut cursor, *ip);
             // A local endpoint never leaves the node: its frames are addressed to the node.
             let local = desired.local_endpoints.contains_key(&LocalEndpoint {
                 service: *addr,
@@ -403,74 +368,50 @@ pub fn plan(
                 mac,
                 family,
                 flags: BACKEND_F_VALID | if local { BACKEND_F_LOCAL } else { 0 },
-                service_id: sid,
+                service_id: id,
                 _pad: [0; 4],
             };
-            let id = match existing.get(&(sid, *ip)) {
-                Some(&id) => {
-                    if current.backends.get(&id) != Some(&value) {
-                        out.ops.push(MapOp::SetBackend {
-                            id,
+            let backend_id = match found {
+                Some(f) => {
+                    existing.keep(&f);
+                    if *f.value != value {
+                        backend_ops.push(MapOp::SetBackend {
+                            id: f.id,
                             value,
                             fresh: false,
                         });
                     }
-                    id
+                    f.id
                 }
                 None => {
-                    let id = fresh_ids.next().ok_or(PlanError::TooManyBackends {
-                        count: taken.len() + backend_ids.len(),
+                    let backend_id = backend_pool.take().ok_or(PlanError::TooManyBackends {
+                        count: backend_pool.count() + 1,
                         max: MAX_BACKENDS,
                     })?;
-                    out.ops.push(MapOp::SetBackend {
-                        id,
+                    backend_ops.push(MapOp::SetBackend {
+                        id: backend_id,
                         value,
                         fresh: true,
                     });
-                    id
+                    backend_id
                 }
             };
-            backend_ids.insert((sid, *ip), id);
+            members.push(MaglevBackend {
+                key: maglev_key(*ip),
+                id: backend_id,
+                weight: spec.weight,
+            });
         }
-    }
 
-    // Allow lists: entries exist before a service's flag turns them on, and go after.
-    let ranges: BTreeSet<(u32, SourceRange)> = desired
-        .services
-        .iter()
-        .flat_map(|(addr, svc)| {
-            let (id, _) = service_ids[addr];
+        // Allow lists: entries exist before a service's flag turns them on, and go after.
+        ranges.extend(
             svc.source_ranges
                 .iter()
                 .flatten()
-                .map(move |net| source_range(id, net))
-        })
-        .collect();
-    for (prefix_len, range) in ranges.difference(&current.source_ranges) {
-        out.ops.push(MapOp::AddSourceRange {
-            prefix_len: *prefix_len,
-            range: *range,
-        });
-    }
+                .map(|net| source_range(id, net)),
+        );
 
-    // Tables and service entries.
-    let mut regions = Regions::new(current.maglev_capacity, &current.services);
-    let mut table_ops = Vec::new();
-    let mut service_ops = Vec::new();
-    for (addr, svc) in &desired.services {
-        let key = service_key(addr);
-        let (id, fresh) = service_ids[addr];
-        let members: Vec<MaglevBackend> = svc
-            .backends
-            .iter()
-            .filter_map(|(ip, spec)| {
-                Some(MaglevBackend {
-                    key: maglev_key(*ip),
-                    id: *backend_ids.get(&(id, *ip))?,
-                    weight: spec.weight,
-                })
-            })
-            .collect();
+        // The table, and the service entry.
         let total: u64 = members.iter().map(|m| u64::from(m.weight)).sum();
         let size = if members.is_empty() {
             0
@@ -478,22 +419,22 @@ pub fn plan(
             svc.table_size
                 .unwrap_or_else(|| maglev::table_size_for(total))
         };
-        let table = maglev::build_table(&members, size).map_err(|e| PlanError::Maglev {
+        let maglev_err = |e: maglev::MaglevError| PlanError::Maglev {
             service: svc.name.clone(),
             addr: *addr,
             error: e.to_string(),
-        })?;
-        let fingerprint = if table.is_empty() {
-            0
-        } else {
-            maglev::fingerprint(&table)
         };
-        let old = current.services.get(&key);
+        let Lookup { fingerprint, table } = tables
+            .fingerprint(*addr, &members, size)
+            .map_err(maglev_err)?;
         let same_table = old.is_some_and(|v| v.table_size == size && v.fingerprint == fingerprint);
         let table_offset = match old {
             Some(v) if same_table => v.table_offset,
             _ if size == 0 => 0,
             _ => {
+                let regions = regions.get_or_insert_with(|| {
+                    Regions::new(current.maglev_capacity, current.services.values())
+                });
                 let offset = regions
                     .allocate(size)
                     .ok_or_else(|| PlanError::MaglevFull {
@@ -503,10 +444,12 @@ pub fn plan(
                         capacity: current.maglev_capacity,
                         free: regions.free(),
                     })?;
-                table_ops.push(MapOp::WriteTable {
-                    offset,
-                    entries: table,
-                });
+                // Remembered, but not in the maps (e.g. they were replaced): build it again.
+                let entries = match table {
+                    Some(t) => t,
+                    None => maglev::build_table(&members, size).map_err(maglev_err)?,
+                };
+                table_ops.push(MapOp::WriteTable { offset, entries });
                 offset
             }
         };
@@ -542,20 +485,56 @@ pub fn plan(
             });
         }
     }
+    tables.finish();
+
+    for (key, value) in &vips {
+        if current.vips.get(key) != Some(value) {
+            out.ops.push(MapOp::SetVip {
+                key: *key,
+                value: *value,
+            });
+        }
+    }
+    // The VIP filter: new VIPs' bits set now, bits of removed VIPs cleared at the end, so
+    // it never says "not a VIP" for an address that has a service entry.
+    let vip_bits = vip_filter(vips.keys());
+    let transition: BTreeMap<u32, u64> =
+        current
+            .vip_bits
+            .iter()
+            .chain(&vip_bits)
+            .fold(BTreeMap::new(), |mut acc, (w, b)| {
+                *acc.entry(*w).or_insert(0) |= b;
+                acc
+            });
+    for (word, bits) in &transition {
+        if current.vip_bits.get(word).copied().unwrap_or(0) != *bits {
+            out.ops.push(MapOp::SetVipBits {
+                word: *word,
+                bits: *bits,
+            });
+        }
+    }
+    out.ops.extend(backend_ops);
+    for (prefix_len, range) in ranges.difference(&current.source_ranges) {
+        out.ops.push(MapOp::AddSourceRange {
+            prefix_len: *prefix_len,
+            range: *range,
+        });
+    }
     out.ops.extend(table_ops);
     out.ops.extend(service_ops);
-
-    let desired_keys: BTreeSet<ServiceKey> = desired.services.keys().map(service_key).collect();
-    for key in current.services.keys() {
-        if !desired_keys.contains(key) {
-            out.ops.push(MapOp::DeleteService { key: *key });
+    if kept_services < current.services.len() {
+        for key in current.services.keys() {
+            let wanted = service_addr(key)
+                .is_some_and(|a| service_key(&a) == *key && desired.services.contains_key(&a));
+            if !wanted {
+                out.ops.push(MapOp::DeleteService { key: *key });
+            }
         }
     }
-    for (member, id) in &existing {
-        if !backend_ids.contains_key(member) {
-            out.ops.push(MapOp::ClearBackend { id: *id });
-        }
-    }
+    out.ops
+        .extend(existing.unused().map(|id| MapOp::ClearBackend { id }));
     for (prefix_len, range) in current.source_ranges.difference(&ranges) {
         out.ops.push(MapOp::RemoveSourceRange {
             prefix_len: *prefix_len,

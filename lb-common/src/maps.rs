@@ -76,6 +76,9 @@ pub const MAX_BACKENDS: u32 = 131_072;
 pub const DEFAULT_FLOWS: u32 = 1 << 20;
 /// `BPF_F_NO_COMMON_LRU`: each CPU evicts from its own LRU list.
 pub const LRU_PER_CPU_FLAG: usize = 1 << 1;
+/// `BPF_F_MMAPABLE` (Linux 5.5+), on `LB_MAGLEV`: the agent writes tables through a memory
+/// mapping of the array instead of one syscall per slot. Lookups from BPF are unchanged.
+pub const MMAPABLE_FLAG: usize = 1 << 10;
 /// Default capacity of `LB_MAGLEV` in slots (4 bytes each, 16 MiB). The agent may load the
 /// program with a different capacity; it must hold every table twice during a replacement.
 pub const DEFAULT_MAGLEV_SLOTS: u32 = 4 * 1024 * 1024;

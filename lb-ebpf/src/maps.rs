@@ -10,7 +10,7 @@ use lb_common::{
     VipKey, VipValue,
     maps::{
         DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_AFFINITY, MAX_BACKENDS,
-        MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES, VIP_BITS_WORDS,
+        MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES, MMAPABLE_FLAG, VIP_BITS_WORDS,
     },
 };
 
@@ -21,8 +21,9 @@ pub static LB_SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usiz
 #[btf_map]
 pub static LB_BACKENDS: Array<BackendValue, { MAX_BACKENDS as usize }> = Array::new();
 
+/// Mmapable, so the agent writes whole tables as memory (see `MMAPABLE_FLAG`).
 #[btf_map]
-pub static LB_MAGLEV: Array<u32, { DEFAULT_MAGLEV_SLOTS as usize }> = Array::new();
+pub static LB_MAGLEV: Array<u32, { DEFAULT_MAGLEV_SLOTS as usize }, MMAPABLE_FLAG> = Array::new();
 
 #[btf_map]
 pub static LB_CONFIG: Array<NodeConfig, 1> = Array::new();

@@ -489,9 +489,10 @@ when the total weight crosses a power of two above 16.
 
 Sync: the object loaded by `loader::load` with `LB_MAGLEV` sized for every table twice; a
 generated config (10 backends per service, MACs given, parsed by the agent's config parser);
-full sync = read the maps + `sync::plan` + `Dataplane::apply` from empty maps; a change = one
-backend removed from (or re-added to) one service, planned against the agent's kept snapshot
-and applied. Afterwards the maps are read back and must equal that snapshot. Agent memory: the
+full sync = read the maps + `sync::plan_with_cache` + `Dataplane::apply` from empty maps; a
+change = one backend removed from (or re-added to) one service, planned against the agent's
+kept snapshot and table memo (`TableCache`: only changed tables are rebuilt) and applied.
+Afterwards the maps are read back and must equal that snapshot. Agent memory: the
 release `lb-agent run` on the same generated config in its own network namespace (XDP in skb
 mode on a veth); VmRSS/VmHWM from /proc once every service is in the pinned maps, plus 2 s.
 ";

@@ -1,7 +1,7 @@
 //! Control plane on real maps: how long `sync::plan` + `Dataplane::apply` take to bring
 //! freshly loaded maps to N services, and then to apply one backend change, the way the
 //! agent does it (it keeps its snapshot current with `apply_to_snapshot` instead of
-//! re-reading the maps).
+//! re-reading the maps, and its table fingerprints in a `TableCache`).
 
 use std::{collections::BTreeMap, path::Path, time::Instant};
 
@@ -11,6 +11,7 @@ use lb_agent::{
     loader,
     state::{BackendSpec, DesiredState},
     sync,
+    table_cache::TableCache,
 };
 use lb_common::maglev;
 
@@ -63,8 +64,9 @@ pub fn run(services: usize, changes: usize) -> anyhow::Result<SyncRow> {
     let t0 = Instant::now();
     let mut snapshot = dataplane.snapshot()?;
     let snapshot_ms = ms_since(t0);
+    let mut tables = TableCache::default();
     let t1 = Instant::now();
-    let plan = sync::plan(&desired, node, &macs, &snapshot)?;
+    let plan = sync::plan_with_cache(&desired, node, &macs, &snapshot, &mut tables)?;
     let plan_ms = ms_since(t1);
     let t2 = Instant::now();
     dataplane.apply(&plan.ops)?;
@@ -105,7 +107,7 @@ pub fn run(services: usize, changes: usize) -> anyhow::Result<SyncRow> {
             }
         }
         let t = Instant::now();
-        let plan = sync::plan(&state, node, &macs, &snapshot)?;
+        let plan = sync::plan_with_cache(&state, node, &macs, &snapshot, &mut tables)?;
         dataplane.apply(&plan.ops)?;
         sync::apply_to_snapshot(&mut snapshot, &plan.ops);
         samples.push(ms_since(t));
