@@ -660,9 +660,27 @@ fn established_tcp_flows_keep_their_backend_when_backends_are_added() {
         outer_dst(&out),
         f.expected_backend(Protocol::Tcp, moved, PORT_TCP)
     );
-    // ...and is remembered: the connection's next packet follows it.
+    // ...and re-points the entry the port already had: the connection's next packet
+    // follows it.
     let (_, out2) = f.run(maps::PROG_LB, &tcp_to_web(moved, tcp_flags::ACK));
     assert_eq!(outer_dst(&out2), outer_dst(&out));
+
+    // A SYN of a new connection creates no entry (SYN floods leave no state); its next
+    // packet is decided alike by Maglev and remembered.
+    let created = f.reason(Reason::FlowCreated);
+    let (_, syn) = f.run(maps::PROG_LB, &tcp_to_web(33000, tcp_flags::SYN));
+    assert_eq!(
+        f.reason(Reason::FlowCreated),
+        created,
+        "a SYN creates no entry"
+    );
+    let (_, ack) = f.run(maps::PROG_LB, &tcp_to_web(33000, tcp_flags::ACK));
+    assert_eq!(outer_dst(&ack), outer_dst(&syn));
+    assert_eq!(
+        f.reason(Reason::FlowCreated),
+        created + 1,
+        "the next packet does"
+    );
 }
 
 #[test]
@@ -754,7 +772,7 @@ fn flood_guard_caps_new_entries_but_forwards_every_flow() {
     f.program(desired);
     let (created, guarded) = (f.reason(Reason::FlowCreated), f.reason(Reason::FlowGuarded));
     for p in 32000..32008u16 {
-        let (a, out) = f.run(maps::PROG_LB, &tcp_to_web(p, tcp_flags::SYN));
+        let (a, out) = f.run(maps::PROG_LB, &tcp_to_web(p, tcp_flags::ACK));
         assert_eq!(a, XDP_TX, "flow {p} forwarded even when not remembered");
         assert_eq!(
             outer_dst(&out),

@@ -1,6 +1,8 @@
 //! VIP lookup, the flow table, and the Maglev decision.
 //!
-//! Order for a tracked service: a TCP SYN always takes a fresh Maglev decision; any other
+//! Order for a tracked service: a TCP SYN always takes a fresh Maglev decision (remembered
+//! only in an entry its 5-tuple already has: new connections are remembered from their
+//! second packet on, so SYN floods create no state); any other
 //! packet follows its remembered flow if the entry is fresh and its backend still belongs to
 //! the service; otherwise Maglev decides (so a node that never saw the SYN picks the same
 //! backend as every other node) and the decision is remembered, unless the flood guard says
@@ -286,8 +288,9 @@ pub fn select(
         });
     }
     let key = flow_key(pkt);
+    let entry = LB_FLOWS.get_ptr_mut(&key);
     if !pkt.tcp_syn
-        && let Some(flow) = LB_FLOWS.get_ptr_mut(&key)
+        && let Some(flow) = entry
     {
         let idle_s = if pkt.proto == PROTO_TCP {
             cfg.tcp_idle_s
@@ -325,6 +328,24 @@ pub fn select(
             backend_id,
             backend,
             new_flow: false,
+            flow_hash: hash,
+        });
+    }
+    if pkt.tcp_syn {
+        // A new connection is remembered from its next packet on (a miss decided by the
+        // same Maglev choice), so a flood of SYNs never fills the table; a SYN only
+        // re-points an entry its 5-tuple already has (a reused port).
+        if let Some(flow) = entry {
+            // SAFETY: as above; a racing reader sees the old or the new backend.
+            unsafe {
+                (*flow).backend_id = backend_id;
+                (*flow).last_seen_ns = now;
+            }
+        }
+        return Ok(Selected {
+            backend_id,
+            backend,
+            new_flow: true,
             flow_hash: hash,
         });
     }

@@ -475,9 +475,9 @@ interquartile range over rounds.
 Checked for every case: one plain run gives the expected verdict and frame shape (outer
 header size, backend MAC and address, inner packet intact, or an untouched frame for PASS);
 every timed run ends with exactly that verdict and those bytes, the harness counted every
-iteration and no restore error, and the case's reason counter moved once per iteration
-(`flow_created` once per iteration for SYN, never for the others: tracked flows hit their
-entry). The flood guard is set to its maximum so every SYN creates its entry.
+iteration and no restore error, and the case's reason counter moved once per iteration, and
+`flow_created` never: tracked flows hit their entry, and a SYN of a new connection is
+decided by Maglev without creating one (its next packet does; SYN floods leave no state).
 ";
 
 const CONTROL_METHOD: &str = "
