@@ -84,7 +84,7 @@ pub struct RunArgs {
     /// On exit, leave program, link and maps in place for the next agent to adopt.
     #[arg(long)]
     pub keep_attached: bool,
-    /// Capacity of the Maglev slot array when it is created (4 bytes per slot).
+    /// Capacity of the Maglev slot array when it is created (8 bytes per slot in the kernel).
     #[arg(long, default_value_t = lb_common::maps::DEFAULT_MAGLEV_SLOTS)]
     pub maglev_slots: u32,
     /// Flow-table entries (all CPUs together) when the table is created; overrides

@@ -79,7 +79,7 @@ pub const LRU_PER_CPU_FLAG: usize = 1 << 1;
 /// `BPF_F_MMAPABLE` (Linux 5.5+), on `LB_MAGLEV`: the agent writes tables through a memory
 /// mapping of the array instead of one syscall per slot. Lookups from BPF are unchanged.
 pub const MMAPABLE_FLAG: usize = 1 << 10;
-/// Default capacity of `LB_MAGLEV` in slots (4 bytes each, 16 MiB). The agent may load the
+/// Default capacity of `LB_MAGLEV` in slots (the kernel stores 8 bytes each: 32 MiB). The agent may load the
 /// program with a different capacity; it must hold every table twice during a replacement.
 pub const DEFAULT_MAGLEV_SLOTS: u32 = 4 * 1024 * 1024;
 
