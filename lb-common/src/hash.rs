@@ -45,6 +45,38 @@ pub const fn flow_hash_v4(
     fmix32(h ^ 12)
 }
 
+/// An IPv6 address folded into one word, from its four 32-bit words as read from memory
+/// (native order): each rotated by its own amount, then XORed, so a change in any bit changes
+/// the result. The data plane folds each address once, straight from the packet.
+#[inline(always)]
+pub const fn fold_v6_words(w: [u32; 4]) -> u32 {
+    w[0] ^ w[1].rotate_left(7) ^ w[2].rotate_left(14) ^ w[3].rotate_left(21)
+}
+
+/// [`fold_v6_words`] of an address given as bytes.
+#[inline(always)]
+pub fn fold_v6(a: &[u8; 16]) -> u32 {
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    fold_v6_words([w(0), w(4), w(8), w(12)])
+}
+
+/// Hash of an IPv6 5-tuple with the addresses already folded ([`fold_v6`]): three rounds, as
+/// for IPv4 (the rounds are a serial chain of multiplies, the expensive part per packet).
+#[inline(always)]
+pub const fn flow_hash_v6_folded(
+    src_fold: u32,
+    dst_fold: u32,
+    sport_be: u16,
+    dport_be: u16,
+    proto: u8,
+) -> u32 {
+    let mut h = (SEED ^ 0x6) ^ ((proto as u32) << 24);
+    h = mix(h, src_fold);
+    h = mix(h, dst_fold);
+    h = mix(h, ((sport_be as u32) << 16) | dport_be as u32);
+    fmix32(h ^ 36)
+}
+
 /// Hash of an IPv6 5-tuple, on the same terms as [`flow_hash_v4`] (bytes as in the packet).
 #[inline(always)]
 pub fn flow_hash_v6(
@@ -54,38 +86,24 @@ pub fn flow_hash_v6(
     dport_be: u16,
     proto: u8,
 ) -> u32 {
-    let mut h = (SEED ^ 0x6) ^ ((proto as u32) << 24);
-    let mut i = 0;
-    while i < 16 {
-        h = mix(
-            h,
-            u32::from_ne_bytes([src_be[i], src_be[i + 1], src_be[i + 2], src_be[i + 3]]),
-        );
-        i += 4;
-    }
-    let mut i = 0;
-    while i < 16 {
-        h = mix(
-            h,
-            u32::from_ne_bytes([dst_be[i], dst_be[i + 1], dst_be[i + 2], dst_be[i + 3]]),
-        );
-        i += 4;
-    }
-    h = mix(h, ((sport_be as u32) << 16) | dport_be as u32);
-    fmix32(h ^ 36)
+    flow_hash_v6_folded(fold_v6(src_be), fold_v6(dst_be), sport_be, dport_be, proto)
 }
 
 /// The word (index into `LB_VIP_BITS`) and bit of an address in the VIP filter. IPv4
 /// addresses fill the first four bytes of `addr_be`, as everywhere.
 #[inline(always)]
 pub fn vip_bit(addr_be: &[u8; 16], family: u8) -> (u32, u64) {
-    let w =
-        |i: usize| u32::from_ne_bytes([addr_be[i], addr_be[i + 1], addr_be[i + 2], addr_be[i + 3]]);
     let folded = if family == crate::FAMILY_V4 {
-        w(0)
+        u32::from_ne_bytes([addr_be[0], addr_be[1], addr_be[2], addr_be[3]])
     } else {
-        w(0) ^ w(4).rotate_left(7) ^ w(8).rotate_left(14) ^ w(12).rotate_left(21)
+        fold_v6(addr_be)
     };
+    vip_bit_folded(folded, family)
+}
+
+/// [`vip_bit`] of an address already folded (IPv4: its one word; IPv6: [`fold_v6`]).
+#[inline(always)]
+pub const fn vip_bit_folded(folded: u32, family: u8) -> (u32, u64) {
     let h = fmix32(folded ^ family as u32);
     // 4096 words × 64 bits: 12 bits of word, 6 of bit.
     (h >> 20, 1u64 << ((h >> 14) & 63))

@@ -17,7 +17,7 @@ use lb_common::{
     AffinityKey, BackendValue, FAMILY_V4, FlowKey, FlowValue, NodeConfig, PROTO_TCP, Reason,
     SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue,
     SourceRange, VipKey, VipValue,
-    hash::{flow_hash_v4, flow_hash_v6},
+    hash::{flow_hash_v4, flow_hash_v6_folded},
 };
 
 use crate::{
@@ -76,7 +76,7 @@ pub fn service(pkt: &Packet) -> Result<ServiceValue, Verdict> {
 /// price of an array read instead of a hash-map lookup.
 #[inline(always)]
 fn may_be_vip(pkt: &Packet) -> bool {
-    let (word, bit) = lb_common::hash::vip_bit(&pkt.dst_be, pkt.family);
+    let (word, bit) = lb_common::hash::vip_bit_folded(pkt.dst_fold, pkt.family);
     LB_VIP_BITS.get(word).is_some_and(|w| *w & bit != 0)
 }
 
@@ -151,17 +151,10 @@ pub fn flow_hash(pkt: &Packet) -> u32 {
 #[inline(always)]
 fn hash_of(pkt: &Packet, sport: u16, dport: u16) -> u32 {
     if pkt.family == FAMILY_V4 {
-        let s = &pkt.src_be;
-        let d = &pkt.dst_be;
-        flow_hash_v4(
-            u32::from_ne_bytes([s[0], s[1], s[2], s[3]]),
-            u32::from_ne_bytes([d[0], d[1], d[2], d[3]]),
-            sport,
-            dport,
-            pkt.proto,
-        )
+        // An IPv4 address's fold is the address word itself.
+        flow_hash_v4(pkt.src_fold, pkt.dst_fold, sport, dport, pkt.proto)
     } else {
-        flow_hash_v6(&pkt.src_be, &pkt.dst_be, sport, dport, pkt.proto)
+        flow_hash_v6_folded(pkt.src_fold, pkt.dst_fold, sport, dport, pkt.proto)
     }
 }
 

@@ -58,6 +58,7 @@ fn flow(
     vip_port: [u8; 2],
     client_port: [u8; 2],
     proto: u8,
+    (client_fold, vip_fold): (u32, u32),
 ) -> Parsed {
     Parsed::Flow(Packet {
         l2: outer.l2,
@@ -67,6 +68,8 @@ fn flow(
         dst_be: vip,
         sport_be: client_port,
         dport_be: vip_port,
+        src_fold: client_fold,
+        dst_fold: vip_fold,
         proto,
         tos: outer.tos,
         l3_len: outer.l3_len,
@@ -123,6 +126,8 @@ pub fn parse_v4(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
     vip[..4].copy_from_slice(&ip.src_addr);
     client[..4].copy_from_slice(&ip.dst_addr);
     let proto = ip.proto;
+    let fold = |a: [u8; 16]| u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+    let folds = (fold(client), fold(vip));
     Ok(flow(
         outer,
         FAMILY_V4,
@@ -131,6 +136,7 @@ pub fn parse_v4(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
         vip_port,
         client_port,
         proto,
+        folds,
     ))
 }
 
@@ -157,6 +163,8 @@ pub fn parse_v6(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
     if ip.next_hdr != PROTO_TCP && ip.next_hdr != PROTO_UDP {
         return Err(Verdict::pass(Reason::PassNotVip));
     }
+    // The quote is the reply (VIP → client): its source folds to the flow's destination.
+    let (vip_fold, client_fold) = super::fold_addrs_v6(ip);
     let (vip_port, client_port) = quoted_ports(ctx, q + Ipv6Hdr::LEN)?;
     within(&outer, q, Ipv6Hdr::LEN + 4)?;
     let (vip, client, proto) = (ip.src_addr, ip.dst_addr, ip.next_hdr);
@@ -168,5 +176,6 @@ pub fn parse_v6(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
         vip_port,
         client_port,
         proto,
+        (client_fold, vip_fold),
     ))
 }

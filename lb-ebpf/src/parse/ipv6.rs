@@ -36,6 +36,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
     if l3_len > 0xffff {
         return Err(Verdict::pass(Reason::PassMalformed));
     }
+    let (src_fold, dst_fold) = super::fold_addrs_v6(ip);
     let mut next = ip.next_hdr;
     let mut off = l3_off + Ipv6Hdr::LEN;
     let mut fragment = false;
@@ -79,6 +80,8 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
             dst_be: ip.dst_addr,
             sport_be: [0; 2],
             dport_be: [0; 2],
+            src_fold,
+            dst_fold,
             proto: next,
             tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
             l3_len: l3_len as u16,
@@ -123,6 +126,8 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
         dst_be: ip.dst_addr,
         sport_be,
         dport_be,
+        src_fold,
+        dst_fold,
         proto: next,
         tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
         l3_len: l3_len as u16,

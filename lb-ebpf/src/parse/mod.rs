@@ -37,6 +37,10 @@ pub struct Packet {
     pub dst_be: [u8; 16],
     pub sport_be: [u8; 2],
     pub dport_be: [u8; 2],
+    /// The addresses folded into one word each (`hash::fold_v6_words`), for the flow hash
+    /// and the VIP filter: IPv6 only (IPv4: the address word itself).
+    pub src_fold: u32,
+    pub dst_fold: u32,
     pub proto: u8,
     /// IPv4 TOS or IPv6 traffic class, copied into an outer header.
     pub tos: u8,
@@ -55,6 +59,20 @@ pub struct Packet {
     /// A TCP/UDP fragment (first or later): no ports (both zero here), so it is balanced by
     /// addresses and protocol only, through the service that takes the VIP's fragments.
     pub fragment: bool,
+}
+
+/// The source and destination of an IPv6 header, each folded into one word, read as words
+/// straight from the packet. `ip` must have been bounds-checked (by [`ptr_at`]) for the whole
+/// header: the reads go through it, so the verifier sees them covered by that check.
+#[inline(always)]
+pub fn fold_addrs_v6(ip: *const network_types::ip::Ipv6Hdr) -> (u32, u32) {
+    // SAFETY: the header lies inside the packet (caller's check); addresses start at byte 8;
+    // unaligned packet loads are allowed.
+    let w = unsafe { core::ptr::read_unaligned(ip.cast::<u8>().add(8).cast::<[u32; 8]>()) };
+    (
+        lb_common::hash::fold_v6_words([w[0], w[1], w[2], w[3]]),
+        lb_common::hash::fold_v6_words([w[4], w[5], w[6], w[7]]),
+    )
 }
 
 /// An ICMP/ICMPv6 echo request, to be answered if its destination is a VIP.
