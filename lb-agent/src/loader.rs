@@ -106,11 +106,143 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), LoadError> {
     })
 }
 
+/// The key and value size of every pinned map (from the shared types), and its number of
+/// entries where that is fixed by the build (`None`: set when the map is created).
+fn layouts() -> [(&'static str, usize, usize, Option<u32>); 16] {
+    use std::mem::size_of;
+
+    use lb_common::{
+        AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowValue,
+        NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey, ServiceValue, SourceRange,
+        VipKey, VipValue,
+    };
+    let u32s = size_of::<u32>();
+    [
+        (
+            maps::SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+            Some(maps::MAX_SERVICES),
+        ),
+        (
+            maps::BACKENDS,
+            u32s,
+            size_of::<BackendValue>(),
+            Some(maps::MAX_BACKENDS),
+        ),
+        (maps::MAGLEV, u32s, u32s, None),
+        (maps::CONFIG, u32s, size_of::<NodeConfig>(), Some(1)),
+        (
+            maps::SERVICE_STATS,
+            u32s,
+            size_of::<ServiceCounters>(),
+            Some(maps::MAX_SERVICES),
+        ),
+        (
+            maps::BACKEND_STATS,
+            u32s,
+            size_of::<Counters>(),
+            Some(maps::MAX_BACKENDS),
+        ),
+        (
+            maps::REASON_STATS,
+            u32s,
+            size_of::<Counters>(),
+            Some(Reason::COUNT),
+        ),
+        (
+            maps::FLOWS,
+            size_of::<FlowKey>(),
+            size_of::<FlowValue>(),
+            None,
+        ),
+        (maps::FLOOD, u32s, size_of::<FloodWindow>(), Some(1)),
+        (
+            maps::VIPS,
+            size_of::<VipKey>(),
+            size_of::<VipValue>(),
+            Some(maps::MAX_SERVICES),
+        ),
+        (
+            maps::SRC_RANGES,
+            u32s + size_of::<SourceRange>(),
+            u32s,
+            Some(maps::MAX_SRC_RANGES),
+        ),
+        (
+            maps::AFFINITY,
+            size_of::<AffinityKey>(),
+            size_of::<FlowValue>(),
+            Some(maps::MAX_AFFINITY),
+        ),
+        (
+            maps::DNAT,
+            size_of::<DnatKey>(),
+            size_of::<DnatValue>(),
+            Some(maps::MAX_BACKENDS),
+        ),
+        (
+            maps::REVNAT,
+            size_of::<FlowKey>(),
+            size_of::<RevNatValue>(),
+            Some(maps::MAX_REVNAT),
+        ),
+        (maps::PROGS, u32s, u32s, Some(1)),
+        (
+            maps::VIP_BITS,
+            u32s,
+            size_of::<u64>(),
+            Some(maps::VIP_BITS_WORDS),
+        ),
+    ]
+}
+
+/// Remove the pins of maps a build with another layout left (a field added to a value, a
+/// counter array grown), so this build creates them anew: the first sync fills them from the
+/// desired state, and the program still attached keeps its own copies until it is replaced,
+/// so forwarding goes on. Reusing such a pin would make the new program fail to load. Returns
+/// the names of the maps replaced.
+pub fn drop_incompatible_pins(pin_dir: &Path) -> Result<Vec<&'static str>, LoadError> {
+    let mut dropped = Vec::new();
+    for (name, key, value, entries) in layouts() {
+        let path = pin_dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let fits = info.key_size() as usize == key
+            && info.value_size() as usize == value
+            && entries.is_none_or(|n| info.max_entries() == n);
+        if fits {
+            continue;
+        }
+        tracing::warn!(
+            map = name,
+            pinned_key = info.key_size(),
+            pinned_value = info.value_size(),
+            pinned_entries = info.max_entries(),
+            key,
+            value,
+            "a pinned map has another layout than this build: replacing it (its content is rebuilt)"
+        );
+        std::fs::remove_file(&path).map_err(|source| LoadError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        dropped.push(name);
+    }
+    Ok(dropped)
+}
+
 /// Load the object; every map is opened from `pin_dir` if pinned there, else created and
 /// pinned. `maglev_slots` and `flows` size `LB_MAGLEV` and `LB_FLOWS` when they are created
-/// (pinned maps keep the size they were created with).
+/// (pinned maps keep the size they were created with). Pins of another layout are replaced
+/// first ([`drop_incompatible_pins`]).
 pub fn load(pin_dir: &Path, maglev_slots: u32, flows: u32) -> Result<Ebpf, LoadError> {
     ensure_pin_dir(pin_dir)?;
+    drop_incompatible_pins(pin_dir)?;
     let paths: Vec<(&'static str, PathBuf)> = maps::ALL
         .iter()
         .map(|name| (*name, pin_dir.join(name)))
