@@ -14,7 +14,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    programs::{SchedClassifier, Xdp},
 };
 use lb_agent::{
     EBPF_OBJECT,
@@ -24,7 +24,11 @@ use lb_agent::{
     sync::{self, MapSnapshot},
 };
 use lb_common::{DEFAULT_GUE_PORT, Forwarding, Reason, maps};
-use lb_testkit::packet::{IPPROTO_IPIP, IPPROTO_IPV6, PacketBuilder, Tcp, hexdump, tcp_flags};
+mod prog_run;
+
+use prog_run::assert_frame;
+
+use lb_testkit::packet::{IPPROTO_IPIP, IPPROTO_IPV6, PacketBuilder, Tcp, tcp_flags};
 
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
@@ -137,10 +141,7 @@ fn desired(sticky_pods: &[Ipv4Addr], affinity_s: u32) -> DesiredState {
 }
 
 fn fixture() -> Fixture {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "BPF_PROG_TEST_RUN tests load BPF programs: run them as root (cargo xtask test does)"
-    );
+    prog_run::require_root();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(maps::MAGLEV, 1 << 16)
         .load(EBPF_OBJECT)
@@ -175,50 +176,16 @@ impl Fixture {
     }
 
     fn run_xdp(&mut self, prog: &str, input: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &mut Xdp = self.ebpf.program_mut(prog).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; input.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(input);
-        opts.data_out = Some(&mut out);
-        let result = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        prog_run::run_xdp(&mut self.ebpf, prog, input)
     }
 
     fn run_revnat(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(maps::PROG_REVNAT)
-            .unwrap()
-            .try_into()
-            .unwrap();
-        let mut out = vec![0u8; input.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(input);
-        opts.data_out = Some(&mut out);
-        let result = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        prog_run::run_tc(&mut self.ebpf, maps::PROG_REVNAT, input)
     }
 
     fn reason(&self, r: Reason) -> u64 {
-        let stats = self.dataplane.stats([], []).unwrap();
-        stats
-            .reasons
-            .iter()
-            .find(|(x, _)| *x == r)
-            .map_or(0, |(_, c)| c.packets)
+        prog_run::reason_count(&self.dataplane, r)
     }
-}
-
-fn assert_frame(name: &str, got: &(u32, Vec<u8>), action: u32, bytes: &[u8]) {
-    assert_eq!(got.0, action, "{name}: action");
-    assert!(
-        got.1 == bytes,
-        "{name}: output differs\n got:\n{}\n expected:\n{}",
-        hexdump(&got.1),
-        hexdump(bytes)
-    );
 }
 
 /// A client packet to `dst`:`dport` (UDP, or a TCP ACK when `tcp`), from `sport`.

@@ -6,10 +6,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use aya::{
-    Ebpf, EbpfLoader,
-    programs::{TestRun, TestRunOptions, Xdp},
-};
+use aya::{Ebpf, EbpfLoader, programs::Xdp};
 use lb_agent::{
     EBPF_OBJECT,
     dataplane::Dataplane,
@@ -21,7 +18,11 @@ use lb_common::{
     hash::{flow_hash_v4, flow_hash_v6, gue_source_port},
     maps,
 };
-use lb_testkit::packet::{PacketBuilder, Tcp, arp_request, hexdump, ipv4_checksum, tcp_flags};
+mod prog_run;
+
+use prog_run::assert_frame;
+
+use lb_testkit::packet::{PacketBuilder, Tcp, arp_request, ipv4_checksum, tcp_flags};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -85,10 +86,7 @@ fn service(
 }
 
 fn fixture() -> Fixture {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "BPF_PROG_TEST_RUN tests load BPF programs: run them as root (cargo xtask test does)"
-    );
+    prog_run::require_root();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(maps::MAGLEV, 1 << 16)
         .load(EBPF_OBJECT)
@@ -161,14 +159,7 @@ impl Fixture {
     }
 
     fn run(&mut self, prog: &str, input: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &mut Xdp = self.ebpf.program_mut(prog).unwrap().try_into().unwrap();
-        let mut out = vec![0u8; input.len() + 256];
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(input);
-        opts.data_out = Some(&mut out);
-        let result = prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
+        prog_run::run_xdp(&mut self.ebpf, prog, input)
     }
 
     /// The backend the data plane must pick, from the table in the map and the shared hash.
@@ -193,13 +184,7 @@ impl Fixture {
     }
 
     fn reason(&self, r: Reason) -> u64 {
-        let stats = self.dataplane.stats([], []).unwrap();
-        stats
-            .reasons
-            .iter()
-            .find(|(x, _)| *x == r)
-            .map(|(_, c)| c.packets)
-            .unwrap_or(0)
+        prog_run::reason_count(&self.dataplane, r)
     }
 }
 
@@ -215,16 +200,6 @@ fn l2_expected(input: &[u8], backend: Ipv4Addr) -> Vec<u8> {
     out[..6].copy_from_slice(&backend_mac(backend));
     out[6..12].copy_from_slice(&LB_MAC);
     out
-}
-
-fn assert_frame(name: &str, got: (u32, Vec<u8>), action: u32, bytes: &[u8]) {
-    assert_eq!(got.0, action, "{name}: action");
-    assert!(
-        got.1 == bytes,
-        "{name}: output differs\n got:\n{}\n expected:\n{}",
-        hexdump(&got.1),
-        hexdump(bytes)
-    );
 }
 
 /// (name, input, l3 offset, protocol, source port, destination port, forwarding mode)
