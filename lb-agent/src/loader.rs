@@ -341,18 +341,7 @@ pub fn attach_revnat(
         .take_link(id)
         .map_err(|source| LoadError::Program { name, source })?;
     let link = FdLink::try_from(link).map_err(link_err(&pin))?;
-    if adopted {
-        return Ok(Attachment { link, pin, adopted });
-    }
-    let pinned = link.pin(&pin).map_err(|source| LoadError::PinLink {
-        path: pin.clone(),
-        source,
-    })?;
-    Ok(Attachment {
-        link: pinned.into(),
-        pin,
-        adopted,
-    })
+    pinned_attachment(link, pin, adopted)
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoadError> {
@@ -413,14 +402,18 @@ pub fn attach_lb(
                 source,
             })?;
         let link = take_fd_link(prog, id, &pin)?;
-        return Ok(Attachment {
-            link,
-            pin,
-            adopted: true,
-        });
+        return pinned_attachment(link, pin, true);
     }
     let id = attach_with_mode(prog, iface, mode)?;
     let link = take_fd_link(prog, id, &pin)?;
+    pinned_attachment(link, pin, false)
+}
+
+/// The attachment of `link`: an adopted link is pinned already, a new one gets its pin.
+fn pinned_attachment(link: FdLink, pin: PathBuf, adopted: bool) -> Result<Attachment, LoadError> {
+    if adopted {
+        return Ok(Attachment { link, pin, adopted });
+    }
     let pinned = link.pin(&pin).map_err(|source| LoadError::PinLink {
         path: pin.clone(),
         source,
@@ -428,7 +421,7 @@ pub fn attach_lb(
     Ok(Attachment {
         link: pinned.into(),
         pin,
-        adopted: false,
+        adopted,
     })
 }
 

@@ -12,12 +12,8 @@ use std::{
     time::Duration,
 };
 
-use aya::{
-    Ebpf, EbpfLoader,
-    programs::{SchedClassifier, Xdp},
-};
+use aya::{Ebpf, programs::SchedClassifier};
 use lb_agent::{
-    EBPF_OBJECT,
     dataplane::Dataplane,
     loader,
     state::{BackendSpec, DesiredState, LocalEndpoint, Protocol, ServiceAddr, ServiceSpec},
@@ -141,13 +137,7 @@ fn desired(sticky_pods: &[Ipv4Addr], affinity_s: u32) -> DesiredState {
 }
 
 fn fixture() -> Fixture {
-    prog_run::require_root();
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries(maps::MAGLEV, 1 << 16)
-        .load(EBPF_OBJECT)
-        .expect("load object");
-    let prog: &mut Xdp = ebpf.program_mut(maps::PROG_LB).unwrap().try_into().unwrap();
-    prog.load().expect("verifier accepts lb_xdp");
+    let mut ebpf = prog_run::load_lb();
     loader::install_decap(&mut ebpf).expect("verifier accepts lb_decap; LB_PROGS set");
     let prog: &mut SchedClassifier = ebpf
         .program_mut(maps::PROG_REVNAT)

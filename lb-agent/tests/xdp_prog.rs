@@ -6,9 +6,8 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use aya::{Ebpf, EbpfLoader, programs::Xdp};
+use aya::{Ebpf, programs::Xdp};
 use lb_agent::{
-    EBPF_OBJECT,
     dataplane::Dataplane,
     state::{BackendSpec, DesiredState, Protocol, ServiceAddr, ServiceSpec},
     sync::{self, MapSnapshot},
@@ -86,13 +85,7 @@ fn service(
 }
 
 fn fixture() -> Fixture {
-    prog_run::require_root();
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries(maps::MAGLEV, 1 << 16)
-        .load(EBPF_OBJECT)
-        .expect("load object");
-    let prog: &mut Xdp = ebpf.program_mut(maps::PROG_LB).unwrap().try_into().unwrap();
-    prog.load().expect("verifier accepts lb_xdp");
+    let mut ebpf = prog_run::load_lb();
     let prog: &mut Xdp = ebpf
         .program_mut(maps::PROG_DECAP)
         .unwrap()

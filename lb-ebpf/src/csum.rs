@@ -22,11 +22,34 @@ pub fn ipv4_header(hdr: &[u8; 20]) -> [u8; 2] {
     fold(sum).to_ne_bytes()
 }
 
-/// RFC 1624 incremental update: the checksum after one 16-bit word of the covered data
-/// changed from `old` to `new` (all in network byte order as read from the packet).
+/// `sum` plus `~old + new` over the 16-bit words of two equally long byte strings, words
+/// read as they sit in memory (the byte order of the checksum field they update): the
+/// difference RFC 1624's incremental update adds.
+#[inline(always)]
+pub fn diff_words<const N: usize>(old: &[u8; N], new: &[u8; N], mut sum: u32) -> u32 {
+    let mut i = 0;
+    while i + 1 < N {
+        sum += !u16::from_ne_bytes([old[i], old[i + 1]]) as u32;
+        sum += u16::from_ne_bytes([new[i], new[i + 1]]) as u32;
+        i += 2;
+    }
+    sum
+}
+
+/// A checksum field (bytes as in the packet) after the covered data changed by `diff`
+/// (from [`diff_words`]): RFC 1624, `~(~check + diff)`.
+#[inline(always)]
+pub fn apply_diff(check: [u8; 2], diff: u32) -> [u8; 2] {
+    let sum = !u16::from_ne_bytes(check) as u32 + diff;
+    fold(sum).to_ne_bytes()
+}
+
+/// The checksum after one 16-bit word of the covered data changed from `old` to `new`
+/// (given as big-endian values of the bytes in the packet).
 #[inline(always)]
 pub fn replace16(check_be: [u8; 2], old: u16, new: u16) -> [u8; 2] {
-    let hc = !u16::from_be_bytes(check_be) as u32;
-    let sum = hc + (!old as u32) + new as u32;
-    fold(sum).to_be_bytes()
+    apply_diff(
+        check_be,
+        diff_words(&old.to_be_bytes(), &new.to_be_bytes(), 0),
+    )
 }

@@ -15,33 +15,14 @@ use lb_common::{
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{
-    Verdict, csum,
+    Verdict,
+    csum::{apply_diff, diff_words},
     maps::{LB_DNAT, LB_REVNAT},
     parse::ptr_at,
 };
 
 /// `BPF_ANY`.
 const ANY: u64 = 0;
-
-/// `sum` plus `~old + new` over the 16-bit words of two equally long byte strings, words
-/// read as they sit in memory (the byte order of the checksum field they update).
-#[inline(always)]
-pub fn diff_words<const N: usize>(old: &[u8; N], new: &[u8; N], mut sum: u32) -> u32 {
-    let mut i = 0;
-    while i + 1 < N {
-        sum += !u16::from_ne_bytes([old[i], old[i + 1]]) as u32;
-        sum += u16::from_ne_bytes([new[i], new[i + 1]]) as u32;
-        i += 2;
-    }
-    sum
-}
-
-/// A checksum field (bytes as in the packet) after the covered data changed by `diff`.
-#[inline(always)]
-pub fn apply_diff(check: [u8; 2], diff: u32) -> [u8; 2] {
-    let sum = !u16::from_ne_bytes(check) as u32 + diff;
-    csum::fold(sum).to_ne_bytes()
-}
 
 /// Offset of the TCP/UDP checksum field within the L4 header.
 #[inline(always)]

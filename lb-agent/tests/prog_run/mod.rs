@@ -4,15 +4,28 @@
 #![allow(dead_code)]
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions, Xdp},
 };
-use lb_agent::dataplane::Dataplane;
-use lb_common::Reason;
+use lb_agent::{EBPF_OBJECT, dataplane::Dataplane};
+use lb_common::{Reason, maps};
 use lb_testkit::packet::hexdump;
 
 /// Room for the output to grow (encapsulation, ICMP errors).
 const OUTPUT_SLACK: usize = 256;
+
+/// The real object with small Maglev and `lb_xdp` loaded (the verifier accepts it); needs
+/// root.
+pub fn load_lb() -> Ebpf {
+    require_root();
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries(maps::MAGLEV, 1 << 16)
+        .load(EBPF_OBJECT)
+        .expect("load object");
+    let prog: &mut Xdp = ebpf.program_mut(maps::PROG_LB).unwrap().try_into().unwrap();
+    prog.load().expect("verifier accepts lb_xdp");
+    ebpf
+}
 
 /// Fails with a clear message unless root: these tests load BPF programs.
 pub fn require_root() {
