@@ -12,8 +12,8 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BackendValue, Counters, DnatKey, DnatValue, NodeConfig, Reason, ServiceCounters, ServiceKey,
-    ServiceValue, SourceRange, VipKey, VipValue, maps,
+    BackendValue, Counters, DnatKey, DnatValue, NodeConfig, Reason, SLOT_EMPTY, SLOT_SHARED,
+    ServiceCounters, ServiceKey, ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue, maps,
 };
 
 use crate::sync::{MapOp, MapSnapshot};
@@ -65,7 +65,8 @@ pub struct Dataplane {
     vips: HashMap<MapData, VipKey, VipValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u32>,
     dnat: HashMap<MapData, DnatKey, DnatValue>,
-    vip_bits: Array<MapData, u64>,
+    service_slots: Array<MapData, u32>,
+    service_records: Array<MapData, ServiceRecord>,
     service_stats: PerCpuArray<MapData, ServiceCounters>,
     backend_stats: PerCpuArray<MapData, Counters>,
     reason_stats: PerCpuArray<MapData, Counters>,
@@ -146,7 +147,10 @@ impl Dataplane {
             source_ranges: LpmTrie::try_from(get(maps::SRC_RANGES)?)
                 .map_err(map_err(maps::SRC_RANGES))?,
             dnat: HashMap::try_from(get(maps::DNAT)?).map_err(map_err(maps::DNAT))?,
-            vip_bits: Array::try_from(get(maps::VIP_BITS)?).map_err(map_err(maps::VIP_BITS))?,
+            service_slots: Array::try_from(get(maps::SVC_SLOTS)?)
+                .map_err(map_err(maps::SVC_SLOTS))?,
+            service_records: Array::try_from(get(maps::SVC_RECORDS)?)
+                .map_err(map_err(maps::SVC_RECORDS))?,
             service_stats: PerCpuArray::try_from(get(maps::SERVICE_STATS)?)
                 .map_err(map_err(maps::SERVICE_STATS))?,
             backend_stats: PerCpuArray::try_from(get(maps::BACKEND_STATS)?)
@@ -192,18 +196,28 @@ impl Dataplane {
             let (k, v) = entry.map_err(map_err(maps::DNAT))?;
             dnat.insert(k, v);
         }
-        let mut vip_bits = BTreeMap::new();
-        for (word, entry) in self.vip_bits.iter().enumerate() {
-            let bits = entry.map_err(map_err(maps::VIP_BITS))?;
-            if bits != 0 {
-                vip_bits.insert(word as u32, bits);
+        let mut service_slots = BTreeMap::new();
+        let mut service_records = BTreeMap::new();
+        for (slot, entry) in self.service_slots.iter().enumerate() {
+            let value = entry.map_err(map_err(maps::SVC_SLOTS))?;
+            if value == SLOT_EMPTY {
+                continue;
+            }
+            service_slots.insert(slot as u32, value);
+            if value != SLOT_SHARED {
+                let index = value - 1;
+                // A slot pointing past the records (a damaged map) is rewritten by the plan.
+                if let Ok(record) = self.service_records.get(&index, 0) {
+                    service_records.insert(index, record);
+                }
             }
         }
         Ok(MapSnapshot {
             vips,
             source_ranges,
             dnat,
-            vip_bits,
+            service_slots,
+            service_records,
             config: (config.flags & lb_common::CONFIG_F_VALID != 0).then_some(config),
             services,
             backends,
@@ -229,6 +243,8 @@ impl Dataplane {
             match &run[0] {
                 MapOp::SetBackend { .. } if run.len() > 1 => self.set_backends(run)?,
                 MapOp::SetService { .. } if run.len() > 1 => self.set_services(run)?,
+                MapOp::SetServiceRecord { .. } if run.len() > 1 => self.set_records(run)?,
+                MapOp::SetServiceSlot { .. } if run.len() > 1 => self.set_slots(run)?,
                 MapOp::WriteTable { .. } => self.write_tables(run)?,
                 _ => run.iter().try_for_each(|op| self.apply_one(op))?,
             }
@@ -287,10 +303,14 @@ impl Dataplane {
                 self.dnat.insert(key, value, 0).map_err(map_err(maps::DNAT))
             }
             MapOp::DeleteDnat { key } => self.dnat.remove(key).map_err(map_err(maps::DNAT)),
-            MapOp::SetVipBits { word, bits } => self
-                .vip_bits
-                .set(*word, bits, 0)
-                .map_err(map_err(maps::VIP_BITS)),
+            MapOp::SetServiceRecord { index, record } => self
+                .service_records
+                .set(*index, record, 0)
+                .map_err(map_err(maps::SVC_RECORDS)),
+            MapOp::SetServiceSlot { slot, value } => self
+                .service_slots
+                .set(*slot, value, 0)
+                .map_err(map_err(maps::SVC_SLOTS)),
         }
     }
 
@@ -376,6 +396,45 @@ impl Dataplane {
             &fresh,
             &zeros,
         )? && self.batch_update(maps::SERVICES, |d| d.services.map(), &keys, &values)?;
+        if !done {
+            run.iter().try_for_each(|op| self.apply_one(op))?;
+        }
+        Ok(())
+    }
+
+    /// A run of `SetServiceRecord`, in one batch update if the kernel has them.
+    fn set_records(&mut self, run: &[MapOp]) -> Result<(), DataplaneError> {
+        let (indexes, records): (Vec<u32>, Vec<ServiceRecord>) = run
+            .iter()
+            .filter_map(|op| match op {
+                MapOp::SetServiceRecord { index, record } => Some((*index, *record)),
+                _ => None,
+            })
+            .unzip();
+        let done = self.batch_update(
+            maps::SVC_RECORDS,
+            |d| d.service_records.map(),
+            &indexes,
+            &records,
+        )?;
+        if !done {
+            run.iter().try_for_each(|op| self.apply_one(op))?;
+        }
+        Ok(())
+    }
+
+    /// A run of `SetServiceSlot`, in one batch update (applied in order) if the kernel has
+    /// them.
+    fn set_slots(&mut self, run: &[MapOp]) -> Result<(), DataplaneError> {
+        let (slots, values): (Vec<u32>, Vec<u32>) = run
+            .iter()
+            .filter_map(|op| match op {
+                MapOp::SetServiceSlot { slot, value } => Some((*slot, *value)),
+                _ => None,
+            })
+            .unzip();
+        let done =
+            self.batch_update(maps::SVC_SLOTS, |d| d.service_slots.map(), &slots, &values)?;
         if !done {
             run.iter().try_for_each(|op| self.apply_one(op))?;
         }

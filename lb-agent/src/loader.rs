@@ -108,13 +108,13 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), LoadError> {
 
 /// The key and value size of every pinned map (from the shared types), and its number of
 /// entries where that is fixed by the build (`None`: set when the map is created).
-fn layouts() -> [(&'static str, usize, usize, Option<u32>); 16] {
+fn layouts() -> [(&'static str, usize, usize, Option<u32>); 17] {
     use std::mem::size_of;
 
     use lb_common::{
         AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowValue,
-        NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey, ServiceValue, SourceRange,
-        VipKey, VipValue,
+        NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey, ServiceRecord, ServiceValue,
+        SourceRange, VipKey, VipValue,
     };
     let u32s = size_of::<u32>();
     [
@@ -188,11 +188,12 @@ fn layouts() -> [(&'static str, usize, usize, Option<u32>); 16] {
             Some(maps::MAX_REVNAT),
         ),
         (maps::PROGS, u32s, u32s, Some(1)),
+        (maps::SVC_SLOTS, u32s, u32s, Some(maps::SVC_SLOT_COUNT)),
         (
-            maps::VIP_BITS,
+            maps::SVC_RECORDS,
             u32s,
-            size_of::<u64>(),
-            Some(maps::VIP_BITS_WORDS),
+            size_of::<ServiceRecord>(),
+            Some(2 * maps::MAX_SERVICES),
         ),
     ]
 }
@@ -200,10 +201,25 @@ fn layouts() -> [(&'static str, usize, usize, Option<u32>); 16] {
 /// Remove the pins of maps a build with another layout left (a field added to a value, a
 /// counter array grown), so this build creates them anew: the first sync fills them from the
 /// desired state, and the program still attached keeps its own copies until it is replaced,
-/// so forwarding goes on. Reusing such a pin would make the new program fail to load. Returns
-/// the names of the maps replaced.
+/// so forwarding goes on. Reusing such a pin would make the new program fail to load. Pins of
+/// maps this build no longer has (`maps::RETIRED`) are removed too. Returns the names of the
+/// maps replaced or removed.
 pub fn drop_incompatible_pins(pin_dir: &Path) -> Result<Vec<&'static str>, LoadError> {
     let mut dropped = Vec::new();
+    for name in maps::RETIRED {
+        let path = pin_dir.join(name);
+        if path.exists() {
+            tracing::info!(
+                map = name,
+                "removing the pin of a map this version no longer uses"
+            );
+            std::fs::remove_file(&path).map_err(|source| LoadError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            dropped.push(name);
+        }
+    }
     for (name, key, value, entries) in layouts() {
         let path = pin_dir.join(name);
         if !path.exists() {

@@ -5,8 +5,11 @@
 //! Order of operations (so no packet ever sees a dangling reference):
 //! 1. node config; new or changed backends;
 //! 2. new Maglev tables, each in a free region of `LB_MAGLEV`;
-//! 3. service entries switched to their new tables (one atomic hash-map update each);
-//! 4. removed services deleted; backends no service uses any more cleared.
+//! 3. service entries switched to their new tables (one atomic hash-map update each), and
+//!    the service index: each changed service's record written into its idle bank, then its
+//!    slot pointed at it (one 4-byte write), or marked shared;
+//! 4. slots of removed services cleared, then their entries deleted; backends no service
+//!    uses any more cleared.
 //!
 //! A region left behind by step 3 is free from the next plan on: it is derived from the
 //! service entries, never stored separately.
@@ -19,7 +22,8 @@ use std::{
 use lb_common::{
     BACKEND_F_LOCAL, BACKEND_F_VALID, BackendValue, DnatKey, DnatValue, FAMILY_V4, FAMILY_V6,
     Forwarding, NodeConfig, SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES,
-    ServiceKey, ServiceValue, SourceRange, VIP_F_ECHO, VipKey, VipValue,
+    SLOT_EMPTY, SLOT_SHARED, ServiceKey, ServiceRecord, ServiceValue, SourceRange, VIP_F_ECHO,
+    VipKey, VipValue,
     maglev::{self, MaglevBackend},
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
@@ -50,8 +54,10 @@ pub struct MapSnapshot {
     pub maglev_capacity: u32,
     /// `LB_DNAT`: this node's endpoints.
     pub dnat: BTreeMap<DnatKey, DnatValue>,
-    /// `LB_VIP_BITS`: the words that are not zero.
-    pub vip_bits: BTreeMap<u32, u64>,
+    /// `LB_SVC_SLOTS`: the slots that are not empty.
+    pub service_slots: BTreeMap<u32, u32>,
+    /// `LB_SVC_RECORDS`: the records those slots point at (the others are unreachable).
+    pub service_records: BTreeMap<u32, ServiceRecord>,
 }
 
 /// One write to the maps.
@@ -102,9 +108,15 @@ pub enum MapOp {
     DeleteDnat {
         key: DnatKey,
     },
-    SetVipBits {
-        word: u32,
-        bits: u64,
+    /// Record `index` of `LB_SVC_RECORDS` (no slot points at it yet).
+    SetServiceRecord {
+        index: u32,
+        record: ServiceRecord,
+    },
+    /// Slot `slot` of `LB_SVC_SLOTS`.
+    SetServiceSlot {
+        slot: u32,
+        value: u32,
     },
 }
 
@@ -203,11 +215,7 @@ pub fn source_range(id: u32, net: &ipnet::IpNet) -> (u32, SourceRange) {
 fn add_vip(vips: &mut BTreeMap<VipKey, VipValue>, addr: &ServiceAddr, fragments: bool, flags: u32) {
     let (addr_be, family) = ip_bytes(addr.vip);
     let v = vips
-        .entry(VipKey {
-            addr_be,
-            family,
-            _pad: [0; 3],
-        })
+        .entry(VipKey::new(addr_be, family))
         .or_insert(VipValue {
             flags,
             frag_port_udp_be: 0,
@@ -324,6 +332,9 @@ pub fn plan_with_cache(
     let mut table_ops = Vec::new();
     let mut service_ops = Vec::new();
     let mut members: Vec<MaglevBackend> = Vec::new();
+    // (slot, key, value) of every desired service, for the index.
+    let mut indexed: Vec<(u32, ServiceKey, ServiceValue)> =
+        Vec::with_capacity(desired.services.len());
     // Desired services already in the maps: when that is all of them, none is deleted.
     let mut kept_services = 0usize;
     for (addr, svc) in &desired.services {
@@ -476,6 +487,7 @@ pub fn plan_with_cache(
             affinity_timeout_s: svc.affinity_timeout_s.unwrap_or(0),
             _pad2: [0; 4],
         };
+        indexed.push((lb_common::hash::service_slot(&key), key, value));
         if old != Some(&value) {
             service_ops.push(MapOp::SetService {
                 key,
@@ -495,26 +507,6 @@ pub fn plan_with_cache(
             });
         }
     }
-    // The VIP filter: new VIPs' bits set now, bits of removed VIPs cleared at the end, so
-    // it never says "not a VIP" for an address that has a service entry.
-    let vip_bits = vip_filter(vips.keys());
-    let transition: BTreeMap<u32, u64> =
-        current
-            .vip_bits
-            .iter()
-            .chain(&vip_bits)
-            .fold(BTreeMap::new(), |mut acc, (w, b)| {
-                *acc.entry(*w).or_insert(0) |= b;
-                acc
-            });
-    for (word, bits) in &transition {
-        if current.vip_bits.get(word).copied().unwrap_or(0) != *bits {
-            out.ops.push(MapOp::SetVipBits {
-                word: *word,
-                bits: *bits,
-            });
-        }
-    }
     out.ops.extend(backend_ops);
     for (prefix_len, range) in ranges.difference(&current.source_ranges) {
         out.ops.push(MapOp::AddSourceRange {
@@ -524,6 +516,7 @@ pub fn plan_with_cache(
     }
     out.ops.extend(table_ops);
     out.ops.extend(service_ops);
+    index_ops(&mut indexed, current, &mut out.ops);
     if kept_services < current.services.len() {
         for key in current.services.keys() {
             let wanted = service_addr(key)
@@ -551,26 +544,70 @@ pub fn plan_with_cache(
             out.ops.push(MapOp::DeleteDnat { key: *key });
         }
     }
-    for (word, bits) in &transition {
-        let want = vip_bits.get(word).copied().unwrap_or(0);
-        if want != *bits {
-            out.ops.push(MapOp::SetVipBits {
-                word: *word,
-                bits: want,
-            });
-        }
-    }
     Ok(out)
 }
 
-/// The `LB_VIP_BITS` words (those not zero) for a set of VIPs.
-pub fn vip_filter<'a>(vips: impl Iterator<Item = &'a VipKey>) -> BTreeMap<u32, u64> {
-    let mut words = BTreeMap::new();
-    for key in vips {
-        let (word, bit) = lb_common::hash::vip_bit(&key.addr_be, key.family);
-        *words.entry(word).or_insert(0) |= bit;
+/// The writes that make the service index (`LB_SVC_SLOTS`, `LB_SVC_RECORDS`) describe the
+/// desired services `indexed` (slot, key, value): records first, then slots. Runs after the
+/// `LB_SERVICES` writes (a shared slot sends packets there) and before its deletions.
+///
+/// A service alone in its slot is found through its record. A record the data plane may be
+/// reading is never rewritten: a changed service gets its other bank, then the slot
+/// switches to it.
+fn index_ops(
+    indexed: &mut [(u32, ServiceKey, ServiceValue)],
+    current: &MapSnapshot,
+    ops: &mut Vec<MapOp>,
+) {
+    indexed.sort_unstable_by_key(|(slot, key, _)| (*slot, *key));
+    let mut slot_ops = Vec::new();
+    let mut desired_slots = BTreeSet::new();
+    for group in indexed.chunk_by(|a, b| a.0 == b.0) {
+        let slot = group[0].0;
+        desired_slots.insert(slot);
+        let now = current
+            .service_slots
+            .get(&slot)
+            .copied()
+            .unwrap_or(SLOT_EMPTY);
+        let &[(_, key, value)] = group else {
+            if now != SLOT_SHARED {
+                slot_ops.push(MapOp::SetServiceSlot {
+                    slot,
+                    value: SLOT_SHARED,
+                });
+            }
+            continue;
+        };
+        let record = ServiceRecord {
+            key,
+            _pad: [0; 4],
+            value,
+        };
+        // The record the slot points at now, if it is one of this service's two.
+        let pointed = (now != SLOT_EMPTY && now != SLOT_SHARED)
+            .then(|| now - 1)
+            .filter(|index| index / 2 == value.id);
+        if pointed.is_some_and(|index| current.service_records.get(&index) == Some(&record)) {
+            continue;
+        }
+        let bank = pointed.map_or(0, |index| (index & 1) ^ 1);
+        let index = lb_common::record_index(value.id, bank);
+        ops.push(MapOp::SetServiceRecord { index, record });
+        slot_ops.push(MapOp::SetServiceSlot {
+            slot,
+            value: lb_common::slot_value(index),
+        });
     }
-    words
+    for slot in current.service_slots.keys() {
+        if !desired_slots.contains(slot) {
+            slot_ops.push(MapOp::SetServiceSlot {
+                slot: *slot,
+                value: SLOT_EMPTY,
+            });
+        }
+    }
+    ops.extend(slot_ops);
 }
 
 /// `LB_DNAT` entries of the desired local endpoints (only those of the service's family).
@@ -635,11 +672,18 @@ pub fn apply_to_snapshot(snapshot: &mut MapSnapshot, ops: &[MapOp]) {
             MapOp::DeleteDnat { key } => {
                 snapshot.dnat.remove(key);
             }
-            MapOp::SetVipBits { word, bits } => {
-                if *bits == 0 {
-                    snapshot.vip_bits.remove(word);
+            MapOp::SetServiceRecord { index, record } => {
+                snapshot.service_records.insert(*index, *record);
+            }
+            MapOp::SetServiceSlot { slot, value } => {
+                // The record the slot pointed at is unreachable from now on.
+                let old = if *value == SLOT_EMPTY {
+                    snapshot.service_slots.remove(slot)
                 } else {
-                    snapshot.vip_bits.insert(*word, *bits);
+                    snapshot.service_slots.insert(*slot, *value)
+                };
+                if let Some(old) = old.filter(|o| *o != SLOT_SHARED && o != value) {
+                    snapshot.service_records.remove(&(old - 1));
                 }
             }
         }
@@ -743,16 +787,17 @@ mod tests {
                 MapOp::ClearBackend { .. } => "clear",
                 MapOp::SetDnat { .. } => "dnat",
                 MapOp::DeleteDnat { .. } => "delete dnat",
-                MapOp::SetVipBits { .. } => "vip bits",
+                MapOp::SetServiceRecord { .. } => "record",
+                MapOp::SetServiceSlot { .. } => "slot",
             })
             .collect();
         assert_eq!(
             kinds,
             [
-                "config", "vip", "vip bits", "backend", "backend", "table", "service"
+                "config", "vip", "backend", "backend", "table", "service", "record", "slot"
             ]
         );
-        let MapOp::WriteTable { offset, entries } = &p.ops[5] else {
+        let MapOp::WriteTable { offset, entries } = &p.ops[4] else {
             unreachable!()
         };
         assert_eq!((*offset, entries.len()), (0, 1031)); // the smallest table size
@@ -806,8 +851,11 @@ mod tests {
         // The new region does not overlap the old one (readers may still use it).
         let (a, b) = (old.table_offset, value.table_offset);
         assert!(b >= a + old.table_size || b + value.table_size <= a);
-        assert!(matches!(p.ops[2], MapOp::ClearBackend { .. }));
-        assert_eq!(p.ops.len(), 3);
+        // The index: the service's other record, then its slot.
+        assert!(matches!(p.ops[2], MapOp::SetServiceRecord { .. }));
+        assert!(matches!(p.ops[3], MapOp::SetServiceSlot { .. }));
+        assert!(matches!(p.ops[4], MapOp::ClearBackend { .. }));
+        assert_eq!(p.ops.len(), 5);
         // The other service is untouched.
         assert_eq!(
             snap.services[&service_key(&svc_addr(54))],
@@ -868,9 +916,16 @@ mod tests {
         converge(&desired, &mut snap);
         desired.services.remove(&svc_addr(54));
         let p = converge(&desired, &mut snap);
-        assert_eq!(p.ops.len(), 2);
-        assert!(matches!(p.ops[0], MapOp::DeleteService { .. }));
-        assert!(matches!(p.ops[1], MapOp::ClearBackend { .. }));
+        assert_eq!(p.ops.len(), 3, "{:?}", p.ops);
+        assert!(matches!(
+            p.ops[0],
+            MapOp::SetServiceSlot {
+                value: SLOT_EMPTY,
+                ..
+            }
+        ));
+        assert!(matches!(p.ops[1], MapOp::DeleteService { .. }));
+        assert!(matches!(p.ops[2], MapOp::ClearBackend { .. }));
     }
 
     #[test]
@@ -1058,38 +1113,156 @@ mod tests {
         assert_eq!(v.affinity_timeout_s, 600);
     }
 
+    fn position(ops: &[MapOp], f: impl Fn(&MapOp) -> bool) -> usize {
+        ops.iter().position(f).unwrap_or_else(|| panic!("{ops:?}"))
+    }
+
+    /// The record the index gives for a key, as the data plane would find it.
+    fn indexed(snap: &MapSnapshot, key: &ServiceKey) -> Option<ServiceValue> {
+        match *snap
+            .service_slots
+            .get(&lb_common::hash::service_slot(key))?
+        {
+            SLOT_SHARED => snap.services.get(key).copied(),
+            v => snap
+                .service_records
+                .get(&(v - 1))
+                .filter(|r| r.key == *key)
+                .map(|r| r.value),
+        }
+    }
+
     #[test]
-    fn vip_filter_bits_are_set_before_services_and_cleared_after() {
+    fn index_records_are_written_before_their_slot_and_banks_alternate() {
         let mut desired = DesiredState::default();
         desired
             .services
             .insert(svc_addr(53), service("dns", &[(11, 1)]));
         let mut snap = empty(10_000);
         let p = converge(&desired, &mut snap);
-        let first_bits = p
-            .ops
-            .iter()
-            .position(|o| matches!(o, MapOp::SetVipBits { .. }));
-        let first_service = p
-            .ops
-            .iter()
-            .position(|o| matches!(o, MapOp::SetService { .. }));
-        assert!(first_bits < first_service, "{:?}", p.ops);
-        let (addr_be, family) = ip_bytes(ip(100));
-        let (word, bit) = lb_common::hash::vip_bit(&addr_be, family);
-        assert_eq!(snap.vip_bits.get(&word), Some(&bit));
+        let record = position(&p.ops, |o| matches!(o, MapOp::SetServiceRecord { .. }));
+        let slot = position(&p.ops, |o| matches!(o, MapOp::SetServiceSlot { .. }));
+        let service = position(&p.ops, |o| matches!(o, MapOp::SetService { .. }));
+        assert!(service < record && record < slot, "{:?}", p.ops);
+        let key = service_key(&svc_addr(53));
+        let id = snap.services[&key].id;
+        let slot_of = lb_common::hash::service_slot(&key);
+        assert_eq!(
+            snap.service_slots[&slot_of],
+            lb_common::slot_value(lb_common::record_index(id, 0))
+        );
+        assert_eq!(indexed(&snap, &key), Some(snap.services[&key]));
 
+        // Each change goes to the bank the data plane is not reading.
+        for (round, bank) in [(12u8, 1u32), (13, 0), (14, 1)] {
+            desired
+                .services
+                .get_mut(&svc_addr(53))
+                .unwrap()
+                .backends
+                .insert(
+                    ip(round),
+                    BackendSpec {
+                        weight: 1,
+                        mac: None,
+                    },
+                );
+            let p = converge(&desired, &mut snap);
+            let written: Vec<u32> = p
+                .ops
+                .iter()
+                .filter_map(|o| match o {
+                    MapOp::SetServiceRecord { index, .. } => Some(*index),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(written, [lb_common::record_index(id, bank)]);
+            assert_eq!(indexed(&snap, &key), Some(snap.services[&key]));
+        }
+
+        // Removed: the slot is emptied before the entry goes.
         desired.services.clear();
         let p = converge(&desired, &mut snap);
-        let last_delete = p
-            .ops
-            .iter()
-            .rposition(|o| matches!(o, MapOp::DeleteService { .. }));
-        let clear = p
-            .ops
-            .iter()
-            .rposition(|o| matches!(o, MapOp::SetVipBits { bits: 0, .. }));
-        assert!(last_delete < clear, "{:?}", p.ops);
-        assert!(snap.vip_bits.is_empty());
+        let slot = position(&p.ops, |o| {
+            matches!(
+                o,
+                MapOp::SetServiceSlot {
+                    value: SLOT_EMPTY,
+                    ..
+                }
+            )
+        });
+        let delete = position(&p.ops, |o| matches!(o, MapOp::DeleteService { .. }));
+        assert!(slot < delete, "{:?}", p.ops);
+        assert!(snap.service_slots.is_empty());
+    }
+
+    #[test]
+    fn services_sharing_a_slot_are_found_in_the_hash_map() {
+        // Two ports of one VIP whose keys hash to the same slot.
+        let slot_of = |port: u16| lb_common::hash::service_slot(&service_key(&svc_addr(port)));
+        let mut seen = BTreeMap::new();
+        let (a, b) = (1..u16::MAX)
+            .find_map(|port| seen.insert(slot_of(port), port).map(|other| (other, port)))
+            .unwrap();
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(a), service("a", &[(11, 1)]));
+        let mut snap = empty(10_000);
+        converge(&desired, &mut snap);
+        desired
+            .services
+            .insert(svc_addr(b), service("b", &[(12, 1)]));
+        let p = converge(&desired, &mut snap);
+        // The newcomer's entry exists before the slot says "shared".
+        let entry = position(&p.ops, |o| matches!(o, MapOp::SetService { .. }));
+        let shared = position(&p.ops, |o| {
+            matches!(
+                o,
+                MapOp::SetServiceSlot {
+                    value: SLOT_SHARED,
+                    ..
+                }
+            )
+        });
+        assert!(entry < shared, "{:?}", p.ops);
+        for port in [a, b] {
+            let key = service_key(&svc_addr(port));
+            assert_eq!(
+                indexed(&snap, &key),
+                Some(snap.services[&key]),
+                "port {port}"
+            );
+        }
+
+        // One left: back to its own record.
+        desired.services.remove(&svc_addr(a));
+        converge(&desired, &mut snap);
+        let key = service_key(&svc_addr(b));
+        assert_ne!(snap.service_slots[&slot_of(b)], SLOT_SHARED);
+        assert_eq!(indexed(&snap, &key), Some(snap.services[&key]));
+        assert_eq!(indexed(&snap, &service_key(&svc_addr(a))), None);
+    }
+
+    #[test]
+    fn a_damaged_record_is_rewritten() {
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(11, 1)]));
+        let mut snap = empty(10_000);
+        converge(&desired, &mut snap);
+        // As after an upgrade that replaced LB_SVC_RECORDS but kept the slots.
+        for r in snap.service_records.values_mut() {
+            *r = ServiceRecord {
+                key: ServiceKey::v4([0; 4], 0, 0),
+                _pad: [0; 4],
+                value: r.value,
+            };
+        }
+        converge(&desired, &mut snap);
+        let key = service_key(&svc_addr(53));
+        assert_eq!(indexed(&snap, &key), Some(snap.services[&key]));
     }
 }

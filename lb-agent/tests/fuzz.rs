@@ -1455,11 +1455,7 @@ impl Model {
     /// A fragment to a VIP goes to the VIP's fragment service, if it has one for the
     /// protocol; the fuzzed configuration has none, so VIP fragments are dropped.
     fn fragment(&self, fr: &Frag) -> Expect {
-        let key = VipKey {
-            addr_be: fr.dst,
-            family: fr.family,
-            _pad: [0; 3],
-        };
+        let key = VipKey::new(fr.dst, fr.family);
         let Some(v) = self.vips.get(&key) else {
             return Expect::Pass(Reason::PassFragment);
         };
@@ -1476,11 +1472,7 @@ impl Model {
     }
 
     fn is_echo_vip(&self, addr: &[u8], family: u8) -> bool {
-        let key = VipKey {
-            addr_be: addr16(addr),
-            family,
-            _pad: [0; 3],
-        };
+        let key = VipKey::new(addr16(addr), family);
         self.vips
             .get(&key)
             .is_some_and(|v| v.flags & VIP_F_ECHO != 0)

@@ -40,16 +40,22 @@ pub const PROGS_DECAP: u32 = 0;
 pub const MAX_AFFINITY: u32 = 65_536;
 /// Translated flows remembered for their replies.
 pub const MAX_REVNAT: u32 = 131_072;
-/// Array of `VIP_BITS_WORDS` `u64`: a one-hash Bloom filter of every VIP address
-/// ([`crate::hash::vip_bit`]). A packet whose destination's bit is clear is not for a VIP,
-/// without a hash-map lookup.
-pub const VIP_BITS: &str = "LB_VIP_BITS";
-pub const VIP_BITS_WORDS: u32 = 4096;
+/// Array of `SVC_SLOT_COUNT` `u32`, indexed by [`crate::hash::service_slot`] of a packet's
+/// (destination, port, protocol): `SLOT_EMPTY` (no service there: the packet is not for a
+/// VIP), `SLOT_SHARED` (several services: look in `LB_SERVICES`) or `slot_value` of the one
+/// service's current record in `LB_SVC_RECORDS`.
+pub const SVC_SLOTS: &str = "LB_SVC_SLOTS";
+pub const SVC_SLOT_COUNT: u32 = 1 << SVC_SLOT_BITS;
+pub const SVC_SLOT_BITS: u32 = 16;
+/// Array of `ServiceRecord`, two per service id (`record_index`).
+pub const SVC_RECORDS: &str = "LB_SVC_RECORDS";
+/// Maps earlier versions pinned and this one no longer has: the loader removes their pins.
+pub const RETIRED: [&str; 1] = ["LB_VIP_BITS"];
 /// Allow-list entries over all services.
 pub const MAX_SRC_RANGES: u32 = 65_536;
 
 /// Every map the load balancer pins, in the order `lb-agent status` reads them.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 17] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -65,7 +71,8 @@ pub const ALL: [&str; 16] = [
     DNAT,
     REVNAT,
     PROGS,
-    VIP_BITS,
+    SVC_SLOTS,
+    SVC_RECORDS,
 ];
 
 /// Distinct (VIP, port, protocol) entries; also the size of the per-service counter array.

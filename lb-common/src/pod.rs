@@ -4,14 +4,15 @@
 use crate::bench::{GenFrame, HarnessFrame, SinkConfig};
 use crate::types::{
     AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowValue,
-    NodeConfig, RevNatValue, ServiceCounters, ServiceKey, ServiceValue, SourceRange, VipKey,
-    VipValue,
+    NodeConfig, RevNatValue, ServiceCounters, ServiceKey, ServiceRecord, ServiceValue, SourceRange,
+    VipKey, VipValue,
 };
 
 // SAFETY: each type is `repr(C)`, has no implicit padding (sizes asserted in `types`), and
 // every bit pattern is a valid value.
 unsafe impl aya::Pod for ServiceKey {}
 unsafe impl aya::Pod for ServiceValue {}
+unsafe impl aya::Pod for ServiceRecord {}
 unsafe impl aya::Pod for BackendValue {}
 unsafe impl aya::Pod for NodeConfig {}
 unsafe impl aya::Pod for Counters {}

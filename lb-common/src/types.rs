@@ -51,7 +51,8 @@ impl Forwarding {
 
 /// (VIP, port, protocol). IPv4 addresses occupy the first four bytes of `addr_be`, the rest
 /// zero; `family` says which.
-#[repr(C)]
+/// Aligned to 4 so the data plane compares keys as five words.
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
     pub addr_be: [u8; 16],
@@ -75,6 +76,45 @@ impl ServiceKey {
             family: FAMILY_V4,
         }
     }
+}
+
+/// An IPv4 address as 16 bytes (first four; the rest zero), as every shared key holds it.
+/// Built from words: a zeroed byte array written in part becomes a byte-loop `memset` call in
+/// BPF code.
+#[inline(always)]
+pub const fn addr16_v4(a: [u8; 4]) -> [u8; 16] {
+    let words = [u32::from_ne_bytes(a), 0, 0, 0];
+    // SAFETY: same size, every bit pattern valid.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(words) }
+}
+
+/// An `LB_SVC_RECORDS` entry: a service's key (checked against the packet) and value, so the
+/// data plane finds a service through two array reads instead of a hash-map lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceRecord {
+    pub key: ServiceKey,
+    pub _pad: [u8; 4],
+    pub value: ServiceValue,
+}
+const _: () = assert!(size_of::<ServiceRecord>() == 56);
+
+/// `LB_SVC_SLOTS` value: no service hashes to this slot (so the packet is for none).
+pub const SLOT_EMPTY: u32 = 0;
+/// `LB_SVC_SLOTS` value: several services hash to this slot; look the key up in
+/// `LB_SERVICES`.
+pub const SLOT_SHARED: u32 = u32::MAX;
+
+/// The `LB_SVC_RECORDS` index of bank `bank` (0 or 1) of service `id`. Each service has two,
+/// so the agent writes a changed record into the bank the data plane is not reading, then
+/// switches the service's slot to it with one 4-byte write.
+pub const fn record_index(id: u32, bank: u32) -> u32 {
+    id * 2 + (bank & 1)
+}
+
+/// The `LB_SVC_SLOTS` value that points at record `index`.
+pub const fn slot_value(index: u32) -> u32 {
+    index + 1
 }
 
 /// Service flags.
@@ -221,9 +261,22 @@ impl NodeConfig {
 pub struct VipKey {
     pub addr_be: [u8; 16],
     pub family: u8,
-    pub _pad: [u8; 3],
+    // Padding as scalars: a 3-byte array becomes a byte-loop `memset` call in BPF code.
+    pub _pad1: u8,
+    pub _pad2: u16,
 }
 const _: () = assert!(size_of::<VipKey>() == 20);
+
+impl VipKey {
+    pub const fn new(addr_be: [u8; 16], family: u8) -> Self {
+        VipKey {
+            addr_be,
+            family,
+            _pad1: 0,
+            _pad2: 0,
+        }
+    }
+}
 
 /// The load balancer answers ICMP/ICMPv6 echo requests to this VIP.
 pub const VIP_F_ECHO: u32 = 1;
@@ -306,10 +359,23 @@ const _: () = assert!(size_of::<Counters>() == 16);
 pub struct AffinityKey {
     pub service_id: u32,
     pub family: u8,
-    pub _pad: [u8; 3],
+    pub _pad1: u8,
+    pub _pad2: u16,
     pub client_be: [u8; 16],
 }
 const _: () = assert!(size_of::<AffinityKey>() == 24);
+
+impl AffinityKey {
+    pub const fn new(service_id: u32, family: u8, client_be: [u8; 16]) -> Self {
+        AffinityKey {
+            service_id,
+            family,
+            _pad1: 0,
+            _pad2: 0,
+            client_be,
+        }
+    }
+}
 
 /// An endpoint on this node for one service: packets for (`vip`, `port`, `proto`) that
 /// arrive tunnelled to `backend` are delivered to `backend`:`DnatValue::target_port_be`.
@@ -341,6 +407,18 @@ const _: () = assert!(size_of::<DnatValue>() == 4);
 pub struct RevNatValue {
     pub vip_be: [u8; 16],
     pub port_be: u16,
-    pub _pad: [u8; 6],
+    pub _pad1: u16,
+    pub _pad2: u32,
 }
 const _: () = assert!(size_of::<RevNatValue>() == 24);
+
+impl RevNatValue {
+    pub const fn new(vip_be: [u8; 16], port_be: u16) -> Self {
+        RevNatValue {
+            vip_be,
+            port_be,
+            _pad1: 0,
+            _pad2: 0,
+        }
+    }
+}

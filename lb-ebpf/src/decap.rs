@@ -60,8 +60,7 @@ fn outer_ip(ctx: &XdpContext, l2: &L2) -> Result<Outer, Verdict> {
         if frags[0] & 0x3f != 0 || frags[1] != 0 {
             return Err(Verdict::pass(Reason::PassFragment));
         }
-        let mut dst_be = [0u8; 16];
-        dst_be[..4].copy_from_slice(&dst);
+        let dst_be = lb_common::addr16_v4(dst);
         Ok(Outer {
             len: ihl,
             proto,

@@ -91,11 +91,7 @@ fn remember_reply(
         family,
         _pad: [0; 2],
     };
-    let value = RevNatValue {
-        vip_be,
-        port_be: u16::from_ne_bytes([ports[2], ports[3]]),
-        _pad: [0; 6],
-    };
+    let value = RevNatValue::new(vip_be, u16::from_ne_bytes([ports[2], ports[3]]));
     // SAFETY: compared at once; a concurrent replacement is benign (same value).
     if unsafe { LB_REVNAT.get(&key) }.is_some_and(|v| *v == value) {
         return;
@@ -127,8 +123,7 @@ fn translate_v4(ctx: &XdpContext, l3: usize, backend_be: [u8; 16]) -> Option<()>
     let l4_check: *mut [u8; 2] = ptr_at(ctx, l4 + check_off)?;
     // SAFETY: `ptr_at` checked bounds.
     let (old_ports, old_check) = unsafe { (*ports, *l4_check) };
-    let mut vip_be = [0u8; 16];
-    vip_be[..4].copy_from_slice(&dst);
+    let vip_be = lb_common::addr16_v4(dst);
     let target = target_port(
         vip_be,
         backend_be,
@@ -153,8 +148,7 @@ fn translate_v4(ctx: &XdpContext, l3: usize, backend_be: [u8; 16]) -> Option<()>
             c
         }
     };
-    let mut src_be = [0u8; 16];
-    src_be[..4].copy_from_slice(&src);
+    let src_be = lb_common::addr16_v4(src);
     // SAFETY: the pointers were bounds-checked above and no helper moved the packet since.
     unsafe {
         (*ip).dst_addr = new_dst;

@@ -6,11 +6,11 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowValue,
-    NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey, ServiceValue, SourceRange,
-    VipKey, VipValue,
+    NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey, ServiceRecord, ServiceValue,
+    SourceRange, VipKey, VipValue,
     maps::{
         DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_AFFINITY, MAX_BACKENDS,
-        MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES, MMAPABLE_FLAG, VIP_BITS_WORDS,
+        MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES, MMAPABLE_FLAG, SVC_SLOT_COUNT,
     },
 };
 
@@ -69,7 +69,11 @@ pub static LB_REVNAT: LruHashMap<FlowKey, RevNatValue, { MAX_REVNAT as usize }, 
     LruHashMap::new();
 
 #[btf_map]
-pub static LB_VIP_BITS: Array<u64, { VIP_BITS_WORDS as usize }> = Array::new();
+pub static LB_SVC_SLOTS: Array<u32, { SVC_SLOT_COUNT as usize }> = Array::new();
+
+/// Two records per service id (`lb_common::record_index`).
+#[btf_map]
+pub static LB_SVC_RECORDS: Array<ServiceRecord, { 2 * MAX_SERVICES as usize }> = Array::new();
 
 #[btf_map]
 pub static LB_PROGS: ProgramArray<1> = ProgramArray::new();

@@ -101,10 +101,8 @@ fn restore_v4(ctx: &TcContext, l3: usize) -> Option<()> {
     let (check_off, flags) = l4_check(proto)?;
     let l4 = l3 + ihl;
     let ports: [u8; 4] = ctx.load(l4).ok()?;
-    let mut src_be = [0u8; 16];
-    src_be[..4].copy_from_slice(&src);
-    let mut dst_be = [0u8; 16];
-    dst_be[..4].copy_from_slice(&dst);
+    let src_be = lb_common::addr16_v4(src);
+    let dst_be = lb_common::addr16_v4(dst);
     let orig = lookup(src_be, dst_be, ports, proto, FAMILY_V4)?;
     let old = u32::from_ne_bytes(src) as u64;
     let vip = [

@@ -15,8 +15,8 @@
 use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_coarse_ns};
 use lb_common::{
     AffinityKey, BackendValue, FAMILY_V4, FlowKey, FlowValue, NodeConfig, PROTO_TCP, Reason,
-    SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue,
-    SourceRange, VipKey, VipValue,
+    SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, SLOT_EMPTY, SLOT_SHARED,
+    ServiceKey, ServiceValue, SourceRange, VipKey, VipValue,
     hash::{flow_hash_v4, flow_hash_v6_folded},
 };
 
@@ -24,7 +24,7 @@ use crate::{
     Verdict,
     maps::{
         LB_AFFINITY, LB_BACKENDS, LB_FLOOD, LB_FLOWS, LB_MAGLEV, LB_SERVICES, LB_SRC_RANGES,
-        LB_VIP_BITS, LB_VIPS,
+        LB_SVC_RECORDS, LB_SVC_SLOTS, LB_VIPS,
     },
     parse::Packet,
     stats,
@@ -72,12 +72,47 @@ pub fn service(pkt: &Packet) -> Result<ServiceValue, Verdict> {
     Ok(service)
 }
 
-/// May `pkt`'s destination be a VIP? A clear bit in the VIP filter says surely not, for the
-/// price of an array read instead of a hash-map lookup.
+/// Do two service keys match? Word by word: an array or struct comparison would become a
+/// byte-loop `memcmp` call in BPF code.
 #[inline(always)]
-fn may_be_vip(pkt: &Packet) -> bool {
-    let (word, bit) = lb_common::hash::vip_bit_folded(pkt.dst_fold, pkt.family);
-    LB_VIP_BITS.get(word).is_some_and(|w| *w & bit != 0)
+fn same_key(a: &ServiceKey, b: &ServiceKey) -> bool {
+    let a = (a as *const ServiceKey).cast::<u32>();
+    let b = (b as *const ServiceKey).cast::<u32>();
+    let mut diff = 0;
+    for i in 0..5 {
+        // SAFETY: both keys are 20 bytes, aligned to 4 (`ServiceKey` is `align(4)`).
+        diff |= unsafe { *a.add(i) ^ *b.add(i) };
+    }
+    diff == 0
+}
+
+/// The service of the packet's destination with `port_be`: the slot its hash picks in
+/// `LB_SVC_SLOTS` says "none" (most packets that are not for a VIP stop here, before the key
+/// is even built), or names the one record that may match, or sends the few keys that
+/// share a slot to `LB_SERVICES`.
+#[inline(always)]
+fn find_service(pkt: &Packet, port_be: u16) -> Option<ServiceValue> {
+    let slot = lb_common::hash::service_slot_folded(pkt.dst_fold, port_be, pkt.proto, pkt.family);
+    let slot_value = *LB_SVC_SLOTS.get(slot)?;
+    if slot_value == SLOT_EMPTY {
+        return None;
+    }
+    let key = &ServiceKey {
+        addr_be: pkt.dst_be,
+        port_be,
+        proto: pkt.proto,
+        family: pkt.family,
+    };
+    match slot_value {
+        // SAFETY: the value is copied out at once; the agent replaces entries whole.
+        SLOT_SHARED => unsafe { LB_SERVICES.get(key) }.copied(),
+        value => {
+            // The agent writes a changed record into the service's other bank and then
+            // points the slot at it, so the record read here is never being rewritten.
+            let record = LB_SVC_RECORDS.get(value.wrapping_sub(1))?;
+            same_key(&record.key, key).then_some(record.value)
+        }
+    }
 }
 
 #[inline(always)]
@@ -85,21 +120,9 @@ fn service_of(pkt: &Packet) -> Result<ServiceValue, Verdict> {
     let port_be = if pkt.fragment {
         fragment_port(pkt)?
     } else {
-        if !may_be_vip(pkt) {
-            return Err(Verdict::pass(Reason::PassNotVip));
-        }
         u16::from_ne_bytes(pkt.dport_be)
     };
-    let key = ServiceKey {
-        addr_be: pkt.dst_be,
-        port_be,
-        proto: pkt.proto,
-        family: pkt.family,
-    };
-    // SAFETY: the value is copied out at once; the agent replaces entries whole.
-    unsafe { LB_SERVICES.get(&key) }
-        .copied()
-        .ok_or(Verdict::pass(Reason::PassNotVip))
+    find_service(pkt, port_be).ok_or(Verdict::pass(Reason::PassNotVip))
 }
 
 #[inline(always)]
@@ -111,11 +134,7 @@ fn backend_of(id: u32, service: &ServiceValue) -> Option<BackendValue> {
 /// The settings of a VIP (any port), if `addr_be` is one.
 #[inline(always)]
 pub fn vip(addr_be: [u8; 16], family: u8) -> Option<VipValue> {
-    let key = VipKey {
-        addr_be,
-        family,
-        _pad: [0; 3],
-    };
+    let key = VipKey::new(addr_be, family);
     // SAFETY: the value is copied out at once.
     unsafe { LB_VIPS.get(&key) }.copied()
 }
@@ -216,12 +235,7 @@ fn affine(
     now: u64,
     bytes: u64,
 ) -> Result<(u32, BackendValue, bool), Verdict> {
-    let key = AffinityKey {
-        service_id: service.id,
-        family: pkt.family,
-        _pad: [0; 3],
-        client_be: pkt.src_be,
-    };
+    let key = AffinityKey::new(service.id, pkt.family, pkt.src_be);
     if let Some(entry) = LB_AFFINITY.get_ptr_mut(&key) {
         // SAFETY: the entry stays valid during this program run (RCU); racing updates of
         // `last_seen_ns` are benign.

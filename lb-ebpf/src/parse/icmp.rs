@@ -163,10 +163,12 @@ pub fn parse_v6(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
     if ip.next_hdr != PROTO_TCP && ip.next_hdr != PROTO_UDP {
         return Err(Verdict::pass(Reason::PassNotVip));
     }
-    // The quote is the reply (VIP → client): its source folds to the flow's destination.
-    let (vip_fold, client_fold) = super::fold_addrs_v6(ip);
     let (vip_port, client_port) = quoted_ports(ctx, q + Ipv6Hdr::LEN)?;
     within(&outer, q, Ipv6Hdr::LEN + 4)?;
+    // The quote is the reply (VIP → client): its source folds to the flow's destination.
+    // (Folded only now: values live across the early returns above made LLVM merge paths
+    // in a way the verifier rejects.)
+    let (vip_fold, client_fold) = super::fold_addrs_v6(ip);
     let (vip, client, proto) = (ip.src_addr, ip.dst_addr, ip.next_hdr);
     Ok(flow(
         outer,

@@ -38,7 +38,7 @@ pub struct Packet {
     pub sport_be: [u8; 2],
     pub dport_be: [u8; 2],
     /// The addresses folded into one word each (`hash::fold_v6_words`), for the flow hash
-    /// and the VIP filter: IPv6 only (IPv4: the address word itself).
+    /// and the service index: IPv6 only (IPv4: the address word itself).
     pub src_fold: u32,
     pub dst_fold: u32,
     pub proto: u8,

@@ -35,11 +35,13 @@ use super::{
 };
 
 /// How much to measure.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Settings {
     pub repeat: u32,
     pub rounds: usize,
     pub cpu: usize,
+    /// Only the cases whose label contains this text.
+    pub case: Option<String>,
 }
 
 fn baseline_of(verdict: u32) -> (Prog, &'static str) {
@@ -282,7 +284,13 @@ fn measure_all(bench: &mut Bench) -> anyhow::Result<results::Dataplane> {
         eprintln!("{}", fmt_progress(&row));
         out.baselines.push(row);
     }
-    for case in cases::cases() {
+    let filter = bench.settings.case.clone();
+    let wanted = |case: &Case| {
+        filter
+            .as_deref()
+            .is_none_or(|want| case.kind.label().contains(want))
+    };
+    for case in cases::cases().into_iter().filter(|c| wanted(c)) {
         let row = measure_case(bench, &case)
             .with_context(|| format!("case {} ({:?})", case.kind.label(), case.mode))?;
         eprintln!("{}", fmt_progress(&row));

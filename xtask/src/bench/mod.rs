@@ -53,6 +53,9 @@ pub struct Options {
     /// Sections to run.
     #[arg(long, value_delimiter = ',', default_value = "dataplane,control,e2e")]
     only: Vec<Section>,
+    /// Data plane: only the cases whose label contains this text (baselines always run).
+    #[arg(long)]
+    case: Option<String>,
     /// Directory for report.md and the plots (default: target/bench in the workspace).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -195,6 +198,7 @@ fn measure(opts: &Options) -> anyhow::Result<()> {
             repeat: if quick { 200_000 } else { 1_000_000 },
             rounds: if quick { 5 } else { 9 },
             cpu,
+            case: opts.case.clone(),
         };
         results.dataplane = section("data plane", &mut results, &mut failed, || {
             dataplane::run(&harness, settings)
