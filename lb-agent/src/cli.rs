@@ -87,8 +87,8 @@ pub struct RunArgs {
     /// Capacity of the Maglev slot array when it is created (8 bytes per slot in the kernel).
     #[arg(long, default_value_t = lb_common::maps::DEFAULT_MAGLEV_SLOTS)]
     pub maglev_slots: u32,
-    /// Flow-table entries (all CPUs together) when the table is created; overrides
-    /// `flow_table.size` in the config (default 1048576).
+    /// IPv4 flow-table entries (all CPUs together) when the table is created, the IPv6 table
+    /// a quarter of it; overrides `flow_table.size` in the config (default 1048576).
     #[arg(long)]
     pub flow_table_size: Option<u32>,
     /// Seconds between re-resolving backend MAC addresses.

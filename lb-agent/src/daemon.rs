@@ -408,7 +408,8 @@ pub async fn decap(args: DecapArgs) -> Result<(), AgentError> {
     // The decap program needs none of the load balancer's maps: keep them tiny and unpinned.
     let mut ebpf = aya::EbpfLoader::new()
         .map_max_entries(lb_common::maps::MAGLEV, 1)
-        .map_max_entries(lb_common::maps::FLOWS, 1)
+        .map_max_entries(lb_common::maps::FLOWS4, 1)
+        .map_max_entries(lb_common::maps::FLOWS6, 1)
         .map_max_entries(lb_common::maps::AFFINITY, 1)
         .map_max_entries(lb_common::maps::REVNAT, 1)
         .load(loader::EBPF_OBJECT)

@@ -54,6 +54,13 @@ pub enum LoadError {
         map: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("opening the previous version's flow table {path}: {source}")]
+    LegacyFlows {
+        path: PathBuf,
+        source: aya::maps::MapError,
+    },
+    #[error("moving the previous version's flows: {0}")]
+    Migrate(String),
     #[error("attaching {name} to {iface} egress: {source}")]
     AttachTc {
         name: &'static str,
@@ -108,13 +115,13 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), LoadError> {
 
 /// The key and value size of every pinned map (from the shared types), and its number of
 /// entries where that is fixed by the build (`None`: set when the map is created).
-fn layouts() -> [(&'static str, usize, usize, Option<u32>); 17] {
+fn layouts() -> [(&'static str, usize, usize, Option<u32>); 18] {
     use std::mem::size_of;
 
     use lb_common::{
-        AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowValue,
-        NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey, ServiceRecord, ServiceValue,
-        SourceRange, VipKey, VipValue,
+        AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowKeyV4,
+        FlowValue, NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey, ServiceRecord,
+        ServiceValue, SourceRange, VipKey, VipValue,
     };
     let u32s = size_of::<u32>();
     [
@@ -151,7 +158,13 @@ fn layouts() -> [(&'static str, usize, usize, Option<u32>); 17] {
             Some(Reason::COUNT),
         ),
         (
-            maps::FLOWS,
+            maps::FLOWS4,
+            size_of::<FlowKeyV4>(),
+            size_of::<FlowValue>(),
+            None,
+        ),
+        (
+            maps::FLOWS6,
             size_of::<FlowKey>(),
             size_of::<FlowValue>(),
             None,
@@ -253,23 +266,99 @@ pub fn drop_incompatible_pins(pin_dir: &Path) -> Result<Vec<&'static str>, LoadE
 }
 
 /// Load the object; every map is opened from `pin_dir` if pinned there, else created and
-/// pinned. `maglev_slots` and `flows` size `LB_MAGLEV` and `LB_FLOWS` when they are created
-/// (pinned maps keep the size they were created with). Pins of another layout are replaced
-/// first ([`drop_incompatible_pins`]).
+/// pinned. `maglev_slots` and `flows` size `LB_MAGLEV` and `LB_FLOWS4` (`LB_FLOWS6`:
+/// [`maps::flows6_for`]) when they are created (pinned maps keep the size they were created
+/// with). Pins of another layout are replaced first ([`drop_incompatible_pins`]); the flow
+/// table of an older version is moved into the new ones ([`migrate_legacy_flows`]).
 pub fn load(pin_dir: &Path, maglev_slots: u32, flows: u32) -> Result<Ebpf, LoadError> {
     ensure_pin_dir(pin_dir)?;
     drop_incompatible_pins(pin_dir)?;
+    let legacy_path = pin_dir.join(maps::LEGACY_FLOWS);
+    let legacy = legacy_path
+        .exists()
+        .then(|| aya::maps::MapData::from_pin(&legacy_path))
+        .transpose()
+        .map_err(|source| LoadError::LegacyFlows {
+            path: legacy_path.clone(),
+            source,
+        })?;
     let paths: Vec<(&'static str, PathBuf)> = maps::ALL
         .iter()
         .map(|name| (*name, pin_dir.join(name)))
         .collect();
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(maps::MAGLEV, maglev_slots);
-    loader.map_max_entries(maps::FLOWS, flows);
+    loader.map_max_entries(maps::FLOWS4, flows);
+    loader.map_max_entries(maps::FLOWS6, maps::flows6_for(flows));
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    Ok(loader.load(EBPF_OBJECT)?)
+    let mut ebpf = loader.load(EBPF_OBJECT)?;
+    if let Some(legacy) = legacy {
+        migrate_legacy_flows(legacy, &mut ebpf)?;
+        std::fs::remove_file(&legacy_path).map_err(|source| LoadError::Io {
+            path: legacy_path,
+            source,
+        })?;
+    }
+    Ok(ebpf)
+}
+
+/// Copy the entries of an older version's single flow table (`LB_FLOWS`, `FlowKey` →
+/// `FlowValue`) into `LB_FLOWS4` and `LB_FLOWS6`, so the connections it remembers keep their
+/// backends across the upgrade. Best effort: an entry that does not fit is logged and left.
+/// Returns how many entries moved.
+pub fn migrate_legacy_flows(
+    legacy: aya::maps::MapData,
+    ebpf: &mut Ebpf,
+) -> Result<usize, LoadError> {
+    use aya::maps::{HashMap, Map};
+    use lb_common::{FlowKey, FlowKeyV4, FlowValue};
+
+    let legacy: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(Map::LruHashMap(legacy))
+        .map_err(|e| LoadError::Migrate(format!("{}: {e}", maps::LEGACY_FLOWS)))?;
+    let entries: Vec<(FlowKey, FlowValue)> = legacy.iter().filter_map(Result::ok).collect();
+    let mut moved = 0;
+    {
+        let mut flows4: HashMap<_, FlowKeyV4, FlowValue> = map_of(ebpf, maps::FLOWS4)?;
+        for (key, value) in entries
+            .iter()
+            .filter(|(k, _)| k.family == lb_common::FAMILY_V4)
+        {
+            if let Some(k4) = key.narrow() {
+                match flows4.insert(k4, value, 0) {
+                    Ok(()) => moved += 1,
+                    Err(e) => tracing::warn!(?key, error = %e, "flow not migrated"),
+                }
+            }
+        }
+    }
+    let mut flows6: HashMap<_, FlowKey, FlowValue> = map_of(ebpf, maps::FLOWS6)?;
+    for (key, value) in entries
+        .iter()
+        .filter(|(k, _)| k.family == lb_common::FAMILY_V6)
+    {
+        match flows6.insert(key, value, 0) {
+            Ok(()) => moved += 1,
+            Err(e) => tracing::warn!(?key, error = %e, "flow not migrated"),
+        }
+    }
+    tracing::info!(
+        moved,
+        of = entries.len(),
+        "flows of the previous version's table moved into LB_FLOWS4/LB_FLOWS6"
+    );
+    Ok(moved)
+}
+
+fn map_of<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<aya::maps::HashMap<&'a mut aya::maps::MapData, K, V>, LoadError> {
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| LoadError::Migrate(format!("{name} is missing from the object")))?;
+    aya::maps::HashMap::try_from(map).map_err(|e| LoadError::Migrate(format!("{name}: {e}")))
 }
 
 /// Path of the pinned link for an interface.

@@ -246,7 +246,8 @@ fn node() -> Node {
     );
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(maps::MAGLEV, 1 << 16)
-        .map_max_entries(maps::FLOWS, 1 << 16)
+        .map_max_entries(maps::FLOWS4, 1 << 16)
+        .map_max_entries(maps::FLOWS6, 1 << 14)
         .load(EBPF_OBJECT)
         .expect("load object");
     for name in [maps::PROG_LB, maps::PROG_DECAP] {

@@ -1,14 +1,16 @@
 //! Upgrading over the pins of an older build: a pinned map whose layout this build does not
 //! share (here `LB_SERVICES` with the older 24-byte value, and `LB_REASONS` with fewer
-//! counters) is replaced, so the program loads; a map whose layout is unchanged (`LB_FLOWS`)
-//! is adopted with its entries, so remembered connections survive the upgrade.
+//! counters) is replaced, so the program loads; a map whose layout is unchanged (`LB_FLOWS4`)
+//! is adopted with its entries, so remembered connections survive the upgrade; the single
+//! flow table of older versions (`LB_FLOWS`) has its entries moved into `LB_FLOWS4` and
+//! `LB_FLOWS6` and its pin removed, as is the pin of the retired `LB_VIP_BITS`.
 //! Needs root (loading BPF, bpffs).
 
 use std::{path::Path, process::Command};
 
 use aya::maps::{HashMap, Map, MapData, MapInfo};
 use lb_agent::loader;
-use lb_common::{FlowKey, FlowValue, Reason, maps};
+use lb_common::{FlowKey, FlowKeyV4, FlowValue, Reason, maps};
 use lb_testkit::scenario::DirGuard;
 
 fn bpftool(args: &[&str]) {
@@ -34,31 +36,84 @@ fn pins_of_another_layout_are_replaced_and_compatible_ones_adopted() {
     loader::ensure_pin_dir(&pins.0).unwrap();
     let pin = |name: &str| pins.0.join(name).to_str().unwrap().to_string();
 
+    let value = |backend_id| FlowValue {
+        backend_id,
+        _pad: [0; 4],
+        last_seen_ns: 1,
+    };
     // A running agent's pins, with one remembered connection.
-    let flow = FlowKey {
-        src_be: [198, 18, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        dst_be: [198, 18, 0, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        sport_be: 40000u16.to_be(),
+    let flow = FlowKeyV4::new(
+        [198, 18, 1, 1],
+        [198, 18, 0, 100],
+        40000u16.to_be(),
+        80u16.to_be(),
+        6,
+    );
+    {
+        let mut ebpf = loader::load(&pins.0, 1 << 16, 4096).expect("first load");
+        let mut flows: HashMap<_, FlowKeyV4, FlowValue> =
+            HashMap::try_from(ebpf.map_mut(maps::FLOWS4).unwrap()).unwrap();
+        flows.insert(flow, value(7), 0).unwrap();
+    }
+    // What an older build's layout looks like: services with a shorter value, fewer reason
+    // counters, the VIP filter, and one flow table for both families.
+    for name in [maps::SERVICES, maps::REASON_STATS] {
+        std::fs::remove_file(pins.0.join(name)).unwrap();
+    }
+    bpftool(&[
+        "map",
+        "create",
+        &pin("LB_VIP_BITS"),
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "8",
+        "entries",
+        "4096",
+        "name",
+        "LB_VIP_BITS",
+    ]);
+    bpftool(&[
+        "map",
+        "create",
+        &pin(maps::LEGACY_FLOWS),
+        "type",
+        "lru_hash",
+        "key",
+        "40",
+        "value",
+        "16",
+        "entries",
+        "4096",
+        "name",
+        maps::LEGACY_FLOWS,
+    ]);
+    let old_v4 = FlowKey {
+        src_be: lb_common::addr16_v4([198, 18, 1, 2]),
+        dst_be: lb_common::addr16_v4([198, 18, 0, 100]),
+        sport_be: 40001u16.to_be(),
         dport_be: 80u16.to_be(),
         proto: 6,
-        family: 4,
+        family: lb_common::FAMILY_V4,
+        _pad: [0; 2],
+    };
+    let old_v6 = FlowKey {
+        src_be: [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+        dst_be: [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        sport_be: 40002u16.to_be(),
+        dport_be: 443u16.to_be(),
+        proto: 6,
+        family: lb_common::FAMILY_V6,
         _pad: [0; 2],
     };
     {
-        let mut ebpf = loader::load(&pins.0, 1 << 16, 4096).expect("first load");
-        let mut flows: HashMap<_, FlowKey, FlowValue> =
-            HashMap::try_from(ebpf.map_mut(maps::FLOWS).unwrap()).unwrap();
-        let value = FlowValue {
-            backend_id: 7,
-            _pad: [0; 4],
-            last_seen_ns: 1,
-        };
-        flows.insert(flow, value, 0).unwrap();
-    }
-    // What an older build's layout looks like: services with a shorter value, fewer reason
-    // counters (the flow table's layout is unchanged).
-    for name in [maps::SERVICES, maps::REASON_STATS] {
-        std::fs::remove_file(pins.0.join(name)).unwrap();
+        let legacy = MapData::from_pin(pins.0.join(maps::LEGACY_FLOWS)).unwrap();
+        let mut legacy: HashMap<_, FlowKey, FlowValue> =
+            HashMap::try_from(Map::LruHashMap(legacy)).unwrap();
+        legacy.insert(old_v4, value(8), 0).unwrap();
+        legacy.insert(old_v6, value(9), 0).unwrap();
     }
     bpftool(&[
         "map",
@@ -92,7 +147,7 @@ fn pins_of_another_layout_are_replaced_and_compatible_ones_adopted() {
     ]);
 
     let dropped = loader::drop_incompatible_pins(&pins.0).unwrap();
-    assert_eq!(dropped, [maps::SERVICES, maps::REASON_STATS]);
+    assert_eq!(dropped, ["LB_VIP_BITS", maps::SERVICES, maps::REASON_STATS]);
     let mut ebpf = loader::load(&pins.0, 1 << 16, 4096).expect("load over the old pins");
     loader::install_decap(&mut ebpf).expect("the programs load against the new maps");
     let prog: &mut aya::programs::Xdp =
@@ -106,8 +161,19 @@ fn pins_of_another_layout_are_replaced_and_compatible_ones_adopted() {
     );
     let info = MapInfo::from_pin(pins.0.join(maps::REASON_STATS)).unwrap();
     assert_eq!(info.max_entries(), Reason::COUNT);
-    // The flow table was adopted with its connection.
-    let flows = MapData::from_pin(pins.0.join(maps::FLOWS)).unwrap();
-    let flows: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(Map::LruHashMap(flows)).unwrap();
+    // The flow table was adopted with its connection, and the old table's moved in.
+    let flows = MapData::from_pin(pins.0.join(maps::FLOWS4)).unwrap();
+    let flows: HashMap<_, FlowKeyV4, FlowValue> =
+        HashMap::try_from(Map::LruHashMap(flows)).unwrap();
     assert_eq!(flows.get(&flow, 0).unwrap().backend_id, 7);
+    assert_eq!(
+        flows.get(&old_v4.narrow().unwrap(), 0).unwrap().backend_id,
+        8
+    );
+    let flows6 = MapData::from_pin(pins.0.join(maps::FLOWS6)).unwrap();
+    let flows6: HashMap<_, FlowKey, FlowValue> =
+        HashMap::try_from(Map::LruHashMap(flows6)).unwrap();
+    assert_eq!(flows6.get(&old_v6, 0).unwrap().backend_id, 9);
+    assert!(!pins.0.join(maps::LEGACY_FLOWS).exists());
+    assert!(!pins.0.join("LB_VIP_BITS").exists());
 }

@@ -16,8 +16,13 @@ pub const SERVICE_STATS: &str = "LB_SVC_STATS";
 pub const BACKEND_STATS: &str = "LB_BE_STATS";
 /// Per CPU, `Reason` → `Counters`.
 pub const REASON_STATS: &str = "LB_REASONS";
-/// `FlowKey` → `FlowValue`: LRU hash with a free list per CPU.
-pub const FLOWS: &str = "LB_FLOWS";
+/// `FlowKeyV4` → `FlowValue`: the IPv4 flows, an LRU hash with a free list per CPU.
+pub const FLOWS4: &str = "LB_FLOWS4";
+/// `FlowKey` → `FlowValue`: the IPv6 flows, likewise.
+pub const FLOWS6: &str = "LB_FLOWS6";
+/// The one flow table (`FlowKey` → `FlowValue`) of earlier versions: the loader moves its
+/// entries into `LB_FLOWS4`/`LB_FLOWS6` and removes it.
+pub const LEGACY_FLOWS: &str = "LB_FLOWS";
 /// Per CPU, index 0 → `FloodWindow`.
 pub const FLOOD: &str = "LB_FLOOD";
 /// `VipKey` → `VipValue`: every VIP, for ICMP echo.
@@ -55,7 +60,7 @@ pub const RETIRED: [&str; 1] = ["LB_VIP_BITS"];
 pub const MAX_SRC_RANGES: u32 = 65_536;
 
 /// Every map the load balancer pins, in the order `lb-agent status` reads them.
-pub const ALL: [&str; 17] = [
+pub const ALL: [&str; 18] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -63,7 +68,8 @@ pub const ALL: [&str; 17] = [
     SERVICE_STATS,
     BACKEND_STATS,
     REASON_STATS,
-    FLOWS,
+    FLOWS4,
+    FLOWS6,
     FLOOD,
     VIPS,
     SRC_RANGES,
@@ -79,8 +85,15 @@ pub const ALL: [&str; 17] = [
 pub const MAX_SERVICES: u32 = 32_768;
 /// Backend entries: one per (service, backend address).
 pub const MAX_BACKENDS: u32 = 131_072;
-/// Default size of the flow table (entries, shared by all CPUs).
+/// Default size of the IPv4 flow table (entries, shared by all CPUs).
 pub const DEFAULT_FLOWS: u32 = 1 << 20;
+
+/// Entries of the IPv6 flow table for an IPv4 table of `flows`: a quarter (IPv6 entries are
+/// larger, and most traffic is IPv4), at least 1024.
+pub const fn flows6_for(flows: u32) -> u32 {
+    let quarter = flows / 4;
+    if quarter < 1024 { 1024 } else { quarter }
+}
 /// `BPF_F_NO_COMMON_LRU`: each CPU evicts from its own LRU list.
 pub const LRU_PER_CPU_FLAG: usize = 1 << 1;
 /// `BPF_F_MMAPABLE` (Linux 5.5+), on `LB_MAGLEV`: the agent writes tables through a memory

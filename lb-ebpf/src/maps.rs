@@ -5,12 +5,12 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowValue,
-    NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey, ServiceRecord, ServiceValue,
-    SourceRange, VipKey, VipValue,
+    AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowKeyV4,
+    FlowValue, NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey, ServiceRecord,
+    ServiceValue, SourceRange, VipKey, VipValue,
     maps::{
         DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_AFFINITY, MAX_BACKENDS,
-        MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES, MMAPABLE_FLAG, SVC_SLOT_COUNT,
+        MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES, MMAPABLE_FLAG, SVC_SLOT_COUNT, flows6_for,
     },
 };
 
@@ -39,8 +39,20 @@ pub static LB_BE_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCp
 pub static LB_REASONS: PerCpuArray<Counters, { Reason::COUNT as usize }> = PerCpuArray::new();
 
 #[btf_map]
-pub static LB_FLOWS: LruHashMap<FlowKey, FlowValue, { DEFAULT_FLOWS as usize }, LRU_PER_CPU_FLAG> =
-    LruHashMap::new();
+pub static LB_FLOWS4: LruHashMap<
+    FlowKeyV4,
+    FlowValue,
+    { DEFAULT_FLOWS as usize },
+    LRU_PER_CPU_FLAG,
+> = LruHashMap::new();
+
+#[btf_map]
+pub static LB_FLOWS6: LruHashMap<
+    FlowKey,
+    FlowValue,
+    { flows6_for(DEFAULT_FLOWS) as usize },
+    LRU_PER_CPU_FLAG,
+> = LruHashMap::new();
 
 #[btf_map]
 pub static LB_FLOOD: PerCpuArray<FloodWindow, 1> = PerCpuArray::new();
