@@ -22,6 +22,17 @@ pub fn ipv4_header(hdr: &[u8; 20]) -> [u8; 2] {
     fold(sum).to_ne_bytes()
 }
 
+/// Checksum of an IPv4 header given as its five words as they sit in memory (checksum field
+/// zero): the same result as [`ipv4_header`], without the header ever being in memory.
+#[inline(always)]
+pub fn ipv4_header_words(words: &[u32; 5]) -> u16 {
+    let mut sum = 0u32;
+    for w in words {
+        sum += (w & 0xffff) + (w >> 16);
+    }
+    fold(sum)
+}
+
 /// `sum` plus `~old + new` over the 16-bit words of two equally long byte strings, words
 /// read as they sit in memory (the byte order of the checksum field they update): the
 /// difference RFC 1624's incremental update adds.

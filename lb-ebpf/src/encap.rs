@@ -115,35 +115,34 @@ pub fn encapsulate(
         }
         return icmp::too_big(ctx, pkt, cfg, (mtu - extra) as u16);
     }
+    // The outer headers are built as words in registers and stored whole: built byte by byte
+    // on the stack and copied, they cost a byte load and store each, and reading narrow
+    // stores back as words stalls.
     if backend.family == FAMILY_V4 {
-        if cfg.encap_src_v4_be == [0; 4] {
+        let src = word(&cfg.encap_src_v4_be, 0);
+        if src == 0 {
             return Err(Verdict::drop(Reason::DropNoConfig));
         }
         let outer_len = pkt.l3_len as u32 + extra as u32;
         if outer_len > 0xffff {
             return Err(Verdict::drop(Reason::DropTooBig));
         }
-        let mut hdr = [0u8; V4_HDR];
-        hdr[0] = 0x45;
-        hdr[1] = pkt.tos;
-        hdr[2..4].copy_from_slice(&(outer_len as u16).to_be_bytes());
-        // id 0; DF copied from the inner packet so PMTU discovery keeps working.
-        hdr[6] = if pkt.dont_fragment { 0x40 } else { 0 };
-        hdr[8] = 64;
-        hdr[9] = outer_proto;
-        hdr[12..16].copy_from_slice(&cfg.encap_src_v4_be);
-        hdr[16..20].copy_from_slice(&backend.addr_be[..4]);
-        let check = csum::ipv4_header(&hdr);
-        hdr[10] = check[0];
-        hdr[11] = check[1];
+        // Version/IHL, TOS, length; id 0 and DF copied from the inner packet (so PMTU
+        // discovery keeps working); TTL 64, protocol, checksum; source; destination.
+        let mut w = [
+            0x45 | ((pkt.tos as u32) << 8) | (((outer_len as u16).to_be() as u32) << 16),
+            if pkt.dont_fragment { 0x40 << 16 } else { 0 },
+            64 | ((outer_proto as u32) << 8),
+            src,
+            word(&backend.addr_be, 0),
+        ];
+        w[2] |= (csum::ipv4_header_words(&w) as u32) << 16;
         grow(ctx, extra)?;
         write_l2(ctx, &pkt.l2, backend.mac, cfg.mac, EtherType::Ipv4 as u16)?;
-        let outer: *mut [u8; V4_HDR] =
-            ptr_at(ctx, pkt.l3_off).ok_or(Verdict::drop(Reason::DropNoHeadroom))?;
-        // SAFETY: `ptr_at` checked bounds after the head adjustment.
-        unsafe { *outer = hdr };
+        store_words(ctx, pkt.l3_off, &w)?;
     } else {
-        if cfg.encap_src_v6_be == [0; 16] {
+        let src = words4(&cfg.encap_src_v6_be);
+        if src == [0; 4] {
             return Err(Verdict::drop(Reason::DropNoConfig));
         }
         let payload_len = pkt.l3_len as u32 + extra as u32 - V6_HDR as u32;
@@ -151,31 +150,74 @@ pub fn encapsulate(
             return Err(Verdict::drop(Reason::DropTooBig));
         }
         let label = hash & 0x000f_ffff;
-        let mut hdr = [0u8; V6_HDR];
-        hdr[0] = 0x60 | (pkt.tos >> 4);
-        hdr[1] = (pkt.tos << 4) | (label >> 16) as u8;
-        hdr[2] = (label >> 8) as u8;
-        hdr[3] = label as u8;
-        hdr[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
-        hdr[6] = outer_proto;
-        hdr[7] = 64;
-        hdr[8..24].copy_from_slice(&cfg.encap_src_v6_be);
-        hdr[24..40].copy_from_slice(&backend.addr_be);
+        // Version, traffic class and flow label (big-endian); payload length, next header,
+        // hop limit; source; destination.
+        let first = (6u32 << 28) | ((pkt.tos as u32) << 20) | label;
+        let dst = words4(&backend.addr_be);
+        let w = [
+            first.to_be(),
+            ((payload_len as u16).to_be() as u32) | ((outer_proto as u32) << 16) | (64 << 24),
+            src[0],
+            src[1],
+            src[2],
+            src[3],
+            dst[0],
+            dst[1],
+            dst[2],
+            dst[3],
+        ];
         grow(ctx, extra)?;
         write_l2(ctx, &pkt.l2, backend.mac, cfg.mac, EtherType::Ipv6 as u16)?;
-        let outer: *mut [u8; V6_HDR] =
-            ptr_at(ctx, pkt.l3_off).ok_or(Verdict::drop(Reason::DropNoHeadroom))?;
-        // SAFETY: `ptr_at` checked bounds after the head adjustment.
-        unsafe { *outer = hdr };
+        store_words(ctx, pkt.l3_off, &w)?;
     }
     if gue {
         let ip_len = extra - UDP_HDR;
-        let u: *mut [u8; UDP_HDR] =
-            ptr_at(ctx, pkt.l3_off + ip_len).ok_or(Verdict::drop(Reason::DropNoHeadroom))?;
-        // SAFETY: `ptr_at` checked bounds after the head adjustment.
-        unsafe { *u = udp };
+        let u = [
+            u32::from_ne_bytes([udp[0], udp[1], udp[2], udp[3]]),
+            u32::from_ne_bytes([udp[4], udp[5], udp[6], udp[7]]),
+        ];
+        store_words(ctx, pkt.l3_off + ip_len, &u)?;
     }
     Ok(Verdict::tx(reason))
+}
+
+/// Word `i` of a byte array that starts 4-aligned in memory (every address field of the
+/// shared types, which assert their layouts, in a map value or a stack copy of one).
+#[inline(always)]
+fn word<const N: usize>(bytes: &[u8; N], i: usize) -> u32 {
+    // SAFETY: in bounds for every caller (constant `i` below N / 4); the field is 4-aligned.
+    unsafe { *bytes.as_ptr().add(i * 4).cast::<u32>() }
+}
+
+#[inline(always)]
+fn words4(bytes: &[u8; 16]) -> [u32; 4] {
+    [
+        word(bytes, 0),
+        word(bytes, 1),
+        word(bytes, 2),
+        word(bytes, 3),
+    ]
+}
+
+/// Store `words` (as they sit in memory) at `off` bytes into the packet, as 16-bit stores:
+/// headers after Ethernet start 2-aligned.
+#[inline(always)]
+fn store_words<const N: usize>(
+    ctx: &XdpContext,
+    off: usize,
+    words: &[u32; N],
+) -> Result<(), Verdict> {
+    // Bounds-checked as N words; written through the same pointer as 2N half-words.
+    let p: *mut [u32; N] = ptr_at(ctx, off).ok_or(Verdict::drop(Reason::DropNoHeadroom))?;
+    let p = p.cast::<u16>();
+    for (i, w) in words.iter().enumerate() {
+        // SAFETY: `ptr_at` checked that all N words lie in the packet; the offset is even.
+        unsafe {
+            *p.add(2 * i) = *w as u16;
+            *p.add(2 * i + 1) = (*w >> 16) as u16;
+        }
+    }
+    Ok(())
 }
 
 /// Make room for `extra` bytes of headers in front of the packet.
