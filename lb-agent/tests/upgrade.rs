@@ -38,7 +38,7 @@ fn pins_of_another_layout_are_replaced_and_compatible_ones_adopted() {
 
     let value = |backend_id| FlowValue {
         backend_id,
-        _pad: [0; 4],
+        flow_hash: 0,
         last_seen_ns: 1,
     };
     // A running agent's pins, with one remembered connection.

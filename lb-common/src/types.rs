@@ -403,7 +403,10 @@ impl FlowKey {
 pub struct FlowValue {
     /// `LB_BACKENDS` index.
     pub backend_id: u32,
-    pub _pad: [u8; 4],
+    /// The flow hash (`LB_FLOWS4`/`LB_FLOWS6`), so a packet that follows its flow does not
+    /// compute it again for a GUE source port or an IPv6 flow label; 0 when not known
+    /// (`LB_AFFINITY`, entries of older versions), then it is computed.
+    pub flow_hash: u32,
     /// `bpf_ktime_get_coarse_ns()` of the last packet.
     pub last_seen_ns: u64,
 }

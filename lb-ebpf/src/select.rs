@@ -40,8 +40,8 @@ pub struct Selected {
     pub backend: BackendValue,
     /// Decided by Maglev now (not taken from the flow table).
     pub new_flow: bool,
-    /// The flow hash when the decision computed it, else 0 (GUE and IPv6 outer headers
-    /// reuse it; a hash that happens to be 0 is just computed again).
+    /// The flow hash when the decision computed it or the flow entry held it, else 0 (GUE
+    /// and IPv6 outer headers reuse it; a hash that happens to be 0 is just computed again).
     pub flow_hash: u32,
 }
 
@@ -292,7 +292,7 @@ fn affine(
     if !pkt.icmp_error {
         let value = FlowValue {
             backend_id: id,
-            _pad: [0; 4],
+            flow_hash: 0,
             last_seen_ns: now,
         };
         let _ = LB_AFFINITY.insert(&key, &value, ANY);
@@ -371,7 +371,8 @@ fn follow_flow<T: FlowTable>(
         };
         // SAFETY: the entry stays valid during this program run (RCU); concurrent updates of
         // `last_seen_ns` from other CPUs are benign.
-        let (id, seen) = unsafe { ((*flow).backend_id, (*flow).last_seen_ns) };
+        let (id, seen, flow_hash) =
+            unsafe { ((*flow).backend_id, (*flow).last_seen_ns, (*flow).flow_hash) };
         if now.wrapping_sub(seen) <= idle_s as u64 * NS_PER_S {
             if let Some(backend) = backend_of(id, service) {
                 // SAFETY: as above.
@@ -380,7 +381,7 @@ fn follow_flow<T: FlowTable>(
                     backend_id: id,
                     backend,
                     new_flow: false,
-                    flow_hash: 0,
+                    flow_hash,
                 });
             }
             stats::count_reason(Reason::FlowRerouted, bytes);
@@ -411,6 +412,7 @@ fn follow_flow<T: FlowTable>(
             // SAFETY: as above; a racing reader sees the old or the new backend.
             unsafe {
                 (*flow).backend_id = backend_id;
+                (*flow).flow_hash = hash;
                 (*flow).last_seen_ns = now;
             }
         }
@@ -424,7 +426,7 @@ fn follow_flow<T: FlowTable>(
     if flood_guard_allows(now, cfg) {
         let value = FlowValue {
             backend_id,
-            _pad: [0; 4],
+            flow_hash: hash,
             last_seen_ns: now,
         };
         if T::insert(key, &value) {
