@@ -340,36 +340,6 @@ impl FlowKeyV4 {
         // SAFETY: same size and alignment; every bit pattern is a valid key.
         unsafe { core::mem::transmute::<[u32; 4], FlowKeyV4>(words) }
     }
-
-    /// The same flow as a [`FlowKey`] (for display and migration), and back.
-    pub const fn widen(&self) -> FlowKey {
-        FlowKey {
-            src_be: addr16_v4(self.src_be),
-            dst_be: addr16_v4(self.dst_be),
-            sport_be: self.sport_be,
-            dport_be: self.dport_be,
-            proto: self.proto,
-            family: FAMILY_V4,
-            _pad: [0; 2],
-        }
-    }
-}
-
-impl FlowKey {
-    /// The IPv4 key of an IPv4 flow.
-    pub const fn narrow(&self) -> Option<FlowKeyV4> {
-        if self.family != FAMILY_V4 {
-            return None;
-        }
-        let (s, d) = (self.src_be, self.dst_be);
-        Some(FlowKeyV4::new(
-            [s[0], s[1], s[2], s[3]],
-            [d[0], d[1], d[2], d[3]],
-            self.sport_be,
-            self.dport_be,
-            self.proto,
-        ))
-    }
 }
 
 /// Flow key: the 5-tuple as in the packet (`LB_FLOWS6`, `LB_REVNAT`). IPv4 addresses occupy
@@ -388,6 +358,21 @@ pub struct FlowKey {
 const _: () = assert!(size_of::<FlowKey>() == 40);
 
 impl FlowKey {
+    /// The IPv4 key of an IPv4 flow.
+    pub const fn narrow(&self) -> Option<FlowKeyV4> {
+        if self.family != FAMILY_V4 {
+            return None;
+        }
+        let (s, d) = (self.src_be, self.dst_be);
+        Some(FlowKeyV4::new(
+            [s[0], s[1], s[2], s[3]],
+            [d[0], d[1], d[2], d[3]],
+            self.sport_be,
+            self.dport_be,
+            self.proto,
+        ))
+    }
+
     /// The key from its ten words as they sit in memory (see [`FlowKeyV4::from_words`]):
     /// four of source, four of destination, the ports, protocol and family (low two bytes).
     #[inline(always)]
@@ -511,5 +496,58 @@ impl RevNatValue {
             _pad1: 0,
             _pad2: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The data plane builds keys from words, the agent from fields (migration, tests): both
+    // must give the same bytes, or an entry written by one is never found by the other.
+    #[test]
+    fn flow_keys_from_words_match_keys_from_fields() {
+        let (src, dst) = ([198, 18, 1, 2], [198, 18, 0, 100]);
+        let (sport, dport) = (40000u16.to_be(), 80u16.to_be());
+        let s = sport.to_ne_bytes();
+        let d = dport.to_ne_bytes();
+        let ports = u32::from_ne_bytes([s[0], s[1], d[0], d[1]]);
+        let v4 =
+            FlowKeyV4::from_words([u32::from_ne_bytes(src), u32::from_ne_bytes(dst), ports, 6]);
+        assert_eq!(v4, FlowKeyV4::new(src, dst, sport, dport, 6));
+
+        let a = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let b = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        let w = |x: &[u8; 16], i: usize| u32::from_ne_bytes([x[i], x[i + 1], x[i + 2], x[i + 3]]);
+        let v6 = FlowKey::from_words([
+            w(&a, 0),
+            w(&a, 4),
+            w(&a, 8),
+            w(&a, 12),
+            w(&b, 0),
+            w(&b, 4),
+            w(&b, 8),
+            w(&b, 12),
+            ports,
+            6 | ((FAMILY_V6 as u32) << 8),
+        ]);
+        let fields = FlowKey {
+            src_be: a,
+            dst_be: b,
+            sport_be: sport,
+            dport_be: dport,
+            proto: 6,
+            family: FAMILY_V6,
+            _pad: [0; 2],
+        };
+        assert_eq!(v6, fields);
+        assert_eq!(fields.narrow(), None);
+    }
+
+    #[test]
+    fn ipv4_addresses_fill_the_first_word() {
+        let a = addr16_v4([198, 18, 0, 1]);
+        assert_eq!(a[..4], [198, 18, 0, 1]);
+        assert!(a[4..].iter().all(|b| *b == 0));
     }
 }
