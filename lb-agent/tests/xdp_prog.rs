@@ -317,6 +317,94 @@ fn forwarding_cases_produce_exact_frames() {
     assert_eq!(tx_after - tx_before, cases.len() as u64, "tx counters");
 }
 
+/// The service-index slot of a UDP port of the VIP.
+fn udp_slot(port: u16) -> u32 {
+    lb_common::hash::service_slot(&sync::service_key(&ServiceAddr {
+        vip: IpAddr::V4(VIP),
+        port,
+        protocol: Protocol::Udp,
+    }))
+}
+
+#[test]
+fn services_sharing_an_index_slot_are_each_found_and_others_pass() {
+    let mut f = fixture();
+    // Three UDP ports of the VIP in one slot (a, b: services; c: none), and a port in the
+    // slot of PORT_L2 (alone there): its packets meet that service's record and must not
+    // match it.
+    let taken = [PORT_IPIP, PORT_L2, PORT_EMPTY];
+    let mut by_slot: BTreeMap<u32, Vec<u16>> = BTreeMap::new();
+    for port in 1000..u16::MAX {
+        by_slot.entry(udp_slot(port)).or_default().push(port);
+    }
+    let triple = by_slot
+        .values()
+        .find(|ports| ports.len() >= 3 && !taken.iter().any(|t| udp_slot(*t) == udp_slot(ports[0])))
+        .expect("some slot holds three ports");
+    let (a, b, c) = (triple[0], triple[1], triple[2]);
+    let stranger = *by_slot[&udp_slot(PORT_L2)]
+        .iter()
+        .find(|p| **p != PORT_L2)
+        .expect("another port in PORT_L2's slot");
+
+    let mut desired = f.desired.clone();
+    let addr = |port| ServiceAddr {
+        vip: IpAddr::V4(VIP),
+        port,
+        protocol: Protocol::Udp,
+    };
+    desired.services.insert(
+        addr(a),
+        service("a", Forwarding::L2, &[backend_ip(1)], true),
+    );
+    desired.services.insert(
+        addr(b),
+        service("b", Forwarding::L2, &[backend_ip(2)], true),
+    );
+    f.program(desired.clone());
+    assert_eq!(
+        f.snapshot.service_slots[&udp_slot(a)],
+        lb_common::SLOT_SHARED
+    );
+
+    let send = |f: &mut Fixture, port: u16| {
+        let input = udp_to(VIP, 40000, port).build();
+        (f.run(maps::PROG_LB, &input), input)
+    };
+    for (port, backend) in [(a, backend_ip(1)), (b, backend_ip(2))] {
+        let (got, input) = send(&mut f, port);
+        assert_frame(
+            &format!("port {port}"),
+            got,
+            XDP_TX,
+            &l2_expected(&input, backend),
+        );
+    }
+    for port in [c, stranger] {
+        let before = f.reason(Reason::PassNotVip);
+        let (got, input) = send(&mut f, port);
+        assert_frame(&format!("port {port}"), got, XDP_PASS, &input);
+        assert_eq!(f.reason(Reason::PassNotVip), before + 1, "port {port}");
+    }
+
+    // One left in the slot: found through its own record again.
+    desired.services.remove(&addr(b));
+    f.program(desired);
+    assert_ne!(
+        f.snapshot.service_slots[&udp_slot(a)],
+        lb_common::SLOT_SHARED
+    );
+    let (got, input) = send(&mut f, a);
+    assert_frame(
+        "port a alone",
+        got,
+        XDP_TX,
+        &l2_expected(&input, backend_ip(1)),
+    );
+    let (got, input) = send(&mut f, b);
+    assert_frame("port b removed", got, XDP_PASS, &input);
+}
+
 #[test]
 fn packets_that_are_not_ours_pass_untouched() {
     let mut f = fixture();
