@@ -243,8 +243,24 @@ impl Dataplane {
             match &run[0] {
                 MapOp::SetBackend { .. } if run.len() > 1 => self.set_backends(run)?,
                 MapOp::SetService { .. } if run.len() > 1 => self.set_services(run)?,
-                MapOp::SetServiceRecord { .. } if run.len() > 1 => self.set_records(run)?,
-                MapOp::SetServiceSlot { .. } if run.len() > 1 => self.set_slots(run)?,
+                MapOp::SetServiceRecord { .. } if run.len() > 1 => self.set_plain(
+                    maps::SVC_RECORDS,
+                    |d| d.service_records.map(),
+                    run,
+                    |op| match op {
+                        MapOp::SetServiceRecord { index, record } => Some((*index, *record)),
+                        _ => None,
+                    },
+                )?,
+                MapOp::SetServiceSlot { .. } if run.len() > 1 => self.set_plain(
+                    maps::SVC_SLOTS,
+                    |d| d.service_slots.map(),
+                    run,
+                    |op| match op {
+                        MapOp::SetServiceSlot { slot, value } => Some((*slot, *value)),
+                        _ => None,
+                    },
+                )?,
                 MapOp::WriteTable { .. } => self.write_tables(run)?,
                 _ => run.iter().try_for_each(|op| self.apply_one(op))?,
             }
@@ -402,40 +418,17 @@ impl Dataplane {
         Ok(())
     }
 
-    /// A run of `SetServiceRecord`, in one batch update if the kernel has them.
-    fn set_records(&mut self, run: &[MapOp]) -> Result<(), DataplaneError> {
-        let (indexes, records): (Vec<u32>, Vec<ServiceRecord>) = run
-            .iter()
-            .filter_map(|op| match op {
-                MapOp::SetServiceRecord { index, record } => Some((*index, *record)),
-                _ => None,
-            })
-            .unzip();
-        let done = self.batch_update(
-            maps::SVC_RECORDS,
-            |d| d.service_records.map(),
-            &indexes,
-            &records,
-        )?;
-        if !done {
-            run.iter().try_for_each(|op| self.apply_one(op))?;
-        }
-        Ok(())
-    }
-
-    /// A run of `SetServiceSlot`, in one batch update (applied in order) if the kernel has
-    /// them.
-    fn set_slots(&mut self, run: &[MapOp]) -> Result<(), DataplaneError> {
-        let (slots, values): (Vec<u32>, Vec<u32>) = run
-            .iter()
-            .filter_map(|op| match op {
-                MapOp::SetServiceSlot { slot, value } => Some((*slot, *value)),
-                _ => None,
-            })
-            .unzip();
-        let done =
-            self.batch_update(maps::SVC_SLOTS, |d| d.service_slots.map(), &slots, &values)?;
-        if !done {
+    /// A run of `SetServiceRecord` or `SetServiceSlot` (no counters to reset): one batch
+    /// update, applied in order, into `map`, else op by op.
+    fn set_plain<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        map: impl FnOnce(&Self) -> &MapData,
+        run: &[MapOp],
+        entry: impl Fn(&MapOp) -> Option<(K, V)>,
+    ) -> Result<(), DataplaneError> {
+        let (keys, values): (Vec<K>, Vec<V>) = run.iter().filter_map(entry).unzip();
+        if !self.batch_update(name, map, &keys, &values)? {
             run.iter().try_for_each(|op| self.apply_one(op))?;
         }
         Ok(())

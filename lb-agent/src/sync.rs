@@ -561,10 +561,8 @@ fn index_ops(
 ) {
     indexed.sort_unstable_by_key(|(slot, key, _)| (*slot, *key));
     let mut slot_ops = Vec::new();
-    let mut desired_slots = BTreeSet::new();
     for group in indexed.chunk_by(|a, b| a.0 == b.0) {
         let slot = group[0].0;
-        desired_slots.insert(slot);
         let now = current
             .service_slots
             .get(&slot)
@@ -600,7 +598,8 @@ fn index_ops(
         });
     }
     for slot in current.service_slots.keys() {
-        if !desired_slots.contains(slot) {
+        // `indexed` is sorted by slot.
+        if indexed.binary_search_by_key(slot, |(s, _, _)| *s).is_err() {
             slot_ops.push(MapOp::SetServiceSlot {
                 slot: *slot,
                 value: SLOT_EMPTY,

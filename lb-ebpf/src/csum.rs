@@ -13,17 +13,12 @@ pub fn fold(mut sum: u32) -> u16 {
 /// stored back with `to_ne_bytes`.
 #[inline(always)]
 pub fn ipv4_header(hdr: &[u8; 20]) -> [u8; 2] {
-    let mut sum = 0u32;
-    let mut i = 0;
-    while i < 20 {
-        sum += u16::from_ne_bytes([hdr[i], hdr[i + 1]]) as u32;
-        i += 2;
-    }
-    fold(sum).to_ne_bytes()
+    let w = |i: usize| u32::from_ne_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+    ipv4_header_words(&[w(0), w(4), w(8), w(12), w(16)]).to_ne_bytes()
 }
 
 /// Checksum of an IPv4 header given as its five words as they sit in memory (checksum field
-/// zero): the same result as [`ipv4_header`], without the header ever being in memory.
+/// zero), so a header built in registers never has to be in memory.
 #[inline(always)]
 pub fn ipv4_header_words(words: &[u32; 5]) -> u16 {
     let mut sum = 0u32;
