@@ -14,7 +14,7 @@ use network_types::eth::{EthHdr, EtherType};
 use crate::{
     Verdict, csum,
     encap::write_l2,
-    parse::{Echo, Packet, ptr_at},
+    parse::{Echo, Packet, addr_bytes, ptr_at},
     select,
 };
 
@@ -36,7 +36,7 @@ const V6_MIN_MTU: usize = 1280;
 /// Answer an echo request to a VIP that has echo enabled; anything else passes untouched.
 #[inline(always)]
 pub fn echo_reply(ctx: &XdpContext, echo: &Echo) -> Result<Verdict, Verdict> {
-    let vip = select::vip(echo.dst_be, echo.family).ok_or(Verdict::pass(Reason::PassNotVip))?;
+    let vip = select::vip(echo.dst, echo.family).ok_or(Verdict::pass(Reason::PassNotVip))?;
     if vip.flags & VIP_F_ECHO == 0 {
         return Err(Verdict::pass(Reason::PassNotVip));
     }
@@ -192,8 +192,8 @@ pub fn too_big(
         h[2..4].copy_from_slice(&((V4_HDR + icmp_len) as u16).to_be_bytes());
         h[8] = 64;
         h[9] = PROTO_ICMP;
-        h[12..16].copy_from_slice(&pkt.dst_be[..4]);
-        h[16..20].copy_from_slice(&pkt.src_be[..4]);
+        h[12..16].copy_from_slice(&pkt.dst[0].to_ne_bytes());
+        h[16..20].copy_from_slice(&pkt.src[0].to_ne_bytes());
         let c = csum::ipv4_header(&h);
         h[10] = c[0];
         h[11] = c[1];
@@ -213,8 +213,8 @@ pub fn too_big(
         h[4..6].copy_from_slice(&(icmp_len as u16).to_be_bytes());
         h[6] = PROTO_ICMPV6;
         h[7] = 64;
-        h[8..24].copy_from_slice(&pkt.dst_be);
-        h[24..40].copy_from_slice(&pkt.src_be);
+        h[8..24].copy_from_slice(&addr_bytes(pkt.dst));
+        h[24..40].copy_from_slice(&addr_bytes(pkt.src));
         let p: *mut [u8; V6_HDR] =
             ptr_at(ctx, pkt.l3_off).ok_or(Verdict::drop(Reason::DropTooBig))?;
         // SAFETY: `ptr_at` checked bounds.

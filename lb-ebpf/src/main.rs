@@ -1,6 +1,8 @@
 //! XDP programs of the load balancer. Entry points only: the logic lives in the modules.
 #![no_std]
 #![no_main]
+// Inline assembly: the one-instruction packet loads of `parse::load`.
+#![feature(asm_experimental_arch)]
 
 mod csum;
 mod decap;

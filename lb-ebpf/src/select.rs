@@ -26,7 +26,7 @@ use crate::{
         LB_AFFINITY, LB_BACKENDS, LB_FLOOD, LB_FLOWS4, LB_FLOWS6, LB_MAGLEV, LB_SERVICES,
         LB_SRC_RANGES, LB_SVC_RECORDS, LB_SVC_SLOTS, LB_VIPS,
     },
-    parse::Packet,
+    parse::{AddrWords, Packet, addr_bytes},
     stats,
 };
 
@@ -55,7 +55,7 @@ fn source_allowed(pkt: &Packet, service: &ServiceValue) -> bool {
         32 + 128,
         SourceRange {
             service_id_be: service.id.to_be_bytes(),
-            addr_be: pkt.src_be,
+            addr_be: addr_bytes(pkt.src),
         },
     );
     LB_SRC_RANGES.get(&key).is_some()
@@ -72,30 +72,12 @@ pub fn service(pkt: &Packet) -> Result<ServiceValue, Verdict> {
     Ok(service)
 }
 
-/// The four words of an address as they sit in memory.
-#[inline(always)]
-fn addr_words(a: &[u8; 16]) -> [u32; 4] {
-    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
-    [w(0), w(4), w(8), w(12)]
-}
-
-/// The words of the packet's destination address: an IPv4 address is its one word (its
-/// fold), then zeros.
-#[inline(always)]
-fn dst_words(pkt: &Packet) -> [u32; 4] {
-    if pkt.family == FAMILY_V4 {
-        [pkt.dst_fold, 0, 0, 0]
-    } else {
-        addr_words(&pkt.dst_be)
-    }
-}
-
 /// Does `key` hold `addr` and `tail` (its last word: port, protocol, family)? Compared word
 /// by word against values in registers: a struct comparison would become a byte-loop `memcmp`
 /// call in BPF code, and a key built on the stack from narrow fields and read back as words
 /// would stall on store forwarding.
 #[inline(always)]
-fn key_is(key: &ServiceKey, addr: [u32; 4], tail: u32) -> bool {
+fn key_is(key: &ServiceKey, addr: AddrWords, tail: u32) -> bool {
     let k = (key as *const ServiceKey).cast::<u32>();
     // SAFETY: a key is 20 bytes, aligned to 4 (`ServiceKey` is `align(4)`).
     let w = |i: usize| unsafe { *k.add(i) };
@@ -113,7 +95,7 @@ fn find_service(pkt: &Packet, port_be: u16) -> Option<ServiceValue> {
         SLOT_EMPTY => None,
         SLOT_SHARED => {
             let key = ServiceKey {
-                addr_be: pkt.dst_be,
+                addr_be: addr_bytes(pkt.dst),
                 port_be,
                 proto: pkt.proto,
                 family: pkt.family,
@@ -127,7 +109,7 @@ fn find_service(pkt: &Packet, port_be: u16) -> Option<ServiceValue> {
             let record = LB_SVC_RECORDS.get(value.wrapping_sub(1))?;
             // ServiceKey's last word: port, protocol, family.
             let tail = port_be as u32 | ((pkt.proto as u32) << 16) | ((pkt.family as u32) << 24);
-            key_is(&record.key, dst_words(pkt), tail).then_some(record.value)
+            key_is(&record.key, pkt.dst, tail).then_some(record.value)
         }
     }
 }
@@ -137,7 +119,7 @@ fn service_of(pkt: &Packet) -> Result<ServiceValue, Verdict> {
     let port_be = if pkt.fragment {
         fragment_port(pkt)?
     } else {
-        u16::from_ne_bytes(pkt.dport_be)
+        pkt.dport_be()
     };
     find_service(pkt, port_be).ok_or(Verdict::pass(Reason::PassNotVip))
 }
@@ -150,8 +132,8 @@ fn backend_of(id: u32, service: &ServiceValue) -> Option<BackendValue> {
 
 /// The settings of a VIP (any port), if `addr_be` is one.
 #[inline(always)]
-pub fn vip(addr_be: [u8; 16], family: u8) -> Option<VipValue> {
-    let key = VipKey::new(addr_be, family);
+pub fn vip(addr: AddrWords, family: u8) -> Option<VipValue> {
+    let key = VipKey::new(addr_bytes(addr), family);
     // SAFETY: the value is copied out at once.
     unsafe { LB_VIPS.get(&key) }.copied()
 }
@@ -160,7 +142,7 @@ pub fn vip(addr_be: [u8; 16], family: u8) -> Option<VipValue> {
 /// addresses pass, fragments to a VIP without such a service are dropped (counted).
 #[inline(always)]
 fn fragment_port(pkt: &Packet) -> Result<u16, Verdict> {
-    let vip = vip(pkt.dst_be, pkt.family).ok_or(Verdict::pass(Reason::PassFragment))?;
+    let vip = vip(pkt.dst, pkt.family).ok_or(Verdict::pass(Reason::PassFragment))?;
     let port = if pkt.proto == PROTO_TCP {
         vip.frag_port_tcp_be
     } else {
@@ -175,11 +157,7 @@ fn fragment_port(pkt: &Packet) -> Result<u16, Verdict> {
 /// The flow hash of a packet (the same function the agent and `lb-agent trace` use).
 #[inline(always)]
 pub fn flow_hash(pkt: &Packet) -> u32 {
-    hash_of(
-        pkt,
-        u16::from_ne_bytes(pkt.sport_be),
-        u16::from_ne_bytes(pkt.dport_be),
-    )
+    hash_of(pkt, pkt.sport_be(), pkt.dport_be())
 }
 
 /// The hash of a packet's addresses and protocol with the given ports (zero for the client
@@ -274,7 +252,7 @@ fn affine(
     now: u64,
     bytes: u64,
 ) -> Result<(u32, BackendValue, bool), Verdict> {
-    let key = AffinityKey::new(service.id, pkt.family, pkt.src_be);
+    let key = AffinityKey::new(service.id, pkt.family, addr_bytes(pkt.src));
     if let Some(entry) = LB_AFFINITY.get_ptr_mut(&key) {
         // SAFETY: the entry stays valid during this program run (RCU); racing updates of
         // `last_seen_ns` are benign.
@@ -334,14 +312,11 @@ pub fn select(
         });
     }
     // Keys are built from whole words (see `FlowKeyV4::from_words`).
-    let (s, d) = (pkt.sport_be, pkt.dport_be);
-    let ports = u32::from_ne_bytes([s[0], s[1], d[0], d[1]]);
+    let (s, d, ports) = (pkt.src, pkt.dst, pkt.ports);
     if pkt.family == FAMILY_V4 {
-        // An IPv4 address's fold is its word as read from the packet.
-        let key = FlowKeyV4::from_words([pkt.src_fold, pkt.dst_fold, ports, pkt.proto as u32]);
+        let key = FlowKeyV4::from_words([s[0], d[0], ports, pkt.proto as u32]);
         follow_flow::<Flows4>(&key, pkt, service, cfg, now, bytes, affinity)
     } else {
-        let (s, d) = (addr_words(&pkt.src_be), addr_words(&pkt.dst_be));
         let last = pkt.proto as u32 | ((pkt.family as u32) << 8);
         let key =
             FlowKey::from_words([s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], ports, last]);

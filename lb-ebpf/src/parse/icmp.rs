@@ -6,10 +6,10 @@
 //! backend that owns the flow, and PMTU discovery works through DSR.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Reason, hash::fold_v6_words};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
-use super::{Echo, L2, Packet, Parsed, ptr_at};
+use super::{AddrWords, Echo, L2, Packet, Parsed, load, ptr_at};
 use crate::Verdict;
 
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -30,7 +30,7 @@ pub struct Outer {
     pub l3_len: u16,
     pub tos: u8,
     pub dont_fragment: bool,
-    pub dst_be: [u8; 16],
+    pub dst: AddrWords,
 }
 
 #[inline(always)]
@@ -40,23 +40,23 @@ fn icmp_type(ctx: &XdpContext, off: usize) -> Result<u8, Verdict> {
     Ok(unsafe { (*h)[0] })
 }
 
-/// Ports of the quoted L4 header at `off` (the first 8 bytes are always quoted).
+/// The ports of the flow a quoted L4 header at `off` belongs to (the first 8 bytes are always
+/// quoted): the quote is the reply (VIP port, client port), so its two ports swap places, as
+/// the two halves of the word.
 #[inline(always)]
-fn quoted_ports(ctx: &XdpContext, off: usize) -> Result<([u8; 2], [u8; 2]), Verdict> {
+fn quoted_ports(ctx: &XdpContext, off: usize) -> Result<u32, Verdict> {
     let p: *const [u8; 4] = ptr_at(ctx, off).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // SAFETY: `ptr_at` checked bounds.
-    let p = unsafe { *p };
-    Ok(([p[0], p[1]], [p[2], p[3]]))
+    Ok(unsafe { load::word::<0>(p.cast()) }.rotate_left(16))
 }
 
 #[inline(always)]
 fn flow(
     outer: Outer,
     family: u8,
-    client: [u8; 16],
-    vip: [u8; 16],
-    vip_port: [u8; 2],
-    client_port: [u8; 2],
+    client: AddrWords,
+    vip: AddrWords,
+    ports: u32,
     proto: u8,
     (client_fold, vip_fold): (u32, u32),
 ) -> Parsed {
@@ -64,10 +64,9 @@ fn flow(
         l2: outer.l2,
         l3_off: outer.l3_off,
         family,
-        src_be: client,
-        dst_be: vip,
-        sport_be: client_port,
-        dport_be: vip_port,
+        src: client,
+        dst: vip,
+        ports,
         src_fold: client_fold,
         dst_fold: vip_fold,
         proto,
@@ -101,7 +100,7 @@ pub fn parse_v4(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
         return Ok(Parsed::Echo(Echo {
             l3_off: outer.l3_off,
             family: FAMILY_V4,
-            dst_be: outer.dst_be,
+            dst: outer.dst,
             icmp_off: outer.l4_off,
         }));
     }
@@ -119,24 +118,20 @@ pub fn parse_v4(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
     if ip.proto != PROTO_TCP && ip.proto != PROTO_UDP {
         return Err(Verdict::pass(Reason::PassNotVip));
     }
-    let (vip_port, client_port) = quoted_ports(ctx, q + ihl)?;
+    let ports = quoted_ports(ctx, q + ihl)?;
     within(&outer, q, ihl + 4)?;
-    let mut vip = [0u8; 16];
-    let mut client = [0u8; 16];
-    vip[..4].copy_from_slice(&ip.src_addr);
-    client[..4].copy_from_slice(&ip.dst_addr);
+    // The quote is the reply (VIP → client). An IPv4 address's fold is its word.
+    // SAFETY: `ptr_at` checked the quoted fixed header.
+    let (vip, client) = unsafe { super::addrs_v4(ip) };
     let proto = ip.proto;
-    let fold = |a: [u8; 16]| u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
-    let folds = (fold(client), fold(vip));
     Ok(flow(
         outer,
         FAMILY_V4,
-        client,
-        vip,
-        vip_port,
-        client_port,
+        [client, 0, 0, 0],
+        [vip, 0, 0, 0],
+        ports,
         proto,
-        folds,
+        (client, vip),
     ))
 }
 
@@ -148,7 +143,7 @@ pub fn parse_v6(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
         return Ok(Parsed::Echo(Echo {
             l3_off: outer.l3_off,
             family: FAMILY_V6,
-            dst_be: outer.dst_be,
+            dst: outer.dst,
             icmp_off: outer.l4_off,
         }));
     }
@@ -163,21 +158,14 @@ pub fn parse_v6(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
     if ip.next_hdr != PROTO_TCP && ip.next_hdr != PROTO_UDP {
         return Err(Verdict::pass(Reason::PassNotVip));
     }
-    let (vip_port, client_port) = quoted_ports(ctx, q + Ipv6Hdr::LEN)?;
+    let ports = quoted_ports(ctx, q + Ipv6Hdr::LEN)?;
     within(&outer, q, Ipv6Hdr::LEN + 4)?;
-    // The quote is the reply (VIP → client): its source folds to the flow's destination.
-    // (Folded only now: values live across the early returns above made LLVM merge paths
-    // in a way the verifier rejects.)
-    let (vip_fold, client_fold) = super::fold_addrs_v6(ip);
-    let (vip, client, proto) = (ip.src_addr, ip.dst_addr, ip.next_hdr);
-    Ok(flow(
-        outer,
-        FAMILY_V6,
-        client,
-        vip,
-        vip_port,
-        client_port,
-        proto,
-        (client_fold, vip_fold),
-    ))
+    // The quote is the reply (VIP → client): its source is the flow's destination. (Read
+    // only now: values live across the early returns above made LLVM merge paths in a way
+    // the verifier rejects.)
+    // SAFETY: `ptr_at` checked the quoted fixed header.
+    let (vip, client) = unsafe { super::addrs_v6(ip) };
+    let proto = ip.next_hdr;
+    let folds = (fold_v6_words(client), fold_v6_words(vip));
+    Ok(flow(outer, FAMILY_V6, client, vip, ports, proto, folds))
 }

@@ -33,10 +33,9 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
     if fragment && proto == PROTO_ICMP {
         return Err(Verdict::pass(Reason::PassFragment));
     }
-    let mut src_be = [0u8; 16];
-    let mut dst_be = [0u8; 16];
-    src_be[..4].copy_from_slice(&ip.src_addr);
-    dst_be[..4].copy_from_slice(&ip.dst_addr);
+    // SAFETY: `ptr_at` checked the fixed header.
+    let (src_w, dst_w) = unsafe { super::addrs_v4(ip) };
+    let (src, dst) = ([src_w, 0, 0, 0], [dst_w, 0, 0, 0]);
     if fragment {
         if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
             return Err(Verdict::pass(Reason::PassMalformed));
@@ -45,12 +44,11 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
             l2,
             l3_off,
             family: FAMILY_V4,
-            src_be,
-            dst_be,
-            sport_be: [0; 2],
-            dport_be: [0; 2],
-            src_fold: u32::from_ne_bytes(ip.src_addr),
-            dst_fold: u32::from_ne_bytes(ip.dst_addr),
+            src,
+            dst,
+            ports: 0,
+            src_fold: src_w,
+            dst_fold: dst_w,
             proto,
             tos: ip.tos,
             l3_len: tot_len,
@@ -62,8 +60,6 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
         }));
     }
     if proto == PROTO_ICMP {
-        let mut outer_dst = [0u8; 16];
-        outer_dst[..4].copy_from_slice(&ip.dst_addr);
         let outer = icmp::Outer {
             l2,
             l3_off,
@@ -71,7 +67,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
             l3_len: tot_len,
             tos: ip.tos,
             dont_fragment: ip.frags[0] & IP_DF != 0,
-            dst_be: outer_dst,
+            dst,
         };
         let parsed = icmp::parse_v4(ctx, outer)?;
         // Last, for the reason given below for TCP/UDP.
@@ -80,9 +76,8 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
         }
         return Ok(parsed);
     }
-    let (sport_be, dport_be, tcp_syn) =
-        l4::ports(ctx, l3_off + ihl, proto, l3_off + tot_len as usize)
-            .ok_or(Verdict::pass(Reason::PassMalformed))?;
+    let (ports, tcp_syn) = l4::ports(ctx, l3_off + ihl, proto, l3_off + tot_len as usize)
+        .ok_or(Verdict::pass(Reason::PassMalformed))?;
     // Checked only after the L4 header was read through `ptr_at`: done first, it would let
     // the compiler drop that bounds check as implied, and the verifier cannot follow that.
     if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
@@ -92,12 +87,11 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
         l2,
         l3_off,
         family: FAMILY_V4,
-        src_be,
-        dst_be,
-        sport_be,
-        dport_be,
-        src_fold: u32::from_ne_bytes(ip.src_addr),
-        dst_fold: u32::from_ne_bytes(ip.dst_addr),
+        src,
+        dst,
+        ports,
+        src_fold: src_w,
+        dst_fold: dst_w,
         proto,
         tos: ip.tos,
         l3_len: tot_len,

@@ -5,7 +5,7 @@
 //! ESP, or anything else ends the parse: the packet is passed, untouched, never misread.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FAMILY_V6, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason};
+use lb_common::{FAMILY_V6, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason, hash::fold_v6_words};
 use network_types::ip::Ipv6Hdr;
 
 use super::{L2, Packet, Parsed, icmp, l4, ptr_at};
@@ -36,7 +36,9 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
     if l3_len > 0xffff {
         return Err(Verdict::pass(Reason::PassMalformed));
     }
-    let (src_fold, dst_fold) = super::fold_addrs_v6(ip);
+    // SAFETY: `ptr_at` checked the fixed header.
+    let (src, dst) = unsafe { super::addrs_v6(ip) };
+    let (src_fold, dst_fold) = (fold_v6_words(src), fold_v6_words(dst));
     let mut next = ip.next_hdr;
     let mut off = l3_off + Ipv6Hdr::LEN;
     let mut fragment = false;
@@ -76,10 +78,9 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
             l2,
             l3_off,
             family: FAMILY_V6,
-            src_be: ip.src_addr,
-            dst_be: ip.dst_addr,
-            sport_be: [0; 2],
-            dport_be: [0; 2],
+            src,
+            dst,
+            ports: 0,
             src_fold,
             dst_fold,
             proto: next,
@@ -100,7 +101,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
             l3_len: l3_len as u16,
             tos: (ip.vcf[0] << 4) | (ip.vcf[1] >> 4),
             dont_fragment: true,
-            dst_be: ip.dst_addr,
+            dst,
         };
         let parsed = icmp::parse_v6(ctx, outer)?;
         // Last, as for TCP/UDP below.
@@ -112,7 +113,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
     if next != PROTO_TCP && next != PROTO_UDP {
         return Err(Verdict::pass(Reason::PassNotVip));
     }
-    let (sport_be, dport_be, tcp_syn) =
+    let (ports, tcp_syn) =
         l4::ports(ctx, off, next, l3_end).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // After the L4 read, as for IPv4 (see there).
     if l3_end > ctx.data_end() - ctx.data() {
@@ -122,10 +123,9 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
         l2,
         l3_off,
         family: FAMILY_V6,
-        src_be: ip.src_addr,
-        dst_be: ip.dst_addr,
-        sport_be,
-        dport_be,
+        src,
+        dst,
+        ports,
         src_fold,
         dst_fold,
         proto: next,

@@ -5,6 +5,7 @@ mod icmp;
 mod ipv4;
 mod ipv6;
 mod l4;
+mod load;
 
 pub use eth::{L2, parse_l2};
 
@@ -25,18 +26,33 @@ pub fn ptr_at<T>(ctx: &XdpContext, off: usize) -> Option<*mut T> {
     Some((start + off) as *mut T)
 }
 
-/// The parts of a TCP/UDP packet (IPv4 or IPv6) the load balancer decides on. Addresses and
-/// ports stay in network byte order; IPv4 addresses fill the first four bytes.
+/// A 16-byte address as the four words it is in memory (network byte order stays); an IPv4
+/// address is the first word, the others zero (as `lb_common::addr16_v4` lays it out).
+pub type AddrWords = [u32; 4];
+
+/// The bytes of an address held as words.
+#[inline(always)]
+pub fn addr_bytes(w: AddrWords) -> [u8; 16] {
+    let b = |i: usize| w[i].to_ne_bytes();
+    let (a, c, d, e) = (b(0), b(1), b(2), b(3));
+    [
+        a[0], a[1], a[2], a[3], c[0], c[1], c[2], c[3], d[0], d[1], d[2], d[3], e[0], e[1], e[2],
+        e[3],
+    ]
+}
+
+/// The parts of a TCP/UDP packet (IPv4 or IPv6) the load balancer decides on, held as the
+/// words they are in the packet (network byte order), so keys are built from whole words.
 pub struct Packet {
     pub l2: L2,
     /// Offset of the IP header.
     pub l3_off: usize,
     /// `FAMILY_V4` or `FAMILY_V6`.
     pub family: u8,
-    pub src_be: [u8; 16],
-    pub dst_be: [u8; 16],
-    pub sport_be: [u8; 2],
-    pub dport_be: [u8; 2],
+    pub src: AddrWords,
+    pub dst: AddrWords,
+    /// Source and destination port, as the word they are in the L4 header.
+    pub ports: u32,
     /// The addresses folded into one word each (`hash::fold_v6_words`), for the flow hash
     /// and the service index: IPv6 only (IPv4: the address word itself).
     pub src_fold: u32,
@@ -61,25 +77,52 @@ pub struct Packet {
     pub fragment: bool,
 }
 
-/// The source and destination of an IPv6 header, each folded into one word, read as words
-/// straight from the packet. `ip` must have been bounds-checked (by [`ptr_at`]) for the whole
-/// header: the reads go through it, so the verifier sees them covered by that check.
+impl Packet {
+    /// The source port as `u16::from_ne_bytes` of its bytes (network byte order).
+    #[inline(always)]
+    pub fn sport_be(&self) -> u16 {
+        let b = self.ports.to_ne_bytes();
+        u16::from_ne_bytes([b[0], b[1]])
+    }
+
+    /// The destination port, as [`Packet::sport_be`].
+    #[inline(always)]
+    pub fn dport_be(&self) -> u16 {
+        let b = self.ports.to_ne_bytes();
+        u16::from_ne_bytes([b[2], b[3]])
+    }
+}
+
+/// The source and destination address of the IPv6 header at `ip`, as words.
+///
+/// # Safety
+///
+/// `ip` must have been bounds-checked (by [`ptr_at`]) for the whole fixed header: the loads
+/// go through it, so the verifier sees them covered by that check.
 #[inline(always)]
-pub fn fold_addrs_v6(ip: *const network_types::ip::Ipv6Hdr) -> (u32, u32) {
-    // SAFETY: the header lies inside the packet (caller's check); addresses start at byte 8;
-    // unaligned packet loads are allowed.
-    let w = unsafe { core::ptr::read_unaligned(ip.cast::<u8>().add(8).cast::<[u32; 8]>()) };
-    (
-        lb_common::hash::fold_v6_words([w[0], w[1], w[2], w[3]]),
-        lb_common::hash::fold_v6_words([w[4], w[5], w[6], w[7]]),
-    )
+pub unsafe fn addrs_v6(ip: *const network_types::ip::Ipv6Hdr) -> (AddrWords, AddrWords) {
+    let p = ip.cast::<u8>();
+    // SAFETY: caller's contract; the addresses are bytes 8..40 of the header.
+    unsafe { (load::addr::<8>(p), load::addr::<24>(p)) }
+}
+
+/// The source and destination address words of the IPv4 header at `ip`.
+///
+/// # Safety
+///
+/// As for [`addrs_v6`], for the fixed IPv4 header.
+#[inline(always)]
+pub unsafe fn addrs_v4(ip: *const network_types::ip::Ipv4Hdr) -> (u32, u32) {
+    let p = ip.cast::<u8>();
+    // SAFETY: caller's contract; the addresses are bytes 12..20 of the header.
+    unsafe { (load::word::<12>(p), load::word::<16>(p)) }
 }
 
 /// An ICMP/ICMPv6 echo request, to be answered if its destination is a VIP.
 pub struct Echo {
     pub l3_off: usize,
     pub family: u8,
-    pub dst_be: [u8; 16],
+    pub dst: AddrWords,
     /// Offset of the ICMP header.
     pub icmp_off: usize,
 }
