@@ -187,6 +187,12 @@ pub struct BackendValue {
     pub _pad: [u8; 4],
 }
 const _: () = assert!(size_of::<BackendValue>() == 32);
+// The data plane reads the address as words and the MAC as half-words.
+const _: () = assert!(
+    align_of::<BackendValue>() >= 4
+        && core::mem::offset_of!(BackendValue, addr_be) % 4 == 0
+        && core::mem::offset_of!(BackendValue, mac) % 2 == 0
+);
 
 impl BackendValue {
     pub const EMPTY: BackendValue = BackendValue {
@@ -239,6 +245,13 @@ pub struct NodeConfig {
     pub encap_src_v6_be: [u8; 16],
 }
 const _: () = assert!(size_of::<NodeConfig>() == 48);
+// The data plane reads the addresses as words and the MAC as half-words.
+const _: () = assert!(
+    align_of::<NodeConfig>() >= 4
+        && core::mem::offset_of!(NodeConfig, encap_src_v4_be) % 4 == 0
+        && core::mem::offset_of!(NodeConfig, encap_src_v6_be) % 4 == 0
+        && core::mem::offset_of!(NodeConfig, mac) % 2 == 0
+);
 
 impl NodeConfig {
     pub const EMPTY: NodeConfig = NodeConfig {

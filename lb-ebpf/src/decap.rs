@@ -24,6 +24,7 @@ use crate::{
     encap::write_l2,
     maps::LB_CONFIG,
     parse::{L2, parse_l2, ptr_at},
+    words::load_mac,
 };
 
 /// The node's GUE port (network byte order), or 0 when GUE decapsulation is off.
@@ -132,7 +133,7 @@ pub fn try_decap(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     // Keep the L2 header, moved forward over the outer headers.
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // SAFETY: `ptr_at` checked bounds.
-    let (dst, src) = unsafe { ((*eth).dst_addr, (*eth).src_addr) };
+    let (dst, src) = unsafe { (load_mac::<0>(eth.cast()), load_mac::<6>(eth.cast())) };
     // SAFETY: helper call on our own context; every pointer is re-derived afterwards.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip as i32) } != 0 {
         return Err(Verdict::pass(Reason::PassMalformed));

@@ -15,6 +15,7 @@ use crate::{
     Verdict, csum, icmp,
     maps::LB_CONFIG,
     parse::{L2, Packet, ptr_at},
+    words::{self, MacWords},
 };
 
 const V4_HDR: usize = 20;
@@ -32,29 +33,49 @@ pub fn node_config() -> Result<&'static NodeConfig, Verdict> {
     }
 }
 
+/// The half-words of a MAC address field of a shared type (in a map value, or a stack copy
+/// of one): those fields are 2-aligned (`lb_common` asserts it).
+#[inline(always)]
+pub fn mac_words(mac: &[u8; 6]) -> MacWords {
+    let p = mac.as_ptr().cast::<u16>();
+    // SAFETY: in bounds; the field is 2-aligned (see above).
+    unsafe { [*p, *p.add(1), *p.add(2)] }
+}
+
+/// Write the destination and source MAC address at the start of the frame, as three words.
+#[inline(always)]
+fn write_macs(ctx: &XdpContext, dst: MacWords, src: MacWords) -> Result<*mut u8, Verdict> {
+    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Reason::DropNoHeadroom))?;
+    let p = eth.cast::<u8>();
+    // SAFETY: `ptr_at` checked the 14 bytes; the pointer was derived after the last head
+    // adjustment.
+    unsafe {
+        words::store32::<0>(p, words::join(dst[0], dst[1]));
+        words::store32::<4>(p, words::join(dst[2], src[0]));
+        words::store32::<8>(p, words::join(src[1], src[2]));
+    }
+    Ok(p)
+}
+
 /// Write the Ethernet header (and VLAN tag, if the frame had one) at the start of the frame.
 #[inline(always)]
 pub fn write_l2(
     ctx: &XdpContext,
     l2: &L2,
-    dst: [u8; 6],
-    src: [u8; 6],
+    dst: MacWords,
+    src: MacWords,
     ether_type: u16,
 ) -> Result<(), Verdict> {
-    let eth: *mut EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Reason::DropNoHeadroom))?;
-    // SAFETY: `ptr_at` checked bounds; the pointer was derived after the last head adjustment.
-    unsafe {
-        (*eth).dst_addr = dst;
-        (*eth).src_addr = src;
-    }
+    let p = write_macs(ctx, dst, src)?;
     match l2.vlan_tci {
-        None => unsafe { (*eth).ether_type = ether_type },
+        // SAFETY: `write_macs` checked the whole Ethernet header.
+        None => unsafe { words::store16::<12>(p, ether_type) },
         Some(tci) => {
             let vlan: *mut VlanHdr =
                 ptr_at(ctx, EthHdr::LEN).ok_or(Verdict::drop(Reason::DropNoHeadroom))?;
-            // SAFETY: as above.
+            // SAFETY: as above, and `ptr_at` checked the tag.
             unsafe {
-                (*eth).ether_type = EtherType::Ieee8021q as u16;
+                words::store16::<12>(p, EtherType::Ieee8021q as u16);
                 (*vlan).tci = tci;
                 (*vlan).ether_type = ether_type;
             }
@@ -92,15 +113,7 @@ pub fn encapsulate(
         PROTO_IPV6
     };
     let outer_proto = if gue { PROTO_UDP } else { inner_proto };
-    let udp_len = pkt.l3_len as u32 + UDP_HDR as u32;
-    let mut udp = [0u8; UDP_HDR];
-    if gue {
-        udp[0..2].copy_from_slice(&gue_source_port(hash).to_be_bytes());
-        udp[2..4].copy_from_slice(&cfg.gue_port_be.to_ne_bytes());
-        udp[4..6].copy_from_slice(&(udp_len as u16).to_be_bytes());
-        // Checksum 0: allowed for IPv4, and for IPv6 tunnels (RFC 6935); the decap side
-        // does not check it.
-    }
+    let (dst_mac, src_mac) = (mac_words(&backend.mac), mac_words(&cfg.mac));
     let reason = if gue { Reason::TxGue } else { Reason::TxIpip };
     let extra = overhead(backend.family, gue);
     // A local backend's tunnel never leaves the node.
@@ -138,7 +151,7 @@ pub fn encapsulate(
         ];
         w[2] |= (csum::ipv4_header_words(&w) as u32) << 16;
         grow(ctx, extra)?;
-        write_l2(ctx, &pkt.l2, backend.mac, cfg.mac, EtherType::Ipv4 as u16)?;
+        write_l2(ctx, &pkt.l2, dst_mac, src_mac, EtherType::Ipv4 as u16)?;
         store_words(ctx, pkt.l3_off, &w)?;
     } else {
         let src = words4(&cfg.encap_src_v6_be);
@@ -167,14 +180,17 @@ pub fn encapsulate(
             dst[3],
         ];
         grow(ctx, extra)?;
-        write_l2(ctx, &pkt.l2, backend.mac, cfg.mac, EtherType::Ipv6 as u16)?;
+        write_l2(ctx, &pkt.l2, dst_mac, src_mac, EtherType::Ipv6 as u16)?;
         store_words(ctx, pkt.l3_off, &w)?;
     }
     if gue {
         let ip_len = extra - UDP_HDR;
+        // Source port, destination port; length, checksum 0 (allowed for IPv4, and for IPv6
+        // tunnels by RFC 6935; the decap side does not check it).
+        let udp_len = pkt.l3_len + UDP_HDR as u16;
         let u = [
-            u32::from_ne_bytes([udp[0], udp[1], udp[2], udp[3]]),
-            u32::from_ne_bytes([udp[4], udp[5], udp[6], udp[7]]),
+            words::join(gue_source_port(hash).to_be(), cfg.gue_port_be),
+            words::join(udp_len.to_be(), 0),
         ];
         store_words(ctx, pkt.l3_off + ip_len, &u)?;
     }
@@ -199,23 +215,14 @@ fn words4(bytes: &[u8; 16]) -> [u32; 4] {
     ]
 }
 
-/// Store `words` (as they sit in memory) at `off` bytes into the packet, as 16-bit stores:
-/// headers after Ethernet start 2-aligned.
+/// Store `w` (words as they are in memory) at `off` bytes into the packet.
 #[inline(always)]
-fn store_words<const N: usize>(
-    ctx: &XdpContext,
-    off: usize,
-    words: &[u32; N],
-) -> Result<(), Verdict> {
-    // Bounds-checked as N words; written through the same pointer as 2N half-words.
+fn store_words<const N: usize>(ctx: &XdpContext, off: usize, w: &[u32; N]) -> Result<(), Verdict> {
     let p: *mut [u32; N] = ptr_at(ctx, off).ok_or(Verdict::drop(Reason::DropNoHeadroom))?;
-    let p = p.cast::<u16>();
-    for (i, w) in words.iter().enumerate() {
-        // SAFETY: `ptr_at` checked that all N words lie in the packet; the offset is even.
-        unsafe {
-            *p.add(2 * i) = *w as u16;
-            *p.add(2 * i + 1) = (*w >> 16) as u16;
-        }
+    let p = p.cast::<u8>();
+    for (i, w) in w.iter().enumerate() {
+        // SAFETY: `ptr_at` checked that all N words lie in the packet.
+        unsafe { words::store32::<0>(p.wrapping_add(4 * i), *w) };
     }
     Ok(())
 }
@@ -234,10 +241,10 @@ fn grow(ctx: &XdpContext, extra: usize) -> Result<(), Verdict> {
 #[inline(always)]
 pub fn l2_rewrite(
     ctx: &XdpContext,
-    pkt: &Packet,
     backend: &BackendValue,
     cfg: &NodeConfig,
 ) -> Result<Verdict, Verdict> {
-    write_l2(ctx, &pkt.l2, backend.mac, cfg.mac, pkt.l2.ether_type)?;
+    // The Ethernet type and a VLAN tag stay as they are.
+    write_macs(ctx, mac_words(&backend.mac), mac_words(&cfg.mac))?;
     Ok(Verdict::tx(Reason::TxL2))
 }

@@ -13,9 +13,9 @@ use network_types::eth::{EthHdr, EtherType};
 
 use crate::{
     Verdict, csum,
-    encap::write_l2,
+    encap::{mac_words, write_l2},
     parse::{Echo, Packet, addr_bytes, ptr_at},
-    select,
+    select, words,
 };
 
 const ICMP_ECHO_REPLY: u8 = 0;
@@ -165,7 +165,7 @@ pub fn too_big(
     };
     let client_mac: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::drop(Reason::DropTooBig))?;
     // SAFETY: `ptr_at` checked bounds.
-    let client_mac = unsafe { (*client_mac).src_addr };
+    let client_mac = unsafe { words::load_mac::<6>(client_mac.cast()) };
     let grow = (ip_len + ICMP_HDR) as i32;
     // SAFETY: helper calls on our own context; every pointer is re-derived afterwards.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx, -grow) } != 0 {
@@ -186,7 +186,13 @@ pub fn too_big(
     let mut icmp = [0u8; ICMP_HDR];
     let check;
     if v4 {
-        write_l2(ctx, &pkt.l2, client_mac, cfg.mac, EtherType::Ipv4 as u16)?;
+        write_l2(
+            ctx,
+            &pkt.l2,
+            client_mac,
+            mac_words(&cfg.mac),
+            EtherType::Ipv4 as u16,
+        )?;
         let mut h = [0u8; V4_HDR];
         h[0] = 0x45;
         h[2..4].copy_from_slice(&((V4_HDR + icmp_len) as u16).to_be_bytes());
@@ -207,7 +213,13 @@ pub fn too_big(
         let sum = csum_packet::<V4_QUOTE>(ctx, quote_off, 0)?;
         check = finish(sum, csum_bytes(&icmp));
     } else {
-        write_l2(ctx, &pkt.l2, client_mac, cfg.mac, EtherType::Ipv6 as u16)?;
+        write_l2(
+            ctx,
+            &pkt.l2,
+            client_mac,
+            mac_words(&cfg.mac),
+            EtherType::Ipv6 as u16,
+        )?;
         let mut h = [0u8; V6_HDR];
         h[0] = 0x60;
         h[4..6].copy_from_slice(&(icmp_len as u16).to_be_bytes());

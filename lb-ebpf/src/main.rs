@@ -1,7 +1,7 @@
 //! XDP programs of the load balancer. Entry points only: the logic lives in the modules.
 #![no_std]
 #![no_main]
-// Inline assembly: the one-instruction packet loads of `parse::load`.
+// Inline assembly: the one-instruction packet loads and stores of `words`.
 #![feature(asm_experimental_arch)]
 
 mod csum;
@@ -14,6 +14,7 @@ mod parse;
 mod revnat;
 mod select;
 mod stats;
+mod words;
 
 use aya_ebpf::{
     bindings::{
@@ -117,7 +118,7 @@ fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         });
     }
     match Forwarding::from_u8(service.forwarding) {
-        Some(Forwarding::L2) => encap::l2_rewrite(ctx, &pkt, &sel.backend, cfg),
+        Some(Forwarding::L2) => encap::l2_rewrite(ctx, &sel.backend, cfg),
         Some(Forwarding::Ipip) => {
             // Only an IPv6 outer header uses the hash (flow label).
             let hash = if sel.backend.family == FAMILY_V4 {

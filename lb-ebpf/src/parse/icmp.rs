@@ -9,8 +9,8 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Reason, hash::fold_v6_words};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
-use super::{AddrWords, Echo, L2, Packet, Parsed, load, ptr_at};
-use crate::Verdict;
+use super::{AddrWords, Echo, L2, Packet, Parsed, ptr_at};
+use crate::{Verdict, words};
 
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -47,7 +47,7 @@ fn icmp_type(ctx: &XdpContext, off: usize) -> Result<u8, Verdict> {
 fn quoted_ports(ctx: &XdpContext, off: usize) -> Result<u32, Verdict> {
     let p: *const [u8; 4] = ptr_at(ctx, off).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // SAFETY: `ptr_at` checked bounds.
-    Ok(unsafe { load::word::<0>(p.cast()) }.rotate_left(16))
+    Ok(unsafe { words::load32::<0>(p.cast()) }.rotate_left(16))
 }
 
 #[inline(always)]

@@ -4,7 +4,8 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::PROTO_TCP;
 use network_types::{tcp::TcpHdr, udp::UdpHdr};
 
-use super::{load, ptr_at};
+use super::ptr_at;
+use crate::words;
 
 const TCP_FLAGS_OFF: usize = 13;
 const TCP_SYN: u8 = 0x02;
@@ -24,7 +25,7 @@ pub fn ports(ctx: &XdpContext, off: usize, proto: u8, l3_end: usize) -> Option<(
         unsafe {
             let flags = *(tcp as *const u8).add(TCP_FLAGS_OFF);
             let syn = flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-            Some((load::word::<0>(tcp.cast()), syn))
+            Some((words::load32::<0>(tcp.cast()), syn))
         }
     } else {
         if off + UdpHdr::LEN > l3_end {
@@ -32,6 +33,6 @@ pub fn ports(ctx: &XdpContext, off: usize, proto: u8, l3_end: usize) -> Option<(
         }
         let udp: *const UdpHdr = ptr_at(ctx, off)?;
         // SAFETY: `ptr_at` checked bounds.
-        unsafe { Some((load::word::<0>(udp.cast()), false)) }
+        unsafe { Some((words::load32::<0>(udp.cast()), false)) }
     }
 }

@@ -5,7 +5,6 @@ mod icmp;
 mod ipv4;
 mod ipv6;
 mod l4;
-mod load;
 
 pub use eth::{L2, parse_l2};
 
@@ -13,7 +12,10 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::Reason;
 use network_types::eth::EtherType;
 
-use crate::Verdict;
+use crate::{
+    Verdict,
+    words::{load_addr, load32},
+};
 
 /// A pointer to a `T` at `off` bytes into the packet, if the whole `T` lies inside it.
 #[inline(always)]
@@ -103,7 +105,7 @@ impl Packet {
 pub unsafe fn addrs_v6(ip: *const network_types::ip::Ipv6Hdr) -> (AddrWords, AddrWords) {
     let p = ip.cast::<u8>();
     // SAFETY: caller's contract; the addresses are bytes 8..40 of the header.
-    unsafe { (load::addr::<8>(p), load::addr::<24>(p)) }
+    unsafe { (load_addr::<8>(p), load_addr::<24>(p)) }
 }
 
 /// The source and destination address words of the IPv4 header at `ip`.
@@ -115,7 +117,7 @@ pub unsafe fn addrs_v6(ip: *const network_types::ip::Ipv6Hdr) -> (AddrWords, Add
 pub unsafe fn addrs_v4(ip: *const network_types::ip::Ipv4Hdr) -> (u32, u32) {
     let p = ip.cast::<u8>();
     // SAFETY: caller's contract; the addresses are bytes 12..20 of the header.
-    unsafe { (load::word::<12>(p), load::word::<16>(p)) }
+    unsafe { (load32::<12>(p), load32::<16>(p)) }
 }
 
 /// An ICMP/ICMPv6 echo request, to be answered if its destination is a VIP.
