@@ -70,7 +70,12 @@ fn decap_enabled() -> bool {
 }
 
 /// The load balancer: on the node's ingress interface.
+///
+/// Every entry point is `inline(always)`: the macro turns this function into an inner one
+/// of the real entry point, which LLVM leaves out of line once it is large, and every packet
+/// would then pay a BPF-to-BPF call.
 #[xdp]
+#[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let verdict = match try_lb(&ctx) {
@@ -146,6 +151,7 @@ fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
 
 /// The backend side: strips the outer IPv4 header of IPIP packets.
 #[xdp]
+#[inline(always)]
 pub fn lb_decap(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let verdict = match decap::try_decap(&ctx) {
@@ -158,6 +164,7 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
 /// Egress of a node with local endpoints: replies of translated flows get their VIP and
 /// service port back. Never drops.
 #[classifier]
+#[inline(always)]
 pub fn lb_revnat(ctx: TcContext) -> i32 {
     revnat::run(&ctx);
     TC_ACT_OK as i32
