@@ -67,18 +67,17 @@ pub fn write_l2(
     ether_type: u16,
 ) -> Result<(), Verdict> {
     let p = write_macs(ctx, dst, src)?;
-    match l2.vlan_tci {
+    if !l2.tagged {
         // SAFETY: `write_macs` checked the whole Ethernet header.
-        None => unsafe { words::store16::<12>(p, ether_type) },
-        Some(tci) => {
-            let vlan: *mut VlanHdr =
-                ptr_at(ctx, EthHdr::LEN).ok_or(Verdict::drop(Reason::DropNoHeadroom))?;
-            // SAFETY: as above, and `ptr_at` checked the tag.
-            unsafe {
-                words::store16::<12>(p, EtherType::Ieee8021q as u16);
-                (*vlan).tci = tci;
-                (*vlan).ether_type = ether_type;
-            }
+        unsafe { words::store16::<12>(p, ether_type) };
+    } else {
+        let vlan: *mut VlanHdr =
+            ptr_at(ctx, EthHdr::LEN).ok_or(Verdict::drop(Reason::DropNoHeadroom))?;
+        // SAFETY: as above, and `ptr_at` checked the tag.
+        unsafe {
+            words::store16::<12>(p, EtherType::Ieee8021q as u16);
+            (*vlan).tci = l2.vlan_tci;
+            (*vlan).ether_type = ether_type;
         }
     }
     Ok(())

@@ -28,7 +28,10 @@ use lb_common::{
     BACKEND_F_LOCAL, CONFIG_F_DECAP, FAMILY_V4, Forwarding, Reason, maps::PROGS_DECAP,
 };
 
-use crate::maps::{LB_CONFIG, LB_PROGS};
+use crate::{
+    maps::{LB_CONFIG, LB_PROGS},
+    parse::Packet,
+};
 
 /// Internal verdict: the packet (already encapsulated for a backend on this node) goes on
 /// to the decap program. Never returned to the kernel.
@@ -100,14 +103,22 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
-    let pkt = match parse::parse(ctx)? {
-        parse::Parsed::Flow(pkt) => pkt,
-        parse::Parsed::Echo(echo) => return icmp::echo_reply(ctx, &echo),
-    };
-    let service = select::service(&pkt)?;
+    // Three copies of `forward`: each common case gets straight-line code.
+    match parse::parse(ctx)? {
+        parse::Parsed::Flow4(pkt) => forward(ctx, &pkt),
+        parse::Parsed::Flow6(pkt) => forward(ctx, &pkt),
+        parse::Parsed::Unusual(pkt) => forward(ctx, &pkt),
+        parse::Parsed::Echo(echo) => icmp::echo_reply(ctx, &echo),
+    }
+}
+
+/// Balance and forward a TCP/UDP packet (or an ICMP error about a flow).
+#[inline(always)]
+fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
+    let service = select::service(pkt)?;
     let cfg = encap::node_config()?;
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let sel = select::select(&pkt, &service, cfg, len)?;
+    let sel = select::select(pkt, &service, cfg, len)?;
     if pkt.icmp_error {
         stats::count_reason(Reason::IcmpToBackend, len);
     }
@@ -116,7 +127,7 @@ fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     if sel.backend.flags & BACKEND_F_LOCAL != 0 {
         // The backend is a pod on this node: the tunnel header carries its address to the
         // decap program, which translates and passes the packet to the stack.
-        encap::encapsulate(ctx, &pkt, &sel.backend, cfg, false, 0)?;
+        encap::encapsulate(ctx, pkt, &sel.backend, cfg, false, 0)?;
         return Ok(Verdict {
             action: ACTION_DECAP,
             reason: Reason::LocalBackend,
@@ -132,18 +143,18 @@ fn try_lb(ctx: &XdpContext) -> Result<Verdict, Verdict> {
                 if sel.flow_hash != 0 {
                     sel.flow_hash
                 } else {
-                    select::flow_hash(&pkt)
+                    select::flow_hash(pkt)
                 }
             };
-            encap::encapsulate(ctx, &pkt, &sel.backend, cfg, false, hash)
+            encap::encapsulate(ctx, pkt, &sel.backend, cfg, false, hash)
         }
         Some(Forwarding::Gue) => {
             let hash = if sel.flow_hash != 0 {
                 sel.flow_hash
             } else {
-                select::flow_hash(&pkt)
+                select::flow_hash(pkt)
             };
-            encap::encapsulate(ctx, &pkt, &sel.backend, cfg, true, hash)
+            encap::encapsulate(ctx, pkt, &sel.backend, cfg, true, hash)
         }
         None => Err(Verdict::drop(Reason::DropBadForwarding)),
     }

@@ -15,8 +15,11 @@ pub struct L2 {
     pub l3_off: usize,
     /// Ethertype of the L3 header, as in the packet (network byte order).
     pub ether_type: u16,
-    /// The VLAN TCI as in the packet, when tagged.
-    pub vlan_tci: Option<[u8; 2]>,
+    /// The frame carries an 802.1Q tag.
+    pub tagged: bool,
+    /// The VLAN TCI as in the packet (zero when untagged). Not an `Option`: its undefined
+    /// payload when `None` can reach the verifier as an uninitialized register spill.
+    pub vlan_tci: [u8; 2],
 }
 
 #[inline(always)]
@@ -28,7 +31,8 @@ pub fn parse_l2(ctx: &XdpContext) -> Option<L2> {
         return Some(L2 {
             l3_off: EthHdr::LEN,
             ether_type,
-            vlan_tci: None,
+            tagged: false,
+            vlan_tci: [0; 2],
         });
     }
     let vlan: *const VlanHdr = ptr_at(ctx, EthHdr::LEN)?;
@@ -37,6 +41,7 @@ pub fn parse_l2(ctx: &XdpContext) -> Option<L2> {
     Some(L2 {
         l3_off: EthHdr::LEN + VlanHdr::LEN,
         ether_type: inner,
-        vlan_tci: Some(tci),
+        tagged: true,
+        vlan_tci: tci,
     })
 }

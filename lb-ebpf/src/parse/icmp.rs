@@ -60,7 +60,7 @@ fn flow(
     proto: u8,
     (client_fold, vip_fold): (u32, u32),
 ) -> Parsed {
-    Parsed::Flow(Packet {
+    Parsed::Unusual(Packet {
         l2: outer.l2,
         l3_off: outer.l3_off,
         family,

@@ -40,7 +40,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
         if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
             return Err(Verdict::pass(Reason::PassMalformed));
         }
-        return Ok(Parsed::Flow(Packet {
+        return Ok(Parsed::Unusual(Packet {
             l2,
             l3_off,
             family: FAMILY_V4,
@@ -83,7 +83,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
     if l3_off + tot_len as usize > ctx.data_end() - ctx.data() {
         return Err(Verdict::pass(Reason::PassMalformed));
     }
-    Ok(Parsed::Flow(Packet {
+    Ok(Parsed::Flow4(Packet {
         l2,
         l3_off,
         family: FAMILY_V4,

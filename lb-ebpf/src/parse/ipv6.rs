@@ -74,7 +74,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
         if l3_end > ctx.data_end() - ctx.data() {
             return Err(Verdict::pass(Reason::PassMalformed));
         }
-        return Ok(Parsed::Flow(Packet {
+        return Ok(Parsed::Unusual(Packet {
             l2,
             l3_off,
             family: FAMILY_V6,
@@ -119,7 +119,7 @@ pub fn parse(ctx: &XdpContext, l2: L2) -> Result<Parsed, Verdict> {
     if l3_end > ctx.data_end() - ctx.data() {
         return Err(Verdict::pass(Reason::PassMalformed));
     }
-    Ok(Parsed::Flow(Packet {
+    Ok(Parsed::Flow6(Packet {
         l2,
         l3_off,
         family: FAMILY_V6,

@@ -129,9 +129,17 @@ pub struct Echo {
     pub icmp_off: usize,
 }
 
-/// What the load balancer may act on.
+/// What the load balancer may act on. The common cases have variants of their own, so the
+/// caller handles each in a copy of the code of its own: merged into one, every `Packet`
+/// field costs moves between stack slots where the paths join.
 pub enum Parsed {
-    Flow(Packet),
+    /// A whole TCP/UDP packet over IPv4.
+    Flow4(Packet),
+    /// A whole TCP/UDP packet over IPv6.
+    Flow6(Packet),
+    /// A TCP/UDP fragment, or an ICMP error about a flow (`Packet::fragment`,
+    /// `Packet::icmp_error`).
+    Unusual(Packet),
     Echo(Echo),
 }
 
