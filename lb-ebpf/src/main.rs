@@ -118,7 +118,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
     let service = select::service(pkt)?;
     let cfg = encap::node_config()?;
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let sel = select::select(pkt, &service, cfg, len)?;
+    let sel = select::select(pkt, service, cfg, len)?;
     if pkt.icmp_error {
         stats::count_reason(Reason::IcmpToBackend, len);
     }
@@ -127,14 +127,14 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
     if sel.backend.flags & BACKEND_F_LOCAL != 0 {
         // The backend is a pod on this node: the tunnel header carries its address to the
         // decap program, which translates and passes the packet to the stack.
-        encap::encapsulate(ctx, pkt, &sel.backend, cfg, false, 0)?;
+        encap::encapsulate(ctx, pkt, sel.backend, cfg, false, 0)?;
         return Ok(Verdict {
             action: ACTION_DECAP,
             reason: Reason::LocalBackend,
         });
     }
     match Forwarding::from_u8(service.forwarding) {
-        Some(Forwarding::L2) => encap::l2_rewrite(ctx, &sel.backend, cfg),
+        Some(Forwarding::L2) => encap::l2_rewrite(ctx, sel.backend, cfg),
         Some(Forwarding::Ipip) => {
             // Only an IPv6 outer header uses the hash (flow label).
             let hash = if sel.backend.family == FAMILY_V4 {
@@ -146,7 +146,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
                     select::flow_hash(pkt)
                 }
             };
-            encap::encapsulate(ctx, pkt, &sel.backend, cfg, false, hash)
+            encap::encapsulate(ctx, pkt, sel.backend, cfg, false, hash)
         }
         Some(Forwarding::Gue) => {
             let hash = if sel.flow_hash != 0 {
@@ -154,7 +154,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
             } else {
                 select::flow_hash(pkt)
             };
-            encap::encapsulate(ctx, pkt, &sel.backend, cfg, true, hash)
+            encap::encapsulate(ctx, pkt, sel.backend, cfg, true, hash)
         }
         None => Err(Verdict::drop(Reason::DropBadForwarding)),
     }

@@ -37,7 +37,9 @@ const ANY: u64 = 0;
 /// The outcome of backend selection.
 pub struct Selected {
     pub backend_id: u32,
-    pub backend: BackendValue,
+    /// Read in place, not copied: a copy would be no more consistent (it is not one atomic
+    /// read either), and the entry's service id is checked before use.
+    pub backend: &'static BackendValue,
     /// Decided by Maglev now (not taken from the flow table).
     pub new_flow: bool,
     /// The flow hash when the decision computed it or the flow entry held it, else 0 (GUE
@@ -64,9 +66,9 @@ fn source_allowed(pkt: &Packet, service: &ServiceValue) -> bool {
 /// The service a packet is addressed to; `Err(pass)` when it is not a VIP, `Err(drop)` when
 /// its client is not allowed.
 #[inline(always)]
-pub fn service(pkt: &Packet) -> Result<ServiceValue, Verdict> {
+pub fn service(pkt: &Packet) -> Result<&'static ServiceValue, Verdict> {
     let service = service_of(pkt)?;
-    if !source_allowed(pkt, &service) {
+    if !source_allowed(pkt, service) {
         return Err(Verdict::drop(Reason::DropSourceRange));
     }
     Ok(service)
@@ -89,7 +91,7 @@ fn key_is(key: &ServiceKey, addr: AddrWords, tail: u32) -> bool {
 /// is even built), or names the one record that may match, or sends the few keys that
 /// share a slot to `LB_SERVICES`.
 #[inline(always)]
-fn find_service(pkt: &Packet, port_be: u16) -> Option<ServiceValue> {
+fn find_service(pkt: &Packet, port_be: u16) -> Option<&'static ServiceValue> {
     let slot = lb_common::hash::service_slot_folded(pkt.dst_fold, port_be, pkt.proto, pkt.family);
     match *LB_SVC_SLOTS.get(slot)? {
         SLOT_EMPTY => None,
@@ -100,22 +102,23 @@ fn find_service(pkt: &Packet, port_be: u16) -> Option<ServiceValue> {
                 proto: pkt.proto,
                 family: pkt.family,
             };
-            // SAFETY: the value is copied out at once; the agent replaces entries whole.
-            unsafe { LB_SERVICES.get(&key) }.copied()
+            // SAFETY: read in place during this run; the agent replaces entries whole.
+            unsafe { LB_SERVICES.get(&key) }
         }
         value => {
             // The agent writes a changed record into the service's other bank and then
-            // points the slot at it, so the record read here is never being rewritten.
+            // points the slot at it, so the record read (in place) here is never being
+            // rewritten.
             let record = LB_SVC_RECORDS.get(value.wrapping_sub(1))?;
             // ServiceKey's last word: port, protocol, family.
             let tail = port_be as u32 | ((pkt.proto as u32) << 16) | ((pkt.family as u32) << 24);
-            key_is(&record.key, pkt.dst, tail).then_some(record.value)
+            key_is(&record.key, pkt.dst, tail).then_some(&record.value)
         }
     }
 }
 
 #[inline(always)]
-fn service_of(pkt: &Packet) -> Result<ServiceValue, Verdict> {
+fn service_of(pkt: &Packet) -> Result<&'static ServiceValue, Verdict> {
     let port_be = if pkt.fragment {
         fragment_port(pkt)?
     } else {
@@ -125,8 +128,8 @@ fn service_of(pkt: &Packet) -> Result<ServiceValue, Verdict> {
 }
 
 #[inline(always)]
-fn backend_of(id: u32, service: &ServiceValue) -> Option<BackendValue> {
-    let b = *LB_BACKENDS.get(id)?;
+fn backend_of(id: u32, service: &ServiceValue) -> Option<&'static BackendValue> {
+    let b = LB_BACKENDS.get(id)?;
     (b.is_valid() && b.service_id == service.id).then_some(b)
 }
 
@@ -173,7 +176,7 @@ fn hash_of(pkt: &Packet, sport: u16, dport: u16) -> u32 {
 }
 
 #[inline(always)]
-fn maglev(hash: u32, service: &ServiceValue) -> Result<(u32, BackendValue), Verdict> {
+fn maglev(hash: u32, service: &ServiceValue) -> Result<(u32, &'static BackendValue), Verdict> {
     if service.table_size == 0 {
         return Err(Verdict::drop(Reason::DropNoBackend));
     }
@@ -251,7 +254,7 @@ fn affine(
     service: &ServiceValue,
     now: u64,
     bytes: u64,
-) -> Result<(u32, BackendValue, bool), Verdict> {
+) -> Result<(u32, &'static BackendValue, bool), Verdict> {
     let key = AffinityKey::new(service.id, pkt.family, addr_bytes(pkt.src));
     if let Some(entry) = LB_AFFINITY.get_ptr_mut(&key) {
         // SAFETY: the entry stays valid during this program run (RCU); racing updates of
