@@ -11,6 +11,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     cli::{DecapArgs, RunArgs},
+    clock::{self, ClockError},
     config::{self, ConfigError},
     dataplane::{Dataplane, DataplaneError},
     ipam::{IpamController, IpamOptions, LeaseSettings},
@@ -39,6 +40,8 @@ pub enum AgentError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    #[error("measuring the kernel's tick rate: {0}")]
+    Clock(#[from] ClockError),
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
@@ -56,6 +59,8 @@ struct Syncer {
     snapshot: MapSnapshot,
     /// Fingerprints of the tables of the last plan, so a change rebuilds only its tables.
     tables: TableCache,
+    /// The kernel's tick rate (`clock::kernel_hz`).
+    hz: u16,
 }
 
 impl Syncer {
@@ -83,7 +88,7 @@ impl Syncer {
                 }
             }
         }
-        let mut node = sync::node_config(desired, iface.mac, encap_v4, encap_v6);
+        let mut node = sync::node_config(desired, iface.mac, encap_v4, encap_v6, self.hz);
         node.mtu = iface.mtu;
         Ok((iface, node))
     }
@@ -277,6 +282,8 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let flows = args.flow_table_size.unwrap_or(desired.node.flows.size);
     let mut ebpf = loader::load(&args.pin_path, args.maglev_slots, flows)?;
     loader::install_decap(&mut ebpf)?;
+    // Blocks this (only) thread briefly, once, before anything else runs.
+    let hz = clock::kernel_hz(&mut ebpf)?;
     let dataplane = Dataplane::from_ebpf(&mut ebpf)?;
     let snapshot = dataplane.snapshot()?;
     tracing::info!(
@@ -284,6 +291,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         services = snapshot.services.len(),
         backends = snapshot.backends.len(),
         maglev_slots = snapshot.maglev_capacity,
+        hz,
         "maps opened"
     );
     let mut syncer = Syncer {
@@ -292,6 +300,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         dataplane,
         snapshot,
         tables: TableCache::default(),
+        hz,
     };
     // Fill the maps before the program sees traffic (or, when adopting, before it is replaced).
     let writes = syncer.sync(&desired).await?;

@@ -3,6 +3,7 @@
 
 pub mod announce;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;

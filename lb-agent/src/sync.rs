@@ -230,18 +230,19 @@ fn add_vip(vips: &mut BTreeMap<VipKey, VipValue>, addr: &ServiceAddr, fragments:
 }
 
 /// The node config the data plane gets: interface MAC and encapsulation sources as
-/// resolved (unspecified: the data plane drops what would need it), the rest from the
-/// desired state.
+/// resolved (unspecified: the data plane drops what would need it), the kernel's tick rate
+/// (`clock::kernel_hz`), the rest from the desired state.
 pub fn node_config(
     desired: &DesiredState,
     mac: [u8; 6],
     encap_v4: Option<std::net::Ipv4Addr>,
     encap_v6: Option<std::net::Ipv6Addr>,
+    hz: u16,
 ) -> NodeConfig {
     let f = desired.node.flows;
     NodeConfig {
         mac,
-        _pad: [0; 2],
+        hz,
         encap_src_v4_be: encap_v4.map_or([0; 4], |a| a.octets()),
         flags: lb_common::CONFIG_F_VALID
             | if desired.node.pmtu_icmp {
@@ -735,6 +736,7 @@ mod tests {
             [2, 0, 0, 0, 0, 2],
             Some(std::net::Ipv4Addr::new(198, 18, 0, 2)),
             None,
+            250,
         )
     }
 

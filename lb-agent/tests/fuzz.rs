@@ -257,7 +257,8 @@ fn node() -> Node {
     }
     let mut dataplane = Dataplane::from_ebpf(&mut ebpf).unwrap();
     let desired = desired_state();
-    let mut cfg = sync::node_config(&desired, LB_MAC, Some(ENCAP_V4), Some(ENCAP_V6));
+    let hz = lb_agent::clock::kernel_hz(&mut ebpf).unwrap();
+    let mut cfg = sync::node_config(&desired, LB_MAC, Some(ENCAP_V4), Some(ENCAP_V6), hz);
     cfg.mtu = MTU;
     let before = dataplane.snapshot().unwrap();
     let plan = sync::plan(&desired, cfg, &BTreeMap::new(), &before).expect("plan");

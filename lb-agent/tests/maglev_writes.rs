@@ -103,6 +103,7 @@ fn sync_and_change(dp: &mut Dataplane) {
         [2, 0, 0, 0, 0, 2],
         Some(Ipv4Addr::new(198, 18, 0, 2)),
         None,
+        250,
     );
     let macs = BTreeMap::new();
     let mut tables = TableCache::default();

@@ -39,7 +39,7 @@ fn pins_of_another_layout_are_replaced_and_compatible_ones_adopted() {
     let value = |backend_id| FlowValue {
         backend_id,
         flow_hash: 0,
-        last_seen_ns: 1,
+        last_seen: 1,
     };
     // A running agent's pins, with one remembered connection.
     let flow = FlowKeyV4::new(

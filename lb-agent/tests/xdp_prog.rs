@@ -143,7 +143,8 @@ impl Fixture {
 
     /// As the agent does with the interface's MTU (0: no MTU check).
     fn program_with_mtu(&mut self, desired: DesiredState, mtu: u16) {
-        let mut node = sync::node_config(&desired, LB_MAC, Some(ENCAP_SRC), Some(ENCAP_SRC6));
+        let hz = lb_agent::clock::kernel_hz(&mut self.ebpf).unwrap();
+        let mut node = sync::node_config(&desired, LB_MAC, Some(ENCAP_SRC), Some(ENCAP_SRC6), hz);
         node.mtu = mtu;
         let plan = sync::plan(&desired, node, &BTreeMap::new(), &self.snapshot).unwrap();
         self.dataplane.apply(&plan.ops).unwrap();

@@ -107,3 +107,5 @@ pub const DEFAULT_MAGLEV_SLOTS: u32 = 4 * 1024 * 1024;
 pub const PROG_LB: &str = "lb_xdp";
 pub const PROG_DECAP: &str = "lb_decap";
 pub const PROG_REVNAT: &str = "lb_revnat";
+/// Returns the kernel's jiffies; never attached, run by the agent to measure HZ.
+pub const PROG_CLOCK: &str = "lb_clock";

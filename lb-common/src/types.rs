@@ -225,7 +225,10 @@ pub struct NodeConfig {
     /// MAC address of the interface the program is attached to: the source of every frame
     /// it transmits.
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// The kernel's tick rate (`CONFIG_HZ`), measured by the agent: flow and affinity entries
+    /// are stamped with `bpf_jiffies64()` (a plain load, where reading a clock in ns is a
+    /// helper call per packet), so timeouts in seconds become ticks with it.
+    pub hz: u16,
     /// Source address of outer IPv4 headers.
     pub encap_src_v4_be: [u8; 4],
     /// `CONFIG_F_*`.
@@ -256,7 +259,7 @@ const _: () = assert!(
 impl NodeConfig {
     pub const EMPTY: NodeConfig = NodeConfig {
         mac: [0; 6],
-        _pad: [0; 2],
+        hz: 0,
         encap_src_v4_be: [0; 4],
         flags: 0,
         tcp_idle_s: 0,
@@ -405,8 +408,8 @@ pub struct FlowValue {
     /// compute it again for a GUE source port or an IPv6 flow label; 0 when not known
     /// (`LB_AFFINITY`, entries of older versions), then it is computed.
     pub flow_hash: u32,
-    /// `bpf_ktime_get_coarse_ns()` of the last packet.
-    pub last_seen_ns: u64,
+    /// `bpf_jiffies64()` at the last packet (kernel ticks: `NodeConfig::hz` per second).
+    pub last_seen: u64,
 }
 const _: () = assert!(size_of::<FlowValue>() == 16);
 
@@ -414,8 +417,8 @@ const _: () = assert!(size_of::<FlowValue>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FloodWindow {
-    /// Start of the current one-second window (ns).
-    pub start_ns: u64,
+    /// Start of the current one-second window (`bpf_jiffies64()`).
+    pub start: u64,
     /// Entries created in it.
     pub created: u64,
 }

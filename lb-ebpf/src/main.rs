@@ -172,6 +172,14 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
     verdict.action
 }
 
+/// The kernel's jiffies (low 32 bits). Never attached: the agent runs it twice, a moment
+/// apart, to measure HZ (`NodeConfig::hz`), which containers cannot read.
+#[xdp]
+pub fn lb_clock(_ctx: XdpContext) -> u32 {
+    // SAFETY: helper without arguments.
+    unsafe { aya_ebpf::helpers::bpf_jiffies64() as u32 }
+}
+
 /// Egress of a node with local endpoints: replies of translated flows get their VIP and
 /// service port back. Never drops.
 #[classifier]

@@ -222,13 +222,14 @@ fn fmt_progress(row: &DpRow) -> String {
 }
 
 /// Program the maps as the agent would for the bench's config.
-fn program(dataplane: &mut Dataplane) -> anyhow::Result<()> {
+fn program(dataplane: &mut Dataplane, hz: u16) -> anyhow::Result<()> {
     let desired = cases::desired()?;
     let mut node = sync::node_config(
         &desired,
         cases::LB_MAC,
         desired.node.encap_source,
         desired.node.encap_source_v6,
+        hz,
     );
     node.mtu = cases::MTU;
     let current = dataplane.snapshot()?;
@@ -244,7 +245,7 @@ fn program(dataplane: &mut Dataplane) -> anyhow::Result<()> {
 
 pub fn run(harness_object: &Path, settings: Settings) -> anyhow::Result<results::Dataplane> {
     let (objects, mut dataplane) = Objects::load(harness_object, maps::DEFAULT_MAGLEV_SLOTS)?;
-    program(&mut dataplane)?;
+    program(&mut dataplane, objects.hz)?;
     system::pin_to_cpu(settings.cpu)?;
     let mut bench = Bench {
         objects,

@@ -80,6 +80,8 @@ impl Drop for PinDir {
 
 /// The real object, the harness object, and the harness's maps.
 pub struct Objects {
+    /// The kernel's tick rate, for the node config.
+    pub hz: u16,
     lb: Ebpf,
     harness: Ebpf,
     frame: Array<MapData, HarnessFrame>,
@@ -108,6 +110,7 @@ impl Objects {
         let mut lb = loader::load(pins.path(), maglev_slots, maps::DEFAULT_FLOWS)
             .context("loading the real object (lb-agent's loader)")?;
         load_xdp(&mut lb, maps::PROG_LB)?;
+        let hz = lb_agent::clock::kernel_hz(&mut lb).context("measuring the kernel's HZ")?;
         let dataplane = Dataplane::from_ebpf(&mut lb).context("opening the real object's maps")?;
 
         let mut harness = EbpfLoader::new()
@@ -131,6 +134,7 @@ impl Objects {
             .with_context(|| format!("map {}", bench::PROGS))?;
         Ok((
             Objects {
+                hz,
                 lb,
                 harness,
                 frame,
