@@ -13,7 +13,7 @@ use lb_agent::{
     sync::{self, MapSnapshot},
 };
 use lb_common::{
-    Forwarding, Reason,
+    FlowKeyV4, FlowValue, Forwarding, Reason,
     hash::{flow_hash_v4, flow_hash_v6, gue_source_port},
     maps,
 };
@@ -738,6 +738,87 @@ fn established_tcp_flows_keep_their_backend_when_backends_are_added() {
         created + 1,
         "the next packet does"
     );
+}
+
+/// The web service's flow entry of client port `sport`, and its key.
+fn web_flow(f: &mut Fixture, sport: u16) -> (FlowKeyV4, Option<FlowValue>) {
+    let key = FlowKeyV4::new(
+        CLIENT.octets(),
+        VIP.octets(),
+        sport.to_be(),
+        PORT_TCP.to_be(),
+        lb_common::PROTO_TCP,
+    );
+    let flows: aya::maps::HashMap<_, FlowKeyV4, FlowValue> =
+        aya::maps::HashMap::try_from(f.ebpf.map_mut(maps::FLOWS4).unwrap()).unwrap();
+    (key, flows.get(&key, 0).ok())
+}
+
+fn set_web_flow(f: &mut Fixture, key: FlowKeyV4, value: FlowValue) {
+    let mut flows: aya::maps::HashMap<_, FlowKeyV4, FlowValue> =
+        aya::maps::HashMap::try_from(f.ebpf.map_mut(maps::FLOWS4).unwrap()).unwrap();
+    flows.insert(key, value, 0).unwrap();
+}
+
+#[test]
+fn a_remembered_flow_is_followed_until_idle_past_its_timeout() {
+    let mut f = fixture();
+    let sport = 34000;
+    let (_, out) = f.run(maps::PROG_LB, &tcp_to_web(sport, tcp_flags::ACK));
+    let maglev = outer_dst(&out);
+    let (key, entry) = web_flow(&mut f, sport);
+    let entry = entry.expect("a non-SYN miss is remembered");
+    // The stamp is the kernel's jiffies now; the timeout is seconds times the measured HZ.
+    let now = entry.last_seen;
+    let hz = u64::from(f.snapshot.config.unwrap().hz);
+    let idle = u64::from(f.desired.node.flows.tcp_idle_s) * hz;
+    // Another backend of the same service, which Maglev would not pick for this flow.
+    let web = f.snapshot.services[&sync::service_key(&web_addr())].id;
+    let (other_id, other) = f
+        .snapshot
+        .backends
+        .iter()
+        .find(|(id, b)| b.service_id == web && **id != entry.backend_id)
+        .map(|(id, b)| {
+            (
+                *id,
+                Ipv4Addr::new(b.addr_be[0], b.addr_be[1], b.addr_be[2], b.addr_be[3]),
+            )
+        })
+        .unwrap();
+    assert_ne!(other, maglev);
+
+    // Seen just inside the timeout: the entry's backend is followed, and the stamp renewed.
+    let inside = FlowValue {
+        backend_id: other_id,
+        flow_hash: entry.flow_hash,
+        last_seen: now.wrapping_sub(idle - hz),
+    };
+    set_web_flow(&mut f, key, inside);
+    let (_, out) = f.run(maps::PROG_LB, &tcp_to_web(sport, tcp_flags::ACK));
+    assert_eq!(outer_dst(&out), other, "a fresh entry is followed");
+    let renewed = web_flow(&mut f, sport).1.unwrap();
+    assert!(
+        renewed.last_seen.wrapping_sub(now) < hz,
+        "stamp renewed: {renewed:?}"
+    );
+
+    // Seen just past it: decided afresh by Maglev, and remembered so.
+    let created = f.reason(Reason::FlowCreated);
+    set_web_flow(
+        &mut f,
+        key,
+        FlowValue {
+            last_seen: now.wrapping_sub(idle + hz),
+            ..inside
+        },
+    );
+    let (_, out) = f.run(maps::PROG_LB, &tcp_to_web(sport, tcp_flags::ACK));
+    assert_eq!(outer_dst(&out), maglev, "an idle entry is decided afresh");
+    assert_eq!(f.reason(Reason::FlowCreated), created + 1);
+    let replaced = web_flow(&mut f, sport).1.unwrap();
+    assert_eq!(replaced.backend_id, entry.backend_id);
+    assert!(replaced.last_seen.wrapping_sub(now) < hz, "{replaced:?}");
 }
 
 #[test]

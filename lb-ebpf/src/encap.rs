@@ -113,6 +113,13 @@ pub fn encapsulate(
     };
     let outer_proto = if gue { PROTO_UDP } else { inner_proto };
     let (dst_mac, src_mac) = (mac_words(&backend.mac), mac_words(&cfg.mac));
+    // GUE: source port, destination port; length, checksum 0 (allowed for IPv4, and for
+    // IPv6 tunnels by RFC 6935; the decap side does not check it). Stored with the IP header.
+    let udp_len = pkt.l3_len + UDP_HDR as u16;
+    let u = [
+        words::join(gue_source_port(hash).to_be(), cfg.gue_port_be),
+        words::join(udp_len.to_be(), 0),
+    ];
     let reason = if gue { Reason::TxGue } else { Reason::TxIpip };
     let extra = overhead(backend.family, gue);
     // A local backend's tunnel never leaves the node.
@@ -151,7 +158,11 @@ pub fn encapsulate(
         w[2] |= (csum::ipv4_header_words(&w) as u32) << 16;
         grow(ctx, extra)?;
         write_l2(ctx, &pkt.l2, dst_mac, src_mac, EtherType::Ipv4 as u16)?;
-        store_words(ctx, pkt.l3_off, &w)?;
+        if gue {
+            store_words(ctx, pkt.l3_off, &[w[0], w[1], w[2], w[3], w[4], u[0], u[1]])?;
+        } else {
+            store_words(ctx, pkt.l3_off, &w)?;
+        }
     } else {
         let src = words4(&cfg.encap_src_v6_be);
         if src == [0; 4] {
@@ -180,18 +191,14 @@ pub fn encapsulate(
         ];
         grow(ctx, extra)?;
         write_l2(ctx, &pkt.l2, dst_mac, src_mac, EtherType::Ipv6 as u16)?;
-        store_words(ctx, pkt.l3_off, &w)?;
-    }
-    if gue {
-        let ip_len = extra - UDP_HDR;
-        // Source port, destination port; length, checksum 0 (allowed for IPv4, and for IPv6
-        // tunnels by RFC 6935; the decap side does not check it).
-        let udp_len = pkt.l3_len + UDP_HDR as u16;
-        let u = [
-            words::join(gue_source_port(hash).to_be(), cfg.gue_port_be),
-            words::join(udp_len.to_be(), 0),
-        ];
-        store_words(ctx, pkt.l3_off + ip_len, &u)?;
+        if gue {
+            let mut all = [0u32; 12];
+            all[..10].copy_from_slice(&w);
+            all[10..].copy_from_slice(&u);
+            store_words(ctx, pkt.l3_off, &all)?;
+        } else {
+            store_words(ctx, pkt.l3_off, &w)?;
+        }
     }
     Ok(Verdict::tx(reason))
 }
