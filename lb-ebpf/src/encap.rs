@@ -115,7 +115,8 @@ pub fn encapsulate(
     let (dst_mac, src_mac) = (mac_words(&backend.mac), mac_words(&cfg.mac));
     // GUE: source port, destination port; length, checksum 0 (allowed for IPv4, and for
     // IPv6 tunnels by RFC 6935; the decap side does not check it). Stored with the IP header.
-    let udp_len = pkt.l3_len + UDP_HDR as u16;
+    // (A length that wraps belongs to a packet the length checks below drop.)
+    let udp_len = pkt.l3_len.wrapping_add(UDP_HDR as u16);
     let u = [
         words::join(gue_source_port(hash).to_be(), cfg.gue_port_be),
         words::join(udp_len.to_be(), 0),
