@@ -246,13 +246,14 @@ fn flood_guard_allows(now: u64, cfg: &NodeConfig) -> bool {
 
 /// The backend of a client of a service with session affinity: its remembered one while
 /// fresh and still in the service, else Maglev on the client's address (remembered, except
-/// for ICMP errors). `now` in jiffies, `hz` of them per second. Returns whether the decision
+/// for ICMP errors). `now` in jiffies (`cfg.hz` per second). Returns whether the decision
 /// is new.
 #[inline(always)]
 fn affine(
     pkt: &Packet,
     service: &ServiceValue,
-    (now, hz): (u64, u64),
+    cfg: &NodeConfig,
+    now: u64,
     bytes: u64,
 ) -> Result<(u32, &'static BackendValue, bool), Verdict> {
     let key = AffinityKey::new(service.id, pkt.family, addr_bytes(pkt.src));
@@ -260,7 +261,7 @@ fn affine(
         // SAFETY: the entry stays valid during this program run (RCU); racing updates of
         // `last_seen` are benign.
         let (id, seen) = unsafe { ((*entry).backend_id, (*entry).last_seen) };
-        if now.wrapping_sub(seen) <= service.affinity_timeout_s as u64 * hz
+        if now.wrapping_sub(seen) <= service.affinity_timeout_s as u64 * cfg.hz as u64
             && let Some(backend) = backend_of(id, service)
         {
             // SAFETY: as above.
@@ -307,9 +308,8 @@ pub fn select(
     // `bpf_ktime_get_coarse_ns` stays a call (about 2 ns per packet).
     // SAFETY: helper without arguments.
     let now = unsafe { bpf_jiffies64() };
-    let clock = (now, cfg.hz as u64);
     if !tracked {
-        let (backend_id, backend, new_flow) = affine(pkt, service, clock, bytes)?;
+        let (backend_id, backend, new_flow) = affine(pkt, service, cfg, now, bytes)?;
         return Ok(Selected {
             backend_id,
             backend,
@@ -321,23 +321,23 @@ pub fn select(
     let (s, d, ports) = (pkt.src, pkt.dst, pkt.ports);
     if pkt.family == FAMILY_V4 {
         let key = FlowKeyV4::from_words([s[0], d[0], ports, pkt.proto as u32]);
-        follow_flow::<Flows4>(&key, pkt, service, cfg, clock, bytes, affinity)
+        follow_flow::<Flows4>(&key, pkt, service, cfg, now, bytes, affinity)
     } else {
         let last = pkt.proto as u32 | ((pkt.family as u32) << 8);
         let key =
             FlowKey::from_words([s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], ports, last]);
-        follow_flow::<Flows6>(&key, pkt, service, cfg, clock, bytes, affinity)
+        follow_flow::<Flows6>(&key, pkt, service, cfg, now, bytes, affinity)
     }
 }
 
-/// A packet of a tracked service, whose flow has `key` in table `T`.
+/// A packet of a tracked service, whose flow has `key` in table `T`; `now` in jiffies.
 #[inline(always)]
 fn follow_flow<T: FlowTable>(
     key: &T::Key,
     pkt: &Packet,
     service: &ServiceValue,
     cfg: &NodeConfig,
-    (now, hz): (u64, u64),
+    now: u64,
     bytes: u64,
     affinity: bool,
 ) -> Result<Selected, Verdict> {
@@ -354,7 +354,7 @@ fn follow_flow<T: FlowTable>(
         // `last_seen` from other CPUs are benign.
         let (id, seen, flow_hash) =
             unsafe { ((*flow).backend_id, (*flow).last_seen, (*flow).flow_hash) };
-        if now.wrapping_sub(seen) <= idle_s as u64 * hz {
+        if now.wrapping_sub(seen) <= idle_s as u64 * cfg.hz as u64 {
             if let Some(backend) = backend_of(id, service) {
                 // SAFETY: as above.
                 unsafe { (*flow).last_seen = now };
@@ -369,7 +369,7 @@ fn follow_flow<T: FlowTable>(
         }
     }
     let (backend_id, backend, hash) = if affinity {
-        let (id, backend, _) = affine(pkt, service, (now, hz), bytes)?;
+        let (id, backend, _) = affine(pkt, service, cfg, now, bytes)?;
         (id, backend, 0)
     } else {
         let hash = flow_hash(pkt);
