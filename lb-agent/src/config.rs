@@ -330,9 +330,23 @@ fn flow_settings(file: &Path, raw: &RawFlowTable) -> Result<FlowSettings, Config
         Some(v) => Ok(v),
         None => Ok(default),
     };
+    let idle = |field: &str, v: Option<u32>, default: u32| {
+        let v = positive(field, v, default)?;
+        if v > lb_common::flowtab::MAX_IDLE_S {
+            return Err(ConfigError::Node {
+                file: file.to_path_buf(),
+                field: format!("flow_table.{field}"),
+                message: format!(
+                    "must be at most {} (7 days)",
+                    lb_common::flowtab::MAX_IDLE_S
+                ),
+            });
+        }
+        Ok(v)
+    };
     Ok(FlowSettings {
-        tcp_idle_s: positive("tcp_idle_seconds", raw.tcp_idle_seconds, d.tcp_idle_s)?,
-        udp_idle_s: positive("udp_idle_seconds", raw.udp_idle_seconds, d.udp_idle_s)?,
+        tcp_idle_s: idle("tcp_idle_seconds", raw.tcp_idle_seconds, d.tcp_idle_s)?,
+        udp_idle_s: idle("udp_idle_seconds", raw.udp_idle_seconds, d.udp_idle_s)?,
         new_flows_per_cpu_s: raw
             .new_flows_per_cpu_per_second
             .unwrap_or(d.new_flows_per_cpu_s),
@@ -502,6 +516,10 @@ services:
                 "lb.yaml: encap_source: \"2001:db8::1\" is not an IPv4 address",
             ),
             ("servces: []\n".to_string(), "unknown field `servces`"),
+            (
+                "flow_table:\n  tcp_idle_seconds: 604801\n".to_string(),
+                "lb.yaml: flow_table.tcp_idle_seconds: must be at most 604800 (7 days)",
+            ),
         ];
         for (text, expected) in cases {
             let msg = error_of(&text);

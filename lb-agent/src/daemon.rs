@@ -11,7 +11,6 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     cli::{DecapArgs, RunArgs},
-    clock::{self, ClockError},
     config::{self, ConfigError},
     dataplane::{Dataplane, DataplaneError},
     ipam::{IpamController, IpamOptions, LeaseSettings},
@@ -40,8 +39,6 @@ pub enum AgentError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
-    #[error("measuring the kernel's tick rate: {0}")]
-    Clock(#[from] ClockError),
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
@@ -59,8 +56,8 @@ struct Syncer {
     snapshot: MapSnapshot,
     /// Fingerprints of the tables of the last plan, so a change rebuilds only its tables.
     tables: TableCache,
-    /// The kernel's tick rate (`clock::kernel_hz`).
-    hz: u16,
+    /// Tick rate and flow-table sizes, for the node config.
+    loaded: loader::Loaded,
 }
 
 impl Syncer {
@@ -88,7 +85,7 @@ impl Syncer {
                 }
             }
         }
-        let mut node = sync::node_config(desired, iface.mac, encap_v4, encap_v6, self.hz);
+        let mut node = sync::node_config(desired, iface.mac, encap_v4, encap_v6, self.loaded);
         node.mtu = iface.mtu;
         Ok((iface, node))
     }
@@ -283,7 +280,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let mut ebpf = loader::load(&args.pin_path, args.maglev_slots, flows)?;
     loader::install_decap(&mut ebpf)?;
     // Blocks this (only) thread briefly, once, before anything else runs.
-    let hz = clock::kernel_hz(&mut ebpf)?;
+    let loaded = loader::loaded(&mut ebpf)?;
     let dataplane = Dataplane::from_ebpf(&mut ebpf)?;
     let snapshot = dataplane.snapshot()?;
     tracing::info!(
@@ -291,7 +288,9 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         services = snapshot.services.len(),
         backends = snapshot.backends.len(),
         maglev_slots = snapshot.maglev_capacity,
-        hz,
+        hz = loaded.hz,
+        flow_buckets4 = loaded.flow_buckets4,
+        flow_buckets6 = loaded.flow_buckets6,
         "maps opened"
     );
     let mut syncer = Syncer {
@@ -300,7 +299,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         dataplane,
         snapshot,
         tables: TableCache::default(),
-        hz,
+        loaded,
     };
     // Fill the maps before the program sees traffic (or, when adopting, before it is replaced).
     let writes = syncer.sync(&desired).await?;
@@ -417,8 +416,8 @@ pub async fn decap(args: DecapArgs) -> Result<(), AgentError> {
     // The decap program needs none of the load balancer's maps: keep them tiny and unpinned.
     let mut ebpf = aya::EbpfLoader::new()
         .map_max_entries(lb_common::maps::MAGLEV, 1)
-        .map_max_entries(lb_common::maps::FLOWS4, 1)
-        .map_max_entries(lb_common::maps::FLOWS6, 1)
+        .map_max_entries(lb_common::maps::FLOWTAB4, 1)
+        .map_max_entries(lb_common::maps::FLOWTAB6, 1)
         .map_max_entries(lb_common::maps::AFFINITY, 1)
         .map_max_entries(lb_common::maps::REVNAT, 1)
         .load(loader::EBPF_OBJECT)

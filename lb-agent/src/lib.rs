@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod dataplane;
+pub mod flowtab;
 pub mod ipam;
 pub mod k8s;
 pub mod loader;

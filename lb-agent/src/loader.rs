@@ -16,7 +16,9 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::maps;
+use lb_common::{FlowKey, FlowKeyV4, FlowValue, flowtab::buckets_for, maps};
+
+use crate::{clock, flowtab};
 
 /// The XDP object, built from this checkout's lb-ebpf sources by the build script.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("LB_EBPF_OBJECT"));
@@ -61,6 +63,10 @@ pub enum LoadError {
     },
     #[error("moving the previous version's flows: {0}")]
     Migrate(String),
+    #[error("map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("measuring the kernel's tick rate: {0}")]
+    Clock(#[from] crate::clock::ClockError),
     #[error("attaching {name} to {iface} egress: {source}")]
     AttachTc {
         name: &'static str,
@@ -119,9 +125,9 @@ fn layouts() -> [(&'static str, usize, usize, Option<u32>); 18] {
     use std::mem::size_of;
 
     use lb_common::{
-        AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowKeyV4,
-        FlowValue, NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey, ServiceRecord,
-        ServiceValue, SourceRange, VipKey, VipValue,
+        AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowBucket4,
+        FlowBucket6, FlowKey, FlowValue, NodeConfig, Reason, RevNatValue, ServiceCounters,
+        ServiceKey, ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue,
     };
     let u32s = size_of::<u32>();
     [
@@ -157,18 +163,8 @@ fn layouts() -> [(&'static str, usize, usize, Option<u32>); 18] {
             size_of::<Counters>(),
             Some(Reason::COUNT),
         ),
-        (
-            maps::FLOWS4,
-            size_of::<FlowKeyV4>(),
-            size_of::<FlowValue>(),
-            None,
-        ),
-        (
-            maps::FLOWS6,
-            size_of::<FlowKey>(),
-            size_of::<FlowValue>(),
-            None,
-        ),
+        (maps::FLOWTAB4, u32s, size_of::<FlowBucket4>(), None),
+        (maps::FLOWTAB6, u32s, size_of::<FlowBucket6>(), None),
         (maps::FLOOD, u32s, size_of::<FloodWindow>(), Some(1)),
         (
             maps::VIPS,
@@ -266,99 +262,131 @@ pub fn drop_incompatible_pins(pin_dir: &Path) -> Result<Vec<&'static str>, LoadE
 }
 
 /// Load the object; every map is opened from `pin_dir` if pinned there, else created and
-/// pinned. `maglev_slots` and `flows` size `LB_MAGLEV` and `LB_FLOWS4` (`LB_FLOWS6`:
-/// [`maps::flows6_for`]) when they are created (pinned maps keep the size they were created
-/// with). Pins of another layout are replaced first ([`drop_incompatible_pins`]); the flow
-/// table of an older version is moved into the new ones ([`migrate_legacy_flows`]).
+/// pinned. `maglev_slots` and `flows` size `LB_MAGLEV` and the flow tables (`flows`
+/// entries of IPv4, [`maps::flows6_for`] of IPv6) when they are created (pinned maps keep
+/// the size they were created with). Pins of another layout are replaced first
+/// ([`drop_incompatible_pins`]); the flow tables of older versions are moved into the new
+/// ones ([`LegacyFlows`]).
 pub fn load(pin_dir: &Path, maglev_slots: u32, flows: u32) -> Result<Ebpf, LoadError> {
     ensure_pin_dir(pin_dir)?;
     drop_incompatible_pins(pin_dir)?;
-    let legacy_path = pin_dir.join(maps::LEGACY_FLOWS);
-    let legacy = legacy_path
-        .exists()
-        .then(|| aya::maps::MapData::from_pin(&legacy_path))
-        .transpose()
-        .map_err(|source| LoadError::LegacyFlows {
-            path: legacy_path.clone(),
-            source,
-        })?;
+    let legacy = LegacyFlows::read(pin_dir)?;
     let paths: Vec<(&'static str, PathBuf)> = maps::ALL
         .iter()
         .map(|name| (*name, pin_dir.join(name)))
         .collect();
     let mut loader = EbpfLoader::new();
     loader.map_max_entries(maps::MAGLEV, maglev_slots);
-    loader.map_max_entries(maps::FLOWS4, flows);
-    loader.map_max_entries(maps::FLOWS6, maps::flows6_for(flows));
+    loader.map_max_entries(maps::FLOWTAB4, buckets_for(flows));
+    loader.map_max_entries(maps::FLOWTAB6, buckets_for(maps::flows6_for(flows)));
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
-    if let Some(legacy) = legacy {
-        migrate_legacy_flows(legacy, &mut ebpf)?;
-        std::fs::remove_file(&legacy_path).map_err(|source| LoadError::Io {
-            path: legacy_path,
-            source,
-        })?;
-    }
+    legacy.migrate(&mut ebpf)?;
     Ok(ebpf)
 }
 
-/// Copy the entries of an older version's single flow table (`LB_FLOWS`, `FlowKey` →
-/// `FlowValue`) into `LB_FLOWS4` and `LB_FLOWS6`, so the connections it remembers keep their
-/// backends across the upgrade. Best effort: an entry that does not fit is logged and left.
-/// Returns how many entries moved.
-pub fn migrate_legacy_flows(
-    legacy: aya::maps::MapData,
-    ebpf: &mut Ebpf,
-) -> Result<usize, LoadError> {
-    use aya::maps::{HashMap, Map};
-    use lb_common::{FlowKey, FlowKeyV4, FlowValue};
-
-    let legacy: HashMap<_, FlowKey, FlowValue> = HashMap::try_from(Map::LruHashMap(legacy))
-        .map_err(|e| LoadError::Migrate(format!("{}: {e}", maps::LEGACY_FLOWS)))?;
-    let entries: Vec<(FlowKey, FlowValue)> = legacy.iter().filter_map(Result::ok).collect();
-    let mut moved = 0;
-    {
-        let mut flows4: HashMap<_, FlowKeyV4, FlowValue> = map_of(ebpf, maps::FLOWS4)?;
-        for (key, value) in entries
-            .iter()
-            .filter(|(k, _)| k.family == lb_common::FAMILY_V4)
-        {
-            if let Some(k4) = key.narrow() {
-                match flows4.insert(k4, value, 0) {
-                    Ok(()) => moved += 1,
-                    Err(e) => tracing::warn!(?key, error = %e, "flow not migrated"),
-                }
-            }
-        }
-    }
-    let mut flows6: HashMap<_, FlowKey, FlowValue> = map_of(ebpf, maps::FLOWS6)?;
-    for (key, value) in entries
-        .iter()
-        .filter(|(k, _)| k.family == lb_common::FAMILY_V6)
-    {
-        match flows6.insert(key, value, 0) {
-            Ok(()) => moved += 1,
-            Err(e) => tracing::warn!(?key, error = %e, "flow not migrated"),
-        }
-    }
-    tracing::info!(
-        moved,
-        of = entries.len(),
-        "flows of the previous version's table moved into LB_FLOWS4/LB_FLOWS6"
-    );
-    Ok(moved)
+/// The flows an older version remembers, in the LRU hashes it pinned (`maps::LEGACY_FLOWS`,
+/// `LEGACY_FLOWS4`, `LEGACY_FLOWS6`), read before this version loads, so the connections
+/// keep their backends across the upgrade.
+#[derive(Debug, Default)]
+pub struct LegacyFlows {
+    v4: Vec<(FlowKeyV4, FlowValue)>,
+    v6: Vec<(FlowKey, FlowValue)>,
+    pins: Vec<PathBuf>,
 }
 
-fn map_of<'a, K: aya::Pod, V: aya::Pod>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<aya::maps::HashMap<&'a mut aya::maps::MapData, K, V>, LoadError> {
-    let map = ebpf
-        .map_mut(name)
-        .ok_or_else(|| LoadError::Migrate(format!("{name} is missing from the object")))?;
-    aya::maps::HashMap::try_from(map).map_err(|e| LoadError::Migrate(format!("{name}: {e}")))
+impl LegacyFlows {
+    /// Read the older tables pinned in `pin_dir`, if any.
+    pub fn read(pin_dir: &Path) -> Result<Self, LoadError> {
+        use aya::maps::{HashMap, Map, MapData};
+
+        let mut flows = LegacyFlows::default();
+        for name in [maps::LEGACY_FLOWS, maps::LEGACY_FLOWS4, maps::LEGACY_FLOWS6] {
+            let path = pin_dir.join(name);
+            if !path.exists() {
+                continue;
+            }
+            let opened = |path: &Path| {
+                MapData::from_pin(path).map_err(|source| LoadError::LegacyFlows {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            };
+            let bad = |e: aya::maps::MapError| LoadError::Migrate(format!("{name}: {e}"));
+            if name == maps::LEGACY_FLOWS4 {
+                let table: HashMap<_, FlowKeyV4, FlowValue> =
+                    HashMap::try_from(Map::LruHashMap(opened(&path)?)).map_err(bad)?;
+                flows.v4.extend(table.iter().filter_map(Result::ok));
+            } else {
+                let table: HashMap<_, FlowKey, FlowValue> =
+                    HashMap::try_from(Map::LruHashMap(opened(&path)?)).map_err(bad)?;
+                for (key, value) in table.iter().filter_map(Result::ok) {
+                    match key.narrow() {
+                        Some(k4) => flows.v4.push((k4, value)),
+                        None => flows.v6.push((key, value)),
+                    }
+                }
+            }
+            flows.pins.push(path);
+        }
+        Ok(flows)
+    }
+
+    /// Remember the flows in `ebpf`'s tables (best effort: a flow that cannot be written is
+    /// logged and left), then remove the old pins. Returns how many flows moved.
+    pub fn migrate(self, ebpf: &mut Ebpf) -> Result<usize, LoadError> {
+        let total = self.v4.len() + self.v6.len();
+        let mut moved = 0;
+        // Each is placed as if now were its own last packet: in an empty table every flow
+        // finds a free way; in a full bucket the longest idle lose.
+        for (key, value) in &self.v4 {
+            match flowtab::remember(ebpf, key, value.state(), value.last_seen as u32) {
+                Ok(()) => moved += 1,
+                Err(e) => tracing::warn!(?key, error = %e, "flow not migrated"),
+            }
+        }
+        for (key, value) in &self.v6 {
+            match flowtab::remember(ebpf, key, value.state(), value.last_seen as u32) {
+                Ok(()) => moved += 1,
+                Err(e) => tracing::warn!(?key, error = %e, "flow not migrated"),
+            }
+        }
+        for path in &self.pins {
+            std::fs::remove_file(path).map_err(|source| LoadError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        if !self.pins.is_empty() {
+            tracing::info!(
+                moved,
+                of = total,
+                "flows of the previous version's tables moved into LB_FLOWTAB4/LB_FLOWTAB6"
+            );
+        }
+        Ok(moved)
+    }
+}
+
+/// What the node config tells the data plane about itself as loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Loaded {
+    /// The kernel's tick rate ([`clock::kernel_hz`]).
+    pub hz: u16,
+    /// Buckets of the flow tables ([`flowtab::buckets`]).
+    pub flow_buckets4: u32,
+    pub flow_buckets6: u32,
+}
+
+/// [`Loaded`] of `ebpf`. Blocks for the HZ measurement the first time in a process.
+pub fn loaded(ebpf: &mut Ebpf) -> Result<Loaded, LoadError> {
+    Ok(Loaded {
+        hz: clock::kernel_hz(ebpf)?,
+        flow_buckets4: flowtab::buckets::<FlowKeyV4>(ebpf)?,
+        flow_buckets6: flowtab::buckets::<FlowKey>(ebpf)?,
+    })
 }
 
 /// Path of the pinned link for an interface.

@@ -29,6 +29,7 @@ use lb_common::{
 };
 
 use crate::{
+    loader::Loaded,
     state::{DesiredState, LocalEndpoint, Protocol, ServiceAddr},
     table_cache::{Lookup, TableCache},
 };
@@ -230,19 +231,19 @@ fn add_vip(vips: &mut BTreeMap<VipKey, VipValue>, addr: &ServiceAddr, fragments:
 }
 
 /// The node config the data plane gets: interface MAC and encapsulation sources as
-/// resolved (unspecified: the data plane drops what would need it), the kernel's tick rate
-/// (`clock::kernel_hz`), the rest from the desired state.
+/// resolved (unspecified: the data plane drops what would need it), what the data plane
+/// is as loaded (tick rate, flow-table buckets), the rest from the desired state.
 pub fn node_config(
     desired: &DesiredState,
     mac: [u8; 6],
     encap_v4: Option<std::net::Ipv4Addr>,
     encap_v6: Option<std::net::Ipv6Addr>,
-    hz: u16,
+    loaded: Loaded,
 ) -> NodeConfig {
     let f = desired.node.flows;
     NodeConfig {
         mac,
-        hz,
+        hz: loaded.hz,
         encap_src_v4_be: encap_v4.map_or([0; 4], |a| a.octets()),
         flags: lb_common::CONFIG_F_VALID
             | if desired.node.pmtu_icmp {
@@ -262,6 +263,8 @@ pub fn node_config(
         // Set from the interface by the caller; 0 disables the MTU check.
         mtu: 0,
         encap_src_v6_be: encap_v6.map_or([0; 16], |a| a.octets()),
+        flow_buckets4: loaded.flow_buckets4,
+        flow_buckets6: loaded.flow_buckets6,
     }
 }
 
@@ -702,6 +705,13 @@ mod tests {
     use super::*;
     use crate::state::{BackendSpec, ServiceSpec};
 
+    /// A data plane for plans made without one.
+    pub(super) const TEST_LOADED: Loaded = Loaded {
+        hz: 250,
+        flow_buckets4: 1,
+        flow_buckets6: 1,
+    };
+
     fn ip(last: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(198, 18, 0, last))
     }
@@ -736,7 +746,7 @@ mod tests {
             [2, 0, 0, 0, 0, 2],
             Some(std::net::Ipv4Addr::new(198, 18, 0, 2)),
             None,
-            250,
+            TEST_LOADED,
         )
     }
 

@@ -246,8 +246,8 @@ fn node() -> Node {
     );
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(maps::MAGLEV, 1 << 16)
-        .map_max_entries(maps::FLOWS4, 1 << 16)
-        .map_max_entries(maps::FLOWS6, 1 << 14)
+        .map_max_entries(maps::FLOWTAB4, 1 << 14)
+        .map_max_entries(maps::FLOWTAB6, 1 << 12)
         .load(EBPF_OBJECT)
         .expect("load object");
     for name in [maps::PROG_LB, maps::PROG_DECAP] {
@@ -257,8 +257,8 @@ fn node() -> Node {
     }
     let mut dataplane = Dataplane::from_ebpf(&mut ebpf).unwrap();
     let desired = desired_state();
-    let hz = lb_agent::clock::kernel_hz(&mut ebpf).unwrap();
-    let mut cfg = sync::node_config(&desired, LB_MAC, Some(ENCAP_V4), Some(ENCAP_V6), hz);
+    let loaded = lb_agent::loader::loaded(&mut ebpf).unwrap();
+    let mut cfg = sync::node_config(&desired, LB_MAC, Some(ENCAP_V4), Some(ENCAP_V6), loaded);
     cfg.mtu = MTU;
     let before = dataplane.snapshot().unwrap();
     let plan = sync::plan(&desired, cfg, &BTreeMap::new(), &before).expect("plan");

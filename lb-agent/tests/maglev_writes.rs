@@ -103,7 +103,11 @@ fn sync_and_change(dp: &mut Dataplane) {
         [2, 0, 0, 0, 0, 2],
         Some(Ipv4Addr::new(198, 18, 0, 2)),
         None,
-        250,
+        lb_agent::loader::Loaded {
+            hz: 250,
+            flow_buckets4: 1,
+            flow_buckets6: 1,
+        },
     );
     let macs = BTreeMap::new();
     let mut tables = TableCache::default();

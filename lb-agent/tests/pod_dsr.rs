@@ -158,8 +158,8 @@ fn fixture() -> Fixture {
 
 impl Fixture {
     fn program(&mut self, desired: &DesiredState) {
-        let hz = lb_agent::clock::kernel_hz(&mut self.ebpf).unwrap();
-        let node = sync::node_config(desired, NODE_MAC, Some(NODE_ADDR), Some(NODE_ADDR6), hz);
+        let loaded = lb_agent::loader::loaded(&mut self.ebpf).unwrap();
+        let node = sync::node_config(desired, NODE_MAC, Some(NODE_ADDR), Some(NODE_ADDR6), loaded);
         let plan = sync::plan(desired, node, &BTreeMap::new(), &self.snapshot).unwrap();
         assert!(plan.unresolved.is_empty(), "{:?}", plan.unresolved);
         self.dataplane.apply(&plan.ops).unwrap();

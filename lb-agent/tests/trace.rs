@@ -156,8 +156,8 @@ fn node(tag: &str) -> Node {
         },
         v6,
     );
-    let hz = lb_agent::clock::kernel_hz(&mut ebpf).unwrap();
-    let cfg = sync::node_config(&desired, LB_MAC, Some(ENCAP_SRC), Some(ENCAP_V6), hz);
+    let loaded = lb_agent::loader::loaded(&mut ebpf).unwrap();
+    let cfg = sync::node_config(&desired, LB_MAC, Some(ENCAP_SRC), Some(ENCAP_V6), loaded);
     let snapshot = dataplane.snapshot().unwrap();
     let plan = sync::plan(&desired, cfg, &BTreeMap::new(), &snapshot).unwrap();
     dataplane.apply(&plan.ops).unwrap();

@@ -1,16 +1,17 @@
 //! Upgrading over the pins of an older build: a pinned map whose layout this build does not
 //! share (here `LB_SERVICES` with the older 24-byte value, and `LB_REASONS` with fewer
-//! counters) is replaced, so the program loads; a map whose layout is unchanged (`LB_FLOWS4`)
-//! is adopted with its entries, so remembered connections survive the upgrade; the single
-//! flow table of older versions (`LB_FLOWS`) has its entries moved into `LB_FLOWS4` and
-//! `LB_FLOWS6` and its pin removed, as is the pin of the retired `LB_VIP_BITS`.
+//! counters) is replaced, so the program loads; a map whose layout is unchanged
+//! (`LB_FLOWTAB4`) is adopted with its entries, so remembered connections survive the
+//! upgrade; the LRU flow tables of older versions (the single `LB_FLOWS`, then `LB_FLOWS4`
+//! and `LB_FLOWS6`) have their entries moved into `LB_FLOWTAB4`/`LB_FLOWTAB6` and their pins
+//! removed, as is the pin of the retired `LB_VIP_BITS`.
 //! Needs root (loading BPF, bpffs).
 
 use std::{path::Path, process::Command};
 
 use aya::maps::{HashMap, Map, MapData, MapInfo};
-use lb_agent::loader;
-use lb_common::{FlowKey, FlowKeyV4, FlowValue, Reason, maps};
+use lb_agent::{flowtab, loader};
+use lb_common::{FlowKey, FlowKeyV4, FlowState, FlowValue, Reason, maps};
 use lb_testkit::scenario::DirGuard;
 
 fn bpftool(args: &[&str]) {
@@ -51,12 +52,10 @@ fn pins_of_another_layout_are_replaced_and_compatible_ones_adopted() {
     );
     {
         let mut ebpf = loader::load(&pins.0, 1 << 16, 4096).expect("first load");
-        let mut flows: HashMap<_, FlowKeyV4, FlowValue> =
-            HashMap::try_from(ebpf.map_mut(maps::FLOWS4).unwrap()).unwrap();
-        flows.insert(flow, value(7), 0).unwrap();
+        flowtab::remember(&mut ebpf, &flow, value(7).state(), 1).unwrap();
     }
-    // What an older build's layout looks like: services with a shorter value, fewer reason
-    // counters, the VIP filter, and one flow table for both families.
+    // What older builds' layouts look like: services with a shorter value, fewer reason
+    // counters, the VIP filter, one LRU flow table for both families, then one per family.
     for name in [maps::SERVICES, maps::REASON_STATS] {
         std::fs::remove_file(pins.0.join(name)).unwrap();
     }
@@ -115,6 +114,44 @@ fn pins_of_another_layout_are_replaced_and_compatible_ones_adopted() {
         legacy.insert(old_v4, value(8), 0).unwrap();
         legacy.insert(old_v6, value(9), 0).unwrap();
     }
+    for (name, key) in [(maps::LEGACY_FLOWS4, "16"), (maps::LEGACY_FLOWS6, "40")] {
+        bpftool(&[
+            "map",
+            "create",
+            &pin(name),
+            "type",
+            "lru_hash",
+            "key",
+            key,
+            "value",
+            "16",
+            "entries",
+            "4096",
+            "name",
+            name,
+        ]);
+    }
+    let v4_later = FlowKeyV4::new(
+        [198, 18, 1, 3],
+        [198, 18, 0, 100],
+        40003u16.to_be(),
+        80u16.to_be(),
+        6,
+    );
+    let v6_later = FlowKey {
+        sport_be: 40004u16.to_be(),
+        ..old_v6
+    };
+    {
+        let table = MapData::from_pin(pins.0.join(maps::LEGACY_FLOWS4)).unwrap();
+        let mut table: HashMap<_, FlowKeyV4, FlowValue> =
+            HashMap::try_from(Map::LruHashMap(table)).unwrap();
+        table.insert(v4_later, value(10), 0).unwrap();
+        let table = MapData::from_pin(pins.0.join(maps::LEGACY_FLOWS6)).unwrap();
+        let mut table: HashMap<_, FlowKey, FlowValue> =
+            HashMap::try_from(Map::LruHashMap(table)).unwrap();
+        table.insert(v6_later, value(11), 0).unwrap();
+    }
     bpftool(&[
         "map",
         "create",
@@ -161,19 +198,22 @@ fn pins_of_another_layout_are_replaced_and_compatible_ones_adopted() {
     );
     let info = MapInfo::from_pin(pins.0.join(maps::REASON_STATS)).unwrap();
     assert_eq!(info.max_entries(), Reason::COUNT);
-    // The flow table was adopted with its connection, and the old table's moved in.
-    let flows = MapData::from_pin(pins.0.join(maps::FLOWS4)).unwrap();
-    let flows: HashMap<_, FlowKeyV4, FlowValue> =
-        HashMap::try_from(Map::LruHashMap(flows)).unwrap();
-    assert_eq!(flows.get(&flow, 0).unwrap().backend_id, 7);
+    // The flow table was adopted with its connection, and the old tables' moved in.
+    let backend = |found: Option<FlowState>| found.expect("flow remembered").backend_id;
+    assert_eq!(backend(flowtab::find(&ebpf, &flow).unwrap()), 7);
     assert_eq!(
-        flows.get(&old_v4.narrow().unwrap(), 0).unwrap().backend_id,
+        backend(flowtab::find(&ebpf, &old_v4.narrow().unwrap()).unwrap()),
         8
     );
-    let flows6 = MapData::from_pin(pins.0.join(maps::FLOWS6)).unwrap();
-    let flows6: HashMap<_, FlowKey, FlowValue> =
-        HashMap::try_from(Map::LruHashMap(flows6)).unwrap();
-    assert_eq!(flows6.get(&old_v6, 0).unwrap().backend_id, 9);
-    assert!(!pins.0.join(maps::LEGACY_FLOWS).exists());
-    assert!(!pins.0.join("LB_VIP_BITS").exists());
+    assert_eq!(backend(flowtab::find(&ebpf, &old_v6).unwrap()), 9);
+    assert_eq!(backend(flowtab::find(&ebpf, &v4_later).unwrap()), 10);
+    assert_eq!(backend(flowtab::find(&ebpf, &v6_later).unwrap()), 11);
+    for name in [
+        maps::LEGACY_FLOWS,
+        maps::LEGACY_FLOWS4,
+        maps::LEGACY_FLOWS6,
+        "LB_VIP_BITS",
+    ] {
+        assert!(!pins.0.join(name).exists(), "{name} is still pinned");
+    }
 }

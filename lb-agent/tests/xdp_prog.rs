@@ -9,11 +9,12 @@ use std::{
 use aya::{Ebpf, programs::Xdp};
 use lb_agent::{
     dataplane::Dataplane,
+    flowtab,
     state::{BackendSpec, DesiredState, Protocol, ServiceAddr, ServiceSpec},
     sync::{self, MapSnapshot},
 };
 use lb_common::{
-    FlowKeyV4, FlowValue, Forwarding, Reason,
+    FlowKeyV4, FlowState, Forwarding, Reason,
     hash::{flow_hash_v4, flow_hash_v6, gue_source_port},
     maps,
 };
@@ -143,8 +144,9 @@ impl Fixture {
 
     /// As the agent does with the interface's MTU (0: no MTU check).
     fn program_with_mtu(&mut self, desired: DesiredState, mtu: u16) {
-        let hz = lb_agent::clock::kernel_hz(&mut self.ebpf).unwrap();
-        let mut node = sync::node_config(&desired, LB_MAC, Some(ENCAP_SRC), Some(ENCAP_SRC6), hz);
+        let loaded = lb_agent::loader::loaded(&mut self.ebpf).unwrap();
+        let mut node =
+            sync::node_config(&desired, LB_MAC, Some(ENCAP_SRC), Some(ENCAP_SRC6), loaded);
         node.mtu = mtu;
         let plan = sync::plan(&desired, node, &BTreeMap::new(), &self.snapshot).unwrap();
         self.dataplane.apply(&plan.ops).unwrap();
@@ -741,7 +743,7 @@ fn established_tcp_flows_keep_their_backend_when_backends_are_added() {
 }
 
 /// The web service's flow entry of client port `sport`, and its key.
-fn web_flow(f: &mut Fixture, sport: u16) -> (FlowKeyV4, Option<FlowValue>) {
+fn web_flow(f: &mut Fixture, sport: u16) -> (FlowKeyV4, Option<FlowState>) {
     let key = FlowKeyV4::new(
         CLIENT.octets(),
         VIP.octets(),
@@ -749,15 +751,11 @@ fn web_flow(f: &mut Fixture, sport: u16) -> (FlowKeyV4, Option<FlowValue>) {
         PORT_TCP.to_be(),
         lb_common::PROTO_TCP,
     );
-    let flows: aya::maps::HashMap<_, FlowKeyV4, FlowValue> =
-        aya::maps::HashMap::try_from(f.ebpf.map_mut(maps::FLOWS4).unwrap()).unwrap();
-    (key, flows.get(&key, 0).ok())
+    (key, flowtab::find(&f.ebpf, &key).unwrap())
 }
 
-fn set_web_flow(f: &mut Fixture, key: FlowKeyV4, value: FlowValue) {
-    let mut flows: aya::maps::HashMap<_, FlowKeyV4, FlowValue> =
-        aya::maps::HashMap::try_from(f.ebpf.map_mut(maps::FLOWS4).unwrap()).unwrap();
-    flows.insert(key, value, 0).unwrap();
+fn set_web_flow(f: &mut Fixture, key: FlowKeyV4, state: FlowState) {
+    flowtab::remember(&mut f.ebpf, &key, state, state.last_seen).unwrap();
 }
 
 #[test]
@@ -770,8 +768,8 @@ fn a_remembered_flow_is_followed_until_idle_past_its_timeout() {
     let entry = entry.expect("a non-SYN miss is remembered");
     // The stamp is the kernel's jiffies now; the timeout is seconds times the measured HZ.
     let now = entry.last_seen;
-    let hz = u64::from(f.snapshot.config.unwrap().hz);
-    let idle = u64::from(f.desired.node.flows.tcp_idle_s) * hz;
+    let hz = u32::from(f.snapshot.config.unwrap().hz);
+    let idle = f.desired.node.flows.tcp_idle_s * hz;
     // Another backend of the same service, which Maglev would not pick for this flow.
     let web = f.snapshot.services[&sync::service_key(&web_addr())].id;
     let (other_id, other) = f
@@ -789,10 +787,10 @@ fn a_remembered_flow_is_followed_until_idle_past_its_timeout() {
     assert_ne!(other, maglev);
 
     // Seen just inside the timeout: the entry's backend is followed, and the stamp renewed.
-    let inside = FlowValue {
+    let inside = FlowState {
         backend_id: other_id,
-        flow_hash: entry.flow_hash,
         last_seen: now.wrapping_sub(idle - hz),
+        ..entry
     };
     set_web_flow(&mut f, key, inside);
     let (_, out) = f.run(maps::PROG_LB, &tcp_to_web(sport, tcp_flags::ACK));
@@ -808,7 +806,7 @@ fn a_remembered_flow_is_followed_until_idle_past_its_timeout() {
     set_web_flow(
         &mut f,
         key,
-        FlowValue {
+        FlowState {
             last_seen: now.wrapping_sub(idle + hz),
             ..inside
         },

@@ -10,6 +10,7 @@
 extern crate std;
 
 pub mod bench;
+pub mod flowtab;
 pub mod hash;
 pub mod maps;
 pub mod stats;

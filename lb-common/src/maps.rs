@@ -16,13 +16,16 @@ pub const SERVICE_STATS: &str = "LB_SVC_STATS";
 pub const BACKEND_STATS: &str = "LB_BE_STATS";
 /// Per CPU, `Reason` → `Counters`.
 pub const REASON_STATS: &str = "LB_REASONS";
-/// `FlowKeyV4` → `FlowValue`: the IPv4 flows, an LRU hash with a free list per CPU.
-pub const FLOWS4: &str = "LB_FLOWS4";
-/// `FlowKey` → `FlowValue`: the IPv6 flows, likewise.
-pub const FLOWS6: &str = "LB_FLOWS6";
-/// The one flow table (`FlowKey` → `FlowValue`) of earlier versions: the loader moves its
-/// entries into `LB_FLOWS4`/`LB_FLOWS6` and removes it.
+/// Array of `FlowBucket4`: the IPv4 flows (see [`crate::flowtab`]).
+pub const FLOWTAB4: &str = "LB_FLOWTAB4";
+/// Array of `FlowBucket6`: the IPv6 flows.
+pub const FLOWTAB6: &str = "LB_FLOWTAB6";
+/// The flow tables of earlier versions, LRU hashes of `FlowValue`: `LB_FLOWS` (`FlowKey`,
+/// both families), then `LB_FLOWS4` (`FlowKeyV4`) and `LB_FLOWS6` (`FlowKey`). The loader
+/// moves their entries into `LB_FLOWTAB4`/`LB_FLOWTAB6` and removes them.
 pub const LEGACY_FLOWS: &str = "LB_FLOWS";
+pub const LEGACY_FLOWS4: &str = "LB_FLOWS4";
+pub const LEGACY_FLOWS6: &str = "LB_FLOWS6";
 /// Per CPU, index 0 → `FloodWindow`.
 pub const FLOOD: &str = "LB_FLOOD";
 /// `VipKey` → `VipValue`: every VIP, for ICMP echo.
@@ -68,8 +71,8 @@ pub const ALL: [&str; 18] = [
     SERVICE_STATS,
     BACKEND_STATS,
     REASON_STATS,
-    FLOWS4,
-    FLOWS6,
+    FLOWTAB4,
+    FLOWTAB6,
     FLOOD,
     VIPS,
     SRC_RANGES,
@@ -85,11 +88,11 @@ pub const ALL: [&str; 18] = [
 pub const MAX_SERVICES: u32 = 32_768;
 /// Backend entries: one per (service, backend address).
 pub const MAX_BACKENDS: u32 = 131_072;
-/// Default size of the IPv4 flow table (entries, shared by all CPUs).
+/// Default size of the IPv4 flow table (entries, shared by all CPUs; 32 bytes each).
 pub const DEFAULT_FLOWS: u32 = 1 << 20;
 
 /// Entries of the IPv6 flow table for an IPv4 table of `flows`: a quarter (IPv6 entries are
-/// larger, and most traffic is IPv4), at least 1024.
+/// larger, 56 bytes, and most traffic is IPv4), at least 1024.
 pub const fn flows6_for(flows: u32) -> u32 {
     let quarter = flows / 4;
     if quarter < 1024 { 1024 } else { quarter }

@@ -3,9 +3,9 @@
 
 use crate::bench::{GenFrame, HarnessFrame, SinkConfig};
 use crate::types::{
-    AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowKeyV4,
-    FlowValue, NodeConfig, RevNatValue, ServiceCounters, ServiceKey, ServiceRecord, ServiceValue,
-    SourceRange, VipKey, VipValue,
+    AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowBucket4, FlowBucket6,
+    FlowKey, FlowKeyV4, FlowValue, NodeConfig, RevNatValue, ServiceCounters, ServiceKey,
+    ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue,
 };
 
 // SAFETY: each type is `repr(C)`, has no implicit padding (sizes asserted in `types`), and
@@ -19,6 +19,8 @@ unsafe impl aya::Pod for Counters {}
 unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowKeyV4 {}
 unsafe impl aya::Pod for FlowValue {}
+unsafe impl aya::Pod for FlowBucket4 {}
+unsafe impl aya::Pod for FlowBucket6 {}
 unsafe impl aya::Pod for FloodWindow {}
 unsafe impl aya::Pod for ServiceCounters {}
 unsafe impl aya::Pod for VipKey {}

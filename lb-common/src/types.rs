@@ -118,7 +118,7 @@ pub const fn slot_value(index: u32) -> u32 {
 }
 
 /// Service flags.
-/// Remember each flow's backend in `LB_FLOWS4`/`LB_FLOWS6`, so established connections keep their backend
+/// Remember each flow's backend in `LB_FLOWTAB4`/`LB_FLOWTAB6`, so established connections keep their backend
 /// when the backend set changes.
 pub const SERVICE_F_FLOW_TRACKING: u8 = 1;
 /// Only clients in the service's entries of `LB_SRC_RANGES` are balanced; others are
@@ -246,8 +246,12 @@ pub struct NodeConfig {
     pub mtu: u16,
     /// Source address of outer IPv6 headers (all zero: no IPv6 encapsulation possible).
     pub encap_src_v6_be: [u8; 16],
+    /// Buckets of `LB_FLOWTAB4` and `LB_FLOWTAB6` as loaded (the agent reads them from the
+    /// maps: a pinned table keeps the size it was created with).
+    pub flow_buckets4: u32,
+    pub flow_buckets6: u32,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 48);
+const _: () = assert!(size_of::<NodeConfig>() == 56);
 // The data plane reads the addresses as words and the MAC as half-words.
 const _: () = assert!(
     align_of::<NodeConfig>() >= 4
@@ -268,6 +272,8 @@ impl NodeConfig {
         gue_port_be: 0,
         mtu: 0,
         encap_src_v6_be: [0; 16],
+        flow_buckets4: 0,
+        flow_buckets6: 0,
     };
 }
 
@@ -311,11 +317,11 @@ pub struct VipValue {
 }
 const _: () = assert!(size_of::<VipValue>() == 8);
 
-/// IPv4 flow key (`LB_FLOWS4`): the 5-tuple as in the packet, in 16 bytes. A key this short
-/// hashes and compares in a fraction of the time of the 40-byte [`FlowKey`]. The data plane
-/// builds it from four words ([`FlowKeyV4::from_words`]).
+/// IPv4 flow key (`LB_FLOWTAB4`): the 5-tuple as in the packet, in 16 bytes. A key this short
+/// compares in a fraction of the time of the 40-byte [`FlowKey`], and makes an entry half a
+/// cache line. The data plane compares it as four words ([`FlowKeyV4::from_words`]).
 #[repr(C, align(4))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKeyV4 {
     pub src_be: [u8; 4],
     pub dst_be: [u8; 4],
@@ -347,10 +353,7 @@ impl FlowKeyV4 {
     }
 
     /// The key from its four words as they sit in memory: source, destination, the two ports,
-    /// the protocol (low byte; the rest zero). Built so, the key is stored as four word
-    /// writes: a key assembled from byte and half-word writes is then read by the kernel's
-    /// hash as words, and each such read waits for the narrow stores to drain (a
-    /// store-forwarding stall, several ns per packet).
+    /// the protocol (low byte; the rest zero).
     #[inline(always)]
     pub const fn from_words(words: [u32; 4]) -> Self {
         // SAFETY: same size and alignment; every bit pattern is a valid key.
@@ -358,10 +361,10 @@ impl FlowKeyV4 {
     }
 }
 
-/// Flow key: the 5-tuple as in the packet (`LB_FLOWS6`, `LB_REVNAT`). IPv4 addresses occupy
+/// Flow key: the 5-tuple as in the packet (`LB_FLOWTAB6`, `LB_REVNAT`). IPv4 addresses occupy
 /// the first four bytes.
 #[repr(C, align(4))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub src_be: [u8; 16],
     pub dst_be: [u8; 16],
@@ -398,20 +401,89 @@ impl FlowKey {
     }
 }
 
-/// A remembered flow.
+/// A remembered client of a service with session affinity (`LB_AFFINITY`); the flow tables
+/// of earlier versions held it too.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowValue {
     /// `LB_BACKENDS` index.
     pub backend_id: u32,
-    /// The flow hash (`LB_FLOWS4`/`LB_FLOWS6`), so a packet that follows its flow does not
-    /// compute it again for a GUE source port or an IPv6 flow label; 0 when not known
-    /// (`LB_AFFINITY`, entries of older versions), then it is computed.
+    /// The flow hash (in the flow tables of earlier versions); 0 in `LB_AFFINITY`.
     pub flow_hash: u32,
     /// `bpf_jiffies64()` at the last packet (kernel ticks: `NodeConfig::hz` per second).
     pub last_seen: u64,
 }
 const _: () = assert!(size_of::<FlowValue>() == 16);
+
+impl FlowValue {
+    /// The flow-table state of an entry of an older version's table.
+    pub const fn state(&self) -> FlowState {
+        FlowState {
+            backend_id: self.backend_id,
+            tag: 0,
+            flow_hash: self.flow_hash,
+            last_seen: self.last_seen as u32,
+        }
+    }
+}
+
+/// What a flow table remembers of one flow, after its key (see [`crate::flowtab`]).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    /// `LB_BACKENDS` index.
+    pub backend_id: u32,
+    /// [`crate::flowtab::tag`] of the entry's key; 0: the entry is empty. Written and read
+    /// together with `backend_id` as one 8-byte word, so a reader racing a writer of the
+    /// same entry never takes another flow's backend for its own.
+    pub tag: u32,
+    /// The flow hash, so a packet that follows its flow does not compute it again for a GUE
+    /// source port or an IPv6 flow label; 0 when not known (then it is computed).
+    pub flow_hash: u32,
+    /// Low 32 bits of `bpf_jiffies64()` at the last packet (`NodeConfig::hz` per second).
+    pub last_seen: u32,
+}
+const _: () = assert!(size_of::<FlowState>() == 16);
+
+/// One entry of `LB_FLOWTAB4`.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry4 {
+    pub key: FlowKeyV4,
+    pub state: FlowState,
+}
+
+/// One entry of `LB_FLOWTAB6`.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry6 {
+    pub key: FlowKey,
+    pub state: FlowState,
+}
+
+/// A bucket of `LB_FLOWTAB4`: the flows whose [`crate::flowtab::bucket_index`] it is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBucket4 {
+    pub ways: [FlowEntry4; crate::flowtab::WAYS],
+}
+
+/// A bucket of `LB_FLOWTAB6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowBucket6 {
+    pub ways: [FlowEntry6; crate::flowtab::WAYS],
+}
+
+// The data plane reads an entry as its key's words followed by the state.
+const _: () = assert!(
+    size_of::<FlowEntry4>() == 4 * 4 + 16
+        && core::mem::offset_of!(FlowEntry4, state) == 4 * 4
+        && size_of::<FlowEntry6>() == 4 * 10 + 16
+        && core::mem::offset_of!(FlowEntry6, state) == 4 * 10
+        && size_of::<FlowBucket4>() == crate::flowtab::WAYS * size_of::<FlowEntry4>()
+        && size_of::<FlowBucket6>() == crate::flowtab::WAYS * size_of::<FlowEntry6>()
+);
 
 /// Per-CPU state of the flood guard, in `LB_FLOOD[0]`.
 #[repr(C)]

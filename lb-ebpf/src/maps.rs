@@ -5,9 +5,10 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowKey, FlowKeyV4,
-    FlowValue, NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey, ServiceRecord,
-    ServiceValue, SourceRange, VipKey, VipValue,
+    AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowBucket4, FlowBucket6,
+    FlowKey, FlowValue, NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey,
+    ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue,
+    flowtab::buckets_for,
     maps::{
         DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_AFFINITY, MAX_BACKENDS,
         MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES, MMAPABLE_FLAG, SVC_SLOT_COUNT, flows6_for,
@@ -38,21 +39,13 @@ pub static LB_BE_STATS: PerCpuArray<Counters, { MAX_BACKENDS as usize }> = PerCp
 #[btf_map]
 pub static LB_REASONS: PerCpuArray<Counters, { Reason::COUNT as usize }> = PerCpuArray::new();
 
+/// Sized by the agent when it creates the tables; `NodeConfig` says how many buckets.
 #[btf_map]
-pub static LB_FLOWS4: LruHashMap<
-    FlowKeyV4,
-    FlowValue,
-    { DEFAULT_FLOWS as usize },
-    LRU_PER_CPU_FLAG,
-> = LruHashMap::new();
+pub static LB_FLOWTAB4: Array<FlowBucket4, { buckets_for(DEFAULT_FLOWS) as usize }> = Array::new();
 
 #[btf_map]
-pub static LB_FLOWS6: LruHashMap<
-    FlowKey,
-    FlowValue,
-    { flows6_for(DEFAULT_FLOWS) as usize },
-    LRU_PER_CPU_FLAG,
-> = LruHashMap::new();
+pub static LB_FLOWTAB6: Array<FlowBucket6, { buckets_for(flows6_for(DEFAULT_FLOWS)) as usize }> =
+    Array::new();
 
 #[btf_map]
 pub static LB_FLOOD: PerCpuArray<FloodWindow, 1> = PerCpuArray::new();

@@ -14,16 +14,17 @@
 
 use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_jiffies64};
 use lb_common::{
-    AffinityKey, BackendValue, FAMILY_V4, FlowKey, FlowKeyV4, FlowValue, NodeConfig, PROTO_TCP,
-    Reason, SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, SLOT_EMPTY,
-    SLOT_SHARED, ServiceKey, ServiceValue, SourceRange, VipKey, VipValue,
+    AffinityKey, BackendValue, FAMILY_V4, FlowState, FlowValue, NodeConfig, PROTO_TCP, Reason,
+    SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, SLOT_EMPTY, SLOT_SHARED,
+    ServiceKey, ServiceValue, SourceRange, VipKey, VipValue,
+    flowtab::{self, WAYS},
     hash::{flow_hash_v4, flow_hash_v6_folded},
 };
 
 use crate::{
     Verdict,
     maps::{
-        LB_AFFINITY, LB_BACKENDS, LB_FLOOD, LB_FLOWS4, LB_FLOWS6, LB_MAGLEV, LB_SERVICES,
+        LB_AFFINITY, LB_BACKENDS, LB_FLOOD, LB_FLOWTAB4, LB_FLOWTAB6, LB_MAGLEV, LB_SERVICES,
         LB_SRC_RANGES, LB_SVC_RECORDS, LB_SVC_SLOTS, LB_VIPS,
     },
     parse::{AddrWords, Packet, addr_bytes},
@@ -189,38 +190,128 @@ fn maglev(hash: u32, service: &ServiceValue) -> Result<(u32, &'static BackendVal
     Ok((id, backend))
 }
 
-/// The flow table of one address family. The tracked path is generic over it, so each
-/// family's copy works on its own key type (a 16-byte IPv4 key hashes and compares in a
-/// fraction of the time of the 40-byte one).
-trait FlowTable {
-    type Key;
-    fn get(key: &Self::Key) -> Option<*mut FlowValue>;
-    fn insert(key: &Self::Key, value: &FlowValue) -> bool;
+/// The flow table of one address family, whose keys are `N` words: buckets of `WAYS`
+/// entries, each the key's words followed by a `FlowState` (`lb_common` asserts the
+/// layout). The tracked path is generic over it, so each family's copy compares its own key
+/// length in straight-line code.
+trait FlowTable<const N: usize> {
+    /// Bucket `i`.
+    fn bucket(i: u32) -> Option<*mut u8>;
+    /// How many buckets the table has.
+    fn buckets(cfg: &NodeConfig) -> u32;
 }
 
 struct Flows4;
-impl FlowTable for Flows4 {
-    type Key = FlowKeyV4;
+impl FlowTable<4> for Flows4 {
     #[inline(always)]
-    fn get(key: &FlowKeyV4) -> Option<*mut FlowValue> {
-        LB_FLOWS4.get_ptr_mut(key)
+    fn bucket(i: u32) -> Option<*mut u8> {
+        LB_FLOWTAB4.get_ptr_mut(i).map(|b| b.cast())
     }
     #[inline(always)]
-    fn insert(key: &FlowKeyV4, value: &FlowValue) -> bool {
-        LB_FLOWS4.insert(key, value, ANY).is_ok()
+    fn buckets(cfg: &NodeConfig) -> u32 {
+        cfg.flow_buckets4
     }
 }
 
 struct Flows6;
-impl FlowTable for Flows6 {
-    type Key = FlowKey;
+impl FlowTable<10> for Flows6 {
     #[inline(always)]
-    fn get(key: &FlowKey) -> Option<*mut FlowValue> {
-        LB_FLOWS6.get_ptr_mut(key)
+    fn bucket(i: u32) -> Option<*mut u8> {
+        LB_FLOWTAB6.get_ptr_mut(i).map(|b| b.cast())
     }
     #[inline(always)]
-    fn insert(key: &FlowKey, value: &FlowValue) -> bool {
-        LB_FLOWS6.insert(key, value, ANY).is_ok()
+    fn buckets(cfg: &NodeConfig) -> u32 {
+        cfg.flow_buckets6
+    }
+}
+
+/// Where a flow is (or would be) remembered: its bucket and its key's tag.
+struct Place<const N: usize> {
+    bucket: *mut u8,
+    tag: u32,
+}
+
+impl<const N: usize> Place<N> {
+    const ENTRY: usize = 4 * N + size_of::<FlowState>();
+
+    /// The place of the key whose `flowtab::key_hash` inputs are given.
+    #[inline(always)]
+    fn of<T: FlowTable<N>>(cfg: &NodeConfig, hash_in: [u32; 4]) -> Option<Self> {
+        let h = flowtab::key_hash(hash_in[0], hash_in[1], hash_in[2], hash_in[3]);
+        let bucket = T::bucket(flowtab::bucket_index(h, T::buckets(cfg)))?;
+        Some(Place {
+            bucket,
+            tag: flowtab::tag(h),
+        })
+    }
+
+    #[inline(always)]
+    fn key(&self, way: usize) -> *mut u32 {
+        self.bucket.wrapping_add(way * Self::ENTRY).cast()
+    }
+
+    #[inline(always)]
+    fn state(&self, way: usize) -> *mut FlowState {
+        self.bucket.wrapping_add(way * Self::ENTRY + 4 * N).cast()
+    }
+
+    /// The entry of `key` and its backend id: the way whose key words and tag match. The
+    /// backend id and the tag are one 8-byte load, so they belong to the same write.
+    #[inline(always)]
+    fn find(&self, key: &[u32; N]) -> Option<(*mut FlowState, u32)> {
+        for way in 0..WAYS {
+            let k = self.key(way);
+            let mut diff = 0;
+            for (i, w) in key.iter().enumerate() {
+                // SAFETY: the bucket is a map value of WAYS entries of N words and a state.
+                diff |= unsafe { *k.add(i) } ^ *w;
+            }
+            if diff == 0 {
+                let state = self.state(way);
+                // SAFETY: as above; the state is 8-aligned. Volatile: never split in two.
+                let pair: [u32; 2] =
+                    unsafe { core::mem::transmute(core::ptr::read_volatile(state.cast::<u64>())) };
+                if pair[1] == self.tag {
+                    return Some((state, pair[0]));
+                }
+            }
+        }
+        None
+    }
+
+    /// Point an entry at `backend_id`, stamped `now`: the pair of backend and tag is written
+    /// last, in one store.
+    #[inline(always)]
+    fn set(state: *mut FlowState, backend_id: u32, tag: u32, flow_hash: u32, now: u32) {
+        // SAFETY: a state of the bucket (see `find`); racing writers are covered by the tag.
+        unsafe {
+            (*state).flow_hash = flow_hash;
+            (*state).last_seen = now;
+            let pair: u64 = core::mem::transmute([backend_id, tag]);
+            core::ptr::write_volatile(state.cast::<u64>(), pair);
+        }
+    }
+
+    /// Remember `key`'s flow in the way `flowtab::victim` picks (an empty one, else the one
+    /// idle longest).
+    #[inline(always)]
+    fn insert(&self, key: &[u32; N], backend_id: u32, flow_hash: u32, now: u32) {
+        let mut tags = [0u32; WAYS];
+        let mut seen = [0u32; WAYS];
+        for way in 0..WAYS {
+            // SAFETY: as in `find`.
+            unsafe {
+                tags[way] = (*self.state(way)).tag;
+                seen[way] = (*self.state(way)).last_seen;
+            }
+        }
+        let way = flowtab::victim(tags, seen, now);
+        let k = self.key(way);
+        for (i, w) in key.iter().enumerate() {
+            // SAFETY: as in `find`.
+            unsafe { *k.add(i) = *w };
+        }
+        Self::set(self.state(way), backend_id, self.tag, flow_hash, now);
     }
 }
 
@@ -317,23 +408,26 @@ pub fn select(
             flow_hash: 0,
         });
     }
-    // Keys are built from whole words (see `FlowKeyV4::from_words`).
+    // Keys as the words they are compared with; the hash takes IPv6 addresses folded.
     let (s, d, ports) = (pkt.src, pkt.dst, pkt.ports);
     if pkt.family == FAMILY_V4 {
-        let key = FlowKeyV4::from_words([s[0], d[0], ports, pkt.proto as u32]);
-        follow_flow::<Flows4>(&key, pkt, service, cfg, now, bytes, affinity)
+        let key = [s[0], d[0], ports, pkt.proto as u32];
+        follow_flow::<Flows4, 4>(&key, key, pkt, service, cfg, now, bytes, affinity)
     } else {
         let last = pkt.proto as u32 | ((pkt.family as u32) << 8);
-        let key =
-            FlowKey::from_words([s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], ports, last]);
-        follow_flow::<Flows6>(&key, pkt, service, cfg, now, bytes, affinity)
+        let key = [s[0], s[1], s[2], s[3], d[0], d[1], d[2], d[3], ports, last];
+        let hash_in = [pkt.src_fold, pkt.dst_fold, ports, last];
+        follow_flow::<Flows6, 10>(&key, hash_in, pkt, service, cfg, now, bytes, affinity)
     }
 }
 
-/// A packet of a tracked service, whose flow has `key` in table `T`; `now` in jiffies.
+/// A packet of a tracked service, whose flow has `key` in table `T` (`hash_in`: the inputs
+/// of its `flowtab::key_hash`); `now` in jiffies.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn follow_flow<T: FlowTable>(
-    key: &T::Key,
+fn follow_flow<T: FlowTable<N>, const N: usize>(
+    key: &[u32; N],
+    hash_in: [u32; 4],
     pkt: &Packet,
     service: &ServiceValue,
     cfg: &NodeConfig,
@@ -341,23 +435,25 @@ fn follow_flow<T: FlowTable>(
     bytes: u64,
     affinity: bool,
 ) -> Result<Selected, Verdict> {
-    let entry = T::get(key);
+    // Entries hold the low half of jiffies; differences wrap correctly.
+    let now32 = now as u32;
+    let place = Place::<N>::of::<T>(cfg, hash_in);
+    let entry = place.as_ref().and_then(|p| p.find(key));
     if !pkt.tcp_syn
-        && let Some(flow) = entry
+        && let Some((flow, id)) = entry
     {
         let idle_s = if pkt.proto == PROTO_TCP {
             cfg.tcp_idle_s
         } else {
             cfg.udp_idle_s
         };
-        // SAFETY: the entry stays valid during this program run (RCU); concurrent updates of
-        // `last_seen` from other CPUs are benign.
-        let (id, seen, flow_hash) =
-            unsafe { ((*flow).backend_id, (*flow).last_seen, (*flow).flow_hash) };
-        if now.wrapping_sub(seen) <= idle_s as u64 * cfg.hz as u64 {
+        // SAFETY: the bucket is a map value, valid during this run; racing updates of
+        // `last_seen` are benign.
+        let (seen, flow_hash) = unsafe { ((*flow).last_seen, (*flow).flow_hash) };
+        if now32.wrapping_sub(seen) as u64 <= idle_s as u64 * cfg.hz as u64 {
             if let Some(backend) = backend_of(id, service) {
                 // SAFETY: as above.
-                unsafe { (*flow).last_seen = now };
+                unsafe { (*flow).last_seen = now32 };
                 return Ok(Selected {
                     backend_id: id,
                     backend,
@@ -389,13 +485,8 @@ fn follow_flow<T: FlowTable>(
         // A new connection is remembered from its next packet on (a miss decided by the
         // same Maglev choice), so a flood of SYNs never fills the table; a SYN only
         // re-points an entry its 5-tuple already has (a reused port).
-        if let Some(flow) = entry {
-            // SAFETY: as above; a racing reader sees the old or the new backend.
-            unsafe {
-                (*flow).backend_id = backend_id;
-                (*flow).flow_hash = hash;
-                (*flow).last_seen = now;
-            }
+        if let (Some(p), Some((flow, _))) = (&place, entry) {
+            Place::<N>::set(flow, backend_id, p.tag, hash, now32);
         }
         return Ok(Selected {
             backend_id,
@@ -404,17 +495,17 @@ fn follow_flow<T: FlowTable>(
             flow_hash: hash,
         });
     }
-    if flood_guard_allows(now, cfg) {
-        let value = FlowValue {
-            backend_id,
-            flow_hash: hash,
-            last_seen: now,
-        };
-        if T::insert(key, &value) {
+    if let Some(p) = &place {
+        if flood_guard_allows(now, cfg) {
+            match entry {
+                // A stale entry is renewed where it is.
+                Some((flow, _)) => Place::<N>::set(flow, backend_id, p.tag, hash, now32),
+                None => p.insert(key, backend_id, hash, now32),
+            }
             stats::count_reason(Reason::FlowCreated, bytes);
+        } else {
+            stats::count_reason(Reason::FlowGuarded, bytes);
         }
-    } else {
-        stats::count_reason(Reason::FlowGuarded, bytes);
     }
     Ok(Selected {
         backend_id,

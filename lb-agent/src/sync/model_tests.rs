@@ -290,7 +290,7 @@ fn random_changes_keep_the_maps_exact_with_a_kept_cache() {
         [2, 0, 0, 0, 0, 2],
         Some(Ipv4Addr::new(198, 18, 0, 2)),
         Some(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2)),
-        250,
+        super::tests::TEST_LOADED,
     );
     for seed in [1, 7, 42, 1234] {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
@@ -337,7 +337,7 @@ fn a_changed_backend_is_never_served_from_the_cache() {
         [2, 0, 0, 0, 0, 2],
         None,
         None,
-        250,
+        super::tests::TEST_LOADED,
     );
     let mut desired = DesiredState::default();
     let mut svc = ServiceSpec {

@@ -23,7 +23,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context, bail, ensure};
-use lb_agent::{dataplane::Dataplane, sync};
+use lb_agent::{dataplane::Dataplane, loader, sync};
 use lb_common::{Reason, maps};
 
 use super::{
@@ -222,14 +222,14 @@ fn fmt_progress(row: &DpRow) -> String {
 }
 
 /// Program the maps as the agent would for the bench's config.
-fn program(dataplane: &mut Dataplane, hz: u16) -> anyhow::Result<()> {
+fn program(dataplane: &mut Dataplane, loaded: loader::Loaded) -> anyhow::Result<()> {
     let desired = cases::desired()?;
     let mut node = sync::node_config(
         &desired,
         cases::LB_MAC,
         desired.node.encap_source,
         desired.node.encap_source_v6,
-        hz,
+        loaded,
     );
     node.mtu = cases::MTU;
     let current = dataplane.snapshot()?;
@@ -245,7 +245,7 @@ fn program(dataplane: &mut Dataplane, hz: u16) -> anyhow::Result<()> {
 
 pub fn run(harness_object: &Path, settings: Settings) -> anyhow::Result<results::Dataplane> {
     let (objects, mut dataplane) = Objects::load(harness_object, maps::DEFAULT_MAGLEV_SLOTS)?;
-    program(&mut dataplane, objects.hz)?;
+    program(&mut dataplane, objects.loaded)?;
     system::pin_to_cpu(settings.cpu)?;
     let mut bench = Bench {
         objects,

@@ -80,8 +80,8 @@ impl Drop for PinDir {
 
 /// The real object, the harness object, and the harness's maps.
 pub struct Objects {
-    /// The kernel's tick rate, for the node config.
-    pub hz: u16,
+    /// Tick rate and flow-table sizes, for the node config.
+    pub loaded: loader::Loaded,
     lb: Ebpf,
     harness: Ebpf,
     frame: Array<MapData, HarnessFrame>,
@@ -110,7 +110,7 @@ impl Objects {
         let mut lb = loader::load(pins.path(), maglev_slots, maps::DEFAULT_FLOWS)
             .context("loading the real object (lb-agent's loader)")?;
         load_xdp(&mut lb, maps::PROG_LB)?;
-        let hz = lb_agent::clock::kernel_hz(&mut lb).context("measuring the kernel's HZ")?;
+        let loaded = loader::loaded(&mut lb).context("reading the loaded data plane")?;
         let dataplane = Dataplane::from_ebpf(&mut lb).context("opening the real object's maps")?;
 
         let mut harness = EbpfLoader::new()
@@ -134,7 +134,7 @@ impl Objects {
             .with_context(|| format!("map {}", bench::PROGS))?;
         Ok((
             Objects {
-                hz,
+                loaded,
                 lb,
                 harness,
                 frame,

@@ -56,8 +56,8 @@ pub fn run(services: usize, changes: usize) -> anyhow::Result<SyncRow> {
     let mut ebpf = loader::load(pins.path(), maglev_slots(services, per), 65_536)
         .context("loading the object")?;
     let mut dataplane = Dataplane::from_ebpf(&mut ebpf)?;
-    let hz = lb_agent::clock::kernel_hz(&mut ebpf).context("measuring the kernel's HZ")?;
-    let mut node = sync::node_config(&desired, NODE_MAC, Some(scale::ENCAP), None, hz);
+    let loaded = lb_agent::loader::loaded(&mut ebpf).context("reading the loaded data plane")?;
+    let mut node = sync::node_config(&desired, NODE_MAC, Some(scale::ENCAP), None, loaded);
     node.mtu = 1500;
     let macs = BTreeMap::new();
 
