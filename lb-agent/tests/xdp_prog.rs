@@ -14,7 +14,7 @@ use lb_agent::{
     sync::{self, MapSnapshot},
 };
 use lb_common::{
-    FlowKeyV4, FlowState, Forwarding, Reason,
+    FlowBucket4, FlowKeyV4, FlowState, Forwarding, Reason, flowtab as table_rules,
     hash::{flow_hash_v4, flow_hash_v6, gue_source_port},
     maps,
 };
@@ -742,15 +742,20 @@ fn established_tcp_flows_keep_their_backend_when_backends_are_added() {
     );
 }
 
-/// The web service's flow entry of client port `sport`, and its key.
-fn web_flow(f: &mut Fixture, sport: u16) -> (FlowKeyV4, Option<FlowState>) {
-    let key = FlowKeyV4::new(
+/// The web service's flow key of client port `sport`.
+fn web_flow_key(sport: u16) -> FlowKeyV4 {
+    FlowKeyV4::new(
         CLIENT.octets(),
         VIP.octets(),
         sport.to_be(),
         PORT_TCP.to_be(),
         lb_common::PROTO_TCP,
-    );
+    )
+}
+
+/// The web service's flow entry of client port `sport`, and its key.
+fn web_flow(f: &mut Fixture, sport: u16) -> (FlowKeyV4, Option<FlowState>) {
+    let key = web_flow_key(sport);
     (key, flowtab::find(&f.ebpf, &key).unwrap())
 }
 
@@ -771,19 +776,7 @@ fn a_remembered_flow_is_followed_until_idle_past_its_timeout() {
     let hz = u32::from(f.snapshot.config.unwrap().hz);
     let idle = f.desired.node.flows.tcp_idle_s * hz;
     // Another backend of the same service, which Maglev would not pick for this flow.
-    let web = f.snapshot.services[&sync::service_key(&web_addr())].id;
-    let (other_id, other) = f
-        .snapshot
-        .backends
-        .iter()
-        .find(|(id, b)| b.service_id == web && **id != entry.backend_id)
-        .map(|(id, b)| {
-            (
-                *id,
-                Ipv4Addr::new(b.addr_be[0], b.addr_be[1], b.addr_be[2], b.addr_be[3]),
-            )
-        })
-        .unwrap();
+    let (other_id, other) = other_web_backend(&f, entry.backend_id);
     assert_ne!(other, maglev);
 
     // Seen just inside the timeout: the entry's backend is followed, and the stamp renewed.
@@ -817,6 +810,105 @@ fn a_remembered_flow_is_followed_until_idle_past_its_timeout() {
     let replaced = web_flow(&mut f, sport).1.unwrap();
     assert_eq!(replaced.backend_id, entry.backend_id);
     assert!(replaced.last_seen.wrapping_sub(now) < hz, "{replaced:?}");
+}
+
+/// Another backend of the web service than `id`, with its address.
+fn other_web_backend(f: &Fixture, id: u32) -> (u32, Ipv4Addr) {
+    let web = f.snapshot.services[&sync::service_key(&web_addr())].id;
+    f.snapshot
+        .backends
+        .iter()
+        .find(|(other, b)| b.service_id == web && **other != id)
+        .map(|(other, b)| {
+            (
+                *other,
+                Ipv4Addr::new(b.addr_be[0], b.addr_be[1], b.addr_be[2], b.addr_be[3]),
+            )
+        })
+        .unwrap()
+}
+
+/// An entry whose key matches but whose tag is another key's (what a reader racing a
+/// writer of the entry can see) is a miss: the packet is decided by Maglev, never sent to
+/// the backend of the entry.
+#[test]
+fn an_entry_with_another_keys_tag_is_not_followed() {
+    let mut f = fixture();
+    let sport = 35000;
+    let (_, out) = f.run(maps::PROG_LB, &tcp_to_web(sport, tcp_flags::ACK));
+    let maglev = outer_dst(&out);
+    let (key, entry) = web_flow(&mut f, sport);
+    let entry = entry.expect("a non-SYN miss is remembered");
+    let (other_id, other) = other_web_backend(&f, entry.backend_id);
+    assert_ne!(other, maglev);
+    // Point the entry at the other backend, then give it a wrong tag, in place.
+    set_web_flow(
+        &mut f,
+        key,
+        FlowState {
+            backend_id: other_id,
+            ..entry
+        },
+    );
+    let (_, out) = f.run(maps::PROG_LB, &tcp_to_web(sport, tcp_flags::ACK));
+    assert_eq!(
+        outer_dst(&out),
+        other,
+        "with its own tag the entry is followed"
+    );
+    let mut table: aya::maps::Array<_, FlowBucket4> =
+        aya::maps::Array::try_from(f.ebpf.map_mut(maps::FLOWTAB4).unwrap()).unwrap();
+    let index = table_rules::bucket_index(table_rules::v4_hash(&key), table.len());
+    let mut bucket = table.get(&index, 0).unwrap();
+    let way = bucket.ways.iter().position(|e| e.key == key).unwrap();
+    bucket.ways[way].state.tag ^= 0x10;
+    table.set(index, bucket, 0).unwrap();
+    let (_, out) = f.run(maps::PROG_LB, &tcp_to_web(sport, tcp_flags::ACK));
+    assert_eq!(outer_dst(&out), maglev, "a torn entry is a miss");
+    // And the miss remembers the flow again, with the right tag.
+    assert_eq!(
+        web_flow(&mut f, sport).1.unwrap().backend_id,
+        entry.backend_id
+    );
+}
+
+/// A new flow in a full bucket takes the way idle longest; the others stay.
+#[test]
+fn a_new_flow_in_a_full_bucket_replaces_the_longest_idle() {
+    let mut f = fixture();
+    let buckets = f.snapshot.config.unwrap().flow_buckets4;
+    let key = |sport: u16| web_flow_key(sport);
+    let bucket_of =
+        |sport: u16| table_rules::bucket_index(table_rules::v4_hash(&key(sport)), buckets);
+    // Five client ports whose flows share a bucket.
+    let target = bucket_of(36000);
+    let ports: Vec<u16> = (36000..u16::MAX)
+        .filter(|p| bucket_of(*p) == target)
+        .take(5)
+        .collect();
+    assert_eq!(ports.len(), 5, "five ports in one bucket among {buckets}");
+    for &p in &ports[..4] {
+        f.run(maps::PROG_LB, &tcp_to_web(p, tcp_flags::ACK));
+    }
+    // Stamp the four older the later they came, so the second is idle longest.
+    let now = web_flow(&mut f, ports[0]).1.unwrap().last_seen;
+    for (i, &p) in ports[..4].iter().enumerate() {
+        let mut state = web_flow(&mut f, p).1.expect("remembered");
+        state.last_seen = now.wrapping_sub(if i == 1 { 50 } else { 10 + i as u32 });
+        set_web_flow(&mut f, key(p), state);
+    }
+    f.run(maps::PROG_LB, &tcp_to_web(ports[4], tcp_flags::ACK));
+    assert!(
+        web_flow(&mut f, ports[4]).1.is_some(),
+        "the new flow is remembered"
+    );
+    assert!(
+        web_flow(&mut f, ports[1]).1.is_none(),
+        "in place of the longest idle"
+    );
+    for p in [ports[0], ports[2], ports[3]] {
+        assert!(web_flow(&mut f, p).1.is_some(), "port {p} stays");
+    }
 }
 
 #[test]

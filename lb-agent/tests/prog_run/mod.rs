@@ -20,6 +20,9 @@ pub fn load_lb() -> Ebpf {
     require_root();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(maps::MAGLEV, 1 << 16)
+        // Small flow tables: quick to create, and buckets that tests can fill.
+        .map_max_entries(maps::FLOWTAB4, 1024)
+        .map_max_entries(maps::FLOWTAB6, 256)
         .load(EBPF_OBJECT)
         .expect("load object");
     let prog: &mut Xdp = ebpf.program_mut(maps::PROG_LB).unwrap().try_into().unwrap();
