@@ -14,9 +14,9 @@
 
 use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_jiffies64};
 use lb_common::{
-    AffinityKey, BackendValue, FAMILY_V4, FlowState, FlowValue, NodeConfig, PROTO_TCP, Reason,
-    SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, SLOT_EMPTY, SLOT_SHARED,
-    ServiceKey, ServiceValue, SourceRange, VipKey, VipValue,
+    AffinityKey, BackendValue, FAMILY_V4, FlowEntry4, FlowEntry6, FlowState, FlowValue, NodeConfig,
+    PROTO_TCP, Reason, SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES,
+    SLOT_EMPTY, SLOT_SHARED, ServiceKey, ServiceValue, SourceRange, VipKey, VipValue,
     flowtab::{self, WAYS},
     hash::{flow_hash_v4, flow_hash_v6_folded},
 };
@@ -224,6 +224,11 @@ impl FlowTable<10> for Flows6 {
         cfg.flow_buckets6
     }
 }
+
+// The entries as `Place` reads them: the key's words, then the state.
+const _: () = assert!(
+    Place::<4>::ENTRY == size_of::<FlowEntry4>() && Place::<10>::ENTRY == size_of::<FlowEntry6>()
+);
 
 /// Where a flow is (or would be) remembered: its bucket and its key's tag.
 struct Place<const N: usize> {
