@@ -338,21 +338,7 @@ impl LegacyFlows {
     /// logged and left), then remove the old pins. Returns how many flows moved.
     pub fn migrate(self, ebpf: &mut Ebpf) -> Result<usize, LoadError> {
         let total = self.v4.len() + self.v6.len();
-        let mut moved = 0;
-        // Each is placed as if now were its own last packet: in an empty table every flow
-        // finds a free way; in a full bucket the longest idle lose.
-        for (key, value) in &self.v4 {
-            match flowtab::remember(ebpf, key, value.state(), value.last_seen as u32) {
-                Ok(()) => moved += 1,
-                Err(e) => tracing::warn!(?key, error = %e, "flow not migrated"),
-            }
-        }
-        for (key, value) in &self.v6 {
-            match flowtab::remember(ebpf, key, value.state(), value.last_seen as u32) {
-                Ok(()) => moved += 1,
-                Err(e) => tracing::warn!(?key, error = %e, "flow not migrated"),
-            }
-        }
+        let moved = remember_all(ebpf, &self.v4) + remember_all(ebpf, &self.v6);
         for path in &self.pins {
             std::fs::remove_file(path).map_err(|source| LoadError::Io {
                 path: path.clone(),
@@ -368,6 +354,24 @@ impl LegacyFlows {
         }
         Ok(moved)
     }
+}
+
+/// Remember `flows` in their table; returns how many were written.
+fn remember_all<K>(ebpf: &mut Ebpf, flows: &[(K, FlowValue)]) -> usize
+where
+    K: lb_common::flowtab::TableKey + std::fmt::Debug,
+    K::Bucket: aya::Pod,
+{
+    // Each is placed as if now were its own last packet: in an empty table every flow finds
+    // a free way; in a full bucket the longest idle lose.
+    flows
+        .iter()
+        .filter(|(key, value)| {
+            flowtab::remember(ebpf, key, value.state(), value.last_seen as u32)
+                .inspect_err(|e| tracing::warn!(?key, error = %e, "flow not migrated"))
+                .is_ok()
+        })
+        .count()
 }
 
 /// What the node config tells the data plane about itself as loaded.

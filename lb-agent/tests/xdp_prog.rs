@@ -14,7 +14,8 @@ use lb_agent::{
     sync::{self, MapSnapshot},
 };
 use lb_common::{
-    FlowBucket4, FlowKeyV4, FlowState, Forwarding, Reason, flowtab as table_rules,
+    FlowBucket4, FlowKeyV4, FlowState, Forwarding, Reason,
+    flowtab::{self as table_rules, TableKey},
     hash::{flow_hash_v4, flow_hash_v6, gue_source_port},
     maps,
 };
@@ -858,7 +859,7 @@ fn an_entry_with_another_keys_tag_is_not_followed() {
     );
     let mut table: aya::maps::Array<_, FlowBucket4> =
         aya::maps::Array::try_from(f.ebpf.map_mut(maps::FLOWTAB4).unwrap()).unwrap();
-    let index = table_rules::bucket_index(table_rules::v4_hash(&key), table.len());
+    let index = table_rules::bucket_index(key.hash(), table.len());
     let mut bucket = table.get(&index, 0).unwrap();
     let way = bucket.ways.iter().position(|e| e.key == key).unwrap();
     bucket.ways[way].state.tag ^= 0x10;
@@ -878,8 +879,7 @@ fn a_new_flow_in_a_full_bucket_replaces_the_longest_idle() {
     let mut f = fixture();
     let buckets = f.snapshot.config.unwrap().flow_buckets4;
     let key = |sport: u16| web_flow_key(sport);
-    let bucket_of =
-        |sport: u16| table_rules::bucket_index(table_rules::v4_hash(&key(sport)), buckets);
+    let bucket_of = |sport: u16| table_rules::bucket_index(key(sport).hash(), buckets);
     // Five client ports whose flows share a bucket.
     let target = bucket_of(36000);
     let ports: Vec<u16> = (36000..u16::MAX)

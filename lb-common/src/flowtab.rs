@@ -81,71 +81,73 @@ pub fn victim(tags: [u32; WAYS], last_seen: [u32; WAYS], now: u32) -> usize {
     best
 }
 
-/// [`key_hash`] of an IPv4 key.
-pub fn v4_hash(key: &FlowKeyV4) -> u64 {
-    let w = key_words4(key);
-    key_hash(w[0], w[1], w[2], w[3])
+/// A key of a flow table: its hash, its table, and lookups and inserts on a copy of its
+/// bucket, for the agent and tests (the data plane has its own, on the map's memory, with
+/// the same rules).
+pub trait TableKey: Sized {
+    /// The bucket of the key's table.
+    type Bucket;
+    /// The table's map.
+    const MAP: &'static str;
+    /// [`key_hash`] of the key.
+    fn hash(&self) -> u64;
+    /// The state of the key's flow, if `bucket` holds it.
+    fn find(&self, bucket: &Self::Bucket) -> Option<FlowState>;
+    /// Remember the key's flow in `bucket` (its tag is set here): in its own entry if it has
+    /// one, else in the [`victim`] way at `now`. Returns the way.
+    fn place(&self, bucket: &mut Self::Bucket, state: FlowState, now: u32) -> usize;
 }
 
-/// [`key_hash`] of an IPv6 key.
-pub fn v6_hash(key: &FlowKey) -> u64 {
-    let w = key_words6(key);
-    key_hash(
-        fold_v6_words([w[0], w[1], w[2], w[3]]),
-        fold_v6_words([w[4], w[5], w[6], w[7]]),
-        w[8],
-        w[9],
-    )
-}
+macro_rules! table_key {
+    ($key:ty, $bucket:ty, $map:expr, |$w:ident| $hash:expr) => {
+        impl TableKey for $key {
+            type Bucket = $bucket;
+            const MAP: &'static str = $map;
 
-fn key_words4(key: &FlowKeyV4) -> [u32; 4] {
-    // SAFETY: 16 bytes, 4-aligned, every bit pattern a valid word.
-    unsafe { core::mem::transmute::<FlowKeyV4, [u32; 4]>(*key) }
-}
+            fn hash(&self) -> u64 {
+                // SAFETY: the key is whole 4-aligned words; every bit pattern is a valid word.
+                let $w: [u32; size_of::<$key>() / 4] = unsafe { core::mem::transmute(*self) };
+                $hash
+            }
 
-fn key_words6(key: &FlowKey) -> [u32; 10] {
-    // SAFETY: 40 bytes, 4-aligned, every bit pattern a valid word.
-    unsafe { core::mem::transmute::<FlowKey, [u32; 10]>(*key) }
-}
-
-/// Lookups and inserts on a copy of a bucket, for the agent and tests (the data plane has
-/// its own, on the map's memory, with the same rules).
-macro_rules! bucket_ops {
-    ($bucket:ty, $key:ty, $hash:ident) => {
-        impl $bucket {
-            /// The state of `key`'s flow, if the bucket holds it.
-            pub fn find(&self, key: &$key) -> Option<FlowState> {
-                let tag = tag($hash(key));
-                self.ways
+            fn find(&self, bucket: &$bucket) -> Option<FlowState> {
+                let tag = tag(self.hash());
+                bucket
+                    .ways
                     .iter()
-                    .find(|e| e.key == *key && e.state.tag == tag)
+                    .find(|e| e.key == *self && e.state.tag == tag)
                     .map(|e| e.state)
             }
 
-            /// Remember `key`'s flow (its tag is set here): in its own entry if it has one,
-            /// else in the [`victim`] way. Returns the way.
-            pub fn place(&mut self, key: &$key, mut state: FlowState, now: u32) -> usize {
-                state.tag = tag($hash(key));
-                let way = self
-                    .ways
+            fn place(&self, bucket: &mut $bucket, mut state: FlowState, now: u32) -> usize {
+                state.tag = tag(self.hash());
+                let ways = &mut bucket.ways;
+                let way = ways
                     .iter()
-                    .position(|e| e.key == *key && e.state.tag != 0)
+                    .position(|e| e.key == *self && e.state.tag != 0)
                     .unwrap_or_else(|| {
                         victim(
-                            core::array::from_fn(|i| self.ways[i].state.tag),
-                            core::array::from_fn(|i| self.ways[i].state.last_seen),
+                            core::array::from_fn(|i| ways[i].state.tag),
+                            core::array::from_fn(|i| ways[i].state.last_seen),
                             now,
                         )
                     });
-                self.ways[way].key = *key;
-                self.ways[way].state = state;
+                ways[way].key = *self;
+                ways[way].state = state;
                 way
             }
         }
     };
 }
-bucket_ops!(FlowBucket4, FlowKeyV4, v4_hash);
-bucket_ops!(FlowBucket6, FlowKey, v6_hash);
+table_key!(FlowKeyV4, FlowBucket4, crate::maps::FLOWTAB4, |w| key_hash(
+    w[0], w[1], w[2], w[3]
+));
+table_key!(FlowKey, FlowBucket6, crate::maps::FLOWTAB6, |w| key_hash(
+    fold_v6_words([w[0], w[1], w[2], w[3]]),
+    fold_v6_words([w[4], w[5], w[6], w[7]]),
+    w[8],
+    w[9],
+));
 
 #[cfg(test)]
 mod tests {
@@ -175,7 +177,7 @@ mod tests {
             for host in 0..=255u8 {
                 for port in 0..64u16 {
                     let k = key4([198, 18 + (net >> 1), net, host], 40000 + port);
-                    load[bucket_index(v4_hash(&k), buckets) as usize] += 1;
+                    load[bucket_index(k.hash(), buckets) as usize] += 1;
                     n += 1;
                     if n == 4 * buckets {
                         break 'fill;
@@ -195,7 +197,7 @@ mod tests {
     #[test]
     fn every_field_moves_the_bucket_and_the_tag() {
         let base = key4([198, 18, 1, 1], 40000);
-        let h = v4_hash(&base);
+        let h = base.hash();
         for other in [
             key4([198, 18, 1, 2], 40000),
             key4([198, 18, 1, 129], 40000),
@@ -207,7 +209,7 @@ mod tests {
                 ..base
             },
         ] {
-            let o = v4_hash(&other);
+            let o = other.hash();
             assert_ne!(
                 bucket_index(h, 1 << 20),
                 bucket_index(o, 1 << 20),
@@ -235,22 +237,24 @@ mod tests {
             last_seen,
         };
         for i in 0..WAYS as u16 {
-            let way = b.place(
-                &key4([198, 18, 1, 1], i),
-                state(i as u32, 100 + i as u32),
-                200,
-            );
+            let way = key4([198, 18, 1, 1], i).place(&mut b, state(i as u32, 100 + i as u32), 200);
             assert_eq!(way, i as usize);
         }
-        assert_eq!(b.find(&key4([198, 18, 1, 1], 2)).unwrap().backend_id, 2);
+        assert_eq!(key4([198, 18, 1, 1], 2).find(&b).unwrap().backend_id, 2);
         // A key already there keeps its way.
-        assert_eq!(b.place(&key4([198, 18, 1, 1], 3), state(9, 150), 200), 3);
-        assert_eq!(b.find(&key4([198, 18, 1, 1], 3)).unwrap().backend_id, 9);
+        assert_eq!(
+            key4([198, 18, 1, 1], 3).place(&mut b, state(9, 150), 200),
+            3
+        );
+        assert_eq!(key4([198, 18, 1, 1], 3).find(&b).unwrap().backend_id, 9);
         // A new key replaces the way idle longest (port 0, seen at 100).
-        assert_eq!(b.place(&key4([198, 18, 1, 1], 7), state(7, 200), 200), 0);
-        assert!(b.find(&key4([198, 18, 1, 1], 0)).is_none());
+        assert_eq!(
+            key4([198, 18, 1, 1], 7).place(&mut b, state(7, 200), 200),
+            0
+        );
+        assert!(key4([198, 18, 1, 1], 0).find(&b).is_none());
         // A key whose tag does not match is not found (a torn entry).
         b.ways[1].state.tag ^= 2;
-        assert!(b.find(&key4([198, 18, 1, 1], 1)).is_none());
+        assert!(key4([198, 18, 1, 1], 1).find(&b).is_none());
     }
 }

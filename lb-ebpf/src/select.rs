@@ -284,15 +284,15 @@ impl<const N: usize> Place<N> {
         None
     }
 
-    /// Point an entry at `backend_id`, stamped `now`: the pair of backend and tag is written
-    /// last, in one store.
+    /// Point an entry of this place at `backend_id`, stamped `now`: the pair of backend and
+    /// tag is written last, in one store.
     #[inline(always)]
-    fn set(state: *mut FlowState, backend_id: u32, tag: u32, flow_hash: u32, now: u32) {
+    fn set(&self, state: *mut FlowState, backend_id: u32, flow_hash: u32, now: u32) {
         // SAFETY: a state of the bucket (see `find`); racing writers are covered by the tag.
         unsafe {
             (*state).flow_hash = flow_hash;
             (*state).last_seen = now;
-            let pair: u64 = core::mem::transmute([backend_id, tag]);
+            let pair: u64 = core::mem::transmute([backend_id, self.tag]);
             core::ptr::write_volatile(state.cast::<u64>(), pair);
         }
     }
@@ -316,7 +316,7 @@ impl<const N: usize> Place<N> {
             // SAFETY: as in `find`.
             unsafe { *k.add(i) = *w };
         }
-        Self::set(self.state(way), backend_id, self.tag, flow_hash, now);
+        self.set(self.state(way), backend_id, flow_hash, now);
     }
 }
 
@@ -491,7 +491,7 @@ fn follow_flow<T: FlowTable<N>, const N: usize>(
         // same Maglev choice), so a flood of SYNs never fills the table; a SYN only
         // re-points an entry its 5-tuple already has (a reused port).
         if let (Some(p), Some((flow, _))) = (&place, entry) {
-            Place::<N>::set(flow, backend_id, p.tag, hash, now32);
+            p.set(flow, backend_id, hash, now32);
         }
         return Ok(Selected {
             backend_id,
@@ -504,7 +504,7 @@ fn follow_flow<T: FlowTable<N>, const N: usize>(
         if flood_guard_allows(now, cfg) {
             match entry {
                 // A stale entry is renewed where it is.
-                Some((flow, _)) => Place::<N>::set(flow, backend_id, p.tag, hash, now32),
+                Some((flow, _)) => p.set(flow, backend_id, hash, now32),
                 None => p.insert(key, backend_id, hash, now32),
             }
             stats::count_reason(Reason::FlowCreated, bytes);
