@@ -99,6 +99,11 @@ pub struct RunArgs {
     /// routing daemon that announces them with weighted ECMP (README: "Announcing VIPs").
     #[arg(long)]
     pub announce_file: Option<PathBuf>,
+    /// On a clean stop with `announce: l2` or `bgp`: after handing the VIPs over (L2) or
+    /// withdrawing the routes (BGP), keep forwarding this long (milliseconds) while clients
+    /// and routers move to the other nodes, then detach.
+    #[arg(long, default_value_t = 2000)]
+    pub handover_ms: u64,
 }
 
 /// Settings of `run --kubernetes`. The API server and credentials come from `KUBECONFIG`

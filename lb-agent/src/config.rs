@@ -5,11 +5,13 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use lb_common::{DEFAULT_GUE_PORT, Forwarding, maglev};
 use serde::Deserialize;
 
+use crate::announce::{AnnounceMode, AnnounceSpec, MembershipSettings, Peer};
 use crate::state::{
     BackendSpec, DesiredState, FlowSettings, NodeSpec, Protocol, ServiceAddr, ServiceSpec,
     default_flow_tracking,
@@ -51,8 +53,32 @@ struct RawConfig {
     decap: Option<bool>,
     #[serde(default)]
     flow_table: RawFlowTable,
+    /// `none` (default), `l2` or `bgp`.
+    announce: Option<String>,
+    node_name: Option<String>,
+    #[serde(default)]
+    nodes: Vec<RawNode>,
+    #[serde(default)]
+    membership: RawMembership,
+    bgp: Option<crate::announce::bgp::RawBgp>,
     #[serde(default)]
     services: Vec<RawService>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawNode {
+    name: String,
+    address: String,
+}
+
+/// The `membership` section (static file and ConfigMap alike).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMembership {
+    port: Option<u16>,
+    interval_ms: Option<u64>,
+    dead_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +115,135 @@ struct RawBackend {
     address: String,
     weight: Option<u32>,
     mac: Option<String>,
+}
+
+/// The `announce`, `node_name`, `nodes`, `membership` and `bgp` fields, validated (the
+/// ConfigMap has the same fields but `node_name` and `nodes`, which come from the Nodes);
+/// errors are (field, message).
+pub(crate) fn announce_spec(
+    announce: Option<&str>,
+    node_name: Option<&str>,
+    raw_nodes: &[RawNode],
+    m: &RawMembership,
+    raw_bgp: Option<&crate::announce::bgp::RawBgp>,
+) -> Result<AnnounceSpec, (String, String)> {
+    let err = |field: String, message: String| (field, message);
+    let mode = match announce {
+        None => AnnounceMode::None,
+        Some(s) => AnnounceMode::parse(s).ok_or_else(|| {
+            err(
+                "announce".into(),
+                format!("unknown announcement {s:?} (none, l2 or bgp)"),
+            )
+        })?,
+    };
+    if node_name == Some("") {
+        return Err(err("node_name".into(), "must not be empty".into()));
+    }
+    let mut nodes: Vec<Peer> = Vec::new();
+    for (i, n) in raw_nodes.iter().enumerate() {
+        let field = |f: &str| format!("nodes[{i}].{f}");
+        if n.name.is_empty() || n.name.len() > 253 {
+            return Err(err(field("name"), "must be 1-253 characters".into()));
+        }
+        let address: IpAddr = n.address.parse().map_err(|_| {
+            err(
+                field("address"),
+                format!("{:?} is not an IP address", n.address),
+            )
+        })?;
+        if address.is_unspecified() || address.is_multicast() || address.is_loopback() {
+            return Err(err(
+                field("address"),
+                format!("{address} is not a node's unicast address"),
+            ));
+        }
+        if let Some(other) = nodes.iter().find(|p| p.name == n.name) {
+            return Err(err(
+                field("name"),
+                format!(
+                    "node {:?} listed twice (also with {})",
+                    n.name, other.address
+                ),
+            ));
+        }
+        if let Some(other) = nodes.iter().find(|p| p.address == address) {
+            return Err(err(
+                field("address"),
+                format!("{address} is also node {:?}'s", other.name),
+            ));
+        }
+        nodes.push(Peer {
+            name: n.name.clone(),
+            address,
+        });
+    }
+    if let Some(me) = node_name
+        && !nodes.is_empty()
+        && !nodes.iter().any(|p| p.name == me)
+    {
+        return Err(err(
+            "node_name".into(),
+            format!("{me:?} is not one of `nodes`"),
+        ));
+    }
+    let defaults = MembershipSettings::default();
+    if m.port == Some(0) {
+        return Err(err("membership.port".into(), "must be 1-65535".into()));
+    }
+    let interval = m
+        .interval_ms
+        .map_or(defaults.interval, Duration::from_millis);
+    if !(Duration::from_millis(50)..=Duration::from_secs(10)).contains(&interval) {
+        return Err(err(
+            "membership.interval_ms".into(),
+            "must be 50-10000".into(),
+        ));
+    }
+    let dead_after = m
+        .dead_after_ms
+        .map_or(defaults.dead_after.max(interval * 3), Duration::from_millis);
+    if dead_after < interval * 2 || dead_after > Duration::from_secs(60) {
+        return Err(err(
+            "membership.dead_after_ms".into(),
+            format!(
+                "must be at least twice interval_ms ({} ms) and at most 60000",
+                interval.as_millis() * 2
+            ),
+        ));
+    }
+    let bgp = match (raw_bgp, mode) {
+        (Some(b), AnnounceMode::Bgp) => Some(crate::announce::bgp::settings(b).map_err(|e| {
+            err(
+                format!("bgp.{}", e.field.trim_start_matches("bgp.")),
+                e.message,
+            )
+        })?),
+        (None, AnnounceMode::Bgp) => {
+            return Err(err(
+                "bgp".into(),
+                "`announce: bgp` needs a `bgp` section (local_asn, peers)".into(),
+            ));
+        }
+        (Some(_), _) => {
+            return Err(err(
+                "bgp".into(),
+                format!("given, but `announce` is {:?}, not bgp", mode.name()),
+            ));
+        }
+        (None, _) => None,
+    };
+    Ok(AnnounceSpec {
+        mode,
+        node_name: node_name.map(str::to_string),
+        nodes,
+        membership: MembershipSettings {
+            port: m.port.unwrap_or(defaults.port),
+            interval,
+            dead_after,
+        },
+        bgp,
+    })
 }
 
 /// Longest session affinity, as Kubernetes allows (`timeoutSeconds` ≤ 86400).
@@ -142,10 +297,24 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
             pmtu_icmp: raw.pmtu_icmp.unwrap_or(true),
             decap: raw.decap.unwrap_or(false),
             flows: flow_settings(file, &raw.flow_table)?,
+            announce: announce_spec(
+                raw.announce.as_deref(),
+                raw.node_name.as_deref(),
+                &raw.nodes,
+                &raw.membership,
+                raw.bgp.as_ref(),
+            )
+            .map_err(|(field, message)| ConfigError::Node {
+                file: file.to_path_buf(),
+                field,
+                message,
+            })?,
         },
         services: BTreeMap::new(),
         local_endpoints: BTreeMap::new(),
         announce: BTreeMap::new(),
+        l2_owned: Default::default(),
+        announce_nodes: Default::default(),
     };
     let mut names = BTreeSet::new();
     for svc in &raw.services {
@@ -628,5 +797,88 @@ services:
         assert_eq!(parse_mac("02:00:00:00:00"), None);
         assert_eq!(parse_mac("02:00:00:00:00:12:13"), None);
         assert_eq!(format_mac(&[2, 0xab, 0, 0, 0, 0x12]), "02:ab:00:00:00:12");
+    }
+
+    #[test]
+    fn announcement_settings() {
+        let ok = parse_str(
+            "announce: l2\nnode_name: lb2\nnodes:\n  - {name: lb1, address: 198.18.0.2}\n  - {name: lb2, address: \"2001:db8::3\"}\nmembership: {port: 7000, interval_ms: 100}\n",
+        )
+        .unwrap();
+        let a = &ok.node.announce;
+        assert_eq!(a.mode, AnnounceMode::L2);
+        assert_eq!(a.node_name.as_deref(), Some("lb2"));
+        assert_eq!(a.nodes.len(), 2);
+        assert_eq!(a.membership.port, 7000);
+        assert_eq!(a.membership.interval, Duration::from_millis(100));
+        // dead_after defaults to the larger of 1.2 s and three intervals.
+        assert_eq!(a.membership.dead_after, Duration::from_millis(1200));
+        assert_eq!(
+            parse_str("").unwrap().node.announce,
+            AnnounceSpec::default()
+        );
+
+        let node = |n: &str, a: &str| format!("  - {{name: {n}, address: \"{a}\"}}\n");
+        let cases = [
+            (
+                "announce: arp\n".to_string(),
+                "lb.yaml: announce: unknown announcement \"arp\"",
+            ),
+            (
+                format!(
+                    "announce: l2\nnodes:\n{}{}",
+                    node("a", "198.18.0.2"),
+                    node("a", "198.18.0.3")
+                ),
+                "lb.yaml: nodes[1].name: node \"a\" listed twice",
+            ),
+            (
+                format!(
+                    "nodes:\n{}{}",
+                    node("a", "198.18.0.2"),
+                    node("b", "198.18.0.2")
+                ),
+                "lb.yaml: nodes[1].address: 198.18.0.2 is also node \"a\"'s",
+            ),
+            (
+                format!("nodes:\n{}", node("a", "198.18.0")),
+                "lb.yaml: nodes[0].address: \"198.18.0\" is not an IP address",
+            ),
+            (
+                format!("nodes:\n{}", node("a", "224.0.0.1")),
+                "nodes[0].address: 224.0.0.1 is not a node's unicast address",
+            ),
+            (
+                format!("node_name: c\nnodes:\n{}", node("a", "198.18.0.2")),
+                "lb.yaml: node_name: \"c\" is not one of `nodes`",
+            ),
+            (
+                "membership: {port: 0}\n".to_string(),
+                "membership.port: must be 1-65535",
+            ),
+            (
+                "membership: {interval_ms: 10}\n".to_string(),
+                "membership.interval_ms: must be 50-10000",
+            ),
+            (
+                "membership: {interval_ms: 500, dead_after_ms: 600}\n".to_string(),
+                "membership.dead_after_ms: must be at least twice interval_ms (1000 ms)",
+            ),
+            (
+                "announce: bgp\n".to_string(),
+                "lb.yaml: bgp: `announce: bgp` needs a `bgp` section",
+            ),
+            (
+                "membership: {ports: 1}\n".to_string(),
+                "unknown field `ports`",
+            ),
+        ];
+        for (text, expected) in cases {
+            let msg = error_of(&text);
+            assert!(
+                msg.contains(expected),
+                "for config:\n{text}\nexpected {expected:?} in {msg:?}"
+            );
+        }
     }
 }

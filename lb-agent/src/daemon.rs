@@ -10,6 +10,7 @@ use lb_common::NodeConfig;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
+    announce::run::{AnnounceError, Announcing, Wake},
     cli::{DecapArgs, RunArgs},
     config::{self, ConfigError},
     dataplane::{Dataplane, DataplaneError},
@@ -43,6 +44,8 @@ pub enum AgentError {
     Net(#[from] NetError),
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error(transparent)]
+    Announce(#[from] AnnounceError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
 }
@@ -276,6 +279,15 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         .or_else(|| desired.node.interface.clone())
         .ok_or_else(|| AgentError::NoInterface(source.origin()))?;
 
+    let node = args
+        .cluster
+        .node_name
+        .clone()
+        .or_else(|| desired.node.announce.node_name.clone())
+        .unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map_or_else(|_| "localhost".into(), |h| h.trim().to_string())
+        });
     let flows = args.flow_table_size.unwrap_or(desired.node.flows.size);
     let mut ebpf = loader::load(&args.pin_path, args.maglev_slots, flows)?;
     loader::install_decap(&mut ebpf)?;
@@ -304,14 +316,10 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     // Fill the maps before the program sees traffic (or, when adopting, before it is replaced).
     let writes = syncer.sync(&desired).await?;
     tracing::info!(writes, "initial sync done");
-    let node = args.cluster.node_name.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map_or_else(|_| "localhost".into(), |h| h.trim().to_string())
-    });
     let mut announcer = args
         .announce_file
         .clone()
-        .map(|path| crate::announce::Announcer::new(path, node));
+        .map(|path| crate::announce::Announcer::new(path, node.clone()));
     let mut announce = |desired: &DesiredState| {
         if let Some(a) = announcer.as_mut() {
             match a.update(&desired.announce) {
@@ -339,6 +347,17 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     } else {
         None
     };
+    // Announce only now: the maps serve every VIP, and the program is attached.
+    let iface = syncer.net.interface(&iface_name).await?;
+    let mut announcing = Announcing::start(
+        &node,
+        &desired.node.announce,
+        iface.index,
+        iface.mac,
+        desired.node.encap_source.or(iface.ipv4),
+    )
+    .await?;
+    announcing.committed(&desired).await;
 
     let mut resync = tokio::time::interval(Duration::from_secs(args.resync_interval.max(1)));
     resync.tick().await;
@@ -362,17 +381,29 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                 if new.node.interface.is_some() && new.node.interface != desired.node.interface && args.interface.is_none() {
                     tracing::warn!("changing `interface` needs a restart; keeping {iface_name}");
                 }
+                let mut new = new;
+                if new.node.announce.mode != announcing.mode() {
+                    tracing::warn!(
+                        now = announcing.mode().name(),
+                        asked = new.node.announce.mode.name(),
+                        "changing `announce` needs a restart; keeping the current mode"
+                    );
+                }
+                announcing.reconfigure(&new.node.announce);
+                announcing.prepare(&mut new);
                 let cluster = matches!(source, Source::Cluster { .. });
                 match syncer.sync(&new).await {
                     Ok(writes) if cluster => {
                         tracing::info!(writes, "cluster change applied");
                         desired = new;
                         announce(&desired);
+                        announcing.committed(&desired).await;
                     }
                     Ok(writes) => {
                         tracing::info!(writes, "config reloaded");
                         desired = new;
                         announce(&desired);
+                        announcing.committed(&desired).await;
                     }
                     // The cluster is the truth: keep the new state so the periodic resync
                     // retries it (the maps hold a consistent older state meanwhile).
@@ -385,17 +416,39 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
             }
             _ = resync.tick() => {
                 match syncer.sync(&desired).await {
-                    Ok(0) => {}
-                    Ok(writes) => tracing::info!(writes, "periodic resync applied changes"),
+                    Ok(0) => announcing.committed(&desired).await,
+                    Ok(writes) => {
+                        tracing::info!(writes, "periodic resync applied changes");
+                        announcing.committed(&desired).await;
+                    }
                     Err(e) => tracing::warn!(error = %e, "periodic resync failed"),
                 }
             }
+            wake = announcing.changed() => match wake {
+                Wake::Members => {
+                    announcing.prepare(&mut desired);
+                    match syncer.sync(&desired).await {
+                        Ok(writes) => {
+                            if writes > 0 {
+                                tracing::info!(writes, "ownership change applied");
+                            }
+                            announcing.committed(&desired).await;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "applying an ownership change failed; the periodic resync retries it"),
+                    }
+                }
+                Wake::Retry => announcing.retry().await,
+            },
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
     // Stop watching before the data plane is left alone.
     source.close().await;
+    // Withdraw or hand over first, and keep forwarding while the others take over.
+    announcing
+        .stop(Duration::from_millis(args.handover_ms))
+        .await;
     if args.keep_attached {
         tracing::info!(link = %attachment.pin.display(), "exiting; program stays attached (--keep-attached)");
         drop(attachment);

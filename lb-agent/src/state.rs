@@ -2,7 +2,7 @@
 //! later by the Kubernetes watcher), compared and applied by `sync`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -137,6 +137,8 @@ pub struct NodeSpec {
     /// translate them; restore their replies on egress. On in Kubernetes mode.
     pub decap: bool,
     pub flows: FlowSettings,
+    /// How the VIPs are announced (L2, BGP or not at all).
+    pub announce: crate::announce::AnnounceSpec,
 }
 
 impl Default for NodeSpec {
@@ -150,6 +152,7 @@ impl Default for NodeSpec {
             pmtu_icmp: true,
             decap: false,
             flows: FlowSettings::default(),
+            announce: crate::announce::AnnounceSpec::default(),
         }
     }
 }
@@ -173,4 +176,11 @@ pub struct DesiredState {
     /// when every node balances over all endpoints; the number of endpoints on this node
     /// when only local ones are used (0: nothing to send here, do not announce).
     pub announce: BTreeMap<IpAddr, u32>,
+    /// The VIPs this node owns in L2 announcement: its `lb_xdp` answers ARP requests and
+    /// Neighbor Solicitations for them (`VIP_F_ANSWER`). Computed by the membership
+    /// (`announce::owner`), not read from the config.
+    pub l2_owned: BTreeSet<IpAddr>,
+    /// VIPs only some nodes may announce, and which (`externalTrafficPolicy: Local`: the
+    /// nodes with a ready endpoint). A VIP not here may be announced by any node.
+    pub announce_nodes: BTreeMap<IpAddr, BTreeSet<String>>,
 }

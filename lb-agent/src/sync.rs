@@ -22,8 +22,8 @@ use std::{
 use lb_common::{
     BACKEND_F_LOCAL, BACKEND_F_VALID, BackendValue, DnatKey, DnatValue, FAMILY_V4, FAMILY_V6,
     Forwarding, NodeConfig, SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES,
-    SLOT_EMPTY, SLOT_SHARED, ServiceKey, ServiceRecord, ServiceValue, SourceRange, VIP_F_ECHO,
-    VipKey, VipValue,
+    SLOT_EMPTY, SLOT_SHARED, ServiceKey, ServiceRecord, ServiceValue, SourceRange, VIP_F_ANSWER,
+    VIP_F_ECHO, VipKey, VipValue,
     maglev::{self, MaglevBackend},
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
@@ -342,7 +342,12 @@ pub fn plan_with_cache(
     // Desired services already in the maps: when that is all of them, none is deleted.
     let mut kept_services = 0usize;
     for (addr, svc) in &desired.services {
-        add_vip(&mut vips, addr, svc.fragments, vip_flags);
+        let owned = if desired.l2_owned.contains(&addr.vip) {
+            VIP_F_ANSWER
+        } else {
+            0
+        };
+        add_vip(&mut vips, addr, svc.fragments, vip_flags | owned);
         let key = service_key(addr);
         let old = current.services.get(&key);
         let (id, fresh) = match old {

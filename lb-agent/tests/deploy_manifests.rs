@@ -97,7 +97,7 @@ fn daemonset_is_unprivileged_with_exactly_the_capabilities_it_needs() {
     assert!(pod["securityContext"]["privileged"].is_null());
 
     let containers = pod["containers"].as_array().expect("containers");
-    assert_eq!(containers.len(), 1);
+    assert_eq!(containers.len(), 2, "the agent and its BIRD sidecar");
     assert!(pod["initContainers"].is_null());
     let c = &containers[0];
     let args = strings(&c["args"]);
@@ -120,9 +120,9 @@ fn daemonset_is_unprivileged_with_exactly_the_capabilities_it_needs() {
     let added: BTreeSet<&str> = strings(&sc["capabilities"]["add"]).into_iter().collect();
     assert_eq!(
         added,
-        BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"])
+        BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE", "NET_RAW"])
     );
-    assert_eq!(strings(&sc["capabilities"]["add"]).len(), 4, "duplicates");
+    assert_eq!(strings(&sc["capabilities"]["add"]).len(), 5, "duplicates");
     assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
@@ -172,6 +172,27 @@ fn daemonset_is_unprivileged_with_exactly_the_capabilities_it_needs() {
     for m in mounts {
         assert_ne!(m["mountPropagation"], "Bidirectional", "{m}");
     }
+
+    // The BIRD sidecar: only port 179, and the agent's bird.conf from the shared directory.
+    let bird = &containers[1];
+    assert_eq!(bird["name"], "bird");
+    assert_eq!(bird["image"], c["image"], "one image carries both");
+    let bsc = &bird["securityContext"];
+    assert_eq!(strings(&bsc["capabilities"]["add"]), ["NET_BIND_SERVICE"]);
+    assert_eq!(strings(&bsc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(bsc["readOnlyRootFilesystem"], true);
+    assert_eq!(bsc["allowPrivilegeEscalation"], false);
+    let script = strings(&bird["args"]).join(" ");
+    assert!(
+        script.contains("bird -f -c /run/xdp-lb/bird.conf -s /run/xdp-lb/bird.ctl"),
+        "{script}"
+    );
+    assert!(
+        bird["volumeMounts"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["mountPath"] == "/run/xdp-lb")),
+        "the sidecar sees the agent's bird.conf"
+    );
 
     // Replace one node's agent at a time; never two on a node.
     let ru = &ds["spec"]["updateStrategy"];
@@ -303,12 +324,40 @@ fn namespace_and_config_map_are_valid() {
         .as_str()
         .unwrap_or_else(|| panic!("ConfigMap lb-agent has no {CONFIG_KEY}"));
     let cfg = K8sConfig::parse("deploy/configmap.yaml", text).unwrap_or_else(|e| panic!("{e}"));
+    let mut announce = lb_agent::announce::AnnounceSpec {
+        mode: lb_agent::announce::AnnounceMode::L2,
+        ..Default::default()
+    };
+    announce.membership.port = 7473;
     assert_eq!(
         cfg,
         K8sConfig {
             interface: Some("eth0".into()),
+            announce,
             ..K8sConfig::default()
         }
+    );
+}
+
+#[test]
+fn the_example_bgp_config_map_is_valid_and_matches_the_sidecar() {
+    let path = deploy_dir().join("examples/configmap-bgp.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let cm: Value = serde_yaml_ng::from_str(&text).unwrap();
+    let cfg = K8sConfig::parse(
+        "examples/configmap-bgp.yaml",
+        cm["data"][CONFIG_KEY].as_str().unwrap(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.announce.mode, lb_agent::announce::AnnounceMode::Bgp);
+    let bgp = cfg.announce.bgp.expect("bgp settings");
+    assert_eq!(
+        bgp.bird.config,
+        std::path::Path::new("/run/xdp-lb/bird.conf")
+    );
+    assert_eq!(
+        bgp.bird.socket,
+        std::path::Path::new("/run/xdp-lb/bird.ctl")
     );
 }
 

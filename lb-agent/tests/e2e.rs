@@ -32,6 +32,7 @@ fn spec(forwarding: &str) -> ScenarioSpec {
         xdp_mode: "skb".into(),
         keep_attached: false,
         ipv6: false,
+        announce: None,
     }
 }
 

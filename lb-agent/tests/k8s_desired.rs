@@ -238,7 +238,83 @@ fn external_traffic_policy_local_keeps_this_nodes_endpoints() {
     for (state, weight) in [(&a, 2), (&b, 1), (&c, 0)] {
         assert_eq!(state.announce.get(&vip("198.18.0.30")), Some(&weight));
         assert_eq!(state.announce.get(&vip("198.18.0.31")), Some(&1));
+        // Who may announce (L2: own) the Local VIP: the nodes using a local endpoint, the
+        // same on every node; the Cluster VIP: any node.
+        assert_eq!(
+            state.announce_nodes.get(&vip("198.18.0.30")),
+            Some(&["node-a".to_string(), "node-b".to_string()].into())
+        );
+        assert_eq!(state.announce_nodes.get(&vip("198.18.0.31")), None);
     }
+}
+
+#[test]
+fn announcing_nodes_are_ready_schedulable_not_excluded_and_selected() {
+    let mut nodes: Vec<Node> = read_list("nodes.json");
+    let cfg = K8sConfig::default();
+    let names = |nodes: &[Node], cfg: &K8sConfig| -> Vec<(String, IpAddr)> {
+        lb_agent::k8s::desired::announcing_nodes(nodes.iter(), cfg)
+            .into_iter()
+            .map(|p| (p.name, p.address))
+            .collect()
+    };
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(
+        names(&nodes, &cfg),
+        [
+            ("node-a".to_string(), ip("198.18.1.1")),
+            ("node-b".to_string(), ip("198.18.1.2"))
+        ]
+    );
+    // The state carries them, with this node's name.
+    let s = snapshot("etp-local");
+    let (state, _) = desired_state(&s.services, &s.slices, &nodes, &cfg, "node-a");
+    assert_eq!(state.node.announce.nodes.len(), 2);
+    assert_eq!(state.node.announce.node_name.as_deref(), Some("node-a"));
+
+    // Cordoned (before a drain): out. Not Ready: out. Excluded by label: out.
+    nodes[0].spec.get_or_insert_default().unschedulable = Some(true);
+    assert_eq!(
+        names(&nodes, &cfg),
+        [("node-b".to_string(), ip("198.18.1.2"))]
+    );
+    nodes[0].spec.get_or_insert_default().unschedulable = None;
+    for c in nodes[1]
+        .status
+        .get_or_insert_default()
+        .conditions
+        .get_or_insert_default()
+    {
+        if c.type_ == "Ready" {
+            c.status = "Unknown".into();
+        }
+    }
+    assert_eq!(
+        names(&nodes, &cfg),
+        [("node-a".to_string(), ip("198.18.1.1"))]
+    );
+    nodes[0]
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert(lb_agent::k8s::desired::EXCLUDE_LABEL.into(), String::new());
+    assert!(names(&nodes, &cfg).is_empty());
+
+    // The node selector of the ConfigMap.
+    let mut nodes: Vec<Node> = read_list("nodes.json");
+    nodes[1]
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("edge".into(), "true".into());
+    let selective = K8sConfig {
+        announce_node_selector: [("edge".to_string(), "true".to_string())].into(),
+        ..K8sConfig::default()
+    };
+    assert_eq!(
+        names(&nodes, &selective),
+        [("node-b".to_string(), ip("198.18.1.2"))]
+    );
 }
 
 #[test]

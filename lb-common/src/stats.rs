@@ -15,7 +15,7 @@ pub enum Reason {
     PassMalformed = 3,
     /// VIP matched but the service has no usable backend.
     DropNoBackend = 4,
-    /// `bpf_xdp_adjust_head` failed (no headroom).
+    /// `bpf_xdp_adjust_head` / `bpf_xdp_adjust_tail` failed (no room to grow the frame).
     DropNoHeadroom = 5,
     /// The node configuration (own MAC, encapsulation source) is not written yet.
     DropNoConfig = 6,
@@ -64,10 +64,15 @@ pub enum Reason {
     DropNoDecap = 24,
     /// A client of a `sessionAffinity: ClientIP` service went to its remembered backend.
     AffinityHit = 25,
+    /// An ARP request for a VIP this node owns (`VIP_F_ANSWER`) was answered.
+    TxArpReply = 26,
+    /// A Neighbor Solicitation for a VIP this node owns (`VIP_F_ANSWER`) was answered with a
+    /// Neighbor Advertisement.
+    TxNeighborAdvert = 27,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 28;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -97,6 +102,8 @@ impl Reason {
         Reason::LocalBackend,
         Reason::DropNoDecap,
         Reason::AffinityHit,
+        Reason::TxArpReply,
+        Reason::TxNeighborAdvert,
     ];
 
     /// Stable snake_case name, used by `lb-agent status` and metrics.
@@ -128,6 +135,8 @@ impl Reason {
             Reason::LocalBackend => "local_backend",
             Reason::DropNoDecap => "drop_no_decap",
             Reason::AffinityHit => "affinity_hit",
+            Reason::TxArpReply => "tx_arp_reply",
+            Reason::TxNeighborAdvert => "tx_neighbor_advert",
         }
     }
 }

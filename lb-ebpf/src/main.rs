@@ -4,6 +4,7 @@
 // Inline assembly: the one-instruction packet loads and stores of `words`.
 #![feature(asm_experimental_arch)]
 
+mod announce;
 mod csum;
 mod decap;
 mod dnat;

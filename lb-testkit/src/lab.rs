@@ -51,6 +51,9 @@ pub struct LabSpec {
     /// The service address; must be in 198.18.0.0/15 and not a host address. Default
     /// 198.18.0.100.
     pub vip: Ipv4Addr,
+    /// Route the VIP via the LB in the client (default). `false`: no route; the client,
+    /// on the VIP's subnet, resolves it by ARP/NDP, so the LB must announce it (L2).
+    pub vip_route: bool,
 }
 
 impl Default for LabSpec {
@@ -58,6 +61,7 @@ impl Default for LabSpec {
         LabSpec {
             backends: 3,
             vip: DEFAULT_VIP,
+            vip_route: true,
         }
     }
 }
@@ -150,30 +154,9 @@ impl Lab {
         let lb = NetNs::new("lbtlb").context("creating lb namespace")?;
         attach_host(&bridge, &lb, "lb0", LB_ADDR)?;
 
-        let vip = spec.vip.to_string();
-        client
-            .ip(&[
-                "route",
-                "add",
-                &format!("{vip}/32"),
-                "via",
-                &LB_ADDR.to_string(),
-                "dev",
-                HOST_IFACE,
-            ])
-            .context("routing the VIP via the LB in the client")?;
-        client
-            .ip(&[
-                "-6",
-                "route",
-                "add",
-                &format!("{}/128", v6_of(spec.vip)),
-                "via",
-                &v6_of(LB_ADDR).to_string(),
-                "dev",
-                HOST_IFACE,
-            ])
-            .context("routing the IPv6 VIP via the LB in the client")?;
+        if spec.vip_route {
+            route_vip_via_lb(&client, spec.vip)?;
+        }
 
         let mut backends = Vec::with_capacity(spec.backends);
         for (i, addr) in backend_addrs.into_iter().enumerate() {
@@ -292,25 +275,31 @@ impl Lab {
 
     /// Waits (bounded) until every bridge port forwards.
     fn wait_ports_forwarding(&self) -> Result<()> {
-        let deadline = Instant::now() + PORT_READY_TIMEOUT;
-        for peer in self.bridge_peers() {
-            loop {
-                let out = self.bridge.ip(&["-d", "link", "show", "dev", peer])?;
-                if out.contains("state forwarding") {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    bail!("bridge port {peer} not forwarding after {PORT_READY_TIMEOUT:?}: {out}");
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        Ok(())
+        wait_ports_forwarding(&self.bridge, &self.bridge_peers())
     }
 }
 
+/// Waits until every one of `peers` (ports of [`BRIDGE`] in `bridge`) is forwarding, at most
+/// 5 s in all.
+pub fn wait_ports_forwarding(bridge: &NetNs, peers: &[&str]) -> Result<()> {
+    let deadline = Instant::now() + PORT_READY_TIMEOUT;
+    for peer in peers {
+        loop {
+            let out = bridge.ip(&["-d", "link", "show", "dev", peer])?;
+            if out.contains("state forwarding") {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!("bridge port {peer} not forwarding after {PORT_READY_TIMEOUT:?}: {out}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
 /// Creates the veth pair `peer` (bridge side) / `eth0` (host side), addresses and raises it.
-fn attach_host(bridge: &NetNs, host: &NetNs, peer: &str, addr: Ipv4Addr) -> Result<()> {
+pub fn attach_host(bridge: &NetNs, host: &NetNs, peer: &str, addr: Ipv4Addr) -> Result<()> {
     let host_mac = fmt_mac(host_mac(addr));
     let peer_mac = fmt_mac(peer_mac(addr));
     bridge
@@ -370,7 +359,7 @@ pub fn v6_of(addr: Ipv4Addr) -> Ipv6Addr {
 }
 
 /// DSR backend: VIPs (IPv4 and IPv6) on `lo`, no ARP for them, no reverse-path filtering.
-fn configure_backend(ns: &NetNs, vip: Ipv4Addr) -> Result<()> {
+pub fn configure_backend(ns: &NetNs, vip: Ipv4Addr) -> Result<()> {
     ns.ip(&["addr", "add", &format!("{vip}/32"), "dev", "lo"])
         .context("adding the VIP to lo")?;
     ns.ip(&[
@@ -391,5 +380,33 @@ fn configure_backend(ns: &NetNs, vip: Ipv4Addr) -> Result<()> {
     ] {
         ns.sysctl(key, value)?;
     }
+    Ok(())
+}
+
+/// Route the VIP (and its IPv6 twin) via the LB in the client.
+fn route_vip_via_lb(client: &NetNs, vip: Ipv4Addr) -> Result<()> {
+    client
+        .ip(&[
+            "route",
+            "add",
+            &format!("{vip}/32"),
+            "via",
+            &LB_ADDR.to_string(),
+            "dev",
+            HOST_IFACE,
+        ])
+        .context("routing the VIP via the LB in the client")?;
+    client
+        .ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{}/128", v6_of(vip)),
+            "via",
+            &v6_of(LB_ADDR).to_string(),
+            "dev",
+            HOST_IFACE,
+        ])
+        .context("routing the IPv6 VIP via the LB in the client")?;
     Ok(())
 }

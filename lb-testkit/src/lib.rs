@@ -5,8 +5,11 @@
 //! Everything that touches the network stays inside namespaces this crate creates, on
 //! 198.18.0.0/15 (and 2001:db8::/32); every guard cleans up on drop, also on panic.
 
+pub mod bgplab;
+pub mod bird;
 pub mod client;
 pub mod echo;
+pub mod l2lab;
 pub mod lab;
 pub mod netns;
 pub mod packet;
@@ -17,6 +20,7 @@ pub use client::{
     BackendCount, Distribution, Reply, TcpSession, tcp_connections, udp_flow_from_port, udp_flows,
 };
 pub use echo::{EchoServer, EchoStats};
+pub use l2lab::{L2Lab, L2LabSpec, L2Node, Membership, Neighbour};
 pub use lab::{Backend, Lab, LabSpec};
 pub use netns::{ChildGuard, NetNs, list_netns};
 pub use packet::{

@@ -33,6 +33,9 @@ pub struct ScenarioSpec {
     pub keep_attached: bool,
     /// Balance the IPv6 VIP to the backends' IPv6 addresses instead of IPv4.
     pub ipv6: bool,
+    /// The config's `announce` (`l2`: the LB answers ARP/NDP for the VIPs; for a lab built
+    /// with `vip_route: false`). `None`: not set.
+    pub announce: Option<String>,
 }
 
 /// Removes a directory tree on drop (temporary files, bpffs pin directories).
@@ -188,7 +191,11 @@ impl Scenario {
 
     pub fn write_config(&self, backends: &[Ipv4Addr], forwarding: Option<&str>) -> Result<()> {
         let forwarding = forwarding.unwrap_or(&self.spec.forwarding);
-        let mut text = format!("interface: {}\nservices:\n", self.lb_iface);
+        let mut text = format!("interface: {}\n", self.lb_iface);
+        if let Some(a) = &self.spec.announce {
+            text.push_str(&format!("announce: {a}\n"));
+        }
+        text.push_str("services:\n");
         for proto in ["udp", "tcp"] {
             text.push_str(&format!(
                 "  - name: echo-{proto}\n    vip: \"{}\"\n    port: {SERVICE_PORT}\n    protocol: {proto}\n    forwarding: {forwarding}\n    backends:\n",

@@ -3,7 +3,9 @@
 //! A client, a load-balancer node and three backends share a bridge (198.18.0.0/24). The
 //! backends run the decap program and an echo server that answers with its name and the
 //! client address it saw; the client sends 300 UDP flows and 100 TCP connections to the VIP,
-//! once with IPIP and once with L2 forwarding. Everything is removed at the end, on failure,
+//! once with IPIP and once with L2 forwarding. The client has no route to the VIP: the LB
+//! announces it (answers ARP from XDP; `--announce route` uses a static route instead).
+//! Everything is removed at the end, on failure,
 //! and on Ctrl-C.
 
 use std::{
@@ -32,6 +34,10 @@ pub struct Options {
     /// XDP attach mode for the load balancer and decap programs.
     #[arg(long, default_value = "skb")]
     xdp_mode: String,
+    /// How the client reaches the VIP: `l2` (the LB answers ARP for it from XDP; the client
+    /// has no route) or `route` (a static route via the LB, no announcement).
+    #[arg(long, default_value = "l2", value_parser = ["l2", "route"])]
+    announce: String,
 }
 
 fn check(stop: &AtomicBool) -> anyhow::Result<()> {
@@ -63,7 +69,12 @@ fn demo(opts: &Options, stop: &AtomicBool) -> anyhow::Result<()> {
     sh(cargo().args(["build", "--package", "lb-agent"]))?;
     let agent_bin: PathBuf = workspace_root().join("target/debug/lb-agent");
 
-    let lab = Lab::new(LabSpec::default()).context("creating the network namespaces")?;
+    let l2 = opts.announce == "l2";
+    let lab = Lab::new(LabSpec {
+        vip_route: !l2,
+        ..LabSpec::default()
+    })
+    .context("creating the network namespaces")?;
     println!(
         "\nlab: client {} -> VIP {} on LB {} -> backends {}",
         lab.client_addr(),
@@ -84,6 +95,7 @@ fn demo(opts: &Options, stop: &AtomicBool) -> anyhow::Result<()> {
             xdp_mode: opts.xdp_mode.clone(),
             keep_attached: false,
             ipv6: false,
+            announce: l2.then(|| "l2".to_string()),
         };
         let mut sc = Scenario::start(&lab, spec)
             .with_context(|| format!("starting the {forwarding} load balancer"))?;
@@ -104,6 +116,17 @@ fn demo(opts: &Options, stop: &AtomicBool) -> anyhow::Result<()> {
             sc.vip()
         );
         println!("{}", d.table());
+        if l2 {
+            let neigh = lab
+                .client()
+                .ip(&["neigh", "show", &sc.vip().ip().to_string(), "dev", "eth0"])
+                .unwrap_or_default();
+            println!(
+                "client reached the VIP by ARP (no route): neighbour entry {} (the LB's MAC is {})",
+                neigh.trim(),
+                lb_testkit::lab::fmt_mac(lab.lb_mac())
+            );
+        }
         let ok = d.timeouts() == 0
             && d.backends_hit() == lab.backends().len()
             && d.all_from_vip

@@ -25,6 +25,9 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     // `cargo xtask bench`: the nftables DNAT baseline of the end-to-end measurement.
     "nftables",
+    // BIRD 2 (`bird`, `birdc`): the BGP tests check the rendered bird.conf with `bird -p`
+    // and run real daemons (LB nodes and a router) in namespaces.
+    "bird2",
 ];
 
 fn installed(package: &str) -> bool {

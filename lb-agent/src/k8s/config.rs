@@ -1,11 +1,16 @@
 //! Kubernetes-mode settings: which Services are ours, how they are forwarded, and the node
 //! settings. Read from a ConfigMap (key [`CONFIG_KEY`]) in the agent's namespace.
 
-use std::net::Ipv4Addr;
+use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use lb_common::Forwarding;
 use serde::Deserialize;
+
+use crate::{
+    announce::{AnnounceSpec, bgp::RawBgp},
+    config::{RawMembership, announce_spec},
+};
 
 /// The `spec.loadBalancerClass` this project answers to unless the config names another.
 pub const DEFAULT_LOAD_BALANCER_CLASS: &str = "xdp-lb.io/lb";
@@ -26,6 +31,11 @@ pub struct K8sConfig {
     pub interface: Option<String>,
     /// → `DesiredState.node.encap_source`.
     pub encap_source: Option<Ipv4Addr>,
+    /// `announce`, `membership`, `bgp`: as in the static file; the nodes are the Nodes.
+    pub announce: AnnounceSpec,
+    /// Only Nodes with these labels announce VIPs (like MetalLB's L2Advertisement
+    /// `nodeSelectors`); empty: every Node.
+    pub announce_node_selector: BTreeMap<String, String>,
 }
 
 impl Default for K8sConfig {
@@ -36,6 +46,8 @@ impl Default for K8sConfig {
             default_forwarding: Forwarding::Ipip,
             interface: None,
             encap_source: None,
+            announce: AnnounceSpec::default(),
+            announce_node_selector: BTreeMap::new(),
         }
     }
 }
@@ -47,7 +59,7 @@ pub enum K8sConfigError {
     #[error("{origin}: {field}: {message}")]
     Field {
         origin: String,
-        field: &'static str,
+        field: String,
         message: String,
     },
 }
@@ -62,6 +74,12 @@ struct RawK8sConfig {
     default_forwarding: Option<String>,
     interface: Option<String>,
     encap_source: Option<String>,
+    announce: Option<String>,
+    #[serde(default)]
+    membership: RawMembership,
+    bgp: Option<RawBgp>,
+    #[serde(default)]
+    announce_node_selector: BTreeMap<String, String>,
 }
 
 impl K8sConfig {
@@ -76,9 +94,9 @@ impl K8sConfig {
                 message: e.to_string(),
             })?
         };
-        let err = |field: &'static str, message: String| K8sConfigError::Field {
+        let err = |field: &str, message: String| K8sConfigError::Field {
             origin: origin.to_string(),
-            field,
+            field: field.to_string(),
             message,
         };
         let load_balancer_class = match raw.load_balancer_class {
@@ -121,12 +139,22 @@ impl K8sConfig {
                     .map_err(|_| err("encap_source", format!("{s:?} is not an IPv4 address")))?,
             ),
         };
+        let announce = announce_spec(
+            raw.announce.as_deref(),
+            None,
+            &[],
+            &raw.membership,
+            raw.bgp.as_ref(),
+        )
+        .map_err(|(field, message)| err(&field, message))?;
         Ok(K8sConfig {
             load_balancer_class,
             require_class: raw.require_class,
             default_forwarding,
             interface: raw.interface,
             encap_source,
+            announce,
+            announce_node_selector: raw.announce_node_selector,
         })
     }
 
@@ -193,9 +221,14 @@ mod tests {
     fn parses_every_field_and_defaults() {
         let cfg = K8sConfig::parse(
             "cm",
-            "load_balancer_class: example.org/fast\nrequire_class: true\ndefault_forwarding: l2\ninterface: eth1\nencap_source: 198.18.0.2\n",
+            "load_balancer_class: example.org/fast\nrequire_class: true\ndefault_forwarding: l2\ninterface: eth1\nencap_source: 198.18.0.2\nannounce: l2\nmembership: {port: 7000}\nannounce_node_selector: {edge: \"true\"}\n",
         )
         .unwrap();
+        let mut announce = AnnounceSpec {
+            mode: crate::announce::AnnounceMode::L2,
+            ..AnnounceSpec::default()
+        };
+        announce.membership.port = 7000;
         assert_eq!(
             cfg,
             K8sConfig {
@@ -204,7 +237,23 @@ mod tests {
                 default_forwarding: Forwarding::L2,
                 interface: Some("eth1".into()),
                 encap_source: Some(Ipv4Addr::new(198, 18, 0, 2)),
+                announce,
+                announce_node_selector: BTreeMap::from([("edge".into(), "true".into())]),
             }
+        );
+        // The same validation as the static file, naming the ConfigMap.
+        assert_eq!(
+            K8sConfig::parse("cm", "announce: bgp\n")
+                .unwrap_err()
+                .to_string(),
+            "cm: bgp: `announce: bgp` needs a `bgp` section (local_asn, peers)"
+        );
+        assert!(
+            K8sConfig::parse("cm", "announce: l2\nnodes: []\n")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field `nodes`"),
+            "nodes come from the Node objects"
         );
         assert_eq!(K8sConfig::parse("cm", "").unwrap(), K8sConfig::default());
         let no_class = K8sConfig::parse("cm", "load_balancer_class: \"\"\n").unwrap();

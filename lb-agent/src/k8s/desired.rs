@@ -167,11 +167,18 @@ where
                 encap_source: cfg.encap_source,
                 // Pods on this node receive tunnelled packets from every other node.
                 decap: true,
+                announce: crate::announce::AnnounceSpec {
+                    nodes: announcing_nodes(nodes.iter().map(Borrow::borrow), cfg),
+                    node_name: Some(this_node.to_string()),
+                    ..cfg.announce.clone()
+                },
                 ..NodeSpec::default()
             },
             services: BTreeMap::new(),
             local_endpoints: BTreeMap::new(),
             announce: BTreeMap::new(),
+            l2_owned: Default::default(),
+            announce_nodes: Default::default(),
         },
         owners: BTreeMap::new(),
         warnings: Vec::new(),
@@ -188,6 +195,59 @@ where
         b.add_service(svc);
     }
     (b.state, b.warnings)
+}
+
+/// Label that takes a Node out of every external load balancer (Kubernetes' own).
+pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// The Nodes that may announce VIPs, with the address their heartbeats come from: Ready,
+/// schedulable (a cordoned, draining node withdraws first), not excluded by
+/// [`EXCLUDE_LABEL`], matching the configured node selector, and with an InternalIP.
+pub fn announcing_nodes<'a>(
+    nodes: impl Iterator<Item = &'a Node>,
+    cfg: &K8sConfig,
+) -> Vec<crate::announce::Peer> {
+    let mut out: Vec<crate::announce::Peer> = nodes
+        .filter(|n| {
+            let labels = n.metadata.labels.as_ref();
+            let has = |k: &str, v: &str| labels.and_then(|l| l.get(k)).is_some_and(|x| x == v);
+            let ready = n
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let cordoned = n
+                .spec
+                .as_ref()
+                .and_then(|s| s.unschedulable)
+                .unwrap_or(false);
+            let excluded = labels.is_some_and(|l| l.contains_key(EXCLUDE_LABEL));
+            ready
+                && !cordoned
+                && !excluded
+                && cfg.announce_node_selector.iter().all(|(k, v)| has(k, v))
+        })
+        .filter_map(|n| {
+            let addrs = n.status.as_ref()?.addresses.as_ref()?;
+            let internal: Vec<IpAddr> = addrs
+                .iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .filter_map(|a| a.address.parse().ok())
+                .collect();
+            // IPv4 first: the heartbeats of a dual-stack cluster use one family.
+            let address = internal
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(internal.first())
+                .copied()?;
+            Some(crate::announce::Peer {
+                name: n.metadata.name.clone()?,
+                address,
+            })
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 type AgeKey<'a> = (
@@ -464,6 +524,16 @@ impl Builder<'_> {
             };
             let w = self.state.announce.entry(vip).or_insert(0);
             *w = (*w).max(weight);
+            if how.local {
+                // Only nodes with an endpoint may announce (or, in L2, own) the VIP.
+                let with_endpoints =
+                    self.endpoint_nodes(cur, port_name, protocol_name, vip.is_ipv6());
+                self.state
+                    .announce_nodes
+                    .entry(vip)
+                    .or_default()
+                    .extend(with_endpoints);
+            }
             if how.forwarding == Forwarding::L2 {
                 self.warn_remapped(cur, &label, number, &selected);
             }
@@ -568,6 +638,45 @@ impl Builder<'_> {
     /// The endpoints of one family for one Service port. kube-proxy's rule: the ready
     /// endpoints (after the node filter of `externalTrafficPolicy: Local`); if there are
     /// none, the serving terminating ones.
+    /// The nodes that use a local endpoint of this port: a ready one or, as the fallback
+    /// applies per node (as in kube-proxy), a serving terminating one.
+    fn endpoint_nodes(
+        &mut self,
+        cur: &Current<'_>,
+        port_name: &str,
+        protocol: &str,
+        v6: bool,
+    ) -> BTreeSet<String> {
+        let slices = self
+            .slices
+            .get(&(cur.namespace, cur.name, v6))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let mut nodes = BTreeSet::new();
+        for slice in slices {
+            let has_port = slice.ports.iter().flatten().any(|p| {
+                p.name.as_deref().unwrap_or_default() == port_name
+                    && p.protocol.as_deref().unwrap_or("TCP") == protocol
+            });
+            if !has_port {
+                continue;
+            }
+            for ep in &slice.endpoints {
+                let Some(node) = ep.node_name.clone() else {
+                    continue;
+                };
+                let c = ep.conditions.as_ref();
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                let serving_terminating = c.and_then(|c| c.serving).unwrap_or(true)
+                    && c.and_then(|c| c.terminating).unwrap_or(false);
+                if ready || serving_terminating {
+                    nodes.insert(node);
+                }
+            }
+        }
+        nodes
+    }
+
     fn select_endpoints(
         &mut self,
         cur: &Current<'_>,

@@ -12,7 +12,12 @@
 //!   resource version; when that is too old, the re-list replaces a store in one step (it is
 //!   never seen empty), and only the difference reaches the maps.
 
-use std::{collections::BTreeSet, fmt::Debug, hash::Hash, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Debug,
+    hash::Hash,
+    time::Duration,
+};
 
 use futures::StreamExt;
 use k8s_openapi::api::{
@@ -67,7 +72,7 @@ pub enum WatchError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Settings {
     Missing,
-    Valid(K8sConfig),
+    Valid(Box<K8sConfig>),
     /// Rejected (the message); the last valid settings stay in use.
     Invalid(String),
 }
@@ -256,7 +261,7 @@ impl ClusterWatch {
             .find(|cm| cm.metadata.name.as_deref() == Some(self.opts.config_map.as_str()));
         let now = match found {
             None => Settings::Missing,
-            Some(cm) => Settings::Valid(K8sConfig::from_config_map(&cm)?),
+            Some(cm) => Settings::Valid(Box::new(K8sConfig::from_config_map(&cm)?)),
         };
         if self.settings.as_ref() != Some(&now) {
             match &now {
@@ -273,7 +278,7 @@ impl ClusterWatch {
             }
         }
         self.config = match &now {
-            Settings::Valid(cfg) => cfg.clone(),
+            Settings::Valid(cfg) => (**cfg).clone(),
             _ => K8sConfig::default(),
         };
         self.settings = Some(now);
@@ -368,17 +373,30 @@ fn any_change<K>(event: &watcher::Event<K>) -> bool {
     )
 }
 
-/// Only a node joining or leaving matters (`externalTrafficPolicy: Local` checks that this
-/// node exists); heartbeats and status updates do not.
+/// What of a Node the desired state reads (after [`strip_node`]): its name, labels,
+/// cordon, Ready and addresses. Heartbeats and other status updates are no change.
+fn node_facts(node: &Node) -> String {
+    // Stripped nodes are small; their JSON is a faithful key.
+    serde_json::to_string(&(&node.metadata.labels, &node.spec, &node.status)).unwrap_or_default()
+}
+
+/// A node joining, leaving, or changing what [`node_facts`] covers.
 fn node_names_changed(store: Store<Node>) -> impl FnMut(&watcher::Event<Node>) -> bool + Send {
-    let mut names = BTreeSet::new();
+    let mut facts: BTreeMap<String, String> = BTreeMap::new();
     move |event| match event {
-        watcher::Event::Apply(node) => names.insert(node.name_any()),
-        watcher::Event::Delete(node) => names.remove(&node.name_any()),
+        watcher::Event::Apply(node) => {
+            let f = node_facts(node);
+            facts.insert(node.name_any(), f.clone()).as_ref() != Some(&f)
+        }
+        watcher::Event::Delete(node) => facts.remove(&node.name_any()).is_some(),
         watcher::Event::InitDone => {
-            let now: BTreeSet<String> = store.state().iter().map(|n| n.name_any()).collect();
-            let changed = now != names;
-            names = now;
+            let now: BTreeMap<String, String> = store
+                .state()
+                .iter()
+                .map(|n| (n.name_any(), node_facts(n)))
+                .collect();
+            let changed = now != facts;
+            facts = now;
             changed
         }
         watcher::Event::Init | watcher::Event::InitApply(_) => false,
@@ -390,11 +408,35 @@ fn strip_managed_fields<K: ResourceExt>(obj: &mut K) {
     obj.managed_fields_mut().clear();
 }
 
-/// Of a Node only the name is used.
+/// Of a Node only its name, labels, cordon, Ready condition (without its timestamps) and
+/// addresses are used (who may announce VIPs, and where its heartbeats come from).
 fn strip_node(node: &mut Node) {
     strip_managed_fields(node);
-    node.spec = None;
-    node.status = None;
+    node.metadata.annotations = None;
+    node.spec = node
+        .spec
+        .take()
+        .map(|s| k8s_openapi::api::core::v1::NodeSpec {
+            unschedulable: s.unschedulable,
+            ..Default::default()
+        });
+    node.status = node
+        .status
+        .take()
+        .map(|s| k8s_openapi::api::core::v1::NodeStatus {
+            addresses: s.addresses,
+            conditions: s.conditions.map(|c| {
+                c.into_iter()
+                    .filter(|c| c.type_ == "Ready")
+                    .map(|c| k8s_openapi::api::core::v1::NodeCondition {
+                        type_: c.type_,
+                        status: c.status,
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            ..Default::default()
+        });
 }
 
 #[cfg(test)]
@@ -417,7 +459,7 @@ mod tests {
     }
 
     #[test]
-    fn only_nodes_joining_or_leaving_are_changes() {
+    fn nodes_joining_leaving_or_changing_what_is_read_are_changes() {
         let (store, mut writer) = reflector::store::<Node>();
         let mut changed = node_names_changed(store);
         let mut feed = |event: watcher::Event<Node>| {
@@ -460,10 +502,61 @@ mod tests {
 
     #[test]
     fn stripping_keeps_what_the_translation_reads() {
-        let mut n = node("node-a", "1");
-        n.metadata.managed_fields = Some(vec![Default::default()]);
-        strip_node(&mut n);
+        use k8s_openapi::api::core::v1::{NodeAddress, NodeCondition, NodeSpec};
+        let full = |heartbeat: &str, ready: &str| {
+            let mut n = node("node-a", "1");
+            n.metadata.managed_fields = Some(vec![Default::default()]);
+            n.metadata.labels = Some([("edge".to_string(), "true".to_string())].into());
+            n.spec = Some(NodeSpec {
+                unschedulable: Some(true),
+                pod_cidr: Some("198.18.64.0/24".into()),
+                ..NodeSpec::default()
+            });
+            n.status = Some(NodeStatus {
+                addresses: Some(vec![NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: "198.18.0.2".into(),
+                }]),
+                conditions: Some(vec![
+                    NodeCondition {
+                        type_: "Ready".into(),
+                        status: ready.into(),
+                        last_heartbeat_time: Some(
+                            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                                heartbeat.parse().unwrap(),
+                            ),
+                        ),
+                        ..NodeCondition::default()
+                    },
+                    NodeCondition {
+                        type_: "MemoryPressure".into(),
+                        status: "False".into(),
+                        ..NodeCondition::default()
+                    },
+                ]),
+                ..NodeStatus::default()
+            });
+            strip_node(&mut n);
+            n
+        };
+        let n = full("2026-12-02T10:00:00Z", "True");
         assert_eq!(n.metadata.name.as_deref(), Some("node-a"));
-        assert!(n.status.is_none() && n.metadata.managed_fields == Some(vec![]));
+        assert_eq!(n.metadata.managed_fields, Some(vec![]));
+        assert_eq!(n.spec.as_ref().unwrap().unschedulable, Some(true));
+        assert_eq!(n.spec.as_ref().unwrap().pod_cidr, None);
+        let st = n.status.as_ref().unwrap();
+        assert_eq!(st.addresses.as_ref().unwrap()[0].address, "198.18.0.2");
+        let conds = st.conditions.as_ref().unwrap();
+        assert_eq!(conds.len(), 1, "only Ready");
+        assert_eq!(conds[0].last_heartbeat_time, None);
+        // A heartbeat alone is no change; readiness is.
+        assert_eq!(
+            node_facts(&n),
+            node_facts(&full("2026-12-02T10:05:00Z", "True"))
+        );
+        assert_ne!(
+            node_facts(&n),
+            node_facts(&full("2026-12-02T10:05:00Z", "False"))
+        );
     }
 }

@@ -14,6 +14,8 @@ mod svg;
 mod table;
 
 #[cfg(feature = "bench")]
+mod announce;
+#[cfg(feature = "bench")]
 mod cases;
 #[cfg(feature = "bench")]
 mod dataplane;
@@ -51,7 +53,11 @@ pub struct Options {
     #[arg(long)]
     cpu: Option<usize>,
     /// Sections to run.
-    #[arg(long, value_delimiter = ',', default_value = "dataplane,control,e2e")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "dataplane,control,e2e,announce"
+    )]
     only: Vec<Section>,
     /// Data plane: only the cases whose label contains this text (baselines always run).
     #[arg(long)]
@@ -66,6 +72,7 @@ enum Section {
     Dataplane,
     Control,
     E2e,
+    Announce,
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
@@ -250,8 +257,23 @@ fn measure(opts: &Options) -> anyhow::Result<()> {
             e2e::run(&harness, &agent, settings, &check_stop)
         });
     }
+    let mut announce = None;
+    if opts.only.contains(&Section::Announce) {
+        let settings = announce::Settings {
+            trials: if quick { 1 } else { 3 },
+        };
+        announce = section("announce", &mut results, &mut failed, || {
+            announce::run(&agent, settings, &check_stop)
+        });
+        if let Some(a) = &announce {
+            results.notes.extend(a.failures.iter().cloned());
+            if !a.failures.is_empty() {
+                failed.push("announce".into());
+            }
+        }
+    }
     results.machine.load_end = system::load_average();
-    write_outputs(&results, &out_dir)?;
+    write_outputs(&results, announce.as_ref(), &out_dir)?;
     if !failed.is_empty() {
         anyhow::bail!("sections failed: {}", failed.join(", "));
     }
@@ -260,7 +282,11 @@ fn measure(opts: &Options) -> anyhow::Result<()> {
 
 /// Terminal tables, report.md and the plots.
 #[cfg(feature = "bench")]
-fn write_outputs(results: &results::Results, dir: &std::path::Path) -> anyhow::Result<()> {
+fn write_outputs(
+    results: &results::Results,
+    announce: Option<&announce::Announce>,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     use report::Part;
     let mut plots: Vec<(Part, &str, &str)> = Vec::new();
@@ -304,9 +330,9 @@ fn write_outputs(results: &results::Results, dir: &std::path::Path) -> anyhow::R
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
     let report = dir.join("report.md");
-    std::fs::write(&report, report::markdown(results, &date, &plots))
+    std::fs::write(&report, report::markdown(results, announce, &date, &plots))
         .with_context(|| format!("writing {}", report.display()))?;
-    println!("{}", report::text(results));
+    println!("{}", report::text(results, announce));
     println!("report: {}", report.display());
     for (_, file, _) in &plots {
         println!("plot:   {}", dir.join(file).display());

@@ -3,7 +3,9 @@
 use std::fmt::Write;
 
 use super::{
+    announce::{self, Announce},
     results::{DpRow, Results},
+    stats::Summary,
     table::Table,
 };
 
@@ -19,6 +21,7 @@ pub enum Part {
     Dataplane,
     Control,
     E2e,
+    Announce,
 }
 
 /// The reference C load balancer, measured on this machine with the same method (from the
@@ -272,10 +275,56 @@ pub fn tables(r: &Results) -> Vec<(Part, String, Table)> {
     out
 }
 
+/// `median / max s`, or `-`.
+fn secs(s: &Option<Summary>) -> String {
+    s.as_ref()
+        .map_or("-".into(), |s| format!("{:.3} / {:.3}", s.median, s.max))
+}
+
+/// The announcement failover table, titled.
+fn announce_table(a: &Announce) -> (Part, String, Table) {
+    let mut t = Table::new(&[
+        "case",
+        "trials ok",
+        "route / neighbour moved s",
+        "first new connection s",
+        "all connections answering s",
+        "slowest request s",
+        "broken",
+        "settings",
+    ]);
+    for row in &a.rows {
+        t.row(vec![
+            row.case.into(),
+            format!("{}/{}", row.ok, a.trials),
+            secs(&row.converged),
+            secs(&row.first_new),
+            secs(&row.recovered),
+            secs(&row.slowest),
+            format!(
+                "{}/{}{}",
+                row.broken,
+                row.connections,
+                if row.broken > 0 { " (must be 0)" } else { "" }
+            ),
+            row.note.clone(),
+        ]);
+    }
+    (
+        Part::Announce,
+        format!(
+            "VIP announcement failover: median / max over {} trial(s), {} open TCP connections each",
+            a.trials,
+            announce::CONNECTIONS
+        ),
+        t,
+    )
+}
+
 /// The terminal summary.
-pub fn text(r: &Results) -> String {
+pub fn text(r: &Results, announce: Option<&Announce>) -> String {
     let mut s = String::new();
-    for (_, title, t) in tables(r) {
+    for (_, title, t) in tables(r).into_iter().chain(announce.map(announce_table)) {
         let _ = write!(s, "\n{title}\n{}", t.text());
     }
     s.push_str("\nAgainst the targets:\n");
@@ -393,7 +442,12 @@ pub fn summary(r: &Results) -> Vec<String> {
 }
 
 /// The Markdown report; `plots` are (section, file, caption).
-pub fn markdown(r: &Results, date: &str, plots: &[(Part, &str, &str)]) -> String {
+pub fn markdown(
+    r: &Results,
+    announce: Option<&Announce>,
+    date: &str,
+    plots: &[(Part, &str, &str)],
+) -> String {
     let m = &r.machine;
     let mut s = format!(
         "# lb benchmarks\n\n\
@@ -421,11 +475,13 @@ pub fn markdown(r: &Results, date: &str, plots: &[(Part, &str, &str)]) -> String
             let _ = writeln!(s, "- {l}");
         }
     }
-    let tables = tables(r);
+    let mut tables = tables(r);
+    tables.extend(announce.map(announce_table));
     for (part, heading, method) in [
         (Part::Dataplane, "Data plane", DATAPLANE_METHOD),
         (Part::Control, "Control plane", CONTROL_METHOD),
         (Part::E2e, "End to end", ""),
+        (Part::Announce, "VIP announcement failover", ANNOUNCE_METHOD),
     ] {
         if !tables.iter().any(|(p, _, _)| *p == part) {
             continue;
@@ -495,4 +551,22 @@ kept snapshot and table memo (`TableCache`: only changed tables are rebuilt) and
 Afterwards the maps are read back and must equal that snapshot. Agent memory: the
 release `lb-agent run` on the same generated config in its own network namespace (XDP in skb
 mode on a veth); VmRSS/VmHWM from /proc once every service is in the pinned maps, plus 2 s.
+";
+
+const ANNOUNCE_METHOD: &str = "
+Every trial of every case in a fresh lab (`lb_testkit::bgplab`: client, router running BIRD
+with ECMP on the 5-tuple, 3 nodes each running `lb-agent` (`announce: bgp`) and BIRD, 3 DSR
+backends; `lb_testkit::l2lab`: client, 3 nodes (`announce: l2`) and 3 backends on one
+bridge), generic XDP. 30 long-lived TCP connections each send a request every 20 ms across
+the event. *Route / neighbour moved*: BGP, until the router's kernel route to the VIP lost the
+node's next hop (or, graceful stop, the lab's withdrawal time after SIGTERM); L2, until the
+client's neighbour entry for the VIP names another node. *First new connection* (L2): a new
+connection is started every 50 ms (500 ms each) after the kill, until one is answered. *All
+connections answering*: until every connection answered a request sent after the event;
+*slowest request*: the longest any request took after it. *Broken*: a connection that got an
+error, no reply within 15 s, or a reply from another backend. The BGP baseline is the same
+node death behind a link taken down first: no FIN from the killed BIRD reaches the router,
+which only notices when the hold time (3 s) expires; a killed agent leaves its XDP program
+attached, so a killed node whose link stays up keeps forwarding until its route goes. An event
+that does not converge within 30 s fails its trial (listed under Notes).
 ";

@@ -1,0 +1,66 @@
+//! Making the VIPs reachable: which node announces which VIP, and how.
+//!
+//! - `owner`: the L2 owner of each VIP, a rendezvous hash over the live eligible nodes.
+//! - `members`: which nodes are alive (UDP heartbeats between the agents).
+//! - `l2`: the L2 mode at run time: owned VIPs for the data plane's ARP/NDP responder, and
+//!   gratuitous ARP / unsolicited NA (`garp`) on takeover.
+//! - `bgp`: BGP through BIRD 2: the agent renders BIRD's configuration from the VIPs this
+//!   node announces and asks the running daemon to reload it.
+//! - `file`: the announcement file (VIPs and route weights) for a routing daemon of the
+//!   operator's own.
+
+pub mod bgp;
+pub mod file;
+pub mod garp;
+pub mod l2;
+pub mod members;
+pub mod owner;
+pub mod run;
+
+pub use file::Announcer;
+pub use members::{MembershipSettings, Peer};
+
+/// How the VIPs are made reachable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AnnounceMode {
+    /// Not by the agent: the operator routes the VIPs (or `--announce-file` feeds a daemon).
+    #[default]
+    None,
+    /// One owner node per VIP answers ARP / Neighbor Solicitations for it.
+    L2,
+    /// Every node that balances a VIP announces a host route for it over BGP (BIRD 2).
+    Bgp,
+}
+
+impl AnnounceMode {
+    pub fn parse(s: &str) -> Option<AnnounceMode> {
+        match s {
+            "none" => Some(AnnounceMode::None),
+            "l2" => Some(AnnounceMode::L2),
+            "bgp" => Some(AnnounceMode::Bgp),
+            _ => None,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            AnnounceMode::None => "none",
+            AnnounceMode::L2 => "l2",
+            AnnounceMode::Bgp => "bgp",
+        }
+    }
+}
+
+/// The announcement settings of a node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AnnounceSpec {
+    pub mode: AnnounceMode,
+    /// This node's name among `nodes` (`--node-name` wins; default: the hostname).
+    pub node_name: Option<String>,
+    /// The load-balancer nodes sharing the VIPs, for L2 ownership and liveness (static
+    /// mode; in Kubernetes mode the Nodes). Empty: this node alone.
+    pub nodes: Vec<Peer>,
+    pub membership: MembershipSettings,
+    /// `mode: bgp` only.
+    pub bgp: Option<bgp::BgpSettings>,
+}

@@ -1,0 +1,254 @@
+//! The announcement beside the sync loop: what the daemon calls around each sync, in every
+//! mode, so `daemon` does not care which one runs.
+//!
+//! Order matters for not breaking connections: a node announces a VIP only after its maps
+//! hold the VIP's services (`committed` runs after a successful sync), and on a clean stop
+//! it withdraws first and keeps forwarding for `withdraw_wait` while the others take over.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
+
+use super::{
+    AnnounceMode, AnnounceSpec,
+    bgp::{self, BgpSettings, Bird, RouteAttrs},
+    l2::{L2, L2Error},
+    owner::Eligibility,
+};
+use crate::state::DesiredState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AnnounceError {
+    #[error(transparent)]
+    L2(#[from] L2Error),
+    #[error("BGP: no router id: set `bgp.router_id` (the node has no IPv4 address)")]
+    NoRouterId,
+}
+
+/// BGP through BIRD: the routes of the last good apply, and whether the last one failed.
+pub struct BgpRun {
+    me: String,
+    settings: BgpSettings,
+    router_id: Ipv4Addr,
+    bird: Bird,
+    /// The config text last applied successfully (`None`: retry).
+    applied: Option<String>,
+    wanted: String,
+    ever_applied: bool,
+}
+
+impl BgpRun {
+    async fn apply(&mut self, text: String) {
+        self.wanted = text;
+        if self.applied.as_deref() == Some(self.wanted.as_str()) {
+            return;
+        }
+        match self.bird.apply(&self.wanted).await {
+            Ok(_) => {
+                tracing::info!(config = %self.settings.bird.config.display(), "BGP: BIRD reconfigured");
+                self.applied = Some(self.wanted.clone());
+                self.ever_applied = true;
+            }
+            // A sidecar BIRD starts once the agent has written its file: no socket before
+            // the first success is expected.
+            Err(e @ bgp::BgpError::NoSocket { .. }) if !self.ever_applied => {
+                tracing::info!(error = %e, "BGP: BIRD not running yet; retrying");
+                self.applied = None;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "BGP: reconfiguring BIRD failed; retrying");
+                self.applied = None;
+            }
+        }
+    }
+}
+
+pub enum Announcing {
+    None,
+    L2(Box<L2>),
+    Bgp(Box<BgpRun>),
+}
+
+/// Every VIP the desired state balances, with the nodes that may announce it.
+pub fn eligibility(desired: &DesiredState) -> Eligibility {
+    desired
+        .services
+        .keys()
+        .map(|a| (a.vip, desired.announce_nodes.get(&a.vip).cloned()))
+        .collect()
+}
+
+/// The host routes this node announces over BGP: the VIPs it balances with a weight above
+/// zero (`externalTrafficPolicy: Local` without a local endpoint: none), each with the
+/// node's attributes.
+pub fn bgp_routes(desired: &DesiredState, s: &BgpSettings) -> BTreeMap<IpAddr, RouteAttrs> {
+    let vips: BTreeSet<IpAddr> = desired.services.keys().map(|a| a.vip).collect();
+    vips.into_iter()
+        .filter(|v| desired.announce.get(v).is_none_or(|w| *w > 0))
+        .map(|v| {
+            (
+                v,
+                RouteAttrs {
+                    communities: s.communities.clone(),
+                    large_communities: s.large_communities.clone(),
+                    local_pref: s.local_pref,
+                },
+            )
+        })
+        .collect()
+}
+
+impl Announcing {
+    /// Start the mode `spec` asks for on interface `ifindex`/`mac`; `node_v4` is the node's
+    /// IPv4 address (the default BGP router id).
+    pub async fn start(
+        me: &str,
+        spec: &AnnounceSpec,
+        ifindex: u32,
+        mac: [u8; 6],
+        node_v4: Option<Ipv4Addr>,
+    ) -> Result<Announcing, AnnounceError> {
+        match (spec.mode, &spec.bgp) {
+            (AnnounceMode::L2, _) => Ok(Announcing::L2(Box::new(
+                L2::start(me, spec, ifindex, mac).await?,
+            ))),
+            (AnnounceMode::Bgp, Some(settings)) => {
+                let router_id = settings
+                    .router_id
+                    .or(node_v4)
+                    .ok_or(AnnounceError::NoRouterId)?;
+                tracing::info!(
+                    %router_id,
+                    asn = settings.local_asn,
+                    peers = settings.peers.len(),
+                    config = %settings.bird.config.display(),
+                    "BGP announcement through BIRD"
+                );
+                Ok(Announcing::Bgp(Box::new(BgpRun {
+                    me: me.to_string(),
+                    bird: Bird::new(settings.bird.clone()),
+                    settings: settings.clone(),
+                    router_id,
+                    applied: None,
+                    wanted: String::new(),
+                    ever_applied: false,
+                })))
+            }
+            _ => Ok(Announcing::None),
+        }
+    }
+
+    pub fn mode(&self) -> AnnounceMode {
+        match self {
+            Announcing::None => AnnounceMode::None,
+            Announcing::L2(_) => AnnounceMode::L2,
+            Announcing::Bgp(_) => AnnounceMode::Bgp,
+        }
+    }
+
+    /// A reloaded config: new node list (L2) or BGP settings take effect; the mode and the
+    /// heartbeat settings need a restart.
+    pub fn reconfigure(&mut self, spec: &AnnounceSpec) {
+        match self {
+            Announcing::None => {}
+            Announcing::L2(l2) => {
+                if !spec.nodes.is_empty() {
+                    l2.set_nodes(spec.nodes.clone());
+                }
+            }
+            Announcing::Bgp(b) => {
+                if let Some(s) = &spec.bgp
+                    && *s != b.settings
+                {
+                    if s.bird != b.settings.bird {
+                        tracing::warn!("changing `bgp.bird` needs a restart; keeping the paths");
+                    }
+                    let bird = b.settings.bird.clone();
+                    b.settings = s.clone();
+                    b.settings.bird = bird;
+                    b.router_id = s.router_id.unwrap_or(b.router_id);
+                }
+            }
+        }
+    }
+
+    /// Before a sync: the VIPs this node answers ARP/NDP for.
+    pub fn prepare(&mut self, desired: &mut DesiredState) {
+        desired.l2_owned = match self {
+            Announcing::L2(l2) => l2.owned(&eligibility(desired)),
+            _ => BTreeSet::new(),
+        };
+    }
+
+    /// After a successful sync: announce what the maps now serve.
+    pub async fn committed(&mut self, desired: &DesiredState) {
+        match self {
+            Announcing::None => {}
+            Announcing::L2(l2) => l2.committed(&desired.l2_owned),
+            Announcing::Bgp(b) => {
+                // A node not among the announcing ones (Kubernetes: not Ready, cordoned
+                // before a drain, excluded) withdraws everything.
+                let nodes = &desired.node.announce.nodes;
+                let routes = if nodes.is_empty() || nodes.iter().any(|p| p.name == b.me) {
+                    bgp_routes(desired, &b.settings)
+                } else {
+                    BTreeMap::new()
+                };
+                let text = bgp::render(&b.settings, b.router_id, &routes);
+                b.apply(text).await;
+            }
+        }
+    }
+
+    /// Wait until the announcement needs the daemon: the live nodes changed (L2), or a
+    /// failed reconfiguration is due for a retry (BGP). Cancel-safe.
+    pub async fn changed(&mut self) -> Wake {
+        match self {
+            Announcing::L2(l2) => {
+                l2.changed().await;
+                Wake::Members
+            }
+            Announcing::Bgp(b) if b.applied.is_none() => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Wake::Retry
+            }
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Retry a failed BGP reconfiguration.
+    pub async fn retry(&mut self) {
+        if let Announcing::Bgp(b) = self {
+            let text = std::mem::take(&mut b.wanted);
+            b.apply(text).await;
+        }
+    }
+
+    /// Clean stop: withdraw (BGP) or hand the VIPs over (L2), then keep forwarding for
+    /// `wait` while routers and clients move to the other nodes.
+    pub async fn stop(self, wait: Duration) {
+        match self {
+            Announcing::None => return,
+            Announcing::L2(l2) => {
+                l2.leave().await;
+                tracing::info!("L2: told the other nodes this one is leaving");
+            }
+            Announcing::Bgp(mut b) => {
+                let text = bgp::render(&b.settings, b.router_id, &BTreeMap::new());
+                match b.bird.apply(&text).await {
+                    Ok(_) => tracing::info!("BGP: every route withdrawn"),
+                    Err(e) => tracing::warn!(error = %e, "BGP: withdrawing the routes failed"),
+                }
+            }
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// Why [`Announcing::changed`] returned.
+pub enum Wake {
+    Members,
+    Retry,
+}
