@@ -3,16 +3,22 @@
 //! so the kernel stays silent; the reply is built in place and sent back out of the ingress
 //! interface (`XDP_TX`). Anything else passes untouched, counted as before (`PassNotIp` for
 //! ARP, `PassNotVip` for ICMPv6).
+//!
+//! The parser only recognises the two (by ethertype, and by ICMPv6 type where it reads that
+//! anyway) and hands them over with an internal verdict; what is checked here is read here,
+//! so none of it is live in the code of the packets the load balancer forwards.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
-use lb_common::{CONFIG_F_VALID, FAMILY_V4, FAMILY_V6, NodeConfig, Reason, VIP_F_ANSWER};
+use lb_common::{
+    CONFIG_F_VALID, FAMILY_V4, FAMILY_V6, NodeConfig, PROTO_ICMPV6, Reason, VIP_F_ANSWER,
+};
 use network_types::eth::EthHdr;
 
 use crate::{
     Verdict, csum,
     encap::mac_words,
     maps::LB_CONFIG,
-    parse::{AddrWords, Solicit, ptr_at},
+    parse::{AddrWords, parse_l2, ptr_at},
     select,
     words::{self, MacWords},
 };
@@ -33,6 +39,7 @@ const NS_LEN: usize = 24;
 const NA_LEN: usize = 32;
 /// ND messages carry the largest hop limit; anything less came through a router (RFC 4861 7.1.1).
 const ND_HOP_LIMIT: u8 = 255;
+const ICMP6_NEIGHBOR_SOLICIT: u8 = 135;
 const ICMP6_NEIGHBOR_ADVERT: u8 = 136;
 /// Solicited and Override set, Router clear; the reserved bits after them zero.
 const NA_FLAGS: u32 = u32::from_ne_bytes([0x60, 0, 0, 0]);
@@ -41,9 +48,9 @@ const OPT_TLLA: u16 = u16::from_ne_bytes([2, 1]);
 /// IPv6 header words 0 and 1 of the advertisement: version 6, traffic class and flow label 0;
 /// payload length, next header ICMPv6, hop limit 255.
 const NA_IP_W0: u32 = u32::from_ne_bytes([0x60, 0, 0, 0]);
-const NA_IP_W1: u32 = u32::from_ne_bytes([0, NA_LEN as u8, 58, ND_HOP_LIMIT]);
+const NA_IP_W1: u32 = u32::from_ne_bytes([0, NA_LEN as u8, PROTO_ICMPV6, ND_HOP_LIMIT]);
 /// The pseudo-header's upper-layer length (32) and next header (58), summed as their words.
-const NA_PSEUDO: u32 = u32::from_ne_bytes([0, 0, 0, NA_LEN as u8 + 58]);
+const NA_PSEUDO: u32 = u32::from_ne_bytes([0, 0, 0, NA_LEN as u8 + PROTO_ICMPV6]);
 
 /// The node configuration, if `addr` is a VIP this node owns and the agent wrote the
 /// configuration (its MAC is what the reply announces).
@@ -114,9 +121,17 @@ fn reply_macs(ctx: &XdpContext, requester: MacWords, node: MacWords) -> Result<(
 /// Answer an ARP request (Ethernet, IPv4) for a VIP this node owns: the request becomes the
 /// reply in place, "VIP is at the node's MAC", to the requester's MAC. Other ARP packets
 /// (replies, gratuitous ARP, other hardware or protocols, requests for other addresses) pass.
+#[inline(never)]
+pub fn arp(ctx: &XdpContext) -> Verdict {
+    match arp_reply(ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
 #[inline(always)]
-pub fn arp_reply(ctx: &XdpContext, l3_off: usize) -> Result<Verdict, Verdict> {
+fn arp_reply(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     const NOT_OURS: Verdict = Verdict::pass(Reason::PassNotIp);
+    let l3_off = parse_l2(ctx).ok_or(NOT_OURS)?.l3_off;
     let arp: *mut [u8; ARP_LEN] = ptr_at(ctx, l3_off).ok_or(NOT_OURS)?;
     let p = arp.cast::<u8>();
     // SAFETY: `ptr_at` checked all 28 bytes. The sender address (bytes 14..18) is read as
@@ -166,10 +181,18 @@ fn fold64(sum: u64) -> u16 {
 /// options the solicitation had. Duplicate address detection (unspecified source), an NS
 /// that came through a router or behind extension headers, and targets that are not owned
 /// VIPs pass untouched.
+#[inline(never)]
+pub fn neighbor(ctx: &XdpContext) -> Verdict {
+    match neighbor_advert(ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
 #[inline(always)]
-pub fn neighbor_advert(ctx: &XdpContext, ns: &Solicit) -> Result<Verdict, Verdict> {
+fn neighbor_advert(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     const NOT_OURS: Verdict = Verdict::pass(Reason::PassNotVip);
-    let h: *const [u8; V6_HDR + NS_LEN] = ptr_at(ctx, ns.l3_off).ok_or(NOT_OURS)?;
+    let l3_off = parse_l2(ctx).ok_or(NOT_OURS)?.l3_off;
+    let h: *const [u8; V6_HDR + NS_LEN] = ptr_at(ctx, l3_off).ok_or(NOT_OURS)?;
     let p = h.cast::<u8>();
     // SAFETY: `ptr_at` checked the IPv6 header and the solicitation's fixed part.
     let (w1, src, icmp, target) = unsafe {
@@ -180,12 +203,16 @@ pub fn neighbor_advert(ctx: &XdpContext, ns: &Solicit) -> Result<Verdict, Verdic
             words::load_addr::<{ V6_HDR + 8 }>(p),
         )
     };
-    let [_, _, _, hop_limit] = w1.to_ne_bytes();
-    let [_, code, _, _] = icmp.to_ne_bytes();
+    let [len_hi, len_lo, next, hop_limit] = w1.to_ne_bytes();
+    let payload_len = u16::from_be_bytes([len_hi, len_lo]) as usize;
+    let [kind, code, _, _] = icmp.to_ne_bytes();
     let src_first = src[0].to_ne_bytes()[0];
-    // After the reads through `ptr_at` (see `parse::icmp::within`).
-    if ns.icmp_off != ns.l3_off + V6_HDR
-        || (ns.l3_len as usize) < V6_HDR + NS_LEN
+    // After the reads through `ptr_at` (see `parse::icmp::within`). ICMPv6 right after the
+    // fixed header; the solicitation whole inside the IP packet, and that inside the frame.
+    if next != PROTO_ICMPV6
+        || kind != ICMP6_NEIGHBOR_SOLICIT
+        || payload_len < NS_LEN
+        || l3_off + V6_HDR + payload_len > ctx.data_end() - ctx.data()
         || hop_limit != ND_HOP_LIMIT
         || code != 0
         || src == [0; 4]
@@ -197,7 +224,7 @@ pub fn neighbor_advert(ctx: &XdpContext, ns: &Solicit) -> Result<Verdict, Verdic
     let requester = frame_source(ctx, NOT_OURS)?;
     let mac = mac_words(&cfg.mac);
 
-    let want = ns.l3_off + V6_HDR + NA_LEN;
+    let want = l3_off + V6_HDR + NA_LEN;
     let have = ctx.data_end() - ctx.data();
     if have != want {
         // SAFETY: helper call on our own context; every pointer is derived afresh below.
@@ -220,7 +247,7 @@ pub fn neighbor_advert(ctx: &XdpContext, ns: &Solicit) -> Result<Verdict, Verdic
     let head = u32::from_ne_bytes([ICMP6_NEIGHBOR_ADVERT, 0, c[0], c[1]]);
 
     let h: *mut [u8; V6_HDR + NA_LEN] =
-        ptr_at(ctx, ns.l3_off).ok_or(Verdict::drop(Reason::DropNoHeadroom))?;
+        ptr_at(ctx, l3_off).ok_or(Verdict::drop(Reason::DropNoHeadroom))?;
     let p = h.cast::<u8>();
     // SAFETY: `ptr_at` checked the 72 bytes, after the tail adjustment.
     unsafe {
@@ -235,13 +262,4 @@ pub fn neighbor_advert(ctx: &XdpContext, ns: &Solicit) -> Result<Verdict, Verdic
         words::store32::<{ V6_HDR as i16 + 28 }>(p, opt1);
     }
     Ok(Verdict::tx(Reason::TxNeighborAdvert))
-}
-
-#[inline(always)]
-pub fn arp(ctx: &XdpContext, l3_off: usize) -> Verdict {
-    match arp_reply(ctx, l3_off) { Ok(v) | Err(v) => v }
-}
-#[inline(always)]
-pub fn neighbor(ctx: &XdpContext, ns: &Solicit) -> Verdict {
-    match neighbor_advert(ctx, ns) { Ok(v) | Err(v) => v }
 }

@@ -34,9 +34,17 @@ use crate::{
     parse::Packet,
 };
 
-/// Internal verdict: the packet (already encapsulated for a backend on this node) goes on
-/// to the decap program. Never returned to the kernel.
+/// Internal verdicts, never returned to the kernel; all above every XDP action, so one
+/// compare on the way out finds them. The packet (already encapsulated for a backend on
+/// this node) goes on to the decap program:
 const ACTION_DECAP: u32 = u32::MAX;
+/// An ARP packet, or an ICMPv6 Neighbor Solicitation: `announce` answers it if it asks
+/// for a VIP this node owns. Recognised by the parser and handled apart from the parse, so
+/// nothing of the responder is live in the code of the other packets.
+const ACTION_ARP: u32 = u32::MAX - 1;
+const ACTION_SOLICIT: u32 = u32::MAX - 2;
+/// The lowest internal verdict.
+const ACTION_INTERNAL: u32 = ACTION_SOLICIT;
 
 /// What to do with a packet, and the counter that explains it.
 pub(crate) struct Verdict {
@@ -63,6 +71,20 @@ impl Verdict {
             reason,
         }
     }
+    /// An ARP packet for `announce`; counted as not IP unless answered.
+    pub const fn arp() -> Self {
+        Verdict {
+            action: ACTION_ARP,
+            reason: Reason::PassNotIp,
+        }
+    }
+    /// A Neighbor Solicitation for `announce`; counted as not for a VIP unless answered.
+    pub const fn solicit() -> Self {
+        Verdict {
+            action: ACTION_SOLICIT,
+            reason: Reason::PassNotVip,
+        }
+    }
 }
 
 /// Does this node decapsulate tunnel packets for its own endpoints?
@@ -82,16 +104,23 @@ fn decap_enabled() -> bool {
 #[inline(always)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let verdict = match try_lb(&ctx) {
+    let mut verdict = match try_lb(&ctx) {
         Ok(v) | Err(v) => v,
     };
-    if verdict.action == ACTION_DECAP {
-        // A local backend: decap and translate here; the stack delivers it.
-        stats::count_reason(verdict.reason, len);
-        // SAFETY: tail call with our own context; it returns only if the slot is empty.
-        unsafe { LB_PROGS.tail_call(&ctx, PROGS_DECAP) };
-        stats::count_reason(Reason::DropNoDecap, len);
-        return XDP_DROP;
+    if verdict.action >= ACTION_INTERNAL {
+        if verdict.action == ACTION_DECAP {
+            // A local backend: decap and translate here; the stack delivers it.
+            stats::count_reason(verdict.reason, len);
+            // SAFETY: tail call with our own context; it returns only if the slot is empty.
+            unsafe { LB_PROGS.tail_call(&ctx, PROGS_DECAP) };
+            stats::count_reason(Reason::DropNoDecap, len);
+            return XDP_DROP;
+        }
+        verdict = if verdict.action == ACTION_ARP {
+            announce::arp(&ctx)
+        } else {
+            announce::neighbor(&ctx)
+        };
     }
     if verdict.reason as u32 == Reason::PassNotVip as u32 && decap_enabled() {
         // Possibly a tunnel packet for an endpoint here; the decap program counts it.

@@ -9,7 +9,7 @@ use aya_ebpf::programs::XdpContext;
 use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, Reason, hash::fold_v6_words};
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
-use super::{AddrWords, Echo, L2, Packet, Parsed, Solicit, ptr_at};
+use super::{AddrWords, Echo, L2, Packet, Parsed, ptr_at};
 use crate::{Verdict, words};
 
 const ICMP_ECHO_REQUEST: u8 = 8;
@@ -149,14 +149,8 @@ pub fn parse_v6(ctx: &XdpContext, outer: Outer) -> Result<Parsed, Verdict> {
         }));
     }
     if kind == ICMP6_NEIGHBOR_SOLICIT {
-        return Err(crate::announce::neighbor(
-            ctx,
-            &Solicit {
-                l3_off: outer.l3_off,
-                icmp_off: outer.l4_off,
-                l3_len: outer.l3_len,
-            },
-        ));
+        // Answered (or passed) by `announce`, which reads what it needs itself.
+        return Err(Verdict::solicit());
     }
     if kind != ICMP6_DEST_UNREACH && kind != ICMP6_PACKET_TOO_BIG && kind != ICMP6_TIME_EXCEEDED {
         return Err(Verdict::pass(Reason::PassNotVip));

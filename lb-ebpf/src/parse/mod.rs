@@ -129,16 +129,6 @@ pub struct Echo {
     pub icmp_off: usize,
 }
 
-/// An ICMPv6 Neighbor Solicitation, to be answered if its target is a VIP this node owns
-/// (`announce::neighbor_advert` checks the rest).
-pub struct Solicit {
-    pub l3_off: usize,
-    /// Offset of the ICMPv6 header.
-    pub icmp_off: usize,
-    /// Length of the whole IPv6 packet (host order).
-    pub l3_len: u16,
-}
-
 /// What the load balancer may act on. The common cases have variants of their own, so the
 /// caller handles each in a copy of the code of its own: merged into one, every `Packet`
 /// field costs moves between stack slots where the paths join.
@@ -153,8 +143,9 @@ pub enum Parsed {
     Echo(Echo),
 }
 
-/// Parse Ethernet, IPv4 or IPv6, then TCP, UDP or ICMP; or recognise ARP. Anything else is
-/// not ours: `Err` with a pass verdict, and the packet untouched.
+/// Parse Ethernet, IPv4 or IPv6, then TCP, UDP or ICMP. Anything else is not ours: `Err`
+/// with a pass verdict, and the packet untouched; ARP and Neighbor Solicitations with the
+/// internal verdicts that send them to `announce`.
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Result<Parsed, Verdict> {
     let l2 = parse_l2(ctx).ok_or(Verdict::pass(Reason::PassMalformed))?;
@@ -163,7 +154,7 @@ pub fn parse(ctx: &XdpContext) -> Result<Parsed, Verdict> {
     } else if l2.ether_type == EtherType::Ipv6 as u16 {
         ipv6::parse(ctx, l2)
     } else if l2.ether_type == EtherType::Arp as u16 {
-        Err(crate::announce::arp(ctx, l2.l3_off))
+        Err(Verdict::arp())
     } else {
         Err(Verdict::pass(Reason::PassNotIp))
     }

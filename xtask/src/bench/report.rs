@@ -562,7 +562,8 @@ the event. *Route / neighbour moved*: BGP, until the router's kernel route to th
 node's next hop (or, graceful stop, the lab's withdrawal time after SIGTERM); L2, until the
 client's neighbour entry for the VIP names another node. *First new connection* (L2): a new
 connection is started every 50 ms (500 ms each) after the kill, until one is answered. *All
-connections answering*: until every connection answered a request sent after the event;
+connections answering*: until every connection answered a request sent after the event and
+its last stall (a request slower than 100 ms) ended;
 *slowest request*: the longest any request took after it. *Broken*: a connection that got an
 error, no reply within 15 s, or a reply from another backend. The BGP baseline is the same
 node death behind a link taken down first: no FIN from the killed BIRD reaches the router,
