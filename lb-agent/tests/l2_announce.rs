@@ -383,6 +383,9 @@ fn neighbor_solicitations_for_owned_vips_are_answered() {
     short[18..20].copy_from_slice(&16u16.to_be_bytes());
     let mut cut = short.clone();
     cut.truncate(14 + 40 + 16);
+    // The payload length claims more than the frame holds.
+    let mut overlong = ns(CLIENT6, group, VIP6, &slla).build();
+    overlong[18..20].copy_from_slice(&64u16.to_be_bytes());
 
     let cases = vec![
         Case {
@@ -504,6 +507,13 @@ fn neighbor_solicitations_for_owned_vips_are_answered() {
         Case {
             name: "NS cut off before the target by its payload length",
             input: short,
+            action: XDP_PASS,
+            output: None,
+            reason: Reason::PassNotVip,
+        },
+        Case {
+            name: "NS whose payload length runs past the frame",
+            input: overlong,
             action: XDP_PASS,
             output: None,
             reason: Reason::PassNotVip,

@@ -4,9 +4,11 @@
 //! interface (`XDP_TX`). Anything else passes untouched, counted as before (`PassNotIp` for
 //! ARP, `PassNotVip` for ICMPv6).
 //!
-//! The parser only recognises the two (by ethertype, and by ICMPv6 type where it reads that
-//! anyway) and hands them over with an internal verdict; what is checked here is read here,
-//! so none of it is live in the code of the packets the load balancer forwards.
+//! The parser only recognises the two (by ethertype on its non-IP branch, and by ICMPv6 type
+//! where it reads that anyway) and hands them over with an internal verdict; everything
+//! checked here is read here. The two entry points are out of line (a BPF-to-BPF call, as
+//! `memset` already is in `lb_xdp`): inlined, they shared `lb_xdp`'s registers with the
+//! forwarding paths, and the verdict of every packet moved to the stack.
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
 use lb_common::{

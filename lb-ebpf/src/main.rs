@@ -34,13 +34,13 @@ use crate::{
     parse::Packet,
 };
 
-/// Internal verdicts, never returned to the kernel; all above every XDP action, so one
-/// compare on the way out finds them. The packet (already encapsulated for a backend on
-/// this node) goes on to the decap program:
+// Internal verdicts, never returned to the kernel. They lie above every XDP action, so the
+// one compare on the way out that looks for them costs the other packets nothing more.
+/// The packet (already encapsulated for a backend on this node) goes on to the decap program.
 const ACTION_DECAP: u32 = u32::MAX;
-/// An ARP packet, or an ICMPv6 Neighbor Solicitation: `announce` answers it if it asks
-/// for a VIP this node owns. Recognised by the parser and handled apart from the parse, so
-/// nothing of the responder is live in the code of the other packets.
+/// An ARP packet, or an ICMPv6 Neighbor Solicitation: `announce` answers it if it asks for
+/// a VIP this node owns. The parser only recognises them; the responder runs after the
+/// parse, out of line, so none of it shares registers with the forwarding paths.
 const ACTION_ARP: u32 = u32::MAX - 1;
 const ACTION_SOLICIT: u32 = u32::MAX - 2;
 /// The lowest internal verdict.
