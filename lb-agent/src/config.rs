@@ -315,6 +315,8 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
         announce: BTreeMap::new(),
         l2_owned: Default::default(),
         announce_nodes: Default::default(),
+        announce_routes: Default::default(),
+        vip_services: Default::default(),
     };
     let mut names = BTreeSet::new();
     for svc in &raw.services {

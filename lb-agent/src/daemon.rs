@@ -10,7 +10,10 @@ use lb_common::NodeConfig;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
-    announce::run::{AnnounceError, Announcing, Wake},
+    announce::{
+        events::{AnnounceEvents, Transition},
+        run::{AnnounceError, Announcing, Wake},
+    },
     cli::{DecapArgs, RunArgs},
     config::{self, ConfigError},
     dataplane::{Dataplane, DataplaneError},
@@ -153,6 +156,7 @@ enum Source {
     File(PathBuf),
     /// The Kubernetes API, applied as it changes; with the IPAM controller unless disabled.
     Cluster {
+        client: kube::Client,
         watch: Box<ClusterWatch>,
         ipam: Option<IpamController>,
     },
@@ -201,6 +205,7 @@ impl Source {
             config_map: args.cluster.config_map.clone(),
         };
         Ok(Source::Cluster {
+            client: client.clone(),
             watch: Box::new(ClusterWatch::start(client, opts)),
             ipam,
         })
@@ -211,6 +216,7 @@ impl Source {
         if let Source::Cluster {
             watch,
             ipam: Some(ipam),
+            ..
         } = self
         {
             drop(watch);
@@ -357,7 +363,18 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         desired.node.encap_source.or(iface.ipv4),
     )
     .await?;
-    announcing.committed(&desired).await;
+    // Kubernetes mode: Events on the Services say which node announces their VIPs.
+    let events = match &source {
+        Source::Cluster { client, .. } => Some(AnnounceEvents::start(client.clone(), &node)),
+        Source::File(_) => None,
+    };
+    let report = |desired: &DesiredState, t: Vec<Transition>, how: &str| {
+        if let Some(e) = &events {
+            e.publish(desired, &t, how);
+        }
+    };
+    let t = announcing.committed(&desired).await;
+    report(&desired, t, announcing.how());
 
     let mut resync = tokio::time::interval(Duration::from_secs(args.resync_interval.max(1)));
     resync.tick().await;
@@ -397,13 +414,15 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                         tracing::info!(writes, "cluster change applied");
                         desired = new;
                         announce(&desired);
-                        announcing.committed(&desired).await;
+                        let t = announcing.committed(&desired).await;
+                        report(&desired, t, announcing.how());
                     }
                     Ok(writes) => {
                         tracing::info!(writes, "config reloaded");
                         desired = new;
                         announce(&desired);
-                        announcing.committed(&desired).await;
+                        let t = announcing.committed(&desired).await;
+                        report(&desired, t, announcing.how());
                     }
                     // The cluster is the truth: keep the new state so the periodic resync
                     // retries it (the maps hold a consistent older state meanwhile).
@@ -416,10 +435,14 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
             }
             _ = resync.tick() => {
                 match syncer.sync(&desired).await {
-                    Ok(0) => announcing.committed(&desired).await,
+                    Ok(0) => {
+                        let t = announcing.committed(&desired).await;
+                        report(&desired, t, announcing.how());
+                    }
                     Ok(writes) => {
                         tracing::info!(writes, "periodic resync applied changes");
-                        announcing.committed(&desired).await;
+                        let t = announcing.committed(&desired).await;
+                        report(&desired, t, announcing.how());
                     }
                     Err(e) => tracing::warn!(error = %e, "periodic resync failed"),
                 }
@@ -432,12 +455,16 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                             if writes > 0 {
                                 tracing::info!(writes, "ownership change applied");
                             }
-                            announcing.committed(&desired).await;
+                            let t = announcing.committed(&desired).await;
+                            report(&desired, t, announcing.how());
                         }
                         Err(e) => tracing::warn!(error = %e, "applying an ownership change failed; the periodic resync retries it"),
                     }
                 }
-                Wake::Retry => announcing.retry().await,
+                Wake::Retry => {
+                    let t = announcing.retry().await;
+                    report(&desired, t, announcing.how());
+                }
             },
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -1,5 +1,6 @@
 //! The only module that holds BPF map handles: reads the maps into a `MapSnapshot`, applies
-//! `MapOp`s, and reads counters.
+//! `MapOp`s, and reads counters; and [`AnswerLease`], the handle of the one map the sync
+//! does not write.
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -530,5 +531,56 @@ impl Dataplane {
             out.reasons.push((reason, sum(&v)));
         }
         Ok(out)
+    }
+}
+
+/// `LB_L2_LEASE`: the `bpf_jiffies64()` until which `lb_xdp` answers ARP requests and
+/// Neighbor Solicitations for the VIPs this node owns (0: it answers for none). A handle of
+/// its own, apart from [`Dataplane`]: the L2 announcement renews the lease from a task of its
+/// own, at its own pace, and no plan ever writes it.
+pub struct AnswerLease {
+    map: Array<MapData, u64>,
+    /// Created with `BPF_F_MMAPABLE` (always, by this build): written with one 8-byte store.
+    mmapable: bool,
+}
+
+impl AnswerLease {
+    /// Take the map out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
+        let name = maps::L2_LEASE;
+        let map = ebpf
+            .take_map(name)
+            .ok_or(DataplaneError::Missing { map: name })?;
+        let map: Array<MapData, u64> = Array::try_from(map).map_err(map_err(name))?;
+        let info = map.map().info().map_err(map_err(name))?;
+        Ok(AnswerLease {
+            mmapable: info.map_flags() as usize & maps::MMAPABLE_FLAG != 0,
+            map,
+        })
+    }
+
+    /// The deadline as the data plane sees it.
+    pub fn until(&self) -> Result<u64, DataplaneError> {
+        self.map.get(&0, 0).map_err(map_err(maps::L2_LEASE))
+    }
+
+    /// Answer until `until` (`bpf_jiffies64()`); 0 stops answering at once. Through the
+    /// map's memory when it is mmapable: an update by `bpf(2)` copies the value with the
+    /// kernel's `memcpy`, which does not promise to store 8 bytes at once, and a responder
+    /// reading a deadline half old, half new could answer far too long.
+    pub fn set(&mut self, until: u64) -> Result<(), DataplaneError> {
+        let name = maps::L2_LEASE;
+        if !self.mmapable {
+            return self.map.set(0, until, 0).map_err(map_err(name));
+        }
+        let mmap_err = |source| DataplaneError::Mmap {
+            map: name,
+            offset: 0,
+            entries: 1,
+            source,
+        };
+        ArrayWriter::<u64>::new(self.map.map(), 1)
+            .and_then(|mut w| w.write(0, &[until]))
+            .map_err(mmap_err)
     }
 }

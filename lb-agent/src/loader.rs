@@ -121,7 +121,7 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), LoadError> {
 
 /// The key and value size of every pinned map (from the shared types), and its number of
 /// entries where that is fixed by the build (`None`: set when the map is created).
-fn layouts() -> [(&'static str, usize, usize, Option<u32>); 18] {
+fn layouts() -> [(&'static str, usize, usize, Option<u32>); 19] {
     use std::mem::size_of;
 
     use lb_common::{
@@ -204,6 +204,7 @@ fn layouts() -> [(&'static str, usize, usize, Option<u32>); 18] {
             size_of::<ServiceRecord>(),
             Some(2 * maps::MAX_SERVICES),
         ),
+        (maps::L2_LEASE, u32s, size_of::<u64>(), Some(1)),
     ]
 }
 

@@ -183,4 +183,17 @@ pub struct DesiredState {
     /// VIPs only some nodes may announce, and which (`externalTrafficPolicy: Local`: the
     /// nodes with a ready endpoint). A VIP not here may be announced by any node.
     pub announce_nodes: BTreeMap<IpAddr, BTreeSet<String>>,
+    /// BGP attributes of VIPs whose pool sets its own (`spec.announce.bgp`); the others get
+    /// the node's.
+    pub announce_routes: BTreeMap<IpAddr, crate::announce::bgp::RouteAttrs>,
+    /// Kubernetes mode: the Services behind each VIP, for Events about its announcement.
+    pub vip_services: BTreeMap<IpAddr, BTreeSet<ServiceRef>>,
+}
+
+/// A Service object (Kubernetes mode), as an Event refers to it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    pub uid: Option<String>,
 }

@@ -13,8 +13,8 @@ use k8s_openapi::{
 use lb_agent::{
     ipam::{
         DEFAULT_LEASE_NAME, IpAddressPool, IpAddressPoolSpec, POOL_API_VERSION, POOL_KIND,
-        ServiceAllocationSpec, controller::pool_resource, reconcile::CONDITION_VALID,
-        validate_pools,
+        PoolAnnounceSpec, PoolBgpSpec, ServiceAllocationSpec, controller::pool_resource,
+        reconcile::CONDITION_VALID, validate_pools,
     },
     k8s::{CONFIG_KEY, K8sConfig},
 };
@@ -459,6 +459,21 @@ fn the_pool_crd_matches_what_the_agent_reads_and_writes() {
                     operator: "In".into(),
                     values: Some(vec!["edge".into()]),
                 }]),
+            }),
+        }),
+        announce: Some(PoolAnnounceSpec {
+            node_selector: Some(LabelSelector {
+                match_labels: Some([("edge".to_string(), "true".to_string())].into()),
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "zone".into(),
+                    operator: "NotIn".into(),
+                    values: Some(vec!["b".into()]),
+                }]),
+            }),
+            bgp: Some(PoolBgpSpec {
+                communities: vec!["64512:100".into()],
+                large_communities: vec!["64512:1:2".into()],
+                local_pref: Some(200),
             }),
         }),
     };

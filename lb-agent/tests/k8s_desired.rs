@@ -665,3 +665,58 @@ fn check_addresses(v: &serde_json::Value, scenario: &str) {
         _ => {}
     }
 }
+
+#[test]
+fn a_pools_announce_settings_limit_the_nodes_and_set_the_bgp_attributes() {
+    use lb_agent::ipam::{IpAddressPoolSpec, PoolAnnounceSpec, PoolBgpSpec, validate_pools};
+    let mut nodes: Vec<Node> = read_list("nodes.json");
+    nodes[1]
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("edge".into(), "true".into());
+    let spec = IpAddressPoolSpec {
+        addresses: vec!["198.18.0.31/32".into()],
+        announce: Some(PoolAnnounceSpec {
+            node_selector: Some(
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                    match_labels: Some([("edge".to_string(), "true".to_string())].into()),
+                    ..Default::default()
+                },
+            ),
+            bgp: Some(PoolBgpSpec {
+                communities: vec!["64512:7".into()],
+                large_communities: vec![],
+                local_pref: Some(300),
+            }),
+        }),
+        ..Default::default()
+    };
+    let (pools, errors) = validate_pools([("edge", &spec)]);
+    assert!(errors.is_empty(), "{errors:?}");
+    let s = snapshot("etp-local");
+    let cfg = K8sConfig::default();
+    let (state, _) = lb_agent::k8s::desired_state_with_pools(
+        &s.services,
+        &s.slices,
+        &nodes,
+        &pools,
+        &cfg,
+        "node-a",
+    );
+    let vip = |s: &str| s.parse::<IpAddr>().unwrap();
+    // The Cluster VIP of the pool: only the selected node; its own attributes.
+    assert_eq!(
+        state.announce_nodes.get(&vip("198.18.0.31")),
+        Some(&["node-b".to_string()].into())
+    );
+    let route = &state.announce_routes[&vip("198.18.0.31")];
+    assert_eq!(route.communities, [(64512, 7)]);
+    assert_eq!(route.local_pref, Some(300));
+    // The Local VIP is in no pool: unchanged.
+    assert_eq!(
+        state.announce_nodes.get(&vip("198.18.0.30")),
+        Some(&["node-a".to_string(), "node-b".to_string()].into())
+    );
+    assert!(!state.announce_routes.contains_key(&vip("198.18.0.30")));
+}

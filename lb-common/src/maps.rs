@@ -57,13 +57,20 @@ pub const SVC_SLOT_COUNT: u32 = 1 << SVC_SLOT_BITS;
 pub const SVC_SLOT_BITS: u32 = 16;
 /// Array of `ServiceRecord`, two per service id (`record_index`).
 pub const SVC_RECORDS: &str = "LB_SVC_RECORDS";
+/// Index 0 → `u64`, the answer lease: `lb_xdp` answers ARP requests and Neighbor
+/// Solicitations for the VIPs this node owns (`VIP_F_ANSWER`) only while `bpf_jiffies64()`
+/// is below it; 0 (as created): for none. The L2 announcement renews it with every heartbeat
+/// to `dead_after` ahead, so a node whose agent died stops answering when the other nodes
+/// take its VIPs over, though its program stays attached. Mmapable: the agent writes it
+/// with one 8-byte store, which a reader never sees half done.
+pub const L2_LEASE: &str = "LB_L2_LEASE";
 /// Maps earlier versions pinned and this one no longer has: the loader removes their pins.
 pub const RETIRED: [&str; 1] = ["LB_VIP_BITS"];
 /// Allow-list entries over all services.
 pub const MAX_SRC_RANGES: u32 = 65_536;
 
 /// Every map the load balancer pins, in the order `lb-agent status` reads them.
-pub const ALL: [&str; 18] = [
+pub const ALL: [&str; 19] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -82,6 +89,7 @@ pub const ALL: [&str; 18] = [
     PROGS,
     SVC_SLOTS,
     SVC_RECORDS,
+    L2_LEASE,
 ];
 
 /// Distinct (VIP, port, protocol) entries; also the size of the per-service counter array.

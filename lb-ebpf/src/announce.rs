@@ -9,8 +9,16 @@
 //! checked here is read here. The two entry points are out of line (a BPF-to-BPF call, as
 //! `memset` already is in `lb_xdp`): inlined, they shared `lb_xdp`'s registers with the
 //! forwarding paths, and the verdict of every packet moved to the stack.
+//!
+//! A node answers only while its agent's lease holds (`LB_L2_LEASE`, renewed with every
+//! heartbeat): after the agent dies, the program stays attached and keeps forwarding, but
+//! stops answering when the other nodes, missing its heartbeats, take its VIPs over. Only
+//! the responder reads the lease, after the VIP lookup, so no other packet pays for it.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use aya_ebpf::{
+    helpers::{bpf_jiffies64, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
 use lb_common::{
     CONFIG_F_VALID, FAMILY_V4, FAMILY_V6, NodeConfig, PROTO_ICMPV6, Reason, VIP_F_ANSWER,
 };
@@ -19,7 +27,7 @@ use network_types::eth::EthHdr;
 use crate::{
     Verdict, csum,
     encap::mac_words,
-    maps::LB_CONFIG,
+    maps::{LB_CONFIG, LB_L2_LEASE},
     parse::{AddrWords, parse_l2, ptr_at},
     select,
     words::{self, MacWords},
@@ -54,15 +62,24 @@ const NA_IP_W1: u32 = u32::from_ne_bytes([0, NA_LEN as u8, PROTO_ICMPV6, ND_HOP_
 /// The pseudo-header's upper-layer length (32) and next header (58), summed as their words.
 const NA_PSEUDO: u32 = u32::from_ne_bytes([0, 0, 0, NA_LEN as u8 + PROTO_ICMPV6]);
 
-/// The node configuration, if `addr` is a VIP this node owns and the agent wrote the
-/// configuration (its MAC is what the reply announces).
+/// The node configuration, if `addr` is a VIP this node owns, the agent's answer lease
+/// holds, and the agent wrote the configuration (its MAC is what the reply announces).
 #[inline(always)]
 fn owner_config(addr: AddrWords, family: u8) -> Option<&'static NodeConfig> {
     let vip = select::vip(addr, family)?;
-    if vip.flags & VIP_F_ANSWER == 0 {
+    if vip.flags & VIP_F_ANSWER == 0 || !leased() {
         return None;
     }
     LB_CONFIG.get(0).filter(|c| c.flags & CONFIG_F_VALID != 0)
+}
+
+/// Whether the answer lease holds: the kernel's jiffies are below the deadline the agent
+/// last wrote (0, no lease, is below every value).
+#[inline(always)]
+fn leased() -> bool {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_jiffies64() };
+    LB_L2_LEASE.get(0).is_some_and(|until| now < *until)
 }
 
 /// Store a MAC address (as half-words) at `OFF` bytes after `p`.

@@ -202,12 +202,24 @@ pub fn lb_decap(ctx: XdpContext) -> u32 {
     verdict.action
 }
 
-/// The kernel's jiffies (low 32 bits). Never attached: the agent runs it twice, a moment
-/// apart, to measure HZ (`NodeConfig::hz`), which containers cannot read.
+/// The kernel's jiffies: all 64 bits over the first 8 bytes of the frame (in memory order),
+/// the low 32 returned. Never attached: the agent runs it (BPF_PROG_TEST_RUN) twice, a
+/// moment apart, to measure HZ (`NodeConfig::hz`), which containers cannot read, and to
+/// read the clock its answer lease (`LB_L2_LEASE`) is kept in.
 #[xdp]
-pub fn lb_clock(_ctx: XdpContext) -> u32 {
+pub fn lb_clock(ctx: XdpContext) -> u32 {
     // SAFETY: helper without arguments.
-    unsafe { aya_ebpf::helpers::bpf_jiffies64() as u32 }
+    let now = unsafe { aya_ebpf::helpers::bpf_jiffies64() };
+    if let Some(p) = parse::ptr_at::<[u8; 8]>(&ctx, 0) {
+        let b = now.to_ne_bytes();
+        let p = p.cast::<u8>();
+        // SAFETY: `ptr_at` checked the 8 bytes.
+        unsafe {
+            words::store32::<0>(p, u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+            words::store32::<4>(p, u32::from_ne_bytes([b[4], b[5], b[6], b[7]]));
+        }
+    }
+    now as u32
 }
 
 /// Egress of a node with local endpoints: replies of translated flows get their VIP and

@@ -82,3 +82,7 @@ pub static LB_SVC_RECORDS: Array<ServiceRecord, { 2 * MAX_SERVICES as usize }> =
 
 #[btf_map]
 pub static LB_PROGS: ProgramArray<1> = ProgramArray::new();
+
+/// The answer lease (`lb_common::maps::L2_LEASE`): read by the ARP/NS responder only.
+#[btf_map]
+pub static LB_L2_LEASE: Array<u64, 1, MMAPABLE_FLAG> = Array::new();

@@ -21,3 +21,4 @@ pub use settings::{
     BgpPeer, BgpSettings, BirdPaths, DEFAULT_BIRDC, DEFAULT_CONFIG, DEFAULT_HOLD_TIME_S,
     DEFAULT_PORT, DEFAULT_SOCKET, FieldError, RawBgp, RawBird, RawPeer, RouteAttrs, settings,
 };
+pub(crate) use settings::{community, large_community};

@@ -128,8 +128,8 @@ impl L2 {
     }
 
     /// The data plane now answers for `owned`: announce the VIPs it did not answer for
-    /// before; stop the bursts of VIPs lost.
-    pub fn committed(&mut self, owned: &BTreeSet<IpAddr>) {
+    /// before; stop the bursts of VIPs lost. Returns the VIPs taken over.
+    pub fn committed(&mut self, owned: &BTreeSet<IpAddr>) -> Vec<IpAddr> {
         for lost in self.committed.difference(owned) {
             if let Some(b) = self.bursts.remove(lost) {
                 b.abort();
@@ -137,7 +137,8 @@ impl L2 {
             tracing::info!(vip = %lost, "l2: no longer answering for the VIP");
         }
         self.bursts.retain(|_, b| !b.is_finished());
-        for vip in owned.difference(&self.committed) {
+        let taken: Vec<IpAddr> = owned.difference(&self.committed).copied().collect();
+        for vip in &taken {
             let frame = match vip {
                 IpAddr::V4(a) => garp::gratuitous_arp(self.mac, *a),
                 IpAddr::V6(a) => garp::unsolicited_na(self.mac, *a),
@@ -153,6 +154,7 @@ impl L2 {
             self.bursts.insert(*vip, task.abort_handle());
         }
         self.committed = owned.clone();
+        taken
     }
 
     /// Wait until the set of live nodes changes. Cancel-safe.

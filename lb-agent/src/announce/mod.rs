@@ -10,6 +10,7 @@
 //!   operator's own.
 
 pub mod bgp;
+pub mod events;
 pub mod file;
 pub mod garp;
 pub mod l2;

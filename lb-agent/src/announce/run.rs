@@ -14,6 +14,7 @@ use std::{
 use super::{
     AnnounceMode, AnnounceSpec,
     bgp::{self, BgpSettings, Bird, RouteAttrs},
+    events::Transition,
     l2::{L2, L2Error},
     owner::Eligibility,
 };
@@ -35,21 +36,37 @@ pub struct BgpRun {
     bird: Bird,
     /// The config text last applied successfully (`None`: retry).
     applied: Option<String>,
+    /// The VIPs of the last successful apply, and of the one being applied.
+    announced: BTreeSet<IpAddr>,
+    wanted_vips: BTreeSet<IpAddr>,
     wanted: String,
     ever_applied: bool,
 }
 
 impl BgpRun {
-    async fn apply(&mut self, text: String) {
+    /// Apply `text`; returns what changed in the announced VIPs once it took effect.
+    async fn apply(&mut self, text: String) -> Vec<Transition> {
         self.wanted = text;
         if self.applied.as_deref() == Some(self.wanted.as_str()) {
-            return;
+            return Vec::new();
         }
         match self.bird.apply(&self.wanted).await {
             Ok(_) => {
                 tracing::info!(config = %self.settings.bird.config.display(), "BGP: BIRD reconfigured");
                 self.applied = Some(self.wanted.clone());
                 self.ever_applied = true;
+                let now = self.wanted_vips.clone();
+                let mut out: Vec<Transition> = now
+                    .difference(&self.announced)
+                    .map(|v| Transition::Announced(*v))
+                    .collect();
+                out.extend(
+                    self.announced
+                        .difference(&now)
+                        .map(|v| Transition::Withdrawn(*v)),
+                );
+                self.announced = now;
+                return out;
             }
             // A sidecar BIRD starts once the agent has written its file: no socket before
             // the first success is expected.
@@ -62,6 +79,7 @@ impl BgpRun {
                 self.applied = None;
             }
         }
+        Vec::new()
     }
 }
 
@@ -81,21 +99,24 @@ pub fn eligibility(desired: &DesiredState) -> Eligibility {
 }
 
 /// The host routes this node announces over BGP: the VIPs it balances with a weight above
-/// zero (`externalTrafficPolicy: Local` without a local endpoint: none), each with the
-/// node's attributes.
-pub fn bgp_routes(desired: &DesiredState, s: &BgpSettings) -> BTreeMap<IpAddr, RouteAttrs> {
+/// zero (`externalTrafficPolicy: Local` without a local endpoint: none) that this node may
+/// announce (`announce_nodes`), each with its pool's attributes or the node's.
+pub fn bgp_routes(
+    desired: &DesiredState,
+    s: &BgpSettings,
+    me: &str,
+) -> BTreeMap<IpAddr, RouteAttrs> {
     let vips: BTreeSet<IpAddr> = desired.services.keys().map(|a| a.vip).collect();
     vips.into_iter()
         .filter(|v| desired.announce.get(v).is_none_or(|w| *w > 0))
+        .filter(|v| desired.announce_nodes.get(v).is_none_or(|n| n.contains(me)))
         .map(|v| {
-            (
-                v,
-                RouteAttrs {
-                    communities: s.communities.clone(),
-                    large_communities: s.large_communities.clone(),
-                    local_pref: s.local_pref,
-                },
-            )
+            let attrs = desired
+                .announce_routes
+                .get(&v)
+                .cloned()
+                .unwrap_or_else(|| s.default_route_attrs());
+            (v, attrs)
         })
         .collect()
 }
@@ -132,6 +153,8 @@ impl Announcing {
                     settings: settings.clone(),
                     router_id,
                     applied: None,
+                    announced: BTreeSet::new(),
+                    wanted_vips: BTreeSet::new(),
                     wanted: String::new(),
                     ever_applied: false,
                 })))
@@ -182,23 +205,37 @@ impl Announcing {
         };
     }
 
-    /// After a successful sync: announce what the maps now serve.
-    pub async fn committed(&mut self, desired: &DesiredState) {
+    /// After a successful sync: announce what the maps now serve. Returns what this node
+    /// started or stopped announcing, for Events.
+    pub async fn committed(&mut self, desired: &DesiredState) -> Vec<Transition> {
         match self {
-            Announcing::None => {}
-            Announcing::L2(l2) => l2.committed(&desired.l2_owned),
+            Announcing::None => Vec::new(),
+            Announcing::L2(l2) => l2
+                .committed(&desired.l2_owned)
+                .into_iter()
+                .map(Transition::Announced)
+                .collect(),
             Announcing::Bgp(b) => {
                 // A node not among the announcing ones (Kubernetes: not Ready, cordoned
                 // before a drain, excluded) withdraws everything.
                 let nodes = &desired.node.announce.nodes;
                 let routes = if nodes.is_empty() || nodes.iter().any(|p| p.name == b.me) {
-                    bgp_routes(desired, &b.settings)
+                    bgp_routes(desired, &b.settings, &b.me)
                 } else {
                     BTreeMap::new()
                 };
                 let text = bgp::render(&b.settings, b.router_id, &routes);
-                b.apply(text).await;
+                b.wanted_vips = routes.keys().copied().collect();
+                b.apply(text).await
             }
+        }
+    }
+
+    /// `L2` or `BGP`, for Events.
+    pub fn how(&self) -> &'static str {
+        match self {
+            Announcing::L2(_) => "L2",
+            _ => "BGP",
         }
     }
 
@@ -219,11 +256,12 @@ impl Announcing {
     }
 
     /// Retry a failed BGP reconfiguration.
-    pub async fn retry(&mut self) {
+    pub async fn retry(&mut self) -> Vec<Transition> {
         if let Announcing::Bgp(b) = self {
             let text = std::mem::take(&mut b.wanted);
-            b.apply(text).await;
+            return b.apply(text).await;
         }
+        Vec::new()
     }
 
     /// Clean stop: withdraw (BGP) or hand the VIPs over (L2), then keep forwarding for

@@ -95,7 +95,8 @@ pub use events::{EventType, Notice, Recorder};
 pub use lease::{DEFAULT_LEASE_NAME, Elector, LeaseAction, LeaseLock, LeaseSettings};
 pub use pool::{
     AddrRange, IpAddressPool, IpAddressPoolSpec, LabelSelector, Operator, POOL_API_VERSION,
-    POOL_KIND, Pool, PoolError, Requirement, ServiceAllocationSpec, validate_pools,
+    POOL_KIND, Pool, PoolAnnounce, PoolAnnounceSpec, PoolBgpSpec, PoolError, Requirement,
+    ServiceAllocationSpec, validate_pools,
 };
 pub use reconcile::{Plan, PoolObject, Reconciler, Snapshot};
 pub use request::{

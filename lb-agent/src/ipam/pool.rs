@@ -66,6 +66,85 @@ pub struct IpAddressPoolSpec {
     /// Which Services may take addresses from this pool; absent: every Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_allocation: Option<ServiceAllocationSpec>,
+    /// How this pool's addresses are announced (MetalLB's L2Advertisement /
+    /// BGPAdvertisement, as pool fields); absent: by every announcing node, with the
+    /// ConfigMap's BGP attributes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<PoolAnnounceSpec>,
+}
+
+/// `spec.announce`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolAnnounceSpec {
+    /// Only Nodes with these labels announce the pool's addresses (L2: may own them; BGP:
+    /// announce routes); absent: every announcing Node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<ApiLabelSelector>,
+    /// BGP attributes of the pool's routes, instead of the ConfigMap's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp: Option<PoolBgpSpec>,
+}
+
+/// `spec.announce.bgp`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolBgpSpec {
+    /// `ASN:VALUE` communities.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub communities: Vec<String>,
+    /// `GLOBAL:LOCAL1:LOCAL2` large communities.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub large_communities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_pref: Option<u32>,
+}
+
+/// `spec.announce`, validated.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolAnnounce {
+    /// The Nodes that may announce; `None`: every announcing Node.
+    pub node_selector: Option<LabelSelector>,
+    /// The pool's BGP attributes; `None`: the ConfigMap's.
+    pub route: Option<crate::announce::bgp::RouteAttrs>,
+}
+
+impl PoolAnnounce {
+    fn from_spec(spec: &PoolAnnounceSpec) -> Result<Self, String> {
+        let node_selector = match &spec.node_selector {
+            Some(sel) => Some(
+                LabelSelector::from_api(sel).map_err(|m| format!("announce.nodeSelector: {m}"))?,
+            ),
+            None => None,
+        };
+        let route = match &spec.bgp {
+            None => None,
+            Some(b) => {
+                let mut r = crate::announce::bgp::RouteAttrs {
+                    local_pref: b.local_pref,
+                    ..Default::default()
+                };
+                for (i, c) in b.communities.iter().enumerate() {
+                    let field = format!("announce.bgp.communities[{i}]");
+                    r.communities.push(
+                        crate::announce::bgp::community(&field, c).map_err(|e| e.to_string())?,
+                    );
+                }
+                for (i, c) in b.large_communities.iter().enumerate() {
+                    let field = format!("announce.bgp.largeCommunities[{i}]");
+                    r.large_communities.push(
+                        crate::announce::bgp::large_community(&field, c)
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                Some(r)
+            }
+        };
+        Ok(PoolAnnounce {
+            node_selector,
+            route,
+        })
+    }
 }
 
 /// `spec.serviceAllocation`: both conditions must hold.
@@ -289,6 +368,7 @@ pub struct Pool {
     /// Namespaces allowed to use the pool; empty: all.
     pub namespaces: BTreeSet<String>,
     pub selector: LabelSelector,
+    pub announce: PoolAnnounce,
 }
 
 impl Pool {
@@ -304,6 +384,7 @@ impl Pool {
             avoid_buggy_ips: false,
             namespaces: BTreeSet::new(),
             selector: LabelSelector::default(),
+            announce: PoolAnnounce::default(),
         }
     }
 
@@ -349,6 +430,10 @@ impl Pool {
             Some(sel) => LabelSelector::from_api(sel).map_err(err)?,
             None => LabelSelector::default(),
         };
+        let announce = match &spec.announce {
+            Some(a) => PoolAnnounce::from_spec(a).map_err(err)?,
+            None => PoolAnnounce::default(),
+        };
         Ok(Self {
             name: name.to_owned(),
             ranges,
@@ -356,6 +441,7 @@ impl Pool {
             avoid_buggy_ips: spec.avoid_buggy_ips.unwrap_or(false),
             namespaces: alloc.namespaces.into_iter().collect(),
             selector,
+            announce,
         })
     }
 
@@ -673,5 +759,60 @@ mod tests {
         assert!(!pool.allows("dns", &labels(&[])));
         let e = serde_yaml_ng::from_str::<IpAddressPoolSpec>("adresses: []").unwrap_err();
         assert!(e.to_string().contains("unknown field `adresses`"), "{e}");
+    }
+
+    #[test]
+    fn announce_settings_are_validated() {
+        let mut ok = spec(&["198.18.0.0/24"]);
+        ok.announce = Some(PoolAnnounceSpec {
+            node_selector: Some(ApiLabelSelector {
+                match_labels: Some([("edge".to_string(), "true".to_string())].into()),
+                ..Default::default()
+            }),
+            bgp: Some(PoolBgpSpec {
+                communities: vec!["64512:100".into()],
+                large_communities: vec!["64512:1:2".into()],
+                local_pref: Some(200),
+            }),
+        });
+        let pool = Pool::from_spec("edge", &ok).unwrap();
+        let sel = pool.announce.node_selector.as_ref().unwrap();
+        assert!(sel.matches(&[("edge".to_string(), "true".to_string())].into()));
+        assert!(!sel.matches(&BTreeMap::new()));
+        let route = pool.announce.route.unwrap();
+        assert_eq!(route.communities, [(64512, 100)]);
+        assert_eq!(route.large_communities, [(64512, 1, 2)]);
+        assert_eq!(route.local_pref, Some(200));
+        assert_eq!(
+            Pool::from_spec("plain", &spec(&["198.18.0.0/24"]))
+                .unwrap()
+                .announce,
+            PoolAnnounce::default()
+        );
+
+        let mut bad = ok.clone();
+        bad.announce
+            .as_mut()
+            .unwrap()
+            .bgp
+            .as_mut()
+            .unwrap()
+            .communities = vec!["64512".into()];
+        let e = Pool::from_spec("edge", &bad).unwrap_err().to_string();
+        assert!(
+            e.contains("announce.bgp.communities[0]") && e.contains("\"64512\""),
+            "{e}"
+        );
+        let mut bad = ok;
+        bad.announce.as_mut().unwrap().node_selector = Some(ApiLabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: "zone".into(),
+                operator: "Near".into(),
+                values: None,
+            }]),
+            ..Default::default()
+        });
+        let e = Pool::from_spec("edge", &bad).unwrap_err().to_string();
+        assert!(e.contains("announce.nodeSelector"), "{e}");
     }
 }

@@ -154,6 +154,24 @@ where
     E: Borrow<EndpointSlice>,
     N: Borrow<Node>,
 {
+    desired_state_with_pools(services, slices, nodes, &[], cfg, this_node)
+}
+
+/// [`desired_state`] with the valid address pools, whose `spec.announce` limits which
+/// Nodes announce their addresses and sets their BGP attributes.
+pub fn desired_state_with_pools<S, E, N>(
+    services: &[S],
+    slices: &[E],
+    nodes: &[N],
+    pools: &[crate::ipam::Pool],
+    cfg: &K8sConfig,
+    this_node: &str,
+) -> (DesiredState, Vec<Warning>)
+where
+    S: Borrow<Service>,
+    E: Borrow<EndpointSlice>,
+    N: Borrow<Node>,
+{
     let mut b = Builder {
         cfg,
         this_node,
@@ -179,6 +197,8 @@ where
             announce: BTreeMap::new(),
             l2_owned: Default::default(),
             announce_nodes: Default::default(),
+            announce_routes: Default::default(),
+            vip_services: Default::default(),
         },
         owners: BTreeMap::new(),
         warnings: Vec::new(),
@@ -194,7 +214,52 @@ where
     for svc in ours {
         b.add_service(svc);
     }
-    (b.state, b.warnings)
+    let mut state = b.state;
+    apply_pools(&mut state, nodes.iter().map(Borrow::borrow), pools);
+    (state, b.warnings)
+}
+
+/// Per VIP, its pool's announcement settings: only the Nodes its node selector admits
+/// may announce it (on top of `externalTrafficPolicy: Local`), and its BGP attributes.
+fn apply_pools<'a>(
+    state: &mut DesiredState,
+    nodes: impl Iterator<Item = &'a Node>,
+    pools: &[crate::ipam::Pool],
+) {
+    if pools.is_empty() {
+        return;
+    }
+    let labelled: Vec<(String, BTreeMap<String, String>)> = nodes
+        .filter_map(|n| {
+            Some((
+                n.metadata.name.clone()?,
+                n.metadata.labels.clone().unwrap_or_default(),
+            ))
+        })
+        .collect();
+    let vips: BTreeSet<IpAddr> = state.services.keys().map(|a| a.vip).collect();
+    for vip in vips {
+        let Some(pool) = pools.iter().find(|p| p.in_range(vip)) else {
+            continue;
+        };
+        if let Some(sel) = &pool.announce.node_selector {
+            let admitted: BTreeSet<String> = labelled
+                .iter()
+                .filter(|(_, labels)| sel.matches(labels))
+                .map(|(name, _)| name.clone())
+                .collect();
+            let entry = state.announce_nodes.entry(vip);
+            match entry {
+                Entry::Occupied(mut o) => o.get_mut().retain(|n| admitted.contains(n)),
+                Entry::Vacant(v) => {
+                    v.insert(admitted);
+                }
+            }
+        }
+        if let Some(route) = &pool.announce.route {
+            state.announce_routes.insert(vip, route.clone());
+        }
+    }
 }
 
 /// Label that takes a Node out of every external load balancer (Kubernetes' own).
@@ -377,6 +442,17 @@ impl Builder<'_> {
             return;
         }
 
+        for vip in &vips {
+            self.state
+                .vip_services
+                .entry(*vip)
+                .or_default()
+                .insert(crate::state::ServiceRef {
+                    namespace: cur.namespace.to_string(),
+                    name: cur.name.to_string(),
+                    uid: svc.metadata.uid.clone(),
+                });
+        }
         let how = Serving {
             forwarding,
             local,

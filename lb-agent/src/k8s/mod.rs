@@ -11,6 +11,7 @@ pub mod watch;
 
 pub use config::{CONFIG_KEY, DEFAULT_LOAD_BALANCER_CLASS, K8sConfig, K8sConfigError};
 pub use desired::{
-    FORWARDING_ANNOTATION, SERVICE_NAME_LABEL, Warning, WarningReason, desired_state, is_ours,
+    FORWARDING_ANNOTATION, SERVICE_NAME_LABEL, Warning, WarningReason, desired_state,
+    desired_state_with_pools, is_ours,
 };
 pub use watch::{ClusterWatch, WatchError, WatchOptions};

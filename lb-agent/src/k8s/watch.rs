@@ -26,6 +26,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
+    api::DynamicObject,
     runtime::{
         WatchStreamExt,
         reflector::{self, Store, store::Writer},
@@ -35,7 +36,9 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::{K8sConfig, K8sConfigError, SERVICE_NAME_LABEL, Warning, WarningReason, desired_state};
+use super::{
+    K8sConfig, K8sConfigError, SERVICE_NAME_LABEL, Warning, WarningReason, desired_state_with_pools,
+};
 use crate::state::DesiredState;
 
 /// Namespace of the agent's ConfigMap unless `--namespace`/`POD_NAMESPACE` says otherwise.
@@ -46,6 +49,9 @@ pub const DEFAULT_CONFIG_MAP: &str = "xdp-lb-config";
 
 /// How long after the first event of a burst the desired state is computed.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// How long the first state waits for the IPAddressPools (their CRD may be missing).
+const POOLS_WAIT: Duration = Duration::from_secs(5);
 
 /// Which objects to watch and for which node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,6 +93,8 @@ pub struct ClusterWatch {
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
     config_maps: Store<ConfigMap>,
+    /// The address pools, for their `spec.announce` (absent CRD: none).
+    pools: Store<DynamicObject>,
     /// Bumped by the watcher tasks after every relevant change to a store.
     changes: watch::Receiver<u64>,
     tasks: Vec<JoinHandle<()>>,
@@ -155,6 +163,19 @@ impl ClusterWatch {
             node_names_changed(nodes.clone()),
         ));
 
+        let resource = crate::ipam::controller::pool_resource();
+        let writer = Writer::new(resource.clone());
+        let pools = writer.as_reader();
+        tasks.push(spawn_reflector(
+            Api::<DynamicObject>::all_with(client.clone(), &resource),
+            watcher::Config::default(),
+            "ipaddresspools",
+            writer,
+            strip_managed_fields,
+            tx.clone(),
+            any_change,
+        ));
+
         let (config_maps, writer) = reflector::store();
         tasks.push(spawn_reflector(
             Api::<ConfigMap>::namespaced(client, &opts.namespace),
@@ -172,6 +193,7 @@ impl ClusterWatch {
             slices,
             nodes,
             config_maps,
+            pools,
             changes,
             tasks,
             pending: false,
@@ -201,6 +223,16 @@ impl ClusterWatch {
             ready(&self.nodes, "nodes"),
             ready(&self.config_maps, "configmaps"),
         )?;
+        // Pools only refine the announcement, and their CRD may not be installed: wait a
+        // moment for them, not forever.
+        if tokio::time::timeout(POOLS_WAIT, ready(&self.pools, "ipaddresspools"))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "no list of IPAddressPools yet (is the CRD installed?); announcing without their settings until it comes"
+            );
+        }
         self.changes.borrow_and_update();
         self.pending = false;
         if let Err(e) = self.refresh_settings() {
@@ -291,10 +323,21 @@ impl ClusterWatch {
         let services = self.services.state();
         let slices = self.slices.state();
         let nodes = self.nodes.state();
-        let (state, warnings) = desired_state(
+        let pools = self.pools.state();
+        let specs: Vec<(String, crate::ipam::IpAddressPoolSpec)> = pools
+            .iter()
+            .filter_map(|p| {
+                let spec = p.data.get("spec")?.clone();
+                Some((p.name_any(), serde_json::from_value(spec).ok()?))
+            })
+            .collect();
+        // Invalid pools are reported by the IPAM controller; here they are left out.
+        let (pools, _) = crate::ipam::validate_pools(specs.iter().map(|(n, s)| (n.as_str(), s)));
+        let (state, warnings) = desired_state_with_pools(
             &services,
             &slices,
             &nodes,
+            &pools,
             &self.config,
             &self.opts.node_name,
         );
@@ -341,7 +384,7 @@ fn spawn_reflector<K, F>(
 ) -> JoinHandle<()>
 where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
+    K::DynamicType: Eq + Hash + Clone + Send + Sync,
     F: FnMut(&watcher::Event<K>) -> bool + Send + 'static,
 {
     let stream = watcher(api, config)

@@ -365,7 +365,7 @@ fn peer_address(field: &str, s: &str) -> Result<IpAddr, FieldError> {
 }
 
 /// `ASN:VALUE`, both 0..=65535.
-fn community(field: &str, s: &str) -> Result<(u16, u16), FieldError> {
+pub(crate) fn community(field: &str, s: &str) -> Result<(u16, u16), FieldError> {
     let bad = || {
         reject(
             field,
@@ -382,7 +382,7 @@ fn community(field: &str, s: &str) -> Result<(u16, u16), FieldError> {
 }
 
 /// `GLOBAL:LOCAL1:LOCAL2`, each 0..=4294967295.
-fn large_community(field: &str, s: &str) -> Result<(u32, u32, u32), FieldError> {
+pub(crate) fn large_community(field: &str, s: &str) -> Result<(u32, u32, u32), FieldError> {
     let bad = || {
         reject(
             field,
