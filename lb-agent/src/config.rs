@@ -317,6 +317,7 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
         announce_nodes: Default::default(),
         announce_routes: Default::default(),
         vip_services: Default::default(),
+        weighted: Default::default(),
     };
     let mut names = BTreeSet::new();
     for svc in &raw.services {

@@ -186,6 +186,9 @@ pub struct DesiredState {
     /// BGP attributes of VIPs whose pool sets its own (`spec.announce.bgp`); the others get
     /// the node's.
     pub announce_routes: BTreeMap<IpAddr, crate::announce::bgp::RouteAttrs>,
+    /// VIPs whose route weight counts this node's endpoints (`externalTrafficPolicy: Local`):
+    /// BGP sends it as link bandwidth for weighted ECMP.
+    pub weighted: BTreeSet<IpAddr>,
     /// Kubernetes mode: the Services behind each VIP, for Events about its announcement.
     pub vip_services: BTreeMap<IpAddr, BTreeSet<ServiceRef>>,
 }

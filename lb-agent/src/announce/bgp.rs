@@ -19,6 +19,7 @@ pub use bird::{Applied, BIRDC_TIMEOUT, BgpError, Bird};
 pub use render::{STATIC4, STATIC6, protocol_name, render};
 pub use settings::{
     BgpPeer, BgpSettings, BirdPaths, DEFAULT_BIRDC, DEFAULT_CONFIG, DEFAULT_HOLD_TIME_S,
-    DEFAULT_PORT, DEFAULT_SOCKET, FieldError, RawBgp, RawBird, RawPeer, RouteAttrs, settings,
+    DEFAULT_PORT, DEFAULT_SOCKET, FieldError, RawBgp, RawBird, RawPeer, RouteAttrs, link_bandwidth,
+    settings,
 };
 pub(crate) use settings::{community, large_community};

@@ -15,7 +15,7 @@ use super::{
     AnnounceMode, AnnounceSpec,
     bgp::{self, BgpSettings, Bird, RouteAttrs},
     events::Transition,
-    l2::{L2, L2Error},
+    l2::{L2, L2Error, Lease},
     owner::Eligibility,
 };
 use crate::state::DesiredState;
@@ -111,11 +111,15 @@ pub fn bgp_routes(
         .filter(|v| desired.announce.get(v).is_none_or(|w| *w > 0))
         .filter(|v| desired.announce_nodes.get(v).is_none_or(|n| n.contains(me)))
         .map(|v| {
-            let attrs = desired
+            let mut attrs = desired
                 .announce_routes
                 .get(&v)
                 .cloned()
                 .unwrap_or_else(|| s.default_route_attrs());
+            // `externalTrafficPolicy: Local`: weighted by this node's endpoints.
+            if desired.weighted.contains(&v) {
+                attrs.weight = desired.announce.get(&v).copied().filter(|w| *w > 0);
+            }
             (v, attrs)
         })
         .collect()
@@ -123,18 +127,23 @@ pub fn bgp_routes(
 
 impl Announcing {
     /// Start the mode `spec` asks for on interface `ifindex`/`mac`; `node_v4` is the node's
-    /// IPv4 address (the default BGP router id).
+    /// IPv4 address (the default BGP router id). L2 keeps the answer `lease`; every other
+    /// mode revokes it, so the data plane answers ARP/NDP for nothing.
     pub async fn start(
         me: &str,
         spec: &AnnounceSpec,
         ifindex: u32,
         mac: [u8; 6],
         node_v4: Option<Ipv4Addr>,
+        mut lease: Lease,
     ) -> Result<Announcing, AnnounceError> {
+        if spec.mode == AnnounceMode::L2 {
+            return Ok(Announcing::L2(Box::new(
+                L2::start(me, spec, ifindex, mac, lease).await?,
+            )));
+        }
+        lease.revoke();
         match (spec.mode, &spec.bgp) {
-            (AnnounceMode::L2, _) => Ok(Announcing::L2(Box::new(
-                L2::start(me, spec, ifindex, mac).await?,
-            ))),
             (AnnounceMode::Bgp, Some(settings)) => {
                 let router_id = settings
                     .router_id
@@ -289,4 +298,79 @@ impl Announcing {
 pub enum Wake {
     Members,
     Retry,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Protocol, ServiceAddr, ServiceSpec};
+
+    fn settings() -> BgpSettings {
+        let raw: bgp::RawBgp = serde_yaml_ng::from_str(
+            "local_asn: 64512\ncommunities: [\"64512:1\"]\npeers: [{address: 198.18.2.254, asn: 64500}]\n",
+        )
+        .unwrap();
+        bgp::settings(&raw).unwrap()
+    }
+
+    fn with_vips(vips: &[&str]) -> DesiredState {
+        let mut d = DesiredState::default();
+        for v in vips {
+            let vip: IpAddr = v.parse().unwrap();
+            d.services.insert(
+                ServiceAddr {
+                    vip,
+                    port: 80,
+                    protocol: Protocol::Tcp,
+                },
+                ServiceSpec {
+                    name: v.to_string(),
+                    forwarding: lb_common::Forwarding::Ipip,
+                    table_size: None,
+                    flow_tracking: true,
+                    source_ranges: None,
+                    fragments: false,
+                    affinity_timeout_s: None,
+                    backends: BTreeMap::new(),
+                },
+            );
+            d.announce.insert(vip, 1);
+        }
+        d
+    }
+
+    #[test]
+    fn routes_follow_weights_admission_and_pool_attributes() {
+        let s = settings();
+        let ip = |v: &str| v.parse::<IpAddr>().unwrap();
+        let mut d = with_vips(&["198.18.0.1", "198.18.0.2", "198.18.0.3", "198.18.0.4"]);
+        // .2: Local without an endpoint here; .3: Local with three; .4: a pool admits only
+        // node-b, and sets its own attributes.
+        d.announce.insert(ip("198.18.0.2"), 0);
+        d.announce.insert(ip("198.18.0.3"), 3);
+        d.weighted.extend([ip("198.18.0.2"), ip("198.18.0.3")]);
+        d.announce_nodes
+            .insert(ip("198.18.0.4"), ["node-b".to_string()].into());
+        d.announce_routes.insert(
+            ip("198.18.0.4"),
+            RouteAttrs {
+                local_pref: Some(50),
+                ..RouteAttrs::default()
+            },
+        );
+        let a = bgp_routes(&d, &s, "node-a");
+        assert_eq!(
+            a.keys().copied().collect::<Vec<_>>(),
+            [ip("198.18.0.1"), ip("198.18.0.3")]
+        );
+        assert_eq!(a[&ip("198.18.0.1")].communities, [(64512, 1)]);
+        assert_eq!(a[&ip("198.18.0.1")].weight, None, "Cluster: plain ECMP");
+        assert_eq!(a[&ip("198.18.0.3")].weight, Some(3));
+        let b = bgp_routes(&d, &s, "node-b");
+        assert_eq!(b[&ip("198.18.0.4")].local_pref, Some(50));
+        assert!(
+            b[&ip("198.18.0.4")].communities.is_empty(),
+            "the pool's, not the node's"
+        );
+    }
 }

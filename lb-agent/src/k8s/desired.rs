@@ -199,6 +199,7 @@ where
             announce_nodes: Default::default(),
             announce_routes: Default::default(),
             vip_services: Default::default(),
+            weighted: Default::default(),
         },
         owners: BTreeMap::new(),
         warnings: Vec::new(),
@@ -601,6 +602,7 @@ impl Builder<'_> {
             let w = self.state.announce.entry(vip).or_insert(0);
             *w = (*w).max(weight);
             if how.local {
+                self.state.weighted.insert(vip);
                 // Only nodes with an endpoint may announce (or, in L2, own) the VIP.
                 let with_endpoints =
                     self.endpoint_nodes(cur, port_name, protocol_name, vip.is_ipv6());

@@ -80,7 +80,7 @@ fn write_config(
         writeln!(out, "\nprotocol static {name} {{")?;
         writeln!(out, "  {channel};")?;
         for (vip, attrs) in routes.iter().filter(|(vip, _)| vip.is_ipv4() == v4) {
-            write_route(out, vip, attrs)?;
+            write_route(out, s.local_asn, vip, attrs)?;
         }
         out.push_str("}\n");
     }
@@ -90,11 +90,12 @@ fn write_config(
     Ok(())
 }
 
-fn write_route(out: &mut String, vip: &IpAddr, attrs: &RouteAttrs) -> fmt::Result {
+fn write_route(out: &mut String, asn: u32, vip: &IpAddr, attrs: &RouteAttrs) -> fmt::Result {
     let len = if vip.is_ipv4() { 32 } else { 128 };
     if attrs.communities.is_empty()
         && attrs.large_communities.is_empty()
         && attrs.local_pref.is_none()
+        && attrs.weight.is_none()
     {
         return writeln!(out, "  route {vip}/{len} blackhole;");
     }
@@ -107,6 +108,13 @@ fn write_route(out: &mut String, vip: &IpAddr, attrs: &RouteAttrs) -> fmt::Resul
     }
     if let Some(pref) = attrs.local_pref {
         writeln!(out, "    bgp_local_pref = {pref};")?;
+    }
+    if let Some(w) = attrs.weight {
+        let (hi, lo) = super::settings::link_bandwidth(asn, w);
+        writeln!(
+            out,
+            "    bgp_ext_community.add((generic, {hi:#010x}, {lo:#010x})); # link bandwidth: weight {w}"
+        )?;
     }
     out.push_str("  };\n");
     Ok(())
@@ -473,6 +481,7 @@ protocol bgp lb_peer4_198_18_3_1 {
             communities: vec![(0, 0), (65535, 65535), (65535, 65281)],
             large_communities: vec![(4_294_967_295, 0, 4_294_967_295)],
             local_pref: Some(4_294_967_295),
+            weight: Some(3),
         };
         let mut r = routes(&full, &["198.18.100.1", "2001:db8:100::1"]);
         r.insert("198.18.100.2".parse().unwrap(), attrs.clone());
@@ -538,5 +547,30 @@ protocol bgp lb_peer4_198_18_3_1 {
                      rendered configuration: run `cargo xtask setup` or `apt-get install bird2`"
                 )
             })
+    }
+
+    #[test]
+    fn weights_become_link_bandwidth() {
+        // Type 0x40, subtype 0x04, AS 64512, 3 Mbit/s = 375,000 bytes/s as an f32.
+        assert_eq!(
+            crate::announce::bgp::link_bandwidth(64512, 3),
+            (0x4004_fc00, 375_000f32.to_bits())
+        );
+        // A 4-byte AS is carried as AS_TRANS.
+        assert_eq!(
+            crate::announce::bgp::link_bandwidth(4_200_000_000, 1).0,
+            0x4004_5ba0
+        );
+        let s = node();
+        let mut r = routes(&s, &["198.18.100.1"]);
+        r.values_mut().next().unwrap().weight = Some(2);
+        let text = render(&s, ROUTER_ID, &r);
+        assert!(
+            text.contains(&format!(
+                "bgp_ext_community.add((generic, 0x4004fc00, {:#010x})); # link bandwidth: weight 2",
+                250_000f32.to_bits()
+            )),
+            "{text}"
+        );
     }
 }

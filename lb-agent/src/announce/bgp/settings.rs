@@ -106,6 +106,7 @@ impl BgpSettings {
             communities: self.communities.clone(),
             large_communities: self.large_communities.clone(),
             local_pref: self.local_pref,
+            weight: None,
         }
     }
 }
@@ -120,6 +121,23 @@ pub struct RouteAttrs {
     /// LOCAL_PREF; sent to iBGP peers, and to eBGP peers too (RFC 7938 style, BIRD's
     /// `allow bgp_local_pref`; a peer that does not allow it ignores it).
     pub local_pref: Option<u32>,
+    /// Weight for weighted ECMP (`externalTrafficPolicy: Local`: this node's endpoints),
+    /// sent as the link-bandwidth extended community (draft-ietf-idr-link-bandwidth,
+    /// non-transitive), one weight unit = 1 Mbit/s, which routers with weighted ECMP
+    /// (FRR's `bgp bestpath bandwidth`, Junos, EOS) turn into next-hop weights. `None`:
+    /// plain ECMP.
+    pub weight: Option<u32>,
+}
+
+/// The link-bandwidth extended community for `weight` from AS `asn`: the two 32-bit halves
+/// BIRD's `(generic, HI, LO)` takes. Type 0x40, subtype 0x04, a 2-byte AS (AS_TRANS for a
+/// 4-byte one), then the bandwidth in bytes per second as an IEEE float.
+pub fn link_bandwidth(asn: u32, weight: u32) -> (u32, u32) {
+    const AS_TRANS: u32 = 23_456;
+    let as16 = if asn > 0xffff { AS_TRANS } else { asn };
+    // 1 Mbit/s = 125,000 bytes/s per unit of weight.
+    let bytes_per_s = weight as f32 * 125_000.0;
+    (0x4004_0000 | as16, bytes_per_s.to_bits())
 }
 
 /// The `bgp` section as written. Numbers are read wide so that an out-of-range value is
