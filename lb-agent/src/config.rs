@@ -237,6 +237,7 @@ pub(crate) fn announce_spec(
         mode,
         node_name: node_name.map(str::to_string),
         nodes,
+        from_cluster: false,
         membership: MembershipSettings {
             port: m.port.unwrap_or(defaults.port),
             interval,

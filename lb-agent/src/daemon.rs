@@ -12,11 +12,13 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use crate::{
     announce::{
         events::{AnnounceEvents, Transition},
+        l2::Lease,
         run::{AnnounceError, Announcing, Wake},
     },
     cli::{DecapArgs, RunArgs},
+    clock::KernelClock,
     config::{self, ConfigError},
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::{AnswerLease, Dataplane, DataplaneError},
     ipam::{IpamController, IpamOptions, LeaseSettings},
     k8s::{ClusterWatch, WatchError, WatchOptions},
     loader::{self, LoadError},
@@ -300,6 +302,11 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     // Blocks this (only) thread briefly, once, before anything else runs.
     let loaded = loader::loaded(&mut ebpf)?;
     let dataplane = Dataplane::from_ebpf(&mut ebpf)?;
+    // The ARP/NDP responder's lease, with the clock it is kept in (L2 renews it).
+    let lease = Lease {
+        map: AnswerLease::from_ebpf(&mut ebpf)?,
+        clock: KernelClock::new(&mut ebpf).map_err(LoadError::from)?,
+    };
     let snapshot = dataplane.snapshot()?;
     tracing::info!(
         pin_path = %args.pin_path.display(),
@@ -361,6 +368,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         iface.index,
         iface.mac,
         desired.node.encap_source.or(iface.ipv4),
+        lease,
     )
     .await?;
     // Kubernetes mode: Events on the Services say which node announces their VIPs.

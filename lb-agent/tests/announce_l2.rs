@@ -6,6 +6,11 @@
 //! established TCP connection keeps its backend (the new owner decides by Maglev, as the
 //! old one did), also when the dead node comes back. Needs root.
 //!
+//! `l2_killed_agent_falls_silent_when_its_vips_move`: only the owner's agent is SIGKILLed,
+//! its link and attached program stay up; its answer lease runs out `dead_after` after its
+//! last heartbeat, when the others take the VIP over, so exactly one node answers at any
+//! time; its agent restarted adopts the pins and renews the lease again.
+//!
 //! `lab_resolves_vips_by_arp_and_ndp_alone` checks the lab itself, with the kernel of a node
 //! standing in for the agent.
 
@@ -17,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_common::Reason;
+use lb_common::{Reason, maps};
 use lb_testkit::{
     L2Lab, L2LabSpec, NetNs, TcpSession,
     l2lab::{neighbor_advertisement, send_frame},
@@ -188,6 +193,256 @@ fn failover(ipv6: bool) {
         fresh.iter().all(|r| r.answered()),
         "{family}: new connections after the return: {fresh:?}"
     );
+}
+
+/// How long one round of asking who answers listens, while watching a takeover.
+const WATCH_LISTEN: Duration = Duration::from_millis(60);
+/// While watching a takeover, the VIPs that do not move are asked about every this many
+/// rounds (the ones that move, every round).
+const WATCH_OTHERS_EVERY: usize = 4;
+/// How long after `dead_after` the takeover is watched.
+const WATCH_AFTER: Duration = Duration::from_secs(2);
+/// Slack on "silent `dead_after` after the kill": a tick of jiffies, and the time between
+/// reading the clock and the request leaving.
+const SILENCE_SLACK: Duration = Duration::from_millis(50);
+
+/// One round of [`watch_answers`]: when the request was about to be sent (since the kill),
+/// for which VIP, and who answered it.
+struct Round {
+    at: Duration,
+    vip: IpAddr,
+    answers: Vec<[u8; 6]>,
+}
+
+/// Asks who answers for each of `focus` in turn, and every [`WATCH_OTHERS_EVERY`] turns
+/// for each of `others` too, from `since` until `until` after it.
+fn watch_answers(
+    lab: &L2Lab,
+    focus: &[IpAddr],
+    others: &[IpAddr],
+    since: Instant,
+    until: Duration,
+) -> Vec<Round> {
+    let mut rounds = Vec::new();
+    for turn in 0.. {
+        if since.elapsed() >= until {
+            break;
+        }
+        let extra = if turn % WATCH_OTHERS_EVERY == 0 {
+            others
+        } else {
+            &[]
+        };
+        for vip in focus.iter().chain(extra) {
+            let at = since.elapsed();
+            let answers = lab.who_answers(*vip, WATCH_LISTEN).unwrap();
+            rounds.push(Round {
+                at,
+                vip: *vip,
+                answers,
+            });
+        }
+    }
+    rounds
+}
+
+/// The answer lease in node `i`'s pins, read twice `gap` apart.
+fn lease_twice(lab: &L2Lab, i: usize, gap: Duration) -> (u64, u64) {
+    let first = lab.pinned_u64(i, maps::L2_LEASE).unwrap();
+    thread::sleep(gap);
+    (first, lab.pinned_u64(i, maps::L2_LEASE).unwrap())
+}
+
+#[test]
+fn l2_killed_agent_falls_silent_when_its_vips_move() {
+    require_root().unwrap();
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let spec = spec();
+    let dead_after = Duration::from_millis(spec.membership.dead_after_ms);
+    let interval = Duration::from_millis(spec.membership.interval_ms);
+    let mut lab = L2Lab::start(spec).unwrap();
+    let services = [lab.service(false), lab.service(true)];
+    let vips = services.map(|s| s.ip());
+
+    // 1. Settled: one owner per VIP (the victim: the IPv4 VIP's), each the only one
+    // answering, and connections open on both.
+    for s in services {
+        wait_reachable(lab.client(), s);
+    }
+    let owners = vips.map(|vip| {
+        lab.wait_stable_answerer(vip, RETURN_STABLE, SETTLE_LIMIT)
+            .unwrap()
+    });
+    for (vip, owner) in vips.iter().zip(owners) {
+        wait_client_entry(&lab, *vip, owner);
+        assert_only_owner_answers(&lab, *vip, owner);
+    }
+    let victim = owners[0];
+    let name = lab.nodes()[victim].name.clone();
+    let mut sessions: Vec<_> = services
+        .iter()
+        .map(|s| open_sessions(lab.client(), *s))
+        .collect();
+    println!(
+        "owners: {} for {}, {} for {}; {CONNECTIONS} connections each",
+        lab.describe_mac(lab.nodes()[owners[0]].mac),
+        vips[0],
+        lab.describe_mac(lab.nodes()[owners[1]].mac),
+        vips[1]
+    );
+    // A running agent renews its lease with every heartbeat.
+    let (a, b) = lease_twice(&lab, victim, interval * 3);
+    assert!(b > a, "{name}'s lease renewed: {a} then {b}");
+
+    // 2. Only the agent dies: link up, program attached, pins kept.
+    let killed_at = Instant::now();
+    lab.kill_agent(victim).unwrap();
+    let last_lease = lab.pinned_u64(victim, maps::L2_LEASE).unwrap();
+    let owned_by = |dead: bool| -> Vec<IpAddr> {
+        vips.iter()
+            .zip(owners)
+            .filter(|(_, o)| (*o == victim) == dead)
+            .map(|(v, _)| *v)
+            .collect()
+    };
+    let (moving, staying) = (owned_by(true), owned_by(false));
+    let rounds = watch_answers(&lab, &moving, &staying, killed_at, dead_after + WATCH_AFTER);
+
+    // 3. Never two answers; the victim silent from `dead_after` after the kill on (its last
+    // renewal was at most then), and a new owner answering once it is.
+    let victim_mac = lab.nodes()[victim].mac;
+    for r in &rounds {
+        let who: Vec<String> = r.answers.iter().map(|m| lab.describe_mac(*m)).collect();
+        assert!(
+            r.answers.len() <= 1,
+            "{:.0?} after killing {name}'s agent, several nodes answered for {}: {who:?}",
+            r.at,
+            r.vip
+        );
+        if r.answers.contains(&victim_mac) {
+            assert!(
+                r.at < dead_after + SILENCE_SLACK,
+                "{name} still answered for {} {:.0?} after its agent died (dead_after \
+                 {dead_after:?})",
+                r.vip,
+                r.at
+            );
+        }
+    }
+    for (vip, owner) in vips.iter().zip(owners) {
+        let of_vip: Vec<&Round> = rounds.iter().filter(|r| r.vip == *vip).collect();
+        if owner != victim {
+            assert!(
+                of_vip.iter().all(|r| r.answers == [lab.nodes()[owner].mac]),
+                "{vip}'s owner {} answered throughout, alone",
+                lab.nodes()[owner].name
+            );
+            println!(
+                "{vip}: owner {} answered throughout",
+                lab.nodes()[owner].name
+            );
+            continue;
+        }
+        let last_heard = of_vip
+            .iter()
+            .rev()
+            .find(|r| r.answers.contains(&victim_mac))
+            .map(|r| r.at);
+        let silent = of_vip
+            .iter()
+            .find(|r| last_heard.is_none_or(|t| r.at > t))
+            .map(|r| r.at);
+        let taken = of_vip
+            .iter()
+            .find(|r| r.answers.iter().any(|m| *m != victim_mac))
+            .map(|r| r.at);
+        let ms =
+            |t: Option<Duration>| t.map_or("never".to_owned(), |t| format!("{} ms", t.as_millis()));
+        println!(
+            "{vip}: old owner {name} last answered {} after the kill, silent from {} on \
+             (lease ran out; dead_after {} ms); a new owner first answered {} after \
+             ({} rounds of {} ms)",
+            ms(last_heard),
+            ms(silent),
+            dead_after.as_millis(),
+            ms(taken),
+            of_vip.len(),
+            WATCH_LISTEN.as_millis()
+        );
+        assert!(
+            taken.is_some(),
+            "nobody took {vip} over within {:?} of the kill",
+            dead_after + WATCH_AFTER
+        );
+    }
+    let new_owners = vips.map(|vip| lab.wait_single_answerer(vip, SETTLE_LIMIT).unwrap());
+    for (vip, (owner, new_owner)) in vips.iter().zip(owners.iter().zip(new_owners)) {
+        if *owner == victim {
+            assert_ne!(new_owner, victim, "{vip}: {name}'s agent is dead");
+        } else {
+            assert_eq!(new_owner, *owner, "{vip} stays where it was");
+        }
+        wait_client_entry(&lab, *vip, new_owner);
+        // On the wire and by every node's counters, the victim's pins included.
+        assert_only_owner_answers(&lab, *vip, new_owner);
+    }
+    assert_eq!(
+        lab.pinned_u64(victim, maps::L2_LEASE).unwrap(),
+        last_lease,
+        "nobody renews a dead agent's lease"
+    );
+    for (s, sessions) in services.iter().zip(&mut sessions) {
+        let broken = broken_sessions(sessions);
+        println!(
+            "{s}: after the takeover {} of {CONNECTIONS} connections work, {} broken",
+            CONNECTIONS - broken.len(),
+            broken.len()
+        );
+        assert!(broken.is_empty(), "{s}: broken:\n{}", broken.join("\n"));
+    }
+
+    // 4. The agent restarts over its pins: it adopts the attached program, renews the
+    // lease again, and ownership settles with one node answering per VIP.
+    let back_at = Instant::now();
+    lab.start_agent(victim).unwrap();
+    let log = lab.agent_log(victim);
+    let restart = log.rsplit("(start ").next().unwrap_or_default();
+    assert!(
+        restart.contains("adopted=true"),
+        "the restarted agent adopts the pinned link:\n{restart}"
+    );
+    let (a, b) = lease_twice(&lab, victim, interval * 3);
+    assert!(
+        a > last_lease && b > a,
+        "{name}'s lease renewed after the restart: {last_lease}, then {a}, {b}"
+    );
+    let finals = vips.map(|vip| {
+        lab.wait_stable_answerer(vip, RETURN_STABLE, SETTLE_LIMIT)
+            .unwrap()
+    });
+    for (vip, owner) in vips.iter().zip(finals) {
+        wait_client_entry(&lab, *vip, owner);
+        assert_only_owner_answers(&lab, *vip, owner);
+        println!(
+            "{vip}: owner after {name}'s return: {} ({:.2?} after the restart)",
+            lab.describe_mac(lab.nodes()[owner].mac),
+            back_at.elapsed()
+        );
+    }
+    for (s, sessions) in services.iter().zip(&mut sessions) {
+        let broken = broken_sessions(sessions);
+        println!(
+            "{s}: after the return {} of {CONNECTIONS} connections work, {} broken",
+            CONNECTIONS - broken.len(),
+            broken.len()
+        );
+        assert!(broken.is_empty(), "{s}: broken:\n{}", broken.join("\n"));
+        let fresh = tcp_connections(lab.client(), *s, 10, TIMEOUT).unwrap();
+        assert!(
+            fresh.iter().all(|r| r.answered()),
+            "{s}: new connections: {fresh:?}"
+        );
+    }
 }
 
 /// Waits (bounded) until a new connection to `service` is answered; returns how long it

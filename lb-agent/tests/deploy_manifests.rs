@@ -520,6 +520,15 @@ fn the_example_pools_are_valid() {
     let (valid, errors) = validate_pools(pools.iter().map(|p| (p.name(), &p.spec)));
     assert_eq!(errors, vec![]);
     assert_eq!(valid.len(), 2);
+    let dns = valid.iter().find(|p| p.name == "dns").unwrap();
+    assert!(dns.announce.node_selector.is_some());
+    assert_eq!(
+        dns.announce
+            .route
+            .as_ref()
+            .map(|r| (r.communities.clone(), r.local_pref)),
+        Some((vec![(64512, 53)], Some(200)))
+    );
     let docs = render();
     let crd = find(
         &docs,

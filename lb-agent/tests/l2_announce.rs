@@ -2,16 +2,20 @@
 //! and Neighbor Solicitations for the VIPs this node owns (`DesiredState::l2_owned` →
 //! `VIP_F_ANSWER`), in place, with `XDP_TX`; everything else passes untouched, as before.
 //! The expected replies are written out by hand (the main ones as hex, checksums computed
-//! separately), never derived from the input by the code under test. Needs root.
+//! separately), never derived from the input by the code under test. A node answers only
+//! while the agent's lease (`LB_L2_LEASE`, in kernel ticks) holds; forwarding does not care.
+//! Needs root.
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
 };
 
 use aya::Ebpf;
 use lb_agent::{
-    dataplane::Dataplane,
+    clock::KernelClock,
+    dataplane::{AnswerLease, Dataplane},
     state::{BackendSpec, DesiredState, Protocol, ServiceAddr, ServiceSpec},
     sync::{self, MapSnapshot},
 };
@@ -50,6 +54,8 @@ struct Fixture {
     ebpf: Ebpf,
     dataplane: Dataplane,
     snapshot: MapSnapshot,
+    lease: AnswerLease,
+    clock: KernelClock,
 }
 
 fn service(vip: IpAddr, backend: IpAddr) -> ServiceSpec {
@@ -93,16 +99,22 @@ fn desired() -> DesiredState {
     d
 }
 
+/// The maps programmed with [`desired`], and a lease that holds for the whole test.
 fn fixture() -> Fixture {
     let mut ebpf = prog_run::load_lb();
     let dataplane = Dataplane::from_ebpf(&mut ebpf).unwrap();
     let snapshot = dataplane.snapshot().unwrap();
+    let lease = AnswerLease::from_ebpf(&mut ebpf).unwrap();
+    let clock = KernelClock::new(&mut ebpf).unwrap();
     let mut f = Fixture {
         ebpf,
         dataplane,
         snapshot,
+        lease,
+        clock,
     };
     f.program(&desired());
+    f.lease_for(Duration::from_secs(600));
     f
 }
 
@@ -114,6 +126,24 @@ impl Fixture {
         let plan = sync::plan(desired, node, &BTreeMap::new(), &self.snapshot).unwrap();
         self.dataplane.apply(&plan.ops).unwrap();
         self.snapshot = self.dataplane.snapshot().unwrap();
+    }
+
+    /// The kernel's jiffies now.
+    fn now(&self) -> u64 {
+        self.clock.now().unwrap()
+    }
+
+    /// Write the lease deadline (`bpf_jiffies64()`; 0: none), and read it back.
+    fn set_lease(&mut self, until: u64) {
+        self.lease.set(until).unwrap();
+        assert_eq!(self.lease.until().unwrap(), until);
+    }
+
+    /// A lease that holds for `d` from now; returns its deadline.
+    fn lease_for(&mut self, d: Duration) -> u64 {
+        let until = self.now() + self.clock.ticks(d);
+        self.set_lease(until);
+        until
     }
 
     fn run(&mut self, input: &[u8]) -> (u32, Vec<u8>) {
@@ -568,4 +598,113 @@ fn ownership_moves_with_the_desired_state() {
     let (action, out) = f.run(&arp_elsewhere);
     assert_eq!(action, XDP_TX, "taken over");
     assert_eq!(out, arp_reply(LB_MAC, VIP_ELSEWHERE, CLIENT_MAC, CLIENT));
+}
+
+/// The lease decides whether an owned VIP is answered: held, ARP and NS are answered; run
+/// out (by the kernel's clock), in the past or 0 (none), both pass untouched, counted as
+/// any request that is not ours. Forwarding to the VIP's service is the same byte for byte
+/// whatever the lease says.
+#[test]
+fn owned_vips_are_answered_only_while_the_lease_holds() {
+    let mut f = fixture();
+    let arp = arp_request(CLIENT_MAC, CLIENT, VIP);
+    let ns6 = ns(
+        CLIENT6,
+        solicited_node(VIP6),
+        VIP6,
+        &nd_lla_option(ND_OPT_SOURCE_LLA, CLIENT_MAC),
+    )
+    .build();
+    let udp = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv4(CLIENT, VIP)
+        .udp(40000, 53, b"query")
+        .build();
+    let udp6 = PacketBuilder::new()
+        .eth(CLIENT_MAC, LB_MAC)
+        .ipv6(CLIENT6, VIP6)
+        .udp(40000, 53, b"query")
+        .build();
+    let reply = arp_reply(LB_MAC, VIP, CLIENT_MAC, CLIENT);
+    let forwarded = f.run(&udp);
+    let forwarded6 = f.run(&udp6);
+    assert_eq!(forwarded.0, XDP_TX, "forwarded by L2 to the backend");
+    assert_eq!(forwarded6.0, XDP_TX, "forwarded by L2 to the backend");
+    let advert = f.run(&ns6);
+    assert_eq!(advert.0, XDP_TX);
+
+    let now = f.now();
+    let hz = u64::from(f.clock.hz());
+    for (name, until) in [
+        ("lease 0 (none)", 0),
+        ("lease ended a second ago", now - hz),
+        ("lease ended a tick ago", now - 1),
+        ("lease ends now", now),
+    ] {
+        f.set_lease(until);
+        assert_frame(
+            &format!("{name}: ARP request for an owned VIP passes"),
+            f.run(&arp),
+            XDP_PASS,
+            &arp,
+        );
+        assert_frame(
+            &format!("{name}: NS for an owned VIP passes"),
+            f.run(&ns6),
+            XDP_PASS,
+            &ns6,
+        );
+        assert_frame(
+            &format!("{name}: IPv4 service traffic still forwarded"),
+            f.run(&udp),
+            forwarded.0,
+            &forwarded.1,
+        );
+        assert_frame(
+            &format!("{name}: IPv6 service traffic still forwarded"),
+            f.run(&udp6),
+            forwarded6.0,
+            &forwarded6.1,
+        );
+    }
+    // The misses are counted as requests that are not ours.
+    f.set_lease(0);
+    let (arp_before, ns_before) = (f.reason(Reason::PassNotIp), f.reason(Reason::PassNotVip));
+    let (tx_before, na_before) = (
+        f.reason(Reason::TxArpReply),
+        f.reason(Reason::TxNeighborAdvert),
+    );
+    f.run(&arp);
+    f.run(&ns6);
+    assert_eq!(f.reason(Reason::PassNotIp) - arp_before, 1);
+    assert_eq!(f.reason(Reason::PassNotVip) - ns_before, 1);
+    assert_eq!(f.reason(Reason::TxArpReply), tx_before);
+    assert_eq!(f.reason(Reason::TxNeighborAdvert), na_before);
+
+    // Renewed: answered again, and a VIP owned by another node still is not.
+    let until = f.lease_for(Duration::from_secs(2));
+    assert_frame("lease renewed: ARP answered", f.run(&arp), XDP_TX, &reply);
+    assert_frame("lease renewed: NS answered", f.run(&ns6), XDP_TX, &advert.1);
+    let elsewhere = arp_request(CLIENT_MAC, CLIENT, VIP_ELSEWHERE);
+    assert_frame(
+        "lease held: VIP of another node",
+        f.run(&elsewhere),
+        XDP_PASS,
+        &elsewhere,
+    );
+
+    // The lease runs out by the kernel's clock alone: nobody writes the map.
+    let limit = Instant::now() + Duration::from_secs(10);
+    while f.now() < until {
+        assert!(Instant::now() < limit, "jiffies stand still");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_frame("lease ran out: ARP passes", f.run(&arp), XDP_PASS, &arp);
+    assert_frame("lease ran out: NS passes", f.run(&ns6), XDP_PASS, &ns6);
+    assert_frame(
+        "lease ran out: still forwarded",
+        f.run(&udp),
+        forwarded.0,
+        &forwarded.1,
+    );
 }

@@ -304,8 +304,9 @@ impl VipKey {
 pub const VIP_F_ECHO: u32 = 1;
 /// This node owns the VIP for L2 announcement: `lb_xdp` answers ARP requests (IPv4) and
 /// Neighbor Solicitations (IPv6) for it with the node's MAC (`NodeConfig::mac`) by
-/// `XDP_TX`. Set on exactly one node per VIP; every other node leaves such requests to the
-/// kernel, which does not own the VIP and stays silent.
+/// `XDP_TX`, while the agent's answer lease holds (`maps::L2_LEASE`). Set on exactly one
+/// node per VIP; every other node leaves such requests to the kernel, which does not own
+/// the VIP and stays silent.
 pub const VIP_F_ANSWER: u32 = 2;
 
 /// Per-VIP settings.

@@ -35,7 +35,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
-    process::{ExitStatus, Stdio},
+    process::{Command, ExitStatus, Stdio},
     sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
@@ -403,14 +403,26 @@ impl L2Lab {
     /// "load balancer attached". An agent that finds the pins of an earlier one (killed, say)
     /// adopts them.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        self.ensure_no_agent(i)?;
         let text = self.config_text(i)?;
         let config = self.config_path(i)?;
-        ensure!(
-            self.agents[i].is_none(),
-            "{} already runs an agent",
-            self.nodes[i].name
-        );
         fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
+        self.start_agent_with(i, |cmd| {
+            cmd.arg("--config").arg(&config);
+        })
+    }
+
+    /// Starts node `i`'s agent as `lb-agent run` with the lab's own options (`--interface`,
+    /// `--xdp-mode`, `--resync-interval 2`, `--node-name`, `--pin-path`) plus whatever
+    /// `configure` adds: where its settings come from (`--config FILE`, or `--kubernetes`
+    /// with a `KUBECONFIG`), more options, environment. Waits (bounded) until it logs "load
+    /// balancer attached"; its log is [`L2Lab::agent_log`], like every other start's.
+    pub fn start_agent_with(
+        &mut self,
+        i: usize,
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<()> {
+        self.ensure_no_agent(i)?;
         self.starts[i] += 1;
         let path = self.agent_log_path(i, self.starts[i]);
         let log =
@@ -418,8 +430,6 @@ impl L2Lab {
         let node = &self.nodes[i];
         let mut cmd = node.ns.command(&self.spec.agent_bin);
         cmd.arg("run")
-            .arg("--config")
-            .arg(&config)
             .args([
                 "--interface",
                 HOST_IFACE,
@@ -436,6 +446,7 @@ impl L2Lab {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        configure(&mut cmd);
         let mut agent = ChildGuard::spawn(&mut cmd)?;
         let deadline = Instant::now() + AGENT_ATTACH_TIMEOUT;
         loop {
@@ -458,6 +469,16 @@ impl L2Lab {
             thread::sleep(POLL);
         }
         self.agents[i] = Some(agent);
+        Ok(())
+    }
+
+    fn ensure_no_agent(&self, i: usize) -> Result<()> {
+        let node = self.node(i)?;
+        ensure!(
+            self.agents[i].is_none(),
+            "{} already runs an agent",
+            node.name
+        );
         Ok(())
     }
 
@@ -607,6 +628,29 @@ impl L2Lab {
             String::from_utf8_lossy(&out.stderr)
         );
         serde_json::from_slice(&out.stdout).context("parsing lb-agent status --json")
+    }
+
+    /// Entry 0 of the array map `map` pinned under node `i`'s pins, as a native-endian
+    /// `u64` (`bpftool map lookup`): the answer lease, say, which outlives a killed agent.
+    pub fn pinned_u64(&self, i: usize, map: &str) -> Result<u64> {
+        self.node(i)?;
+        let path = self.pin_dirs[i].0.join(map);
+        let out = std::process::Command::new("bpftool")
+            .args(["-j", "map", "lookup", "pinned"])
+            .arg(&path)
+            .args(["key", "0", "0", "0", "0"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running bpftool (cargo xtask setup installs it)")?;
+        ensure!(
+            out.status.success(),
+            "bpftool map lookup {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("parsing bpftool map lookup")?;
+        parse_u64_value(&json).with_context(|| format!("{}: entry 0 is {json}", path.display()))
     }
 
     /// Every log of node `i`'s agents so far, oldest first, each under a header.
@@ -767,6 +811,24 @@ fn parse_neighbour(json: &str, addr: IpAddr) -> Result<Option<Neighbour>> {
         .filter_map(|s| s.as_str().map(str::to_owned))
         .collect();
     Ok(Some(Neighbour { mac, state }))
+}
+
+/// The `u64` value of a `bpftool -j map lookup` entry: raw bytes (`"value": ["0x2a", ...]`,
+/// in memory order) or, for a map with BTF, the formatted number.
+fn parse_u64_value(entry: &serde_json::Value) -> Result<u64> {
+    let value = entry.get("formatted").unwrap_or(entry)["value"].clone();
+    if let Some(n) = value.as_u64() {
+        return Ok(n);
+    }
+    let bytes = value.as_array().context("no value")?;
+    ensure!(bytes.len() == 8, "{} bytes, not 8", bytes.len());
+    let mut raw = [0u8; 8];
+    for (b, v) in raw.iter_mut().zip(bytes) {
+        let text = v.as_str().context("a byte that is no string")?;
+        *b = u8::from_str_radix(text.trim_start_matches("0x"), 16)
+            .with_context(|| format!("byte {text:?}"))?;
+    }
+    Ok(u64::from_ne_bytes(raw))
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -1107,5 +1169,24 @@ mod tests {
         assert_eq!(parse_neighbour("[]", vip).unwrap(), None);
         assert_eq!(parse_neighbour("", vip).unwrap(), None);
         assert!(parse_mac("02:00:00:00:00").is_err());
+    }
+
+    #[test]
+    fn parses_map_values() {
+        let raw: serde_json::Value = serde_json::from_str(
+            r#"{"key":["0x00","0x00","0x00","0x00"],"value":["0x2a","0x01","0x00","0x00","0x00","0x00","0x00","0x00"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            parse_u64_value(&raw).unwrap(),
+            u64::from_ne_bytes([0x2a, 1, 0, 0, 0, 0, 0, 0])
+        );
+        let btf: serde_json::Value = serde_json::from_str(
+            r#"{"key":["0x00"],"value":["0x00"],"formatted":{"key":0,"value":4294967596}}"#,
+        )
+        .unwrap();
+        assert_eq!(parse_u64_value(&btf).unwrap(), 4_294_967_596);
+        let short: serde_json::Value = serde_json::from_str(r#"{"value":["0x01"]}"#).unwrap();
+        assert!(parse_u64_value(&short).is_err());
     }
 }

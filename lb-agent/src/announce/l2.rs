@@ -8,6 +8,14 @@
 //! [`L2::committed`] once the data plane has them; a VIP newly owned is then announced with
 //! gratuitous ARP / unsolicited NA, several times, spaced, so switches and clients move at
 //! once. A burst stops when the VIP is lost again.
+//!
+//! The data plane answers only while this agent's lease holds (`LB_L2_LEASE`, a deadline in
+//! kernel ticks): a task renews it with every heartbeat to `dead_after` ahead, the time after
+//! which the other nodes count this one dead. An agent that dies (SIGKILL, its program left
+//! attached and its link up) renews it no more, so its node falls silent when the others take
+//! its VIPs over, instead of answering beside the new owner until the agent is back. A clean
+//! stop revokes it at once. The task is apart from the daemon's loop, which may wait seconds
+//! in a sync (next hops that do not resolve), longer than `dead_after`.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -15,24 +23,146 @@ use std::{
     sync::Arc,
 };
 
-use tokio::task::AbortHandle;
+use tokio::{
+    sync::oneshot,
+    task::{AbortHandle, JoinHandle},
+    time::MissedTickBehavior,
+};
 
 use super::{
     AnnounceSpec,
     garp::{self, FrameSender},
-    members::{Membership, Peer},
+    members::{Membership, MembershipSettings, Peer},
     owner::{self, Eligibility},
+};
+use crate::{
+    clock::{ClockError, KernelClock},
+    dataplane::{AnswerLease, DataplaneError},
 };
 
 #[derive(Debug, thiserror::Error)]
 pub enum L2Error {
     #[error("L2 announcement: {0}")]
     Io(#[from] std::io::Error),
+    #[error("answer lease: reading the kernel's clock: {0}")]
+    Clock(#[from] ClockError),
+    #[error("answer lease: {0}")]
+    Lease(#[from] DataplaneError),
+}
+
+/// What the answer lease is kept with: the map and the kernel's clock.
+pub struct Lease {
+    pub map: AnswerLease,
+    pub clock: KernelClock,
+}
+
+impl Lease {
+    /// Stop answering at once (a node that does not announce by L2, or stops).
+    pub fn revoke(&mut self) {
+        if let Err(e) = self.map.set(0) {
+            tracing::warn!(error = %e, "l2: revoking the answer lease failed; it runs out by itself");
+        }
+    }
+
+    /// Answer for `ticks` from now.
+    fn renew(&mut self, ticks: u64) -> Result<u64, L2Error> {
+        let until = self.clock.now()?.saturating_add(ticks);
+        self.map.set(until)?;
+        Ok(until)
+    }
+}
+
+/// The task renewing the lease; told to stop, it revokes the lease and ends. Dropped (an
+/// agent going down without [`L2::leave`]), it is aborted and the lease runs out, as if
+/// the agent had died.
+struct LeaseKeeper {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl LeaseKeeper {
+    fn start(lease: Lease, settings: MembershipSettings) -> LeaseKeeper {
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(keep_lease(lease, settings, stopped));
+        LeaseKeeper {
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Revoke the lease (bounded wait: the task only has one map write left to do).
+    async fn revoke(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if tokio::time::timeout(std::time::Duration::from_secs(1), &mut self.task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("l2: the answer lease was not revoked in time; it runs out by itself");
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Renew `lease` every heartbeat `interval` to `dead_after` from now, until `stop`; then
+/// revoke it. Started with the heartbeats, on the same period, so each renewal goes with a
+/// heartbeat: the lease of a node that stops sending them ends no later than the others,
+/// `dead_after` after the last one, count it dead (ticks are rounded down, jiffies read
+/// at most a tick late).
+async fn keep_lease(
+    mut lease: Lease,
+    settings: MembershipSettings,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let ticks = lease.clock.ticks(settings.dead_after);
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut failing = false;
+    let mut first = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match lease.renew(ticks) {
+                Ok(until) => {
+                    if first || failing {
+                        tracing::info!(
+                            until,
+                            ticks,
+                            hz = lease.clock.hz(),
+                            every_ms = settings.interval.as_millis() as u64,
+                            "l2: answer lease renewed"
+                        );
+                    }
+                    first = false;
+                    failing = false;
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(
+                            error = %e,
+                            "l2: renewing the answer lease failed: this node stops answering \
+                             ARP/NDP for its VIPs when it runs out; retrying"
+                        );
+                    }
+                    failing = true;
+                }
+            },
+            _ = &mut stop => break,
+        }
+    }
+    lease.revoke();
 }
 
 pub struct L2 {
     me: String,
     membership: Membership,
+    /// Renews the answer lease with the heartbeats.
+    lease: LeaseKeeper,
     /// The nodes that may own VIPs (empty: this node alone). A node not listed (in
     /// Kubernetes mode: not Ready, cordoned or excluded) owns nothing.
     listed: BTreeSet<String>,
@@ -55,15 +185,17 @@ impl Drop for L2 {
 }
 
 impl L2 {
-    /// Start the heartbeats. `ifindex`/`mac`: the interface VIPs are announced on.
+    /// Start the heartbeats, and the answer lease's renewal with them. `ifindex`/`mac`:
+    /// the interface VIPs are announced on.
     pub async fn start(
         me: &str,
         spec: &AnnounceSpec,
         ifindex: u32,
         mac: [u8; 6],
+        lease: Lease,
     ) -> Result<L2, L2Error> {
         let mut nodes = spec.nodes.clone();
-        if nodes.is_empty() {
+        if nodes.is_empty() && !spec.from_cluster {
             // Alone: no heartbeats to wait for.
             nodes.push(Peer {
                 name: me.to_string(),
@@ -76,8 +208,9 @@ impl L2 {
             );
         }
         let listed = nodes.iter().map(|p| p.name.clone()).collect();
-        let membership = Membership::start(me, spec.membership, nodes).await?;
         let sender = Arc::new(FrameSender::open(ifindex)?);
+        let membership = Membership::start(me, spec.membership, nodes).await?;
+        let lease = LeaseKeeper::start(lease, spec.membership);
         tracing::info!(
             node = me,
             nodes = spec.nodes.len().max(1),
@@ -87,6 +220,7 @@ impl L2 {
         Ok(L2 {
             me: me.to_string(),
             membership,
+            lease,
             listed,
             sender,
             mac,
@@ -168,11 +302,13 @@ impl L2 {
         self.membership.set_peers(nodes);
     }
 
-    /// Clean stop: tell the other nodes, so they take this node's VIPs over at once.
+    /// Clean stop: stop answering, and tell the other nodes, so they take this node's VIPs
+    /// over at once.
     pub async fn leave(mut self) {
         for b in std::mem::take(&mut self.bursts).into_values() {
             b.abort();
         }
+        self.lease.revoke().await;
         self.membership.leave().await;
     }
 }

@@ -21,6 +21,16 @@ pub mod run;
 pub use file::Announcer;
 pub use members::{MembershipSettings, Peer};
 
+impl AnnounceSpec {
+    /// May node `me` announce at all (it is among the eligible nodes)?
+    pub fn admits(&self, me: &str) -> bool {
+        if self.nodes.is_empty() {
+            return !self.from_cluster;
+        }
+        self.nodes.iter().any(|p| p.name == me)
+    }
+}
+
 /// How the VIPs are made reachable.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AnnounceMode {
@@ -59,9 +69,37 @@ pub struct AnnounceSpec {
     /// This node's name among `nodes` (`--node-name` wins; default: the hostname).
     pub node_name: Option<String>,
     /// The load-balancer nodes sharing the VIPs, for L2 ownership and liveness (static
-    /// mode; in Kubernetes mode the Nodes). Empty: this node alone.
+    /// mode; in Kubernetes mode the Nodes). Empty: this node alone, unless `from_cluster`.
     pub nodes: Vec<Peer>,
+    /// `nodes` is the cluster's list of eligible Nodes (Kubernetes mode): empty means that
+    /// no node may announce, not "this node alone".
+    pub from_cluster: bool,
     pub membership: MembershipSettings,
     /// `mode: bgp` only.
     pub bgp: Option<bgp::BgpSettings>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_cluster_list_admits_nobody_an_absent_static_list_admits_this_node() {
+        let alone = AnnounceSpec::default();
+        assert!(alone.admits("lb1"));
+        let cluster = AnnounceSpec {
+            from_cluster: true,
+            ..AnnounceSpec::default()
+        };
+        assert!(!cluster.admits("lb1"));
+        let listed = AnnounceSpec {
+            nodes: vec![Peer {
+                name: "lb2".into(),
+                address: "198.18.0.3".parse().unwrap(),
+            }],
+            ..AnnounceSpec::default()
+        };
+        assert!(listed.admits("lb2"));
+        assert!(!listed.admits("lb1"));
+    }
 }

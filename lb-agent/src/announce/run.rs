@@ -186,7 +186,8 @@ impl Announcing {
         match self {
             Announcing::None => {}
             Announcing::L2(l2) => {
-                if !spec.nodes.is_empty() {
+                // Static mode without a list: this node alone, as started.
+                if !spec.nodes.is_empty() || spec.from_cluster {
                     l2.set_nodes(spec.nodes.clone());
                 }
             }
@@ -227,8 +228,7 @@ impl Announcing {
             Announcing::Bgp(b) => {
                 // A node not among the announcing ones (Kubernetes: not Ready, cordoned
                 // before a drain, excluded) withdraws everything.
-                let nodes = &desired.node.announce.nodes;
-                let routes = if nodes.is_empty() || nodes.iter().any(|p| p.name == b.me) {
+                let routes = if desired.node.announce.admits(&b.me) {
                     bgp_routes(desired, &b.settings, &b.me)
                 } else {
                     BTreeMap::new()

@@ -188,6 +188,7 @@ where
                 announce: crate::announce::AnnounceSpec {
                     nodes: announcing_nodes(nodes.iter().map(Borrow::borrow), cfg),
                     node_name: Some(this_node.to_string()),
+                    from_cluster: true,
                     ..cfg.announce.clone()
                 },
                 ..NodeSpec::default()
