@@ -177,8 +177,18 @@ pub struct DecapArgs {
     /// UDP port of GUE packets to decapsulate (the load balancer's `gue_port`).
     #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
     pub gue_port: u16,
+    /// An outer source tunnel packets are accepted from: a load balancer's encapsulation
+    /// source, as an address or CIDR (repeatable). Tunnel packets from anyone else, or to an
+    /// address that is not the interface's, pass untouched. None given: nothing is
+    /// decapsulated.
+    #[arg(long, value_name = "ADDR/CIDR", value_parser = parse_net)]
+    pub allow_source: Vec<ipnet::IpNet>,
     #[arg(long, value_enum, default_value = "auto")]
     pub xdp_mode: AttachMode,
+}
+
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    crate::config::parse_net(s).ok_or_else(|| format!("{s:?} is not an address or CIDR"))
 }
 
 #[derive(Debug, Args)]

@@ -51,6 +51,9 @@ struct RawConfig {
     icmp_echo: Option<bool>,
     pmtu_icmp: Option<bool>,
     decap: Option<bool>,
+    /// With `decap`: the outer sources tunnel packets are accepted from (addresses or CIDRs).
+    #[serde(default)]
+    decap_sources: Vec<String>,
     #[serde(default)]
     flow_table: RawFlowTable,
     /// `none` (default), `l2` or `bgp`.
@@ -115,6 +118,28 @@ struct RawBackend {
     address: String,
     weight: Option<u32>,
     mac: Option<String>,
+}
+
+/// An address or CIDR (an address stands for its host prefix).
+pub fn parse_net(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+        .ok()
+        .map(|n| n.trunc())
+}
+
+/// The `decap_sources` field: who may send this node tunnel packets.
+fn decap_sources(file: &Path, raw: &[String]) -> Result<BTreeSet<ipnet::IpNet>, ConfigError> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, r)| {
+            parse_net(r).ok_or_else(|| ConfigError::Node {
+                file: file.to_path_buf(),
+                field: format!("decap_sources[{i}]"),
+                message: format!("{r:?} is not an address or CIDR (198.18.0.2, 198.18.0.0/24)"),
+            })
+        })
+        .collect()
 }
 
 /// The `announce`, `node_name`, `nodes`, `membership` and `bgp` fields, validated (the
@@ -319,6 +344,8 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
         announce_routes: Default::default(),
         vip_services: Default::default(),
         weighted: Default::default(),
+        decap_sources: decap_sources(file, &raw.decap_sources)?,
+        node_addresses: Default::default(),
     };
     let mut names = BTreeSet::new();
     for svc in &raw.services {
@@ -743,6 +770,25 @@ services:
         let msg = error_of("encap_source_v6: 198.18.0.1\n");
         assert!(
             msg.contains("encap_source_v6: \"198.18.0.1\" is not an IPv6 address"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn decap_sources() {
+        let ok =
+            parse_str("decap: true\ndecap_sources: [198.18.0.2, \"2001:db8::2\", 198.18.4.9/24]\n")
+                .unwrap();
+        let want: BTreeSet<ipnet::IpNet> = ["198.18.0.2/32", "2001:db8::2/128", "198.18.4.0/24"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(ok.decap_sources, want);
+        // Default: nobody.
+        assert!(parse_str("decap: true\n").unwrap().decap_sources.is_empty());
+        let msg = error_of("decap_sources: [198.18.0.2, lb2]\n");
+        assert!(
+            msg.contains("decap_sources[1]: \"lb2\" is not an address or CIDR"),
             "{msg}"
         );
     }

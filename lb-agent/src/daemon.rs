@@ -98,9 +98,14 @@ impl Syncer {
         Ok((iface, node))
     }
 
-    /// Bring the maps to `desired`; returns the number of map writes.
-    async fn sync(&mut self, desired: &DesiredState) -> Result<usize, AgentError> {
+    /// Bring the maps to `desired` (its `node_addresses` set from the interface first);
+    /// returns the number of map writes.
+    async fn sync(&mut self, desired: &mut DesiredState) -> Result<usize, AgentError> {
         let (iface, node) = self.node_config(desired).await?;
+        if desired.node.decap && desired.node_addresses != iface.addresses {
+            desired.node_addresses = iface.addresses.clone();
+        }
+        let desired = &*desired;
         // Local endpoints need no next hop: their packets stay on the node.
         let local: BTreeSet<IpAddr> = desired.local_endpoints.keys().map(|e| e.backend).collect();
         let need: BTreeSet<IpAddr> = desired
@@ -287,6 +292,11 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         .or_else(|| desired.node.interface.clone())
         .ok_or_else(|| AgentError::NoInterface(source.origin()))?;
 
+    if desired.node.decap && desired.decap_sources.is_empty() {
+        tracing::warn!(
+            "decap is on but no decap_sources: only this node's own tunnels are decapsulated"
+        );
+    }
     let node = args
         .cluster
         .node_name
@@ -327,7 +337,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         loaded,
     };
     // Fill the maps before the program sees traffic (or, when adopting, before it is replaced).
-    let writes = syncer.sync(&desired).await?;
+    let writes = syncer.sync(&mut desired).await?;
     tracing::info!(writes, "initial sync done");
     let mut announcer = args
         .announce_file
@@ -396,7 +406,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                         continue;
                     }
                     Change::Resync => {
-                        match syncer.sync(&desired).await {
+                        match syncer.sync(&mut desired).await {
                             Ok(writes) => tracing::info!(writes, "resync on SIGHUP done"),
                             Err(e) => tracing::warn!(error = %e, "resync on SIGHUP failed"),
                         }
@@ -417,7 +427,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                 announcing.reconfigure(&new.node.announce);
                 announcing.prepare(&mut new);
                 let cluster = matches!(source, Source::Cluster { .. });
-                match syncer.sync(&new).await {
+                match syncer.sync(&mut new).await {
                     Ok(writes) if cluster => {
                         tracing::info!(writes, "cluster change applied");
                         desired = new;
@@ -442,7 +452,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                 }
             }
             _ = resync.tick() => {
-                match syncer.sync(&desired).await {
+                match syncer.sync(&mut desired).await {
                     Ok(0) => {
                         let t = announcing.committed(&desired).await;
                         report(&desired, t, announcing.how());
@@ -458,7 +468,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
             wake = announcing.changed() => match wake {
                 Wake::Members => {
                     announcing.prepare(&mut desired);
-                    match syncer.sync(&desired).await {
+                    match syncer.sync(&mut desired).await {
                         Ok(writes) => {
                             if writes > 0 {
                                 tracing::info!(writes, "ownership change applied");
@@ -510,14 +520,43 @@ pub async fn decap(args: DecapArgs) -> Result<(), AgentError> {
         .map_max_entries(lb_common::maps::REVNAT, 1)
         .load(loader::EBPF_OBJECT)
         .map_err(LoadError::from)?;
-    // Its only setting: the GUE port, in LB_CONFIG.
+    // Its settings: the GUE port, in LB_CONFIG; who may tunnel to which of our addresses.
     let mut dataplane = Dataplane::from_ebpf(&mut ebpf)?;
     let mut node = lb_common::NodeConfig::EMPTY;
     node.flags = lb_common::CONFIG_F_VALID;
     node.gue_port_be = args.gue_port.to_be();
-    dataplane.apply(&[MapOp::SetConfig(node)])?;
+    let iface = NetInfo::connect()?.interface(&args.interface).await?;
+    if args.allow_source.is_empty() {
+        tracing::warn!("no --allow-source: no tunnel packet will be decapsulated");
+    }
+    let mut ops = vec![MapOp::SetConfig(node)];
+    let entry = |list, net: &ipnet::IpNet| {
+        let (prefix_len, addr) = sync::decap_prefix(net);
+        MapOp::AddDecap {
+            list,
+            prefix_len,
+            addr,
+        }
+    };
+    ops.extend(
+        args.allow_source
+            .iter()
+            .map(|net| entry(sync::DecapList::Sources, net)),
+    );
+    ops.extend(
+        iface
+            .addresses
+            .iter()
+            .map(|ip| entry(sync::DecapList::Destinations, &ipnet::IpNet::from(*ip))),
+    );
+    dataplane.apply(&ops)?;
     let link = loader::attach_decap(&mut ebpf, &args.interface, args.xdp_mode)?;
-    tracing::info!(iface = %args.interface, "decap attached");
+    tracing::info!(
+        iface = %args.interface,
+        allowed = ?args.allow_source,
+        addresses = ?iface.addresses,
+        "decap attached"
+    );
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

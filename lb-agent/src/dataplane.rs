@@ -13,11 +13,12 @@ use aya::{
     util::nr_cpus,
 };
 use lb_common::{
-    BackendValue, Counters, DnatKey, DnatValue, NodeConfig, Reason, SLOT_EMPTY, SLOT_SHARED,
-    ServiceCounters, ServiceKey, ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue, maps,
+    BackendValue, Counters, DecapAddr, DnatKey, DnatValue, NodeConfig, Reason, SLOT_EMPTY,
+    SLOT_SHARED, ServiceCounters, ServiceKey, ServiceRecord, ServiceValue, SourceRange, VipKey,
+    VipValue, maps,
 };
 
-use crate::sync::{MapOp, MapSnapshot};
+use crate::sync::{DecapList, MapOp, MapSnapshot};
 
 mod batch;
 mod mmap;
@@ -38,6 +39,8 @@ pub enum DataplaneError {
     },
     #[error("cannot count CPUs: {0}")]
     Cpus(String),
+    #[error(transparent)]
+    Secret(#[from] crate::flowtab::SecretError),
     #[error("map {map}: batch update of {entries} entries: {source}")]
     Batch {
         map: &'static str,
@@ -65,6 +68,8 @@ pub struct Dataplane {
     config: Array<MapData, NodeConfig>,
     vips: HashMap<MapData, VipKey, VipValue>,
     source_ranges: LpmTrie<MapData, SourceRange, u32>,
+    decap_sources: LpmTrie<MapData, DecapAddr, u32>,
+    decap_destinations: LpmTrie<MapData, DecapAddr, u32>,
     dnat: HashMap<MapData, DnatKey, DnatValue>,
     service_slots: Array<MapData, u32>,
     service_records: Array<MapData, ServiceRecord>,
@@ -106,12 +111,16 @@ fn sum_service(values: &PerCpuValues<ServiceCounters>) -> ServiceCounters {
 }
 
 impl Dataplane {
-    /// Take the maps out of a loaded object.
+    /// Take the maps out of a loaded object. A config without the flow tables' secret (a
+    /// new node's) gets one drawn now ([`crate::flowtab::ensure_secret`]); configs written
+    /// later keep it.
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, DataplaneError> {
-        Self::from_maps(|name| {
+        let mut dataplane = Self::from_maps(|name| {
             ebpf.take_map(name)
                 .ok_or(DataplaneError::Missing { map: name })
-        })
+        })?;
+        crate::flowtab::ensure_secret(&mut dataplane.config)?;
+        Ok(dataplane)
     }
 
     /// Open the maps a running (or kept-attached) agent pinned under `dir`.
@@ -147,6 +156,10 @@ impl Dataplane {
             vips: HashMap::try_from(get(maps::VIPS)?).map_err(map_err(maps::VIPS))?,
             source_ranges: LpmTrie::try_from(get(maps::SRC_RANGES)?)
                 .map_err(map_err(maps::SRC_RANGES))?,
+            decap_sources: LpmTrie::try_from(get(maps::DECAP_SRC)?)
+                .map_err(map_err(maps::DECAP_SRC))?,
+            decap_destinations: LpmTrie::try_from(get(maps::DECAP_DST)?)
+                .map_err(map_err(maps::DECAP_DST))?,
             dnat: HashMap::try_from(get(maps::DNAT)?).map_err(map_err(maps::DNAT))?,
             service_slots: Array::try_from(get(maps::SVC_SLOTS)?)
                 .map_err(map_err(maps::SVC_SLOTS))?,
@@ -192,6 +205,16 @@ impl Dataplane {
             let key = key.map_err(map_err(maps::SRC_RANGES))?;
             source_ranges.insert((key.prefix_len(), key.data()));
         }
+        let decap = |trie: &LpmTrie<MapData, DecapAddr, u32>, name| {
+            trie.keys()
+                .map(|key| {
+                    key.map(|k| (k.prefix_len(), k.data()))
+                        .map_err(map_err(name))
+                })
+                .collect::<Result<std::collections::BTreeSet<_>, _>>()
+        };
+        let decap_sources = decap(&self.decap_sources, maps::DECAP_SRC)?;
+        let decap_destinations = decap(&self.decap_destinations, maps::DECAP_DST)?;
         let mut dnat = BTreeMap::new();
         for entry in self.dnat.iter() {
             let (k, v) = entry.map_err(map_err(maps::DNAT))?;
@@ -220,9 +243,12 @@ impl Dataplane {
             service_slots,
             service_records,
             config: (config.flags & lb_common::CONFIG_F_VALID != 0).then_some(config),
+            flow_secret: config.flow_secret,
             services,
             backends,
             maglev_capacity: self.maglev_capacity(),
+            decap_sources,
+            decap_destinations,
         })
     }
 
@@ -271,7 +297,15 @@ impl Dataplane {
 
     fn apply_one(&mut self, op: &MapOp) -> Result<(), DataplaneError> {
         match op {
-            MapOp::SetConfig(c) => self.config.set(0, c, 0).map_err(map_err(maps::CONFIG)),
+            MapOp::SetConfig(c) => {
+                // The node's flow-table secret stays what the map holds unless `c` has one.
+                let mut c = *c;
+                if c.flow_secret == [0; 4] {
+                    let held = self.config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+                    c.flow_secret = held.flow_secret;
+                }
+                self.config.set(0, c, 0).map_err(map_err(maps::CONFIG))
+            }
             MapOp::SetVip { key, value } => {
                 self.vips.insert(key, value, 0).map_err(map_err(maps::VIPS))
             }
@@ -328,6 +362,34 @@ impl Dataplane {
                 .service_slots
                 .set(*slot, value, 0)
                 .map_err(map_err(maps::SVC_SLOTS)),
+            MapOp::AddDecap {
+                list,
+                prefix_len,
+                addr,
+            } => {
+                let (trie, name) = self.decap_list(*list);
+                trie.insert(&Key::new(*prefix_len, *addr), 1, 0)
+                    .map_err(map_err(name))
+            }
+            MapOp::RemoveDecap {
+                list,
+                prefix_len,
+                addr,
+            } => {
+                let (trie, name) = self.decap_list(*list);
+                trie.remove(&Key::new(*prefix_len, *addr))
+                    .map_err(map_err(name))
+            }
+        }
+    }
+
+    fn decap_list(
+        &mut self,
+        list: DecapList,
+    ) -> (&mut LpmTrie<MapData, DecapAddr, u32>, &'static str) {
+        match list {
+            DecapList::Sources => (&mut self.decap_sources, maps::DECAP_SRC),
+            DecapList::Destinations => (&mut self.decap_destinations, maps::DECAP_DST),
         }
     }
 

@@ -16,7 +16,11 @@ use aya::{
         xdp::XdpLink,
     },
 };
-use lb_common::{FlowKey, FlowKeyV4, FlowValue, flowtab::buckets_for, maps};
+use lb_common::{
+    FlowKey, FlowKeyV4, FlowValue,
+    flowtab::{Secret, buckets_for},
+    maps,
+};
 
 use crate::{clock, flowtab};
 
@@ -65,6 +69,8 @@ pub enum LoadError {
     Migrate(String),
     #[error("map {0} is missing from the object")]
     MissingMap(&'static str),
+    #[error(transparent)]
+    Secret(#[from] crate::flowtab::SecretError),
     #[error("measuring the kernel's tick rate: {0}")]
     Clock(#[from] crate::clock::ClockError),
     #[error("attaching {name} to {iface} egress: {source}")]
@@ -121,13 +127,13 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), LoadError> {
 
 /// The key and value size of every pinned map (from the shared types), and its number of
 /// entries where that is fixed by the build (`None`: set when the map is created).
-fn layouts() -> [(&'static str, usize, usize, Option<u32>); 19] {
+fn layouts() -> [(&'static str, usize, usize, Option<u32>); 21] {
     use std::mem::size_of;
 
     use lb_common::{
-        AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowBucket4,
-        FlowBucket6, FlowKey, FlowValue, NodeConfig, Reason, RevNatValue, ServiceCounters,
-        ServiceKey, ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue,
+        AffinityKey, BackendValue, Counters, DecapAddr, DnatKey, DnatValue, FloodWindow,
+        FlowBucket4, FlowBucket6, FlowKey, FlowValue, NodeConfig, Reason, RevNatValue,
+        ServiceCounters, ServiceKey, ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue,
     };
     let u32s = size_of::<u32>();
     [
@@ -205,6 +211,18 @@ fn layouts() -> [(&'static str, usize, usize, Option<u32>); 19] {
             Some(2 * maps::MAX_SERVICES),
         ),
         (maps::L2_LEASE, u32s, size_of::<u64>(), Some(1)),
+        (
+            maps::DECAP_SRC,
+            u32s + size_of::<DecapAddr>(),
+            u32s,
+            Some(maps::MAX_DECAP_ADDRS),
+        ),
+        (
+            maps::DECAP_DST,
+            u32s + size_of::<DecapAddr>(),
+            u32s,
+            Some(maps::MAX_DECAP_ADDRS),
+        ),
     ]
 }
 
@@ -272,6 +290,9 @@ pub fn load(pin_dir: &Path, maglev_slots: u32, flows: u32) -> Result<Ebpf, LoadE
     ensure_pin_dir(pin_dir)?;
     drop_incompatible_pins(pin_dir)?;
     let legacy = LegacyFlows::read(pin_dir)?;
+    let adopted_tables = [maps::FLOWTAB4, maps::FLOWTAB6]
+        .iter()
+        .any(|name| pin_dir.join(name).exists());
     let paths: Vec<(&'static str, PathBuf)> = maps::ALL
         .iter()
         .map(|name| (*name, pin_dir.join(name)))
@@ -284,7 +305,19 @@ pub fn load(pin_dir: &Path, maglev_slots: u32, flows: u32) -> Result<Ebpf, LoadE
         loader.map_pin_path(name, path.as_path());
     }
     let mut ebpf = loader.load(EBPF_OBJECT)?;
-    legacy.migrate(&mut ebpf)?;
+    // The secret of the flow tables' buckets: the pinned config's, else drawn now (a new
+    // node, or an older version's config, which had none: its flows move to their buckets
+    // under the new secret).
+    let (secret, new) = flowtab::node_secret(&mut ebpf)?;
+    if new && adopted_tables {
+        let moved = flowtab::rekey::<FlowKeyV4>(&mut ebpf, &secret)?
+            + flowtab::rekey::<FlowKey>(&mut ebpf, &secret)?;
+        tracing::info!(
+            moved,
+            "a new flow-table secret: the remembered flows moved to their buckets under it"
+        );
+    }
+    legacy.migrate(&mut ebpf, &secret)?;
     Ok(ebpf)
 }
 
@@ -336,10 +369,11 @@ impl LegacyFlows {
     }
 
     /// Remember the flows in `ebpf`'s tables (best effort: a flow that cannot be written is
-    /// logged and left), then remove the old pins. Returns how many flows moved.
-    pub fn migrate(self, ebpf: &mut Ebpf) -> Result<usize, LoadError> {
+    /// logged and left) under the node's `secret`, then remove the old pins. Returns how many
+    /// flows moved.
+    pub fn migrate(self, ebpf: &mut Ebpf, secret: &Secret) -> Result<usize, LoadError> {
         let total = self.v4.len() + self.v6.len();
-        let moved = remember_all(ebpf, &self.v4) + remember_all(ebpf, &self.v6);
+        let moved = remember_all(ebpf, secret, &self.v4) + remember_all(ebpf, secret, &self.v6);
         for path in &self.pins {
             std::fs::remove_file(path).map_err(|source| LoadError::Io {
                 path: path.clone(),
@@ -358,7 +392,7 @@ impl LegacyFlows {
 }
 
 /// Remember `flows` in their table; returns how many were written.
-fn remember_all<K>(ebpf: &mut Ebpf, flows: &[(K, FlowValue)]) -> usize
+fn remember_all<K>(ebpf: &mut Ebpf, secret: &Secret, flows: &[(K, FlowValue)]) -> usize
 where
     K: lb_common::flowtab::TableKey + std::fmt::Debug,
     K::Bucket: aya::Pod,
@@ -368,7 +402,7 @@ where
     flows
         .iter()
         .filter(|(key, value)| {
-            flowtab::remember(ebpf, key, value.state(), value.last_seen as u32)
+            flowtab::remember(ebpf, secret, key, value.state(), value.last_seen as u32)
                 .inspect_err(|e| tracing::warn!(?key, error = %e, "flow not migrated"))
                 .is_ok()
         })

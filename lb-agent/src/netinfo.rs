@@ -48,6 +48,8 @@ pub struct Interface {
     pub ipv6: Option<Ipv6Addr>,
     /// MTU (0 if the kernel did not say, or above 65535).
     pub mtu: u16,
+    /// Every address of the interface but IPv6 link-local ones.
+    pub addresses: BTreeSet<IpAddr>,
 }
 
 /// A netlink connection bound to the network namespace of the thread that opened it.
@@ -131,8 +133,14 @@ impl NetInfo {
             .execute();
         let mut ipv4 = None;
         let mut ipv6 = None;
+        let mut addresses = BTreeSet::new();
         while let Some(msg) = addrs.try_next().await.map_err(nl("get addresses"))? {
             for a in &msg.attributes {
+                if let AddressAttribute::Address(ip) = a
+                    && !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
+                {
+                    addresses.insert(*ip);
+                }
                 match a {
                     AddressAttribute::Address(IpAddr::V4(v4)) if ipv4.is_none() => ipv4 = Some(*v4),
                     AddressAttribute::Address(IpAddr::V6(v6))
@@ -151,6 +159,7 @@ impl NetInfo {
             ipv4,
             ipv6,
             mtu,
+            addresses,
         })
     }
 

@@ -191,6 +191,15 @@ pub struct DesiredState {
     pub weighted: BTreeSet<IpAddr>,
     /// Kubernetes mode: the Services behind each VIP, for Events about its announcement.
     pub vip_services: BTreeMap<IpAddr, BTreeSet<ServiceRef>>,
+    /// With `node.decap`: the outer sources tunnel packets are accepted from (the
+    /// load-balancer nodes: `decap_sources` in the file, every Node's InternalIPs in
+    /// Kubernetes mode). Empty: none. The node's own encapsulation sources are added by
+    /// `sync` (its local backends are tunnelled from them).
+    pub decap_sources: BTreeSet<ipnet::IpNet>,
+    /// This node's own addresses (the interface's, filled in by the agent, not read from the
+    /// config): the outer destinations tunnel packets are accepted for, besides the
+    /// encapsulation sources and the local endpoints.
+    pub node_addresses: BTreeSet<IpAddr>,
 }
 
 /// A Service object (Kubernetes mode), as an Event refers to it.

@@ -3,13 +3,13 @@
 //! already right is not written again.
 //!
 //! Order of operations (so no packet ever sees a dangling reference):
-//! 1. node config; new or changed backends;
+//! 1. node config; new entries of the decap allow lists; new or changed backends;
 //! 2. new Maglev tables, each in a free region of `LB_MAGLEV`;
 //! 3. service entries switched to their new tables (one atomic hash-map update each), and
 //!    the service index: each changed service's record written into its idle bank, then its
 //!    slot pointed at it (one 4-byte write), or marked shared;
 //! 4. slots of removed services cleared, then their entries deleted; backends no service
-//!    uses any more cleared.
+//!    uses any more cleared; decap allow-list entries no longer wanted removed last.
 //!
 //! A region left behind by step 3 is free from the next plan on: it is derived from the
 //! service entries, never stored separately.
@@ -20,10 +20,10 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_LOCAL, BACKEND_F_VALID, BackendValue, DnatKey, DnatValue, FAMILY_V4, FAMILY_V6,
-    Forwarding, NodeConfig, SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES,
-    SLOT_EMPTY, SLOT_SHARED, ServiceKey, ServiceRecord, ServiceValue, SourceRange, VIP_F_ANSWER,
-    VIP_F_ECHO, VipKey, VipValue,
+    BACKEND_F_LOCAL, BACKEND_F_VALID, BackendValue, DecapAddr, DnatKey, DnatValue, FAMILY_V4,
+    FAMILY_V6, Forwarding, NodeConfig, SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING,
+    SERVICE_F_SOURCE_RANGES, SLOT_EMPTY, SLOT_SHARED, ServiceKey, ServiceRecord, ServiceValue,
+    SourceRange, VIP_F_ANSWER, VIP_F_ECHO, VipKey, VipValue,
     maglev::{self, MaglevBackend},
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
@@ -46,6 +46,9 @@ use existing::Existing;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapSnapshot {
     pub config: Option<NodeConfig>,
+    /// The flow tables' secret in `LB_CONFIG`, also before a valid config was written
+    /// (drawn at load time: `flowtab::ensure_secret`).
+    pub flow_secret: [u64; 4],
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, BackendValue>,
     pub vips: BTreeMap<VipKey, VipValue>,
@@ -59,6 +62,22 @@ pub struct MapSnapshot {
     pub service_slots: BTreeMap<u32, u32>,
     /// `LB_SVC_RECORDS`: the records those slots point at (the others are unreachable).
     pub service_records: BTreeMap<u32, ServiceRecord>,
+    /// `LB_DECAP_SRC` entries.
+    pub decap_sources: DecapEntries,
+    /// `LB_DECAP_DST` entries.
+    pub decap_destinations: DecapEntries,
+}
+
+/// Entries of a decap allow list: (prefix length, key data).
+pub type DecapEntries = BTreeSet<(u32, DecapAddr)>;
+
+/// Which of the decap program's allow lists an entry belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapList {
+    /// `LB_DECAP_SRC`: outer sources.
+    Sources,
+    /// `LB_DECAP_DST`: outer destinations.
+    Destinations,
 }
 
 /// One write to the maps.
@@ -118,6 +137,17 @@ pub enum MapOp {
     SetServiceSlot {
         slot: u32,
         value: u32,
+    },
+    /// An entry of `LB_DECAP_SRC` / `LB_DECAP_DST` (`decap_prefix`).
+    AddDecap {
+        list: DecapList,
+        prefix_len: u32,
+        addr: DecapAddr,
+    },
+    RemoveDecap {
+        list: DecapList,
+        prefix_len: u32,
+        addr: DecapAddr,
     },
 }
 
@@ -212,6 +242,40 @@ pub fn source_range(id: u32, net: &ipnet::IpNet) -> (u32, SourceRange) {
     )
 }
 
+/// The `LB_DECAP_SRC` / `LB_DECAP_DST` entry for `net`.
+pub fn decap_prefix(net: &ipnet::IpNet) -> (u32, DecapAddr) {
+    let (addr_be, family) = ip_bytes(net.network());
+    (
+        DecapAddr::FAMILY_BITS + u32::from(net.prefix_len()),
+        DecapAddr::new(addr_be, family),
+    )
+}
+
+/// The decap program's allow lists, (sources, destinations), for `desired` with the resolved
+/// `node` config. Sources: `decap_sources` and the node's own encapsulation sources (`lb_xdp`
+/// tunnels packets for local backends from them). Destinations: the node's addresses, its
+/// encapsulation sources and its local endpoints (other nodes tunnel to a pod's address).
+/// Both empty unless the node decapsulates.
+pub fn decap_entries(desired: &DesiredState, node: &NodeConfig) -> (DecapEntries, DecapEntries) {
+    if !desired.node.decap {
+        return Default::default();
+    }
+    let encap: Vec<IpAddr> = [
+        (node.encap_src_v4_be != [0; 4]).then(|| IpAddr::from(node.encap_src_v4_be)),
+        (node.encap_src_v6_be != [0; 16]).then(|| IpAddr::from(node.encap_src_v6_be)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let host = |ip: &IpAddr| decap_prefix(&ipnet::IpNet::from(*ip));
+    let mut sources: BTreeSet<_> = desired.decap_sources.iter().map(decap_prefix).collect();
+    sources.extend(encap.iter().map(host));
+    let mut destinations: BTreeSet<_> = desired.node_addresses.iter().map(host).collect();
+    destinations.extend(encap.iter().map(host));
+    destinations.extend(desired.local_endpoints.keys().map(|e| host(&e.backend)));
+    (sources, destinations)
+}
+
 /// Add service `addr`'s VIP to `vips`, and make it the VIP's fragment service if it is one.
 fn add_vip(vips: &mut BTreeMap<VipKey, VipValue>, addr: &ServiceAddr, fragments: bool, flags: u32) {
     let (addr_be, family) = ip_bytes(addr.vip);
@@ -265,6 +329,8 @@ pub fn node_config(
         encap_src_v6_be: encap_v6.map_or([0; 16], |a| a.octets()),
         flow_buckets4: loaded.flow_buckets4,
         flow_buckets6: loaded.flow_buckets6,
+        // The node's own, which the maps keep (see `plan`).
+        flow_secret: [0; 4],
     }
 }
 
@@ -301,8 +367,40 @@ pub fn plan_with_cache(
         });
     }
     let mut out = Plan::default();
+    // The flow tables' secret is the node's, drawn once (`Dataplane::from_ebpf`) and kept:
+    // a config without one keeps the one the maps hold.
+    let node = if node.flow_secret == [0; 4] {
+        NodeConfig {
+            flow_secret: current
+                .config
+                .map_or(current.flow_secret, |c| c.flow_secret),
+            ..node
+        }
+    } else {
+        node
+    };
     if current.config != Some(node) {
         out.ops.push(MapOp::SetConfig(node));
+    }
+    // Decap allow lists: a sender or destination is allowed before traffic needs it, and
+    // removed last.
+    let (decap_src, decap_dst) = decap_entries(desired, &node);
+    let decap_lists = [
+        (DecapList::Sources, &decap_src, &current.decap_sources),
+        (
+            DecapList::Destinations,
+            &decap_dst,
+            &current.decap_destinations,
+        ),
+    ];
+    for (list, want, have) in decap_lists {
+        for (prefix_len, addr) in want.difference(have) {
+            out.ops.push(MapOp::AddDecap {
+                list,
+                prefix_len: *prefix_len,
+                addr: *addr,
+            });
+        }
     }
     // Local endpoints: translations exist before any packet is sent to them.
     let dnat = dnat_entries(desired);
@@ -553,6 +651,15 @@ pub fn plan_with_cache(
             out.ops.push(MapOp::DeleteDnat { key: *key });
         }
     }
+    for (list, want, have) in decap_lists {
+        for (prefix_len, addr) in have.difference(want) {
+            out.ops.push(MapOp::RemoveDecap {
+                list,
+                prefix_len: *prefix_len,
+                addr: *addr,
+            });
+        }
+    }
     Ok(out)
 }
 
@@ -648,7 +755,12 @@ pub fn dnat_entries(desired: &DesiredState) -> BTreeMap<DnatKey, DnatValue> {
 pub fn apply_to_snapshot(snapshot: &mut MapSnapshot, ops: &[MapOp]) {
     for op in ops {
         match op {
-            MapOp::SetConfig(c) => snapshot.config = Some(*c),
+            MapOp::SetConfig(c) => {
+                snapshot.config = Some(*c);
+                if c.flow_secret != [0; 4] {
+                    snapshot.flow_secret = c.flow_secret;
+                }
+            }
             MapOp::SetVip { key, value } => {
                 snapshot.vips.insert(*key, *value);
             }
@@ -683,6 +795,20 @@ pub fn apply_to_snapshot(snapshot: &mut MapSnapshot, ops: &[MapOp]) {
             MapOp::SetServiceRecord { index, record } => {
                 snapshot.service_records.insert(*index, *record);
             }
+            MapOp::AddDecap {
+                list,
+                prefix_len,
+                addr,
+            } => {
+                snapshot_decap(snapshot, *list).insert((*prefix_len, *addr));
+            }
+            MapOp::RemoveDecap {
+                list,
+                prefix_len,
+                addr,
+            } => {
+                snapshot_decap(snapshot, *list).remove(&(*prefix_len, *addr));
+            }
             MapOp::SetServiceSlot { slot, value } => {
                 // The record the slot pointed at is unreachable from now on.
                 let old = if *value == SLOT_EMPTY {
@@ -695,6 +821,13 @@ pub fn apply_to_snapshot(snapshot: &mut MapSnapshot, ops: &[MapOp]) {
                 }
             }
         }
+    }
+}
+
+fn snapshot_decap(snapshot: &mut MapSnapshot, list: DecapList) -> &mut DecapEntries {
+    match list {
+        DecapList::Sources => &mut snapshot.decap_sources,
+        DecapList::Destinations => &mut snapshot.decap_destinations,
     }
 }
 
@@ -805,6 +938,8 @@ mod tests {
                 MapOp::DeleteDnat { .. } => "delete dnat",
                 MapOp::SetServiceRecord { .. } => "record",
                 MapOp::SetServiceSlot { .. } => "slot",
+                MapOp::AddDecap { .. } => "add decap",
+                MapOp::RemoveDecap { .. } => "remove decap",
             })
             .collect();
         assert_eq!(
@@ -1280,5 +1415,82 @@ mod tests {
         converge(&desired, &mut snap);
         let key = service_key(&svc_addr(53));
         assert_eq!(indexed(&snap, &key), Some(snap.services[&key]));
+    }
+
+    #[test]
+    fn decap_allow_lists_follow_the_desired_state_and_go_last() {
+        let host = |s: &str| decap_prefix(&s.parse::<IpAddr>().unwrap().into());
+        let net = |s: &str| decap_prefix(&s.parse().unwrap());
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(11, 1)]));
+        desired.decap_sources = ["198.18.0.3/32", "198.18.4.0/24"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        desired.node_addresses = ["198.18.0.2", "198.18.0.9"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        // Off: nothing is allowed, whatever the lists say.
+        let mut snap = empty(10_000);
+        converge(&desired, &mut snap);
+        assert!(snap.decap_sources.is_empty() && snap.decap_destinations.is_empty());
+
+        // On: the configured senders and the node's own encapsulation source; the node's
+        // addresses (the encapsulation source among them) and its local endpoint.
+        desired.node.decap = true;
+        desired.local_endpoints.insert(
+            LocalEndpoint {
+                service: svc_addr(53),
+                backend: ip(11),
+            },
+            5353,
+        );
+        let p = converge(&desired, &mut snap);
+        assert_eq!(
+            snap.decap_sources,
+            BTreeSet::from([host("198.18.0.2"), host("198.18.0.3"), net("198.18.4.0/24")])
+        );
+        assert_eq!(
+            snap.decap_destinations,
+            BTreeSet::from([host("198.18.0.2"), host("198.18.0.9"), host("198.18.0.11")])
+        );
+        // Added before the translations that need them.
+        let first_dnat = p
+            .ops
+            .iter()
+            .position(|o| matches!(o, MapOp::SetDnat { .. }));
+        let last_add = p
+            .ops
+            .iter()
+            .rposition(|o| matches!(o, MapOp::AddDecap { .. }));
+        assert!(
+            last_add.is_some() && first_dnat.is_some() && last_add < first_dnat,
+            "{:?}",
+            p.ops
+        );
+
+        // A sender leaves: removed, and only after everything else.
+        desired
+            .decap_sources
+            .remove(&"198.18.0.3/32".parse().unwrap());
+        desired.services.clear();
+        desired.local_endpoints.clear();
+        let p = converge(&desired, &mut snap);
+        let removes: Vec<&MapOp> = p
+            .ops
+            .iter()
+            .skip_while(|o| !matches!(o, MapOp::RemoveDecap { .. }))
+            .collect();
+        assert_eq!(removes.len(), 2, "{:?}", p.ops);
+        assert!(
+            removes
+                .iter()
+                .all(|o| matches!(o, MapOp::RemoveDecap { .. }))
+        );
+        assert!(!snap.decap_sources.contains(&host("198.18.0.3")));
+        assert!(!snap.decap_destinations.contains(&host("198.18.0.11")));
     }
 }

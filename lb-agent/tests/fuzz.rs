@@ -5,7 +5,8 @@
 //! options, IPv6 extension headers, Ethernet padding, frames too big for the MTU once
 //! encapsulated), a service with source ranges, ICMP echo requests and ICMP errors about VIP
 //! flows, traffic that is not for a VIP, ARP, fragments, and IPIP/GUE/IPv6 tunnel packets
-//! for the decap program — and mutated: byte and bit flips, truncation, trailing and inserted
+//! for the decap program (from and to addresses inside and outside its allow lists) — and
+//! mutated: byte and bit flips, truncation, trailing and inserted
 //! bytes, random IHL/version/length fields, ethertypes, protocols, ports, addresses, fragment
 //! fields, TCP flags, VLAN tags added or removed. The PRNG is SplitMix64 with a fixed seed
 //! (`LB_FUZZ_SEED` overrides it); every failure names the seed, the packet number, the seed
@@ -49,8 +50,9 @@ use lb_agent::{
     sync,
 };
 use lb_common::{
-    BackendValue, CONFIG_F_PMTU_ICMP, FAMILY_V4, FAMILY_V6, Forwarding, NodeConfig, Reason,
-    SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange, VIP_F_ECHO, VipKey, VipValue,
+    BackendValue, CONFIG_F_PMTU_ICMP, DecapAddr, FAMILY_V4, FAMILY_V6, Forwarding, NodeConfig,
+    Reason, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange, VIP_F_ECHO, VipKey,
+    VipValue,
     hash::{flow_hash_v4, flow_hash_v6, gue_source_port},
     maps,
 };
@@ -231,6 +233,44 @@ struct Model {
     vips: BTreeMap<VipKey, VipValue>,
     /// `LB_SRC_RANGES`: (prefix bits, key data).
     source_ranges: Vec<(u32, SourceRange)>,
+    /// `LB_DECAP_SRC`, `LB_DECAP_DST`: (prefix bits, key data).
+    decap_sources: Vec<(u32, DecapAddr)>,
+    decap_destinations: Vec<(u32, DecapAddr)>,
+}
+
+/// The decap allow lists of the fuzzed node, which is its own backend (the round trip):
+/// tunnels from its encapsulation sources and from 198.18.4.0/24, to every backend address
+/// and to 198.18.5.0/24. A mutated address mostly falls outside them.
+fn decap_lists(desired: &DesiredState) -> Vec<sync::MapOp> {
+    let entry = |list, net: ipnet::IpNet| {
+        let (prefix_len, addr) = sync::decap_prefix(&net);
+        sync::MapOp::AddDecap {
+            list,
+            prefix_len,
+            addr,
+        }
+    };
+    let mut ops: Vec<sync::MapOp> = [
+        IpAddr::from(ENCAP_V4).into(),
+        IpAddr::from(ENCAP_V6).into(),
+        "198.18.4.0/24".parse().unwrap(),
+    ]
+    .into_iter()
+    .map(|net| entry(sync::DecapList::Sources, net))
+    .collect();
+    let backends: std::collections::BTreeSet<IpAddr> = desired
+        .services
+        .values()
+        .flat_map(|s| s.backends.keys().copied())
+        .collect();
+    ops.extend(
+        backends
+            .into_iter()
+            .map(ipnet::IpNet::from)
+            .chain(["198.18.5.0/24".parse().unwrap()])
+            .map(|net| entry(sync::DecapList::Destinations, net)),
+    );
+    ops
 }
 
 struct Node {
@@ -263,6 +303,7 @@ fn node() -> Node {
     let before = dataplane.snapshot().unwrap();
     let plan = sync::plan(&desired, cfg, &BTreeMap::new(), &before).expect("plan");
     dataplane.apply(&plan.ops).expect("apply");
+    dataplane.apply(&decap_lists(&desired)).expect("apply");
     let snap = dataplane.snapshot().unwrap();
     assert_eq!(snap.services.len(), desired.services.len());
     let services = snap
@@ -286,8 +327,21 @@ fn node() -> Node {
             backends: snap.backends,
             vips: snap.vips,
             source_ranges: snap.source_ranges.into_iter().collect(),
+            decap_sources: snap.decap_sources.into_iter().collect(),
+            decap_destinations: snap.decap_destinations.into_iter().collect(),
         },
     }
+}
+
+/// Does any entry of a decap allow list match (family, address)? Any matching prefix will do.
+fn lpm_any(entries: &[(u32, DecapAddr)], family: u8, addr: &[u8; 16]) -> bool {
+    let mut key = vec![family, 0, 0, 0];
+    key.extend_from_slice(addr);
+    entries.iter().any(|(bits, e)| {
+        let mut data = vec![e.family, 0, 0, 0];
+        data.extend_from_slice(&e.addr_be);
+        (0..*bits as usize).all(|i| (key[i / 8] ^ data[i / 8]) & (0x80 >> (i % 8)) == 0)
+    })
 }
 
 // ---------------------------------------------------------------------------------------
@@ -546,6 +600,43 @@ fn seeds(gue_port: u16) -> Vec<Seed> {
         tunnel("ip6ip6", outer6().raw(41, &inner6).build()),
         tunnel("4in6", outer6().raw(4, &inner4).build()),
         tunnel("gue v6", outer6().raw(17, &gue(&inner6)).build()),
+        // The decap allow lists: a sender outside them, a destination outside them, and
+        // both inside their CIDRs.
+        tunnel(
+            "ipip from a stranger",
+            PacketBuilder::new()
+                .eth(LB_MAC, CLIENT_MAC)
+                .ipv4(Ipv4Addr::new(198, 18, 3, 9), Ipv4Addr::new(198, 18, 0, 11))
+                .raw(4, &inner4)
+                .build(),
+        ),
+        tunnel(
+            "ipip to another host",
+            PacketBuilder::new()
+                .eth(LB_MAC, CLIENT_MAC)
+                .ipv4(ENCAP_V4, Ipv4Addr::new(198, 18, 0, 99))
+                .raw(4, &inner4)
+                .build(),
+        ),
+        tunnel(
+            "ipip within the allowed prefixes",
+            PacketBuilder::new()
+                .eth(LB_MAC, CLIENT_MAC)
+                .ipv4(Ipv4Addr::new(198, 18, 4, 7), Ipv4Addr::new(198, 18, 5, 1))
+                .raw(4, &inner4)
+                .build(),
+        ),
+        tunnel(
+            "ip6ip6 from a stranger",
+            PacketBuilder::new()
+                .eth(LB_MAC, CLIENT_MAC)
+                .ipv6(
+                    Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 9),
+                    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11),
+                )
+                .raw(41, &inner6)
+                .build(),
+        ),
         seed("icmp echo vip", icmp4(CLIENT, VIP_A, &echo4)),
         seed("icmp echo vip_b vlan", {
             let mut f = icmp4(CLIENT, VIP_B, &echo4);
@@ -1381,7 +1472,9 @@ impl Model {
 
     fn try_decap(&self, f: &[u8]) -> Result<Vec<u8>, Reason> {
         let (l3, et) = parse_l2(f)?;
-        let (ip_len, proto) = match et {
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        let (ip_len, proto, family) = match et {
             ETH_P_IP => {
                 let ip = f.get(l3..l3 + 20).ok_or(Reason::PassMalformed)?;
                 let ihl = usize::from(ip[0] & 0x0f) * 4;
@@ -1391,14 +1484,18 @@ impl Model {
                 if ip[6] & 0x3f != 0 || ip[7] != 0 {
                     return Err(Reason::PassFragment);
                 }
-                (ihl, ip[9])
+                src[..4].copy_from_slice(&ip[12..16]);
+                dst[..4].copy_from_slice(&ip[16..20]);
+                (ihl, ip[9], FAMILY_V4)
             }
             ETH_P_IPV6 => {
                 let ip = f.get(l3..l3 + 40).ok_or(Reason::PassMalformed)?;
                 if ip[0] >> 4 != 6 {
                     return Err(Reason::PassMalformed);
                 }
-                (40, ip[6])
+                src.copy_from_slice(&ip[8..24]);
+                dst.copy_from_slice(&ip[24..40]);
+                (40, ip[6], FAMILY_V6)
             }
             _ => return Err(Reason::PassNotIp),
         };
@@ -1426,6 +1523,12 @@ impl Model {
             (6, 41 | 17) => ETH_P_IPV6,
             _ => return Err(Reason::PassMalformed),
         };
+        // Only tunnels from an allowed source to one of the node's destinations are opened.
+        if !lpm_any(&self.decap_destinations, family, &dst)
+            || !lpm_any(&self.decap_sources, family, &src)
+        {
+            return Err(Reason::PassDecapNotAllowed);
+        }
         let mut out = f[..l3].to_vec();
         put(&mut out, l3 - 2, &et.to_be_bytes());
         out.extend_from_slice(&f[l3 + strip..]);

@@ -720,3 +720,45 @@ fn a_pools_announce_settings_limit_the_nodes_and_set_the_bgp_attributes() {
     );
     assert!(!state.announce_routes.contains_key(&vip("198.18.0.30")));
 }
+
+#[test]
+fn every_nodes_internal_ips_may_send_tunnels() {
+    let mut nodes: Vec<Node> = read_list("nodes.json");
+    let cfg = K8sConfig::default();
+    let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+    let sources = |nodes: &[Node]| {
+        let s = snapshot("etp-local");
+        desired_state(&s.services, &s.slices, nodes, &cfg, "node-a")
+            .0
+            .decap_sources
+    };
+    assert_eq!(
+        sources(&nodes),
+        [net("198.18.1.1/32"), net("198.18.1.2/32")].into()
+    );
+    // A cordoned or not-Ready Node still balances (or drains) traffic to pods here: kept.
+    // Every InternalIP counts (dual stack); other address types do not.
+    nodes[0].spec.get_or_insert_default().unschedulable = Some(true);
+    let addrs = nodes[1]
+        .status
+        .get_or_insert_default()
+        .addresses
+        .get_or_insert_default();
+    addrs.push(k8s_openapi::api::core::v1::NodeAddress {
+        type_: "InternalIP".into(),
+        address: "2001:db8::12".into(),
+    });
+    addrs.push(k8s_openapi::api::core::v1::NodeAddress {
+        type_: "ExternalIP".into(),
+        address: "198.18.9.9".into(),
+    });
+    assert_eq!(
+        sources(&nodes),
+        [
+            net("198.18.1.1/32"),
+            net("198.18.1.2/32"),
+            net("2001:db8::12/128")
+        ]
+        .into()
+    );
+}

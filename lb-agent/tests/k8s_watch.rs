@@ -125,6 +125,7 @@ fn start_backends(lab: &Lab, dir: &Path) -> Backends {
         let log = fs::File::create(dir.join(format!("decap-{}.log", b.name))).unwrap();
         let mut cmd = b.ns.command(agent_bin());
         cmd.args(["decap", "--interface", "eth0", "--xdp-mode", "skb"])
+            .args(["--allow-source", &lab.lb_addr().to_string()])
             .stdout(Stdio::null())
             .stderr(log);
         decaps.push(ChildGuard::spawn(&mut cmd).unwrap());
@@ -910,7 +911,8 @@ fn pods_behind_two_nodes_get_dsr_traffic_on_their_target_port() {
     let lists: Vec<(Kind, PathBuf)> = [
         (Kind::Service, "pods/services.json"),
         (Kind::EndpointSlice, "pods/endpointslices.json"),
-        (Kind::Node, "nodes.json"),
+        // The nodes' real addresses: each accepts tunnels only from the Nodes' InternalIPs.
+        (Kind::Node, "pods/nodes.json"),
         (Kind::ConfigMap, "watch/configmaps.json"),
     ]
     .into_iter()

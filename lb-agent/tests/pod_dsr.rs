@@ -100,6 +100,11 @@ fn service(name: &str, backends: &[IpAddr], affinity: Option<u32>) -> ServiceSpe
 fn desired(sticky_pods: &[Ipv4Addr], affinity_s: u32) -> DesiredState {
     let mut d = DesiredState::default();
     d.node.decap = true;
+    // The other node, the tunnels' source.
+    d.decap_sources = [IpAddr::from(ENCAP_SRC), ENCAP_SRC6.into()]
+        .into_iter()
+        .map(ipnet::IpNet::from)
+        .collect();
     let dns = addr(VIP.into(), DNS, Protocol::Udp);
     let web = addr(VIP.into(), WEB, Protocol::Tcp);
     let dns6 = addr(VIP6.into(), DNS, Protocol::Udp);
@@ -305,8 +310,8 @@ fn udp_without_checksum_stays_without_one() {
 fn tunnel_traffic_not_for_a_local_endpoint_is_only_decapsulated() {
     let mut f = fixture();
     let before = f.reason(Reason::DecapPass);
-    // A pod of the service that is not on this node, and a port nothing maps.
-    for (pod, port) in [(POD_THERE, DNS), (POD_HERE, 9999)] {
+    // A port nothing maps on a pod here, and the node's own address.
+    for (pod, port) in [(POD_HERE, 9999), (NODE_ADDR, DNS)] {
         let inner = client_packet(CLIENT.into(), VIP.into(), 42000, port, false).build();
         let input = tunnelled(&inner, pod.into(), false);
         let mut expected = input[..12].to_vec();
@@ -315,6 +320,13 @@ fn tunnel_traffic_not_for_a_local_endpoint_is_only_decapsulated() {
         assert_frame(&format!("{pod}:{port}"), &got, XDP_PASS, &expected);
     }
     assert_eq!(f.reason(Reason::DecapPass), before + 2);
+    // A pod of the service that is not on this node: not our address, passed untouched.
+    let before = f.reason(Reason::PassDecapNotAllowed);
+    let inner = client_packet(CLIENT.into(), VIP.into(), 42000, DNS, false).build();
+    let input = tunnelled(&inner, POD_THERE.into(), false);
+    let got = f.run_xdp(maps::PROG_DECAP, &input);
+    assert_frame("pod elsewhere", &got, XDP_PASS, &input);
+    assert_eq!(f.reason(Reason::PassDecapNotAllowed), before + 1);
     // Without decap on the node, lb_xdp passes tunnel packets untouched.
     let mut d = desired(&STICKY_PODS, 3600);
     d.node.decap = false;

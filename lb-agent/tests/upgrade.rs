@@ -4,7 +4,9 @@
 //! (`LB_FLOWTAB4`) is adopted with its entries, so remembered connections survive the
 //! upgrade; the LRU flow tables of older versions (the single `LB_FLOWS`, then `LB_FLOWS4`
 //! and `LB_FLOWS6`) have their entries moved into `LB_FLOWTAB4`/`LB_FLOWTAB6` and their pins
-//! removed, as is the pin of the retired `LB_VIP_BITS`.
+//! removed, as is the pin of the retired `LB_VIP_BITS`. An older `LB_CONFIG` (without the
+//! flow tables' secret) is replaced too, and the adopted flows move to their buckets under
+//! the secret drawn then; a restarted agent keeps the node's secret.
 //! Needs root (loading BPF, bpffs).
 
 use std::{path::Path, process::Command};
@@ -52,13 +54,30 @@ fn pins_of_another_layout_are_replaced_and_compatible_ones_adopted() {
     );
     {
         let mut ebpf = loader::load(&pins.0, 1 << 16, 4096).expect("first load");
-        flowtab::remember(&mut ebpf, &flow, value(7).state(), 1).unwrap();
+        let secret = flowtab::secret(&ebpf).unwrap();
+        flowtab::remember(&mut ebpf, &secret, &flow, value(7).state(), 1).unwrap();
     }
     // What older builds' layouts look like: services with a shorter value, fewer reason
-    // counters, the VIP filter, one LRU flow table for both families, then one per family.
-    for name in [maps::SERVICES, maps::REASON_STATS] {
+    // counters, a config without the flow tables' secret, the VIP filter, one LRU flow table
+    // for both families, then one per family.
+    for name in [maps::SERVICES, maps::REASON_STATS, maps::CONFIG] {
         std::fs::remove_file(pins.0.join(name)).unwrap();
     }
+    bpftool(&[
+        "map",
+        "create",
+        &pin(maps::CONFIG),
+        "type",
+        "array",
+        "key",
+        "4",
+        "value",
+        "56",
+        "entries",
+        "1",
+        "name",
+        maps::CONFIG,
+    ]);
     bpftool(&[
         "map",
         "create",
@@ -184,7 +203,15 @@ fn pins_of_another_layout_are_replaced_and_compatible_ones_adopted() {
     ]);
 
     let dropped = loader::drop_incompatible_pins(&pins.0).unwrap();
-    assert_eq!(dropped, ["LB_VIP_BITS", maps::SERVICES, maps::REASON_STATS]);
+    assert_eq!(
+        dropped,
+        [
+            "LB_VIP_BITS",
+            maps::SERVICES,
+            maps::CONFIG,
+            maps::REASON_STATS
+        ]
+    );
     let mut ebpf = loader::load(&pins.0, 1 << 16, 4096).expect("load over the old pins");
     loader::install_decap(&mut ebpf).expect("the programs load against the new maps");
     let prog: &mut aya::programs::Xdp =
@@ -198,16 +225,24 @@ fn pins_of_another_layout_are_replaced_and_compatible_ones_adopted() {
     );
     let info = MapInfo::from_pin(pins.0.join(maps::REASON_STATS)).unwrap();
     assert_eq!(info.max_entries(), Reason::COUNT);
-    // The flow table was adopted with its connection, and the old tables' moved in.
+    // The flow table was adopted with its connection (moved to its bucket under the secret
+    // drawn for the new config), and the old tables' moved in.
+    let secret = flowtab::secret(&ebpf).unwrap();
     let backend = |found: Option<FlowState>| found.expect("flow remembered").backend_id;
-    assert_eq!(backend(flowtab::find(&ebpf, &flow).unwrap()), 7);
+    assert_eq!(backend(flowtab::find(&ebpf, &secret, &flow).unwrap()), 7);
     assert_eq!(
-        backend(flowtab::find(&ebpf, &old_v4.narrow().unwrap()).unwrap()),
+        backend(flowtab::find(&ebpf, &secret, &old_v4.narrow().unwrap()).unwrap()),
         8
     );
-    assert_eq!(backend(flowtab::find(&ebpf, &old_v6).unwrap()), 9);
-    assert_eq!(backend(flowtab::find(&ebpf, &v4_later).unwrap()), 10);
-    assert_eq!(backend(flowtab::find(&ebpf, &v6_later).unwrap()), 11);
+    assert_eq!(backend(flowtab::find(&ebpf, &secret, &old_v6).unwrap()), 9);
+    assert_eq!(
+        backend(flowtab::find(&ebpf, &secret, &v4_later).unwrap()),
+        10
+    );
+    assert_eq!(
+        backend(flowtab::find(&ebpf, &secret, &v6_later).unwrap()),
+        11
+    );
     for name in [
         maps::LEGACY_FLOWS,
         maps::LEGACY_FLOWS4,
@@ -216,4 +251,51 @@ fn pins_of_another_layout_are_replaced_and_compatible_ones_adopted() {
     ] {
         assert!(!pins.0.join(name).exists(), "{name} is still pinned");
     }
+}
+
+/// A restarted agent finds the node's secret in the pinned `LB_CONFIG` and keeps it, so the
+/// flows the tables hold stay where it looks for them.
+#[test]
+fn a_restarted_agent_keeps_the_flow_table_secret() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test loads BPF programs: run it as root"
+    );
+    let pins =
+        DirGuard(Path::new("/sys/fs/bpf").join(format!("lb-secret-test-{}", std::process::id())));
+    let flow = FlowKeyV4::new(
+        [198, 18, 1, 1],
+        [198, 18, 0, 100],
+        40000u16.to_be(),
+        80u16.to_be(),
+        6,
+    );
+    let state = FlowState {
+        backend_id: 7,
+        tag: 0,
+        flow_hash: 0,
+        last_seen: 1,
+    };
+    let first = {
+        let mut ebpf = loader::load(&pins.0, 1 << 16, 4096).expect("first load");
+        let secret = flowtab::secret(&ebpf).unwrap();
+        flowtab::remember(&mut ebpf, &secret, &flow, state, 1).unwrap();
+        secret
+    };
+    assert_ne!(first, [0; 4], "a new node draws a secret");
+    let ebpf = loader::load(&pins.0, 1 << 16, 4096).expect("second load");
+    assert_eq!(flowtab::secret(&ebpf).unwrap(), first);
+    assert_eq!(
+        flowtab::find(&ebpf, &first, &flow)
+            .unwrap()
+            .unwrap()
+            .backend_id,
+        7
+    );
+    // Another node (fresh pins) draws its own.
+    drop(ebpf);
+    let other =
+        DirGuard(Path::new("/sys/fs/bpf").join(format!("lb-secret-other-{}", std::process::id())));
+    let ebpf = loader::load(&other.0, 1 << 16, 4096).expect("another node's load");
+    assert_ne!(flowtab::secret(&ebpf).unwrap(), first);
 }

@@ -159,6 +159,29 @@ impl Fixture {
         prog_run::run_xdp(&mut self.ebpf, prog, input)
     }
 
+    /// Let `lb_decap` open tunnels from the load balancer (`ENCAP_SRC`, `ENCAP_SRC6`) to
+    /// `destinations`, as `lb-agent decap --allow-source` does on a backend.
+    fn allow_decap(&mut self, destinations: &[IpAddr]) {
+        let entry = |list, ip: IpAddr| {
+            let (prefix_len, addr) = sync::decap_prefix(&ip.into());
+            sync::MapOp::AddDecap {
+                list,
+                prefix_len,
+                addr,
+            }
+        };
+        let mut ops = vec![
+            entry(sync::DecapList::Sources, ENCAP_SRC.into()),
+            entry(sync::DecapList::Sources, ENCAP_SRC6.into()),
+        ];
+        ops.extend(
+            destinations
+                .iter()
+                .map(|ip| entry(sync::DecapList::Destinations, *ip)),
+        );
+        self.dataplane.apply(&ops).unwrap();
+    }
+
     /// The backend the data plane must pick, from the table in the map and the shared hash.
     fn expected_backend(&self, proto: Protocol, sport: u16, dport: u16) -> Ipv4Addr {
         let key = sync::service_key(&ServiceAddr {
@@ -578,6 +601,7 @@ fn truncated_packets_pass_untouched_at_every_length() {
 fn decap_restores_the_inner_packet() {
     let mut f = fixture();
     let backend = backend_ip(1);
+    f.allow_decap(&[backend.into()]);
     for (name, input, l3_off) in [
         ("plain", udp_to(VIP, 40000, PORT_IPIP).build(), 14),
         ("vlan", udp_to(VIP, 40000, PORT_IPIP).vlan(9).build(), 18),
@@ -757,11 +781,13 @@ fn web_flow_key(sport: u16) -> FlowKeyV4 {
 /// The web service's flow entry of client port `sport`, and its key.
 fn web_flow(f: &mut Fixture, sport: u16) -> (FlowKeyV4, Option<FlowState>) {
     let key = web_flow_key(sport);
-    (key, flowtab::find(&f.ebpf, &key).unwrap())
+    let secret = f.snapshot.config.unwrap().flow_secret;
+    (key, flowtab::find(&f.ebpf, &secret, &key).unwrap())
 }
 
 fn set_web_flow(f: &mut Fixture, key: FlowKeyV4, state: FlowState) {
-    flowtab::remember(&mut f.ebpf, &key, state, state.last_seen).unwrap();
+    let secret = f.snapshot.config.unwrap().flow_secret;
+    flowtab::remember(&mut f.ebpf, &secret, &key, state, state.last_seen).unwrap();
 }
 
 #[test]
@@ -859,7 +885,8 @@ fn an_entry_with_another_keys_tag_is_not_followed() {
     );
     let mut table: aya::maps::Array<_, FlowBucket4> =
         aya::maps::Array::try_from(f.ebpf.map_mut(maps::FLOWTAB4).unwrap()).unwrap();
-    let index = table_rules::bucket_index(key.hash(), table.len());
+    let secret = f.snapshot.config.unwrap().flow_secret;
+    let index = table_rules::bucket_index(key.hash(&secret), table.len());
     let mut bucket = table.get(&index, 0).unwrap();
     let way = bucket.ways.iter().position(|e| e.key == key).unwrap();
     bucket.ways[way].state.tag ^= 0x10;
@@ -877,9 +904,10 @@ fn an_entry_with_another_keys_tag_is_not_followed() {
 #[test]
 fn a_new_flow_in_a_full_bucket_replaces_the_longest_idle() {
     let mut f = fixture();
-    let buckets = f.snapshot.config.unwrap().flow_buckets4;
+    let config = f.snapshot.config.unwrap();
+    let (buckets, secret) = (config.flow_buckets4, config.flow_secret);
     let key = |sport: u16| web_flow_key(sport);
-    let bucket_of = |sport: u16| table_rules::bucket_index(key(sport).hash(), buckets);
+    let bucket_of = |sport: u16| table_rules::bucket_index(key(sport).hash(&secret), buckets);
     // Five client ports whose flows share a bucket.
     let target = bucket_of(36000);
     let ports: Vec<u16> = (36000..u16::MAX)
@@ -909,6 +937,96 @@ fn a_new_flow_in_a_full_bucket_replaces_the_longest_idle() {
     for p in [ports[0], ports[2], ports[3]] {
         assert!(web_flow(&mut f, p).1.is_some(), "port {p} stays");
     }
+}
+
+/// The bucket `key` would have in a table of `buckets` by the flow tables' hash without the
+/// node's secret: the multiply fold of the key's words with its public constants, which
+/// anyone can compute.
+fn public_bucket(key: &FlowKeyV4, buckets: u32) -> u32 {
+    let (sport, dport) = (key.sport_be.to_ne_bytes(), key.dport_be.to_ne_bytes());
+    let ports = u32::from_ne_bytes([sport[0], sport[1], dport[0], dport[1]]);
+    let src = u64::from(u32::from_ne_bytes(key.src_be));
+    let dst = u64::from(u32::from_ne_bytes(key.dst_be));
+    let x = (src << 32 | u64::from(ports)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let y = (dst << 32 | u64::from(key.proto)).wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+    table_rules::bucket_index(x ^ y, buckets)
+}
+
+/// A sender who aims flows at one bucket by the public hash evicts nobody: the node's
+/// secret spreads its flows over the table, and the flow already in that bucket stays.
+#[test]
+fn flows_aimed_at_one_bucket_by_the_public_hash_do_not_evict_its_flow() {
+    const ATTACKERS: usize = 64;
+    let mut f = fixture();
+    let buckets = f.snapshot.config.unwrap().flow_buckets4;
+    let victim_port = 37000;
+    f.run(maps::PROG_LB, &tcp_to_web(victim_port, tcp_flags::ACK));
+    assert!(
+        web_flow(&mut f, victim_port).1.is_some(),
+        "the victim is remembered"
+    );
+    let target = public_bucket(&web_flow_key(victim_port), buckets);
+    // Flows of other clients (one /24, any port) that the public hash puts there.
+    let attacker_key = |src: Ipv4Addr, sport: u16| {
+        FlowKeyV4::new(
+            src.octets(),
+            VIP.octets(),
+            sport.to_be(),
+            PORT_TCP.to_be(),
+            lb_common::PROTO_TCP,
+        )
+    };
+    let attackers: Vec<FlowKeyV4> = (1..=254u8)
+        .flat_map(|host| (1024..=u16::MAX).map(move |p| (Ipv4Addr::new(198, 18, 2, host), p)))
+        .map(|(src, sport)| attacker_key(src, sport))
+        .filter(|k| public_bucket(k, buckets) == target)
+        .take(ATTACKERS)
+        .collect();
+    assert_eq!(attackers.len(), ATTACKERS);
+    for k in &attackers {
+        let src = Ipv4Addr::from(k.src_be);
+        let frame = PacketBuilder::new()
+            .eth(CLIENT_MAC, LB_MAC)
+            .ipv4(src, VIP)
+            .tcp(
+                Tcp {
+                    sport: u16::from_be(k.sport_be),
+                    dport: PORT_TCP,
+                    seq: 7,
+                    ack: 9,
+                    flags: tcp_flags::ACK,
+                    ..Tcp::default()
+                },
+                b"x",
+            )
+            .build();
+        let (action, _) = f.run(maps::PROG_LB, &frame);
+        assert_eq!(action, XDP_TX);
+    }
+    assert!(
+        web_flow(&mut f, victim_port).1.is_some(),
+        "the victim's flow was evicted by {ATTACKERS} flows aimed at its bucket"
+    );
+    // Where the attacker's flows went: remembered, every one, over many buckets.
+    let table: aya::maps::Array<_, FlowBucket4> =
+        aya::maps::Array::try_from(f.ebpf.map(maps::FLOWTAB4).unwrap()).unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    let mut remembered = 0;
+    for i in 0..table.len() {
+        let bucket = table.get(&i, 0).unwrap();
+        for e in &bucket.ways {
+            if e.state.tag != 0 && attackers.contains(&e.key) {
+                remembered += 1;
+                used.insert(i);
+            }
+        }
+    }
+    assert_eq!(remembered, ATTACKERS, "every attacker flow is remembered");
+    assert!(
+        used.len() > ATTACKERS / 2,
+        "the attacker's flows share {} buckets",
+        used.len()
+    );
 }
 
 #[test]
@@ -1543,6 +1661,12 @@ fn ipv6_packets_that_are_not_ours_pass_untouched() {
 #[test]
 fn decap_handles_every_encapsulation() {
     let mut f = mixed_fixture();
+    f.allow_decap(&[
+        backend_ip(1).into(),
+        backend_ip(2).into(),
+        backend6(1).into(),
+        backend6(2).into(),
+    ]);
     // The decap program reads the GUE port from LB_CONFIG, which the fixture wrote (6080).
     let inputs = [
         (udp_to(VIP, 42000, 1).build(), IpAddr::V4(backend_ip(1))),

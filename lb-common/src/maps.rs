@@ -64,13 +64,21 @@ pub const SVC_RECORDS: &str = "LB_SVC_RECORDS";
 /// take its VIPs over, though its program stays attached. Mmapable: the agent writes it
 /// with one 8-byte store, which a reader never sees half done.
 pub const L2_LEASE: &str = "LB_L2_LEASE";
+/// LPM trie: `DecapAddr` prefix → 1, the outer sources `lb_decap` accepts tunnel packets
+/// from (the load-balancer nodes). A tunnel packet from anyone else passes untouched.
+pub const DECAP_SRC: &str = "LB_DECAP_SRC";
+/// LPM trie: `DecapAddr` prefix → 1, the outer destinations `lb_decap` accepts: this node's
+/// own addresses and its local endpoints' (pods are tunnelled to directly).
+pub const DECAP_DST: &str = "LB_DECAP_DST";
+/// Entries of each of `LB_DECAP_SRC` and `LB_DECAP_DST`.
+pub const MAX_DECAP_ADDRS: u32 = 16_384;
 /// Maps earlier versions pinned and this one no longer has: the loader removes their pins.
 pub const RETIRED: [&str; 1] = ["LB_VIP_BITS"];
 /// Allow-list entries over all services.
 pub const MAX_SRC_RANGES: u32 = 65_536;
 
 /// Every map the load balancer pins, in the order `lb-agent status` reads them.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 21] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -90,6 +98,8 @@ pub const ALL: [&str; 19] = [
     SVC_SLOTS,
     SVC_RECORDS,
     L2_LEASE,
+    DECAP_SRC,
+    DECAP_DST,
 ];
 
 /// Distinct (VIP, port, protocol) entries; also the size of the per-service counter array.

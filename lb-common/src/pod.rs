@@ -3,9 +3,9 @@
 
 use crate::bench::{GenFrame, HarnessFrame, SinkConfig};
 use crate::types::{
-    AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowBucket4, FlowBucket6,
-    FlowKey, FlowKeyV4, FlowValue, NodeConfig, RevNatValue, ServiceCounters, ServiceKey,
-    ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue,
+    AffinityKey, BackendValue, Counters, DecapAddr, DnatKey, DnatValue, FloodWindow, FlowBucket4,
+    FlowBucket6, FlowKey, FlowKeyV4, FlowValue, NodeConfig, RevNatValue, ServiceCounters,
+    ServiceKey, ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue,
 };
 
 // SAFETY: each type is `repr(C)`, has no implicit padding (sizes asserted in `types`), and
@@ -27,6 +27,7 @@ unsafe impl aya::Pod for VipKey {}
 unsafe impl aya::Pod for VipValue {}
 unsafe impl aya::Pod for SourceRange {}
 unsafe impl aya::Pod for AffinityKey {}
+unsafe impl aya::Pod for DecapAddr {}
 unsafe impl aya::Pod for DnatKey {}
 unsafe impl aya::Pod for DnatValue {}
 unsafe impl aya::Pod for RevNatValue {}

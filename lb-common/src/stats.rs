@@ -69,10 +69,15 @@ pub enum Reason {
     /// A Neighbor Solicitation for a VIP this node owns (`VIP_F_ANSWER`) was answered with a
     /// Neighbor Advertisement.
     TxNeighborAdvert = 27,
+    /// Decap program: a tunnel packet whose outer source is not an allowed sender
+    /// (`LB_DECAP_SRC`) or whose outer destination is not this node's (`LB_DECAP_DST`):
+    /// passed untouched, so the stack sees the tunnel packet (and drops it without tunnel
+    /// modules).
+    PassDecapNotAllowed = 28,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 28;
+    pub const COUNT: u32 = 29;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -104,6 +109,7 @@ impl Reason {
         Reason::AffinityHit,
         Reason::TxArpReply,
         Reason::TxNeighborAdvert,
+        Reason::PassDecapNotAllowed,
     ];
 
     /// Stable snake_case name, used by `lb-agent status` and metrics.
@@ -137,6 +143,7 @@ impl Reason {
             Reason::AffinityHit => "affinity_hit",
             Reason::TxArpReply => "tx_arp_reply",
             Reason::TxNeighborAdvert => "tx_neighbor_advert",
+            Reason::PassDecapNotAllowed => "pass_decap_not_allowed",
         }
     }
 }

@@ -250,14 +250,20 @@ pub struct NodeConfig {
     /// maps: a pinned table keeps the size it was created with).
     pub flow_buckets4: u32,
     pub flow_buckets6: u32,
+    /// The node's key of the flow tables' bucket and tag hash
+    /// ([`crate::flowtab::key_hash`]): drawn at random by the agent for a new node and read
+    /// back from the pinned map on every later start, so remembered flows stay where they
+    /// are. Node-local, like the tables; the flow hash Maglev takes is unkeyed.
+    pub flow_secret: crate::flowtab::Secret,
 }
-const _: () = assert!(size_of::<NodeConfig>() == 56);
+const _: () = assert!(size_of::<NodeConfig>() == 88);
 // The data plane reads the addresses as words and the MAC as half-words.
 const _: () = assert!(
     align_of::<NodeConfig>() >= 4
         && core::mem::offset_of!(NodeConfig, encap_src_v4_be) % 4 == 0
         && core::mem::offset_of!(NodeConfig, encap_src_v6_be) % 4 == 0
         && core::mem::offset_of!(NodeConfig, mac) % 2 == 0
+        && core::mem::offset_of!(NodeConfig, flow_secret) % 8 == 0
 );
 
 impl NodeConfig {
@@ -274,6 +280,7 @@ impl NodeConfig {
         encap_src_v6_be: [0; 16],
         flow_buckets4: 0,
         flow_buckets6: 0,
+        flow_secret: [0; 4],
     };
 }
 
@@ -643,5 +650,33 @@ mod tests {
         let a = addr16_v4([198, 18, 0, 1]);
         assert_eq!(a[..4], [198, 18, 0, 1]);
         assert!(a[4..].iter().all(|b| *b == 0));
+    }
+}
+
+/// Data of an `LB_DECAP_SRC` / `LB_DECAP_DST` key (after the LPM prefix length): the family
+/// in the first 32 bits, then the address, so one trie holds both families. The prefix
+/// length counts those 32 bits plus the address bits (`DecapAddr::FAMILY_BITS + prefix`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DecapAddr {
+    pub family: u8,
+    // Padding as scalars, as in `VipKey`.
+    pub _pad1: u8,
+    pub _pad2: u16,
+    pub addr_be: [u8; 16],
+}
+const _: () = assert!(size_of::<DecapAddr>() == 20);
+
+impl DecapAddr {
+    /// Bits of the key before the address.
+    pub const FAMILY_BITS: u32 = 32;
+
+    pub const fn new(addr_be: [u8; 16], family: u8) -> Self {
+        DecapAddr {
+            family,
+            _pad1: 0,
+            _pad2: 0,
+            addr_be,
+        }
     }
 }

@@ -7,12 +7,21 @@
 //! accepted. A GUE control message, or anything that is not a tunnel packet, is passed
 //! untouched.
 //!
+//! Only tunnels between known parties are opened: the outer source must be in
+//! `LB_DECAP_SRC` (the load-balancer nodes, as the agent keeps them) and the outer
+//! destination in `LB_DECAP_DST` (this node's addresses and its local endpoints'). Anyone
+//! else's tunnel packet is passed untouched and counted (`PassDecapNotAllowed`): without
+//! tunnel modules the stack drops it, so nobody can inject packets with a forged inner
+//! source through this program.
+//!
 //! A decapsulated packet for an endpoint on this node (`LB_DNAT`) is then translated to the
 //! endpoint's address and port (`dnat`); `lb_xdp` tail-calls this program for tunnel packets
 //! when the node decapsulates (`CONFIG_F_DECAP`), and for its own local backends.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
-use lb_common::{CONFIG_F_VALID, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, Reason};
+use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use lb_common::{
+    CONFIG_F_VALID, DecapAddr, FAMILY_V4, FAMILY_V6, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, Reason,
+};
 use network_types::{
     eth::{EthHdr, EtherType},
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -22,7 +31,7 @@ use network_types::{
 use crate::{
     Verdict, dnat,
     encap::write_l2,
-    maps::LB_CONFIG,
+    maps::{LB_CONFIG, LB_DECAP_DST, LB_DECAP_SRC},
     parse::{L2, parse_l2, ptr_at},
     words::load_mac,
 };
@@ -36,11 +45,12 @@ fn gue_port_be() -> u16 {
     }
 }
 
-/// The outer IP header: its length, what follows it, its destination and family (`Err`: not
+/// The outer IP header: its length, what follows it, its addresses and family (`Err`: not
 /// an IP packet).
 struct Outer {
     len: usize,
     proto: u8,
+    src_be: [u8; 16],
     dst_be: [u8; 16],
     family: u8,
 }
@@ -51,8 +61,15 @@ fn outer_ip(ctx: &XdpContext, l2: &L2) -> Result<Outer, Verdict> {
     if l2.ether_type == EtherType::Ipv4 as u16 {
         let ip: *const Ipv4Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(Reason::PassMalformed))?;
         // SAFETY: `ptr_at` checked bounds.
-        let (vihl, proto, frags, dst) =
-            unsafe { ((*ip).vihl, (*ip).proto, (*ip).frags, (*ip).dst_addr) };
+        let (vihl, proto, frags, src, dst) = unsafe {
+            (
+                (*ip).vihl,
+                (*ip).proto,
+                (*ip).frags,
+                (*ip).src_addr,
+                (*ip).dst_addr,
+            )
+        };
         let ihl = ((vihl & 0x0f) as usize) * 4;
         if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
             return Err(Verdict::pass(Reason::PassMalformed));
@@ -61,29 +78,49 @@ fn outer_ip(ctx: &XdpContext, l2: &L2) -> Result<Outer, Verdict> {
         if frags[0] & 0x3f != 0 || frags[1] != 0 {
             return Err(Verdict::pass(Reason::PassFragment));
         }
-        let dst_be = lb_common::addr16_v4(dst);
         Ok(Outer {
             len: ihl,
             proto,
-            dst_be,
+            src_be: lb_common::addr16_v4(src),
+            dst_be: lb_common::addr16_v4(dst),
             family: FAMILY_V4,
         })
     } else if l2.ether_type == EtherType::Ipv6 as u16 {
         let ip: *const Ipv6Hdr = ptr_at(ctx, l3).ok_or(Verdict::pass(Reason::PassMalformed))?;
         // SAFETY: `ptr_at` checked bounds.
-        let (v, next, dst_be) = unsafe { ((*ip).vcf[0] >> 4, (*ip).next_hdr, (*ip).dst_addr) };
+        let (v, next, src_be, dst_be) = unsafe {
+            (
+                (*ip).vcf[0] >> 4,
+                (*ip).next_hdr,
+                (*ip).src_addr,
+                (*ip).dst_addr,
+            )
+        };
         if v != 6 {
             return Err(Verdict::pass(Reason::PassMalformed));
         }
         Ok(Outer {
             len: Ipv6Hdr::LEN,
             proto: next,
+            src_be,
             dst_be,
             family: FAMILY_V6,
         })
     } else {
         Err(Verdict::pass(Reason::PassNotIp))
     }
+}
+
+/// Is the tunnel between parties the agent allows: from an allowed sender to this node?
+#[inline(always)]
+fn allowed(outer: &Outer) -> bool {
+    let key = |addr_be| {
+        Key::new(
+            DecapAddr::FAMILY_BITS + 128,
+            DecapAddr::new(addr_be, outer.family),
+        )
+    };
+    LB_DECAP_DST.get(&key(outer.dst_be)).is_some() && LB_DECAP_SRC.get(&key(outer.src_be)).is_some()
 }
 
 /// Bytes to strip after the outer IP header of a GUE packet (UDP and any GUE header).
@@ -129,6 +166,10 @@ pub fn try_decap(ctx: &XdpContext) -> Result<Verdict, Verdict> {
         (6, PROTO_IPV6 | PROTO_UDP) => (EtherType::Ipv6 as u16, FAMILY_V6),
         _ => return Err(Verdict::pass(Reason::PassMalformed)),
     };
+    // A tunnel packet: opened only between the parties the agent allows.
+    if !allowed(&outer) {
+        return Err(Verdict::pass(Reason::PassDecapNotAllowed));
+    }
 
     // Keep the L2 header, moved forward over the outer headers.
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(Reason::PassMalformed))?;

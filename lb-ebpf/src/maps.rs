@@ -5,13 +5,14 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    AffinityKey, BackendValue, Counters, DnatKey, DnatValue, FloodWindow, FlowBucket4, FlowBucket6,
-    FlowKey, FlowValue, NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey,
+    AffinityKey, BackendValue, Counters, DecapAddr, DnatKey, DnatValue, FloodWindow, FlowBucket4,
+    FlowBucket6, FlowKey, FlowValue, NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey,
     ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue,
     flowtab::buckets_for,
     maps::{
         DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_AFFINITY, MAX_BACKENDS,
-        MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES, MMAPABLE_FLAG, SVC_SLOT_COUNT, flows6_for,
+        MAX_DECAP_ADDRS, MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES, MMAPABLE_FLAG, SVC_SLOT_COUNT,
+        flows6_for,
     },
 };
 
@@ -86,3 +87,12 @@ pub static LB_PROGS: ProgramArray<1> = ProgramArray::new();
 /// The answer lease (`lb_common::maps::L2_LEASE`): read by the ARP/NS responder only.
 #[btf_map]
 pub static LB_L2_LEASE: Array<u64, 1, MMAPABLE_FLAG> = Array::new();
+
+/// Value 1 for every outer source prefix `lb_decap` accepts (`DecapAddr`).
+#[btf_map]
+pub static LB_DECAP_SRC: LpmTrie<DecapAddr, u32, { MAX_DECAP_ADDRS as usize }> = LpmTrie::new();
+
+/// Value 1 for every outer destination `lb_decap` accepts: this node's addresses and its
+/// local endpoints'.
+#[btf_map]
+pub static LB_DECAP_DST: LpmTrie<DecapAddr, u32, { MAX_DECAP_ADDRS as usize }> = LpmTrie::new();

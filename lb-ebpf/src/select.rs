@@ -239,10 +239,17 @@ struct Place<const N: usize> {
 impl<const N: usize> Place<N> {
     const ENTRY: usize = 4 * N + size_of::<FlowState>();
 
-    /// The place of the key whose `flowtab::key_hash` inputs are given.
+    /// The place of the key whose `flowtab::key_hash` inputs are given, under the node's
+    /// secret (in `cfg`, which the path reads anyway: no other map, no helper call).
     #[inline(always)]
     fn of<T: FlowTable<N>>(cfg: &NodeConfig, hash_in: [u32; 4]) -> Option<Self> {
-        let h = flowtab::key_hash(hash_in[0], hash_in[1], hash_in[2], hash_in[3]);
+        let h = flowtab::key_hash(
+            &cfg.flow_secret,
+            hash_in[0],
+            hash_in[1],
+            hash_in[2],
+            hash_in[3],
+        );
         let bucket = T::bucket(flowtab::bucket_index(h, T::buckets(cfg)))?;
         Some(Place {
             bucket,

@@ -345,6 +345,10 @@ impl BgpLab {
     /// backend, and waits until every decap program is attached.
     pub fn start_backends(&mut self) -> Result<()> {
         ensure!(self.decaps.is_empty(), "the backends already run");
+        // Tunnels are accepted from the LB nodes only: every node that may join.
+        let allowed: Vec<String> = (0..self.spec.max_nodes)
+            .flat_map(|i| ["--allow-source".to_string(), node_addr(i).to_string()])
+            .collect();
         for b in &self.backends {
             let path = self.work_dir.0.join(format!("decap-{}.log", b.name));
             let log =
@@ -357,6 +361,7 @@ impl BgpLab {
                 "--xdp-mode",
                 &self.spec.xdp_mode,
             ])
+            .args(&allowed)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -315,6 +315,19 @@ impl L2Lab {
     /// until every decap program is attached.
     pub fn start_backends(&mut self) -> Result<()> {
         ensure!(self.decaps.is_empty(), "the backends already run");
+        // Tunnels are accepted from the LB nodes only.
+        let allowed: Vec<String> = self
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                [
+                    "--allow-source".to_string(),
+                    n.addr.to_string(),
+                    "--allow-source".into(),
+                    n.addr6().to_string(),
+                ]
+            })
+            .collect();
         for b in &self.backends {
             let path = self.work_dir.0.join(format!("decap-{}.log", b.name));
             let log =
@@ -327,6 +340,7 @@ impl L2Lab {
                 "--xdp-mode",
                 &self.spec.xdp_mode,
             ])
+            .args(&allowed)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);

@@ -91,7 +91,11 @@ impl Scenario {
             let log =
                 fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
             let mut cmd = b.ns.command(&spec.agent_bin);
+            // Tunnels are accepted from the load balancer only.
+            let lb4 = lab.lb_addr().to_string();
+            let lb6 = crate::lab::v6_of(lab.lb_addr()).to_string();
             cmd.args(["decap", "--interface", "eth0", "--xdp-mode", &spec.xdp_mode])
+                .args(["--allow-source", &lb4, "--allow-source", &lb6])
                 .stdout(Stdio::null())
                 .stderr(log);
             decaps.push(ChildGuard::spawn(&mut cmd)?);

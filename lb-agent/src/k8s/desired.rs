@@ -201,6 +201,8 @@ where
             announce_routes: Default::default(),
             vip_services: Default::default(),
             weighted: Default::default(),
+            decap_sources: decap_sources(nodes.iter().map(Borrow::borrow)),
+            node_addresses: Default::default(),
         },
         owners: BTreeMap::new(),
         warnings: Vec::new(),
@@ -266,6 +268,18 @@ fn apply_pools<'a>(
 
 /// Label that takes a Node out of every external load balancer (Kubernetes' own).
 pub const EXCLUDE_LABEL: &str = "node.kubernetes.io/exclude-from-external-load-balancers";
+
+/// Who may send this node tunnel packets: every Node (the agent runs on all of them, and any
+/// may balance a VIP to a pod here, whether it announces or not), by all its InternalIPs.
+pub fn decap_sources<'a>(nodes: impl Iterator<Item = &'a Node>) -> BTreeSet<ipnet::IpNet> {
+    nodes
+        .filter_map(|n| n.status.as_ref()?.addresses.as_ref())
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        .map(ipnet::IpNet::from)
+        .collect()
+}
 
 /// The Nodes that may announce VIPs, with the address their heartbeats come from: Ready,
 /// schedulable (a cordoned, draining node withdraws first), not excluded by
