@@ -47,7 +47,7 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use crate::{
     ChildGuard, EchoServer, NetNs,
     bird::{self, BirdDaemon},
-    lab::{BRIDGE, Backend, HOST_IFACE, attach_host, host_mac, wait_ports_forwarding},
+    lab::{Backend, HOST_IFACE, attach_host, host_mac, wait_ports_forwarding},
     scenario::DirGuard,
 };
 
@@ -235,21 +235,7 @@ impl BgpLab {
         fs::create_dir_all(&work_dir.0)
             .with_context(|| format!("creating {}", work_dir.0.display()))?;
 
-        let bridge = NetNs::new("lbbgbr").context("creating bridge namespace")?;
-        bridge
-            .ip(&[
-                "link",
-                "add",
-                BRIDGE,
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "forward_delay",
-                "0",
-            ])
-            .context("creating bridge")?;
-        bridge.ip(&["link", "set", BRIDGE, "up"])?;
+        let bridge = crate::lab::new_bridge("lbbgbr", true)?;
 
         let router = NetNs::new("lbbgr").context("creating router namespace")?;
         // `attach_host` names the host side eth0; the router's LB side is eth1.
@@ -423,6 +409,8 @@ impl BgpLab {
         let ns = NetNs::new(&format!("lbbg{name}"))
             .with_context(|| format!("creating node namespace {name}"))?;
         attach_host(&self.bridge, &ns, &name, addr)?;
+        // A frame to a dead node's MAC must not reach a live node.
+        crate::lab::no_unicast_flood(&self.bridge, &name)?;
         default_via_router(&ns, ROUTER_ADDR)?;
         let dir = self.work_dir.0.join(&name);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -46,8 +46,8 @@ use anyhow::{Context, Result, bail, ensure};
 use crate::{
     ChildGuard, EchoServer, NetNs,
     lab::{
-        BRIDGE, Backend, DEFAULT_VIP, HOST_IFACE, MAX_BACKENDS, attach_host, configure_backend,
-        fmt_mac, host_mac, v6_of, wait_ports_forwarding,
+        Backend, DEFAULT_VIP, HOST_IFACE, MAX_BACKENDS, attach_host, configure_backend, fmt_mac,
+        host_mac, v6_of, wait_ports_forwarding,
     },
     packet::{
         ETH_P_ARP, ETH_P_IPV6, IPPROTO_ICMPV6, ND_NEIGHBOR_ADVERT, ND_OPT_SOURCE_LLA,
@@ -216,23 +216,7 @@ impl L2Lab {
         fs::create_dir_all(&work_dir.0)
             .with_context(|| format!("creating {}", work_dir.0.display()))?;
 
-        let bridge = NetNs::new("lbl2br").context("creating bridge namespace")?;
-        bridge
-            .ip(&[
-                "link",
-                "add",
-                BRIDGE,
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "forward_delay",
-                "0",
-                "mcast_snooping",
-                "0",
-            ])
-            .context("creating bridge")?;
-        bridge.ip(&["link", "set", BRIDGE, "up"])?;
+        let bridge = crate::lab::new_bridge("lbl2br", false)?;
 
         let client = NetNs::new("lbl2c").context("creating client namespace")?;
         attach_host(&bridge, &client, "c0", CLIENT_ADDR)?;
@@ -245,21 +229,8 @@ impl L2Lab {
             let ns = NetNs::new(&format!("lbl2{name}"))
                 .with_context(|| format!("creating node namespace {name}"))?;
             attach_host(&bridge, &ns, &name, addr)?;
-            // A NIC takes only frames to its own MAC (and broadcast, multicast); generic
-            // XDP on a veth sees every frame the bridge floods. No unknown unicast to the
-            // nodes, then: a frame to a dead node's MAC must not reach a live node.
-            bridge
-                .ip(&[
-                    "link",
-                    "set",
-                    "dev",
-                    &name,
-                    "type",
-                    "bridge_slave",
-                    "flood",
-                    "off",
-                ])
-                .with_context(|| format!("no unknown-unicast flooding to {name}"))?;
+            // A frame to a dead node's MAC must not reach a live node.
+            crate::lab::no_unicast_flood(&bridge, &name)?;
             // Keep the IPv6 address across `link_down` / `link_up`, as IPv4 keeps its own.
             ns.sysctl(
                 &format!("net.ipv6.conf.{HOST_IFACE}.keep_addr_on_down"),

@@ -133,21 +133,7 @@ impl Lab {
             spec.vip
         );
 
-        let bridge = NetNs::new("lbtbr").context("creating bridge namespace")?;
-        bridge
-            .ip(&[
-                "link",
-                "add",
-                BRIDGE,
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "forward_delay",
-                "0",
-            ])
-            .context("creating bridge")?;
-        bridge.ip(&["link", "set", BRIDGE, "up"])?;
+        let bridge = new_bridge("lbtbr", true)?;
 
         let client = NetNs::new("lbtc").context("creating client namespace")?;
         attach_host(&bridge, &client, "c0", CLIENT_ADDR)?;
@@ -380,6 +366,51 @@ pub fn configure_backend(ns: &NetNs, vip: Ipv4Addr) -> Result<()> {
     ] {
         ns.sysctl(key, value)?;
     }
+    Ok(())
+}
+
+/// A namespace `prefix…` holding the up bridge [`BRIDGE`] (no STP, no forwarding delay;
+/// multicast snooping off when `snooping` is false, so every Neighbor Solicitation reaches
+/// every port).
+pub fn new_bridge(prefix: &str, snooping: bool) -> Result<NetNs> {
+    let bridge = NetNs::new(prefix).context("creating bridge namespace")?;
+    let snooping = if snooping { "1" } else { "0" };
+    bridge
+        .ip(&[
+            "link",
+            "add",
+            BRIDGE,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+            "mcast_snooping",
+            snooping,
+        ])
+        .context("creating bridge")?;
+    bridge.ip(&["link", "set", BRIDGE, "up"])?;
+    Ok(bridge)
+}
+
+/// No unknown-unicast flooding to bridge port `port`. A NIC takes only frames to its own
+/// MAC (and broadcast, multicast), but generic XDP on a veth sees every frame the bridge
+/// floods: once a dead node's port is down its MAC is unknown and flooded, and a live
+/// node's program would forward the dead node's traffic.
+pub fn no_unicast_flood(bridge: &NetNs, port: &str) -> Result<()> {
+    bridge
+        .ip(&[
+            "link",
+            "set",
+            "dev",
+            port,
+            "type",
+            "bridge_slave",
+            "flood",
+            "off",
+        ])
+        .with_context(|| format!("no unknown-unicast flooding to {port}"))?;
     Ok(())
 }
 

@@ -239,24 +239,6 @@ pub fn run(
 
 fn bgp_trial(spec: &BgpLabSpec, case: Case) -> anyhow::Result<Trial> {
     let mut lab = BgpLab::start(spec.clone()).context("starting the BGP lab")?;
-    // A NIC takes only frames to its own MAC; generic XDP on a veth sees every frame the
-    // bridge floods, and once a dead node's port is down its MAC is unknown and flooded, so
-    // a live node's program would forward the dead node's traffic. The L2 lab does this
-    // itself; the BGP lab does not (yet).
-    for node in lab.nodes() {
-        lab.bridge_ns()
-            .ip(&[
-                "link",
-                "set",
-                "dev",
-                &node.peer,
-                "type",
-                "bridge_slave",
-                "flood",
-                "off",
-            ])
-            .with_context(|| format!("no unknown-unicast flooding to {}", node.peer))?;
-    }
     let all: Vec<usize> = (0..spec.nodes).collect();
     lab.wait_nexthops(&lab.node_addrs(&all), CONVERGE_LIMIT)
         .context("waiting for every node's route")?;
