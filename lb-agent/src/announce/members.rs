@@ -178,17 +178,7 @@ impl Membership {
         settings: MembershipSettings,
         peers: Vec<Peer>,
     ) -> io::Result<Membership> {
-        let socket = UdpSocket::bind(SocketAddr::new(
-            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-            settings.port,
-        ))
-        .await
-        .map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("binding the heartbeat port [::]:{}: {e}", settings.port),
-            )
-        })?;
+        let socket = bind(settings.port).await?;
         let (alive_tx, alive) = watch::channel(None);
         let (peers_tx, peers_rx) = watch::channel(peers);
         let (leave_tx, leave_rx) = tokio::sync::oneshot::channel();
@@ -242,13 +232,30 @@ impl Membership {
     }
 }
 
-fn target(addr: IpAddr, port: u16) -> SocketAddr {
-    // The socket is IPv6 dual-stack: IPv4 peers are reached as mapped addresses.
-    let v6 = match addr {
-        IpAddr::V4(a) => a.to_ipv6_mapped(),
-        IpAddr::V6(a) => a,
-    };
-    SocketAddr::new(IpAddr::V6(v6), port)
+/// The heartbeat socket: IPv6 dual-stack (`[::]`), or IPv4 only (`0.0.0.0`) on a host
+/// without IPv6.
+async fn bind(port: u16) -> io::Result<UdpSocket> {
+    let any6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+    match UdpSocket::bind(any6).await {
+        Ok(s) => Ok(s),
+        Err(e6) => {
+            let any4 = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), port);
+            UdpSocket::bind(any4).await.map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("binding the heartbeat port [::]:{port} ({e6}) or 0.0.0.0:{port}: {e}"),
+                )
+            })
+        }
+    }
+}
+
+fn target(socket: &UdpSocket, addr: IpAddr, port: u16) -> SocketAddr {
+    // A dual-stack socket reaches IPv4 peers as mapped addresses.
+    match (socket.local_addr().map(|a| a.is_ipv6()), addr) {
+        (Ok(true), IpAddr::V4(a)) => SocketAddr::new(IpAddr::V6(a.to_ipv6_mapped()), port),
+        _ => SocketAddr::new(addr, port),
+    }
 }
 
 async fn send_all(socket: &UdpSocket, view: &View, port: u16, leaving: bool) {
@@ -257,7 +264,7 @@ async fn send_all(socket: &UdpSocket, view: &View, port: u16, leaving: bool) {
         if *name == view.me {
             continue;
         }
-        if let Err(e) = socket.send_to(&msg, target(*addr, port)).await {
+        if let Err(e) = socket.send_to(&msg, target(socket, *addr, port)).await {
             tracing::debug!(peer = %name, %addr, error = %e, "heartbeat not sent");
         }
     }
