@@ -84,8 +84,6 @@ const ROUTER_PEER: &str = "r0";
 const AGENT_ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long [`BgpLab::start_bird`] waits for the agent to write the BIRD config.
 const BIRD_CONFIG_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long the backends' decap programs may take to attach.
-const DECAP_ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long [`BgpLab::stop_node`] waits for the agent to exit, beyond its hand-over time.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long [`BgpLab::stop_node`] keeps watching the route after an agent exited first.
@@ -355,28 +353,7 @@ impl BgpLab {
             self.servers
                 .push(EchoServer::start(&b.ns, &b.name, self.service())?);
         }
-        let deadline = Instant::now() + DECAP_ATTACH_TIMEOUT;
-        for (b, decap) in self.backends.iter().zip(&mut self.decaps) {
-            loop {
-                if b.ns
-                    .ip(&["-d", "link", "show", HOST_IFACE])?
-                    .contains("prog/xdp")
-                {
-                    break;
-                }
-                if let Some(status) = decap.try_wait()? {
-                    bail!("decap on {} exited early ({status})", b.name);
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "the decap program did not attach on {} within {DECAP_ATTACH_TIMEOUT:?}",
-                        b.name
-                    );
-                }
-                thread::sleep(POLL);
-            }
-        }
-        Ok(())
+        crate::lab::wait_decaps_attached(&self.backends, &mut self.decaps)
     }
 
     /// Starts the router's BIRD: eBGP to every node address up to `max_nodes`, one ECMP

@@ -70,8 +70,6 @@ pub const SERVICE_PORT: u16 = 80;
 
 /// How long [`L2Lab::start_agent`] waits for "load balancer attached".
 const AGENT_ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long [`L2Lab::start_backends`] waits for the decap programs to attach.
-const DECAP_ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
 /// How often the wait loops look again.
 const POLL: Duration = Duration::from_millis(50);
 /// How long one round of [`L2Lab::wait_single_answerer`] listens for answers.
@@ -324,28 +322,7 @@ impl L2Lab {
                 )?);
             }
         }
-        let deadline = Instant::now() + DECAP_ATTACH_TIMEOUT;
-        for (b, decap) in self.backends.iter().zip(&mut self.decaps) {
-            loop {
-                if b.ns
-                    .ip(&["-d", "link", "show", HOST_IFACE])?
-                    .contains("prog/xdp")
-                {
-                    break;
-                }
-                if let Some(status) = decap.try_wait()? {
-                    bail!("decap on {} exited early ({status})", b.name);
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "the decap program did not attach on {} within {DECAP_ATTACH_TIMEOUT:?}",
-                        b.name
-                    );
-                }
-                thread::sleep(POLL);
-            }
-        }
-        Ok(())
+        crate::lab::wait_decaps_attached(&self.backends, &mut self.decaps)
     }
 
     /// The agent config of node `i` (every node's differs in `node_name` only).

@@ -414,6 +414,36 @@ pub fn no_unicast_flood(bridge: &NetNs, port: &str) -> Result<()> {
     Ok(())
 }
 
+/// How long [`wait_decaps_attached`] waits for every backend's decap program.
+const DECAP_ATTACH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Wait until each backend's XDP decap program is attached; `decaps[i]` runs on
+/// `backends[i]`, and one that exits first is an error naming its backend.
+pub fn wait_decaps_attached(backends: &[Backend], decaps: &mut [crate::ChildGuard]) -> Result<()> {
+    let deadline = Instant::now() + DECAP_ATTACH_TIMEOUT;
+    for (b, decap) in backends.iter().zip(decaps) {
+        loop {
+            if b.ns
+                .ip(&["-d", "link", "show", HOST_IFACE])?
+                .contains("prog/xdp")
+            {
+                break;
+            }
+            if let Some(status) = decap.try_wait()? {
+                bail!("decap on {} exited early ({status})", b.name);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the decap program did not attach on {} within {DECAP_ATTACH_TIMEOUT:?}",
+                    b.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
 /// Route the VIP (and its IPv6 twin) via the LB in the client.
 fn route_vip_via_lb(client: &NetNs, vip: Ipv4Addr) -> Result<()> {
     client

@@ -267,25 +267,7 @@ impl Scenario {
     }
 
     fn wait_for_decaps(&mut self, lab: &Lab) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        for b in lab.backends() {
-            loop {
-                let out = b.ns.ip(&["-d", "link", "show", "eth0"])?;
-                if out.contains("prog/xdp") {
-                    break;
-                }
-                for d in &mut self.decaps {
-                    if let Some(status) = d.try_wait()? {
-                        bail!("decap on {} exited early: {status}", b.name);
-                    }
-                }
-                if Instant::now() > deadline {
-                    bail!("decap program did not attach on {} within 20 s", b.name);
-                }
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
-        Ok(())
+        crate::lab::wait_decaps_attached(lab.backends(), &mut self.decaps)
     }
 
     fn wait_until(
