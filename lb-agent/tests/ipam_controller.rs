@@ -6,8 +6,9 @@
 //! `services/NAME/status` and `ipaddresspools/NAME/status`, Event creation and patches.
 //!
 //! Every "agent" is one controller on its own thread and tokio runtime inside a network
-//! namespace the test creates; its client adds an `x-test-agent` header to every request, so
-//! the test can tell who wrote what. The fake server listens on 127.0.0.1 in that namespace.
+//! namespace the test creates, or, where a test pauses it with SIGSTOP, in a child process
+//! (this test binary run again as [`child_agent`]); its client adds an `x-test-agent` header
+//! to every request, so the test can tell who wrote what. The fake server listens on 127.0.0.1 in that namespace.
 //! Lease timing is shortened (3 s duration, 250 ms renewal). Needs root (network namespaces).
 //! Every wait is bounded.
 
@@ -15,14 +16,15 @@ mod fake_apiserver;
 
 use std::{
     net::{SocketAddr, TcpListener},
+    process::Stdio,
     sync::mpsc,
     thread::{self, JoinHandle},
     time::{Duration, Instant},
 };
 
 use fake_apiserver::{FakeApiServer, Kind, Write};
-use lb_agent::ipam::{IpamController, IpamOptions, LeaseSettings};
-use lb_testkit::{NetNs, require_root};
+use lb_agent::ipam::{IpamController, IpamOptions, LeaseSettings, controller::RETRY};
+use lb_testkit::{ChildGuard, NetNs, require_root};
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "lb-system";
@@ -158,24 +160,7 @@ impl Agent {
                     .build()
                     .expect("runtime");
                 rt.block_on(async move {
-                    let mut config = kube::Config::new(url.parse().expect("server URL"));
-                    config.headers.push((
-                        AGENT_HEADER.parse().expect("header name"),
-                        identity.parse().expect("header value"),
-                    ));
-                    let client = kube::Client::try_from(config).expect("client");
-                    let mut lease = LeaseSettings::new(NAMESPACE, LEASE, &identity);
-                    lease.duration = LEASE_DURATION;
-                    lease.renew_interval = RENEW;
-                    lease.renew_deadline = LEASE_DURATION * 2 / 3;
-                    let controller = IpamController::spawn(
-                        client,
-                        IpamOptions {
-                            namespace: NAMESPACE.into(),
-                            config_map: "lb-agent".into(),
-                            lease,
-                        },
-                    );
+                    let controller = spawn_controller(&url, &identity);
                     // The std channel is polled so the runtime keeps driving the controller.
                     let stop = loop {
                         match rx.try_recv() {
@@ -213,6 +198,88 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.stop(Stop::Crash);
     }
+}
+
+/// Start a controller for `identity` against `url` with the tests' Lease timing (inside a
+/// tokio runtime).
+fn spawn_controller(url: &str, identity: &str) -> IpamController {
+    let mut config = kube::Config::new(url.parse().expect("server URL"));
+    config.headers.push((
+        AGENT_HEADER.parse().expect("header name"),
+        identity.parse().expect("header value"),
+    ));
+    let client = kube::Client::try_from(config).expect("client");
+    let mut lease = LeaseSettings::new(NAMESPACE, LEASE, identity);
+    lease.duration = LEASE_DURATION;
+    lease.renew_interval = RENEW;
+    lease.renew_deadline = LEASE_DURATION * 2 / 3;
+    IpamController::spawn(
+        client,
+        IpamOptions {
+            namespace: NAMESPACE.into(),
+            config_map: "lb-agent".into(),
+            lease,
+        },
+    )
+}
+
+/// The child process's environment: the server URL and the agent's identity.
+const CHILD_URL: &str = "LB_TEST_IPAM_CHILD_URL";
+const CHILD_NAME: &str = "LB_TEST_IPAM_CHILD_NAME";
+/// A child agent exits by itself after this long, should its test not kill it.
+const CHILD_LIFETIME: Duration = Duration::from_secs(120);
+
+/// One controller in a child process inside the namespace, so that it can be paused.
+/// Dropping it continues and kills it.
+struct ProcessAgent {
+    child: Option<ChildGuard>,
+}
+
+impl ProcessAgent {
+    fn start(ns: &NetNs, url: &str, name: &str) -> ProcessAgent {
+        let exe = std::env::current_exe().expect("test binary path");
+        let mut cmd = ns.command(exe);
+        cmd.args(["child_agent", "--exact", "--ignored", "--nocapture"])
+            .env(CHILD_URL, url)
+            .env(CHILD_NAME, name)
+            .stdin(Stdio::null())
+            // The harness's own lines; the controller logs nothing without a subscriber.
+            .stdout(Stdio::null());
+        ProcessAgent {
+            child: Some(ChildGuard::spawn(&mut cmd).expect("child agent")),
+        }
+    }
+
+    /// `kill -SIG pid`.
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().map_or(0, ChildGuard::id).to_string();
+        lb_testkit::netns::run("kill", &[&format!("-{sig}"), &pid]).expect("kill");
+    }
+}
+
+impl Drop for ProcessAgent {
+    fn drop(&mut self) {
+        // A stopped process would take SIGTERM only once continued.
+        self.signal("CONT");
+        drop(self.child.take());
+    }
+}
+
+/// Not a test of its own: the body of [`ProcessAgent`]'s child process.
+#[test]
+#[ignore = "the agent process that a_leader_paused_past_its_lease_writes_nothing_stale starts"]
+fn child_agent() {
+    let (Ok(url), Ok(identity)) = (std::env::var(CHILD_URL), std::env::var(CHILD_NAME)) else {
+        panic!("only run as the child of a_leader_paused_past_its_lease_writes_nothing_stale");
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let _controller = spawn_controller(&url, &identity);
+        tokio::time::sleep(CHILD_LIFETIME).await;
+    });
 }
 
 /// Twelve hex digits from a name, for uids.
@@ -691,4 +758,97 @@ fn a_restarted_controller_keeps_every_address() {
     assert!(
         c.events("s2", "IPAllocated").len() == 1 && c.events("legacy", "IPAllocated").is_empty()
     );
+}
+
+/// A leader is paused (SIGSTOP) with a status write in flight, past its Lease; a new leader
+/// takes over and gives that address to another Service. When the old write finally arrives
+/// it is refused (it is conditioned on the resource version it was decided on), and the old
+/// leader, resumed, writes nothing more: no address is ever in two Services' status.
+#[test]
+fn a_leader_paused_past_its_lease_writes_nothing_stale() {
+    let c = Cluster::new();
+    c.server.apply(
+        Kind::IpAddressPool,
+        pool("public", json!({"addresses": ["198.18.106.0/29"]})),
+    );
+    c.server.apply(Kind::Service, pending("one", 1));
+    // An older Service that becomes a LoadBalancer later: it sorts before "two".
+    let cluster_ip = |s: &mut Value| s["spec"]["type"] = json!("ClusterIP");
+    c.server
+        .apply(Kind::Service, service("early", 2, cluster_ip));
+    let a = ProcessAgent::start(&c.ns, &c.server.url(), "agent-a");
+    c.wait("agent-a leads and serves one", || {
+        c.lease_holder().as_deref() == Some("agent-a")
+            && c.ingress("web", "one") == ["198.18.106.0"]
+    });
+    let _b = c.agent("agent-b");
+    thread::sleep(RENEW * 4);
+    assert_eq!(c.lease_holder().as_deref(), Some("agent-a"));
+
+    // agent-a decides "two" gets .1 and sends the write; it stays in flight, and agent-a is
+    // paused right then.
+    c.server.hold_writes(Kind::Service, AGENT_HEADER, "agent-a");
+    c.server.apply(Kind::Service, pending("two", 3));
+    assert!(
+        c.server.wait_held(WAIT),
+        "agent-a sent no status write for two:\n{}",
+        c.write_log()
+    );
+    a.signal("STOP");
+    let paused = Instant::now();
+    let from = c.server.writes().len();
+    c.server.apply(Kind::Service, service("early", 2, |_| {}));
+
+    // agent-b takes over once the Lease expired and serves the older Service first.
+    c.wait("agent-b took over and served both", || {
+        c.ingress("web", "early") == ["198.18.106.1"] && c.ingress("web", "two") == ["198.18.106.2"]
+    });
+    assert!(
+        paused.elapsed() >= LEASE_DURATION - RENEW,
+        "taken over {:?} after the pause, before the Lease expired",
+        paused.elapsed()
+    );
+    assert_eq!(c.lease_holder().as_deref(), Some("agent-b"));
+
+    // The old write arrives now, then agent-a resumes.
+    c.server.release_held();
+    let stale = |c: &Cluster| {
+        c.server.writes()[from..]
+            .iter()
+            .find(|w| by(w) == "agent-a" && w.kind == Kind::Service)
+            .cloned()
+    };
+    c.wait("the held write is answered", || stale(&c).is_some());
+    let held = stale(&c).unwrap();
+    assert_eq!(
+        (held.name.as_str(), held.code),
+        ("two", 409),
+        "the stale write must be refused: {}\n{}",
+        held.body,
+        c.write_log()
+    );
+    a.signal("CONT");
+    // Long enough for agent-a to retry its failed pass and to renew, had it still believed it
+    // led.
+    thread::sleep(RETRY + RENEW * 8);
+    let applied: Vec<String> = c.server.writes()[from..]
+        .iter()
+        .filter(|w| by(w) == "agent-a" && w.code < 300)
+        .map(|w| format!("{} {:?} {}", w.method, w.kind, w.name))
+        .collect();
+    assert!(
+        applied.is_empty(),
+        "agent-a wrote after its Lease was gone: {applied:?}\n{}",
+        c.write_log()
+    );
+    assert_eq!(c.lease_holder().as_deref(), Some("agent-b"));
+    let mut seen = std::collections::BTreeMap::new();
+    for name in ["one", "early", "two"] {
+        for ip in c.ingress("web", name) {
+            if let Some(other) = seen.insert(ip.clone(), name) {
+                panic!("{ip} is in the status of both {other} and {name}");
+            }
+        }
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
 }

@@ -2,8 +2,14 @@
 //! ConfigMap, a Lease for leader election, and while leading, a [`Reconciler`] pass after
 //! every change whose plan is written to the API (Service status, pool status, Events).
 //!
-//! - Every agent watches (so a new leader starts from warm stores); only the leader writes,
-//!   and it checks that it still leads before every write.
+//! - Every agent watches (so a new leader starts from warm stores); only the leader writes.
+//! - Writes are fenced twice. Before every status write the leader reads the Lease and goes
+//!   on only if it is still ours exactly as we last wrote it and our renew deadline has not
+//!   passed ([`LeaseLock::confirm`]); a leader paused past its Lease (SIGSTOP, a stalled VM)
+//!   therefore stops at its next write. And every Service status write carries the Service's
+//!   `resourceVersion` the decision was made on, so a write that was already in flight when
+//!   the Lease changed hands fails with `409 Conflict` if the new leader (or anyone) wrote that
+//!   Service since; if it lands first, the new leader sees it and re-plans with it.
 //! - Nothing is decided before every store holds a complete first list.
 //! - A new leader starts from nothing and rebuilds the allocations from the Services' status
 //!   (see [`super::reconcile`]); losing the lead forgets them.
@@ -39,7 +45,7 @@ use tokio::{
 use super::{
     POOL_API_VERSION, POOL_KIND,
     events::Recorder,
-    lease::{LeaseLock, LeaseSettings},
+    lease::{Fence, LeaseLock, LeaseSettings},
     reconcile::{Plan, PoolObject, PoolStatusWrite, Reconciler, Snapshot, StatusWrite},
 };
 use crate::k8s::K8sConfig;
@@ -350,8 +356,10 @@ impl PlanWriter {
             tracing::info!(%service, ips = ?ips, "IPAM: addresses of a deleted service freed");
         }
         for write in &plan.status {
-            if !lease.is_leader() {
-                return Outcome::NotLeader;
+            match lease.confirm().await {
+                Fence::Held => {}
+                Fence::Lost => return Outcome::NotLeader,
+                Fence::Unknown => return Outcome::Failed,
             }
             match bounded(self.write_status(write)).await {
                 Ok(()) => tracing::info!(
@@ -359,6 +367,10 @@ impl PlanWriter {
                     ips = ?write.ips,
                     "IPAM: status.loadBalancer.ingress written"
                 ),
+                Err(WriteError::Api(kube::Error::Api(s))) if s.is_conflict() => {
+                    failed = true;
+                    tracing::info!(service = %write.service, "IPAM: the service changed since it was read; planned again");
+                }
                 Err(e) => {
                     failed = true;
                     tracing::warn!(service = %write.service, error = %e, "IPAM: writing the service status failed");
@@ -418,7 +430,7 @@ impl PlanWriter {
         api.patch_status(
             &write.service.name,
             &PatchParams::default(),
-            &Patch::Merge(status_patch(&write.ips)),
+            &Patch::Merge(status_patch(&write.ips, write.resource_version.as_deref())),
         )
         .await
         .map(drop)
@@ -434,8 +446,9 @@ impl PlanWriter {
 }
 
 /// The merge patch that sets `status.loadBalancer.ingress` to exactly `ips` (a JSON merge
-/// patch replaces lists as a whole; `null` removes the field).
-pub fn status_patch(ips: &[IpAddr]) -> Value {
+/// patch replaces lists as a whole; `null` removes the field), conditioned on
+/// `resource_version` when given (the API server answers `409 Conflict` if the object changed).
+pub fn status_patch(ips: &[IpAddr], resource_version: Option<&str>) -> Value {
     let ingress: Value = if ips.is_empty() {
         Value::Null
     } else {
@@ -443,7 +456,11 @@ pub fn status_patch(ips: &[IpAddr]) -> Value {
             .map(|ip| json!({"ip": ip.to_string(), "ipMode": IP_MODE}))
             .collect()
     };
-    json!({"status": {"loadBalancer": {"ingress": ingress}}})
+    let mut patch = json!({"status": {"loadBalancer": {"ingress": ingress}}});
+    if let Some(rv) = resource_version {
+        patch["metadata"] = json!({"resourceVersion": rv});
+    }
+    patch
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -516,15 +533,18 @@ mod tests {
             "2001:db8::1".parse().unwrap(),
         ];
         assert_eq!(
-            status_patch(&ips),
+            status_patch(&ips, None),
             json!({"status": {"loadBalancer": {"ingress": [
                 {"ip": "198.18.0.1", "ipMode": "VIP"},
                 {"ip": "2001:db8::1", "ipMode": "VIP"}
             ]}}})
         );
         assert_eq!(
-            status_patch(&[]),
-            json!({"status": {"loadBalancer": {"ingress": null}}})
+            status_patch(&[], Some("42")),
+            json!({
+                "metadata": {"resourceVersion": "42"},
+                "status": {"loadBalancer": {"ingress": null}}
+            })
         );
     }
 

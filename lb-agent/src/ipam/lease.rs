@@ -182,6 +182,19 @@ impl Elector {
         }
     }
 
+    /// Does `current`, the Lease as just read from the server, still show exactly what our
+    /// last write left there, and do we lead at `now`? The fence before every IPAM write: an
+    /// agent whose Lease anyone else has written since (a takeover after a pause, a deleted
+    /// Lease) does not write, whatever its own clock says.
+    pub fn confirms(&self, current: Option<&Lease>, now: Instant) -> bool {
+        let (Some(lease), Some((ours, _))) = (current, self.observed.as_ref()) else {
+            return false;
+        };
+        self.is_leader(now)
+            && ours.holder.as_deref() == Some(self.settings.identity.as_str())
+            && Record::of(lease) == *ours
+    }
+
     /// The write decided at `started` succeeded; the server returned `written`.
     pub fn written(&mut self, written: &Lease, started: Instant) {
         self.observed = Some((Record::of(written), started));
@@ -300,6 +313,29 @@ impl LeaseLock {
         self.is_leader()
     }
 
+    /// Read the Lease and check that it is still ours as we last wrote it
+    /// ([`Elector::confirms`]); bounded by the renew interval.
+    pub async fn confirm(&self) -> Fence {
+        let name = &self.elector.settings().name;
+        let limit = self.elector.settings().renew_interval;
+        let started = Instant::now();
+        match bounded(limit, self.api.get_opt(name)).await {
+            Ok(current) if self.elector.confirms(current.as_ref(), started) => Fence::Held,
+            Ok(current) => {
+                let holder = current
+                    .as_ref()
+                    .and_then(|l| l.spec.as_ref())
+                    .and_then(|s| s.holder_identity.clone());
+                tracing::info!(lease = %name, holder = ?holder, "IPAM: the lease is no longer ours as last written");
+                Fence::Lost
+            }
+            Err(e) => {
+                tracing::warn!(lease = %name, error = %e, "IPAM: reading the lease before a write failed");
+                Fence::Unknown
+            }
+        }
+    }
+
     /// Give the Lease up if we hold it, so another agent takes over without waiting for expiry.
     pub async fn release(&mut self) {
         let name = self.elector.settings().name.clone();
@@ -320,6 +356,17 @@ impl LeaseLock {
             Err(e) => tracing::warn!(lease = %name, error = %e, "releasing the lease failed"),
         }
     }
+}
+
+/// What [`LeaseLock::confirm`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fence {
+    /// The Lease is ours, as we last wrote it, and our renew deadline has not passed.
+    Held,
+    /// Someone else wrote the Lease, or our deadline passed: do not write.
+    Lost,
+    /// The Lease could not be read: do not write now, try again later.
+    Unknown,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -509,6 +556,32 @@ mod tests {
             panic!("own lease is renewed")
         };
         assert_eq!(holder(&r), Some("node-a"));
+    }
+
+    #[test]
+    fn the_write_fence_holds_only_for_the_lease_as_last_written() {
+        let t0 = Instant::now();
+        let mut a = Elector::new(settings("node-a"));
+        let LeaseAction::Create(l) = a.decide(None, t0, wall(0)) else {
+            panic!()
+        };
+        assert!(!a.confirms(None, t0), "nothing written yet");
+        let ours = stored(&l, 1);
+        assert!(
+            !a.confirms(Some(&ours), t0),
+            "not before the write succeeded"
+        );
+        a.written(&ours, t0);
+        assert!(a.confirms(Some(&ours), t0 + Duration::from_secs(1)));
+        // Our deadline passed (a paused agent resumes): no write, whatever the server shows.
+        assert!(!a.confirms(Some(&ours), t0 + Duration::from_secs(10)));
+        // Another agent took the Lease over, or merely rewrote it: no write.
+        let mut taken = stored(&ours, 2);
+        taken.spec.as_mut().unwrap().holder_identity = Some("node-b".into());
+        assert!(!a.confirms(Some(&taken), t0 + Duration::from_secs(1)));
+        let rewritten = stored(&ours, 3);
+        assert!(!a.confirms(Some(&rewritten), t0 + Duration::from_secs(1)));
+        assert!(!a.confirms(None, t0 + Duration::from_secs(1)), "deleted");
     }
 
     #[test]

@@ -119,6 +119,10 @@ impl PoolObject {
 pub struct StatusWrite {
     pub service: ServiceKey,
     pub ips: Vec<IpAddr>,
+    /// The Service's `metadata.resourceVersion` the decision was made on: the write is
+    /// conditioned on it, so it fails (`409 Conflict`) if anyone changed the Service since,
+    /// in particular a newer leader.
+    pub resource_version: Option<String>,
 }
 
 /// Write the `Valid` condition of a pool.
@@ -304,6 +308,7 @@ impl Reconciler {
                 plan.status.push(StatusWrite {
                     service: key,
                     ips: Vec::new(),
+                    resource_version: svc.metadata.resource_version.clone(),
                 });
             }
         }
@@ -434,6 +439,7 @@ impl Reconciler {
                 plan.status.push(StatusWrite {
                     service: key,
                     ips: desired.to_vec(),
+                    resource_version: svc.metadata.resource_version.clone(),
                 });
             }
         }

@@ -30,6 +30,11 @@
 //! Every write is a watch event like any change, and is recorded ([`FakeApiServer::writes`])
 //! with the request's headers, so a test can tell which client wrote what.
 //!
+//! A test can also hold writes in flight: [`FakeApiServer::hold_writes`] makes the server
+//! take matching requests but apply (and answer) them only after
+//! [`FakeApiServer::release_held`], as a request delayed on the network or a writer paused
+//! after sending would look.
+//!
 //! Every object change gets the next resource version, as etcd would hand out. The test can
 //! cut every connection and refuse new ones ([`FakeApiServer::cut`]: the listener is closed,
 //! so connects fail with ECONNREFUSED), and accept again on a fresh listener
@@ -189,6 +194,18 @@ struct State {
     writes: Vec<Write>,
     /// For `metadata.uid` of created objects.
     next_uid: u64,
+    /// Writes matching this wait before they are applied.
+    hold: Option<Hold>,
+    /// How many writes wait now.
+    held: usize,
+}
+
+/// Which writes [`FakeApiServer::hold_writes`] holds.
+#[derive(Clone, Debug)]
+struct Hold {
+    kind: Kind,
+    /// Header name (lower case) and value the request must carry.
+    header: (String, String),
 }
 
 impl State {
@@ -401,6 +418,40 @@ impl FakeApiServer {
         assert!(old.is_none(), "resume without cut");
     }
 
+    /// Hold every write of `kind` whose request carries `header: value`: it is read but
+    /// applied and answered only after [`FakeApiServer::release_held`].
+    pub fn hold_writes(&self, kind: Kind, header: &str, value: &str) {
+        self.shared.lock().hold = Some(Hold {
+            kind,
+            header: (header.to_ascii_lowercase(), value.to_string()),
+        });
+    }
+
+    /// Wait (at most `limit`) until a write is held; whether one is.
+    pub fn wait_held(&self, limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut st = self.shared.lock();
+        while st.held == 0 {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, left.min(POLL))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// Stop holding: the held writes are applied, in arrival order as far as the threads go.
+    pub fn release_held(&self) {
+        self.shared.lock().hold = None;
+        self.shared.changed.notify_all();
+    }
+
     /// Every request line so far (`GET /api/v1/services?...`).
     pub fn requests(&self) -> Vec<String> {
         self.shared.lock().requests.clone()
@@ -518,6 +569,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
             }
             ("GET", Some(name)) => get_one(shared, &target, name),
             ("POST", None) | ("PUT" | "PATCH", Some(_)) => {
+                wait_while_held(shared, &target, &req);
                 let answer = write(shared, &target, &req);
                 shared.changed.notify_all();
                 answer
@@ -537,6 +589,29 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
     }
     let _ = out.shutdown(Shutdown::Both);
     shared.lock().conns.remove(&id);
+}
+
+/// Block while a [`Hold`] matches this write.
+fn wait_while_held(shared: &Shared, target: &Target, req: &Request) {
+    let matches = |hold: &Option<Hold>| {
+        hold.as_ref().is_some_and(|h| {
+            h.kind == target.kind && req.headers.get(&h.header.0) == Some(&h.header.1)
+        })
+    };
+    let mut st = shared.lock();
+    if !matches(&st.hold) {
+        return;
+    }
+    st.held += 1;
+    shared.changed.notify_all();
+    while matches(&st.hold) {
+        st = shared
+            .changed
+            .wait_timeout(st, POLL)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    st.held -= 1;
 }
 
 /// Reads a request line, headers and body (by Content-Length or chunked); `None` at EOF or
