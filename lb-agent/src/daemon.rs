@@ -19,7 +19,7 @@ use crate::{
     clock::KernelClock,
     config::{self, ConfigError},
     dataplane::{AnswerLease, Dataplane, DataplaneError},
-    ipam::{IpamController, IpamOptions, LeaseSettings},
+    ipam::{EventSink, IpamController, IpamOptions, LeaseSettings},
     k8s::{ClusterWatch, WatchError, WatchOptions},
     loader::{self, LoadError},
     netinfo::{Interface, NetError, NetInfo},
@@ -211,9 +211,17 @@ impl Source {
             namespace: args.cluster.namespace.clone(),
             config_map: args.cluster.config_map.clone(),
         };
+        let mut watch = ClusterWatch::start(client.clone(), opts.clone());
+        // The IPAM leader speaks for every node; without IPAM the warnings are only logged.
+        if let Some(ipam) = &ipam {
+            watch.publish_warnings(
+                EventSink::start(client.clone(), &opts.node_name, "Service warning"),
+                ipam.leading(),
+            );
+        }
         Ok(Source::Cluster {
-            client: client.clone(),
-            watch: Box::new(ClusterWatch::start(client, opts)),
+            client,
+            watch: Box::new(watch),
             ipam,
         })
     }

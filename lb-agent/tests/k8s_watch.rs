@@ -617,6 +617,37 @@ fn ipam_gives_a_pending_service_its_vip_and_the_data_plane_follows() {
             .iter()
             .any(|e| e["reason"] == "IPAllocated" && e["regarding"]["name"] == "echo")
     });
+    // A Service with a port the data plane cannot serve (SCTP): one Warning Event from the
+    // leader, naming it; the other Services are untouched.
+    let events_about = |name: &str, reason: &str| {
+        server
+            .list(Kind::Event)
+            .into_iter()
+            .filter(|e| e["reason"] == reason && e["regarding"]["name"] == name)
+            .collect::<Vec<_>>()
+    };
+    server.apply(Kind::Service, dns_service());
+    agent.wait(
+        WAIT,
+        "the UnsupportedProtocol Warning Event is published",
+        |_| !events_about("dns", "UnsupportedProtocol").is_empty(),
+    );
+    let warning = &events_about("dns", "UnsupportedProtocol")[0];
+    assert_eq!(warning["type"], "Warning");
+    assert_eq!(
+        warning["regarding"]["uid"],
+        dns_service()["metadata"]["uid"]
+    );
+    assert!(
+        warning["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("port sig: protocol SCTP"),
+        "{warning}"
+    );
+    check_traffic(&lab, &["b1", "b2", "b3"]);
+    thread::sleep(Duration::from_secs(1));
+    assert_eq!(events_about("dns", "UnsupportedProtocol").len(), 1);
     let exit = agent.stop();
     assert!(exit.success(), "agent exit: {exit}\n{}", agent.log());
 
@@ -629,10 +660,9 @@ fn ipam_gives_a_pending_service_its_vip_and_the_data_plane_follows() {
     });
     let later = &server.requests()[requests_before..];
     assert!(
-        !later
-            .iter()
-            .any(|r| r.contains("leases")
-                || (r.contains("ipaddresspools") && !r.starts_with("GET "))),
+        !later.iter().any(|r| r.contains("leases")
+            || (r.contains("ipaddresspools") && !r.starts_with("GET "))
+            || (r.contains("events") && !r.starts_with("GET "))),
         "{later:#?}"
     );
     let exit = passive.stop();

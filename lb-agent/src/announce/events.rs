@@ -9,10 +9,9 @@
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::ObjectReference;
-use tokio::sync::mpsc;
 
 use crate::{
-    ipam::{Notice, Recorder},
+    ipam::{EventSink, Notice},
     state::DesiredState,
 };
 
@@ -52,31 +51,14 @@ pub fn notice(t: Transition, node: &str, how: &str) -> Notice {
 /// Publishes announcement Events in the background.
 pub struct AnnounceEvents {
     node: String,
-    tx: mpsc::UnboundedSender<(ObjectReference, Notice)>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for AnnounceEvents {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    sink: EventSink,
 }
 
 impl AnnounceEvents {
     pub fn start(client: kube::Client, node: &str) -> AnnounceEvents {
-        let (tx, mut rx) = mpsc::unbounded_channel::<(ObjectReference, Notice)>();
-        let mut recorder = Recorder::new(client, node.to_string());
-        let task = tokio::spawn(async move {
-            while let Some((regarding, notice)) = rx.recv().await {
-                if let Err(e) = recorder.publish(&regarding, &notice).await {
-                    tracing::warn!(error = %e, "announcement Event not published");
-                }
-            }
-        });
         AnnounceEvents {
             node: node.to_string(),
-            tx,
-            task,
+            sink: EventSink::start(client, node, "announcement"),
         }
     }
 
@@ -94,7 +76,7 @@ impl AnnounceEvents {
                     uid: svc.uid.clone(),
                     ..ObjectReference::default()
                 };
-                let _ = self.tx.send((regarding, n.clone()));
+                self.sink.send(regarding, n.clone());
             }
         }
     }

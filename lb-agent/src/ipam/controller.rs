@@ -96,6 +96,7 @@ pub fn pool_resource() -> ApiResource {
 pub struct IpamController {
     task: Option<JoinHandle<()>>,
     stop: Option<oneshot::Sender<()>>,
+    leading: watch::Receiver<bool>,
 }
 
 impl Drop for IpamController {
@@ -110,11 +111,19 @@ impl IpamController {
     /// Start watching and electing (on the current tokio runtime).
     pub fn spawn(client: Client, opts: IpamOptions) -> IpamController {
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(run(client, opts, stopped));
+        let (lead_tx, leading) = watch::channel(false);
+        let task = tokio::spawn(run(client, opts, stopped, lead_tx));
         IpamController {
             task: Some(task),
             stop: Some(stop),
+            leading,
         }
+    }
+
+    /// Whether this agent leads now, and its changes: the one agent that writes, which other
+    /// parts use to publish cluster-wide Events once rather than from every node.
+    pub fn leading(&self) -> watch::Receiver<bool> {
+        self.leading.clone()
     }
 
     /// Stop: give up the Lease if held (bounded wait), stop the watchers.
@@ -228,7 +237,12 @@ impl Settings {
     }
 }
 
-async fn run(client: Client, opts: IpamOptions, mut stop: oneshot::Receiver<()>) {
+async fn run(
+    client: Client,
+    opts: IpamOptions,
+    mut stop: oneshot::Receiver<()>,
+    lead_tx: watch::Sender<bool>,
+) {
     let identity = opts.lease.identity.clone();
     let mut stores = Stores::start(&client, &opts);
     let mut lease = LeaseLock::new(client.clone(), opts.lease.clone());
@@ -269,6 +283,7 @@ async fn run(client: Client, opts: IpamOptions, mut stop: oneshot::Receiver<()>)
                 let now_leading = lease.tick().await;
                 if now_leading != leading {
                     leading = now_leading;
+                    lead_tx.send_replace(leading);
                     if leading {
                         tracing::info!(identity = %identity, "IPAM: became the leader");
                         dirty = true;
@@ -317,10 +332,12 @@ async fn run(client: Client, opts: IpamOptions, mut stop: oneshot::Receiver<()>)
             Outcome::NotLeader => {
                 tracing::info!(identity = %identity, "IPAM: lost the lead while writing");
                 leading = false;
+                lead_tx.send_replace(false);
                 reconciler.reset();
             }
         }
     }
+    lead_tx.send_replace(false);
     if leading || lease.is_leader() {
         lease.release().await;
     }

@@ -8,6 +8,9 @@
 //!   `runtime::events::Recorder`, the note is part of what makes two notices "the same", so a
 //!   new message is never hidden in the series of an older one.
 //!
+//! - [`EventSink`]: a [`Recorder`] on a task of its own, for callers that must never wait for
+//!   the API server (the sync loop); what cannot be published is logged and dropped.
+//!
 //! Events about cluster-scoped objects (pools) go to the `default` namespace.
 
 use std::{
@@ -246,6 +249,42 @@ impl Recorder {
             },
         );
         Ok(())
+    }
+}
+
+/// Publishes notices from a task of its own: [`EventSink::send`] never waits, so a slow or
+/// absent API server does not hold the caller up. Dropping it stops the task.
+pub struct EventSink {
+    tx: tokio::sync::mpsc::UnboundedSender<(ObjectReference, Notice)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EventSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl EventSink {
+    /// Start publishing as `instance` (the node name) on the current tokio runtime; `what`
+    /// names the Events in the log line of one that could not be published.
+    pub fn start(client: Client, instance: &str, what: &'static str) -> EventSink {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(ObjectReference, Notice)>();
+        let mut recorder = Recorder::new(client, instance.to_string());
+        let task = tokio::spawn(async move {
+            while let Some((regarding, notice)) = rx.recv().await {
+                if let Err(e) = recorder.publish(&regarding, &notice).await {
+                    tracing::warn!(error = %e, "{what} Event not published");
+                }
+            }
+        });
+        EventSink { tx, task }
+    }
+
+    /// Queue a notice about `regarding`.
+    pub fn send(&self, regarding: ObjectReference, notice: Notice) {
+        // The task ends only when the sink is dropped.
+        let _ = self.tx.send((regarding, notice));
     }
 }
 

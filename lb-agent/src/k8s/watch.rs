@@ -11,6 +11,9 @@
 //!   their contents, so the data plane keeps the last state. A watch resumes from the last
 //!   resource version; when that is too old, the re-list replaces a store in one step (it is
 //!   never seen empty), and only the difference reaches the maps.
+//! - Warnings about Services (an invalid address, a port skipped, an address conflict, …)
+//!   are logged once when they appear and, with [`ClusterWatch::publish_warnings`], also
+//!   published as Warning Events on the Service, by one agent only (the IPAM leader).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -20,6 +23,7 @@ use std::{
 };
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Node, Service},
     discovery::v1::EndpointSlice,
@@ -39,7 +43,13 @@ use tokio::{sync::watch, task::JoinHandle};
 use super::{
     K8sConfig, K8sConfigError, SERVICE_NAME_LABEL, Warning, WarningReason, desired_state_with_pools,
 };
-use crate::state::DesiredState;
+use crate::{
+    ipam::{EventSink, Notice},
+    state::DesiredState,
+};
+
+/// `action` of the Warning Events about Services.
+const WARNING_ACTION: &str = "Program";
 
 /// Namespace of the agent's ConfigMap unless `--namespace`/`POD_NAMESPACE` says otherwise.
 pub const DEFAULT_NAMESPACE: &str = "xdp-lb";
@@ -104,8 +114,15 @@ pub struct ClusterWatch {
     config: K8sConfig,
     settings: Option<Settings>,
     warnings: BTreeSet<WarningKey>,
+    /// The warnings this agent published as Events (while it is the publisher).
+    published: BTreeSet<WarningKey>,
+    /// Where warnings are published as Events, and whether this agent is the one that does.
+    events: Option<(EventSink, Gate)>,
     last: Option<DesiredState>,
 }
+
+/// Whether this agent publishes the cluster-wide Events now (the IPAM leader's flag).
+type Gate = watch::Receiver<bool>;
 
 impl Drop for ClusterWatch {
     fn drop(&mut self) {
@@ -200,8 +217,51 @@ impl ClusterWatch {
             config: K8sConfig::default(),
             settings: None,
             warnings: BTreeSet::new(),
+            published: BTreeSet::new(),
+            events: None,
             last: None,
         }
+    }
+
+    /// Also publish each warning as a Warning Event on its Service, once, while `gate` is true
+    /// (the IPAM leader's flag, so that one agent speaks for all nodes). An agent
+    /// that becomes the publisher publishes the warnings in force once; one that stops
+    /// forgets what it published.
+    pub fn publish_warnings(&mut self, sink: EventSink, gate: Gate) {
+        self.events = Some((sink, gate));
+    }
+
+    /// Publish the warnings of `current` not published yet, if this agent publishes.
+    fn publish(&mut self, services: &[std::sync::Arc<Service>], current: &BTreeSet<WarningKey>) {
+        let Some((sink, gate)) = &self.events else {
+            return;
+        };
+        if !*gate.borrow() {
+            self.published.clear();
+            return;
+        }
+        for (namespace, name, reason, message) in current.difference(&self.published) {
+            let uid = services
+                .iter()
+                .find(|s| {
+                    s.metadata.namespace.as_deref() == Some(namespace.as_str())
+                        && s.metadata.name.as_deref() == Some(name.as_str())
+                })
+                .and_then(|s| s.metadata.uid.clone());
+            let regarding = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Service".into()),
+                namespace: Some(namespace.clone()),
+                name: Some(name.clone()),
+                uid,
+                ..ObjectReference::default()
+            };
+            sink.send(
+                regarding,
+                Notice::warning(reason.as_str(), WARNING_ACTION, message.clone()),
+            );
+        }
+        self.published = current.clone();
     }
 
     /// Where the settings come from: `ConfigMap NAMESPACE/NAME`.
@@ -255,9 +315,15 @@ impl ClusterWatch {
     pub async fn next(&mut self) -> DesiredState {
         loop {
             if !self.pending {
-                if self.changes.changed().await.is_err() {
-                    // Every watcher task ended; they retry forever, so only on shutdown.
-                    std::future::pending::<()>().await;
+                let gate = self.events.as_mut().map(|(_, g)| g);
+                tokio::select! {
+                    changed = self.changes.changed() => if changed.is_err() {
+                        // Every watcher task ended; they retry forever, so only on shutdown.
+                        std::future::pending::<()>().await;
+                    },
+                    // This agent became (or stopped being) the one that publishes: the
+                    // warnings in force are published once by the new publisher.
+                    () = gate_changed(gate) => {}
                 }
                 self.pending = true;
             }
@@ -349,8 +415,19 @@ impl ClusterWatch {
                 "{message}"
             );
         }
+        self.publish(&services, &current);
         self.warnings = current;
         state
+    }
+}
+
+/// Resolves when `gate` changes; never without one, or once its sender is gone.
+async fn gate_changed(gate: Option<&mut watch::Receiver<bool>>) {
+    let Some(g) = gate else {
+        return std::future::pending().await;
+    };
+    if g.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
