@@ -8,13 +8,16 @@ use std::{
     time::Duration,
 };
 
-use lb_common::{DEFAULT_GUE_PORT, Forwarding, maglev};
+use lb_common::{
+    DEFAULT_GUE_PORT, Forwarding, maglev,
+    maps::{MAX_BACKENDS, MAX_SERVICES},
+};
 use serde::Deserialize;
 
 use crate::announce::{AnnounceMode, AnnounceSpec, MembershipSettings, Peer};
 use crate::state::{
     BackendSpec, DesiredState, FlowSettings, NodeSpec, Protocol, ServiceAddr, ServiceSpec,
-    default_flow_tracking,
+    default_flow_tracking, not_unicast,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -177,10 +180,10 @@ pub(crate) fn announce_spec(
                 format!("{:?} is not an IP address", n.address),
             )
         })?;
-        if address.is_unspecified() || address.is_multicast() || address.is_loopback() {
+        if let Some(why) = not_unicast(address) {
             return Err(err(
                 field("address"),
-                format!("{address} is not a node's unicast address"),
+                format!("{address} is {why}, not a node's unicast address"),
             ));
         }
         if let Some(other) = nodes.iter().find(|p| p.name == n.name) {
@@ -275,6 +278,10 @@ pub(crate) fn announce_spec(
 /// Longest session affinity, as Kubernetes allows (`timeoutSeconds` ≤ 86400).
 pub const MAX_AFFINITY_SECONDS: u32 = 86_400;
 
+/// Largest backend weight (as IPVS): a weight is a share of the Maglev table, whose largest
+/// size is 65537 slots, so larger ratios cannot be expressed anyway.
+pub const MAX_WEIGHT: u32 = 65_535;
+
 /// Read and validate a config file.
 pub fn load(file: &Path) -> Result<DesiredState, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
@@ -347,7 +354,18 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
         decap_sources: decap_sources(file, &raw.decap_sources)?,
         node_addresses: Default::default(),
     };
+    if raw.services.len() > MAX_SERVICES as usize {
+        return Err(ConfigError::Node {
+            file: file.to_path_buf(),
+            field: "services".into(),
+            message: format!(
+                "{} services; at most {MAX_SERVICES} (LB_SERVICES)",
+                raw.services.len()
+            ),
+        });
+    }
     let mut names = BTreeSet::new();
+    let mut backend_entries = 0usize;
     for svc in &raw.services {
         let err = |field: &str, message: String| ConfigError::Service {
             file: file.to_path_buf(),
@@ -365,6 +383,9 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
             .vip
             .parse()
             .map_err(|_| err("vip", format!("{:?} is not an IP address", svc.vip)))?;
+        if let Some(why) = not_unicast(vip) {
+            return Err(err("vip", format!("{vip} is {why}, not a unicast address")));
+        }
         if svc.port == 0 {
             return Err(err("port", "must be 1-65535".into()));
         }
@@ -392,6 +413,25 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
         if svc.backends.is_empty() {
             return Err(err("backends", "at least one backend is required".into()));
         }
+        if svc.backends.len() > maglev::MAX_TABLE_SIZE as usize {
+            return Err(err(
+                "backends",
+                format!(
+                    "{} backends; at most {} per service (the largest Maglev table)",
+                    svc.backends.len(),
+                    maglev::MAX_TABLE_SIZE
+                ),
+            ));
+        }
+        backend_entries += svc.backends.len();
+        if backend_entries > MAX_BACKENDS as usize {
+            return Err(err(
+                "backends",
+                format!(
+                    "more than {MAX_BACKENDS} backends in all services together (LB_BACKENDS is full)"
+                ),
+            ));
+        }
         let mut backends = BTreeMap::new();
         for (i, b) in svc.backends.iter().enumerate() {
             let field = |f: &str| format!("backends[{i}].{f}");
@@ -401,6 +441,12 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
                     format!("{:?} is not an IP address", b.address),
                 )
             })?;
+            if let Some(why) = not_unicast(addr) {
+                return Err(err(
+                    &field("address"),
+                    format!("{addr} is {why}, not a unicast address"),
+                ));
+            }
             if forwarding == Forwarding::L2 && addr.is_ipv4() != vip.is_ipv4() {
                 return Err(err(
                     &field("address"),
@@ -410,8 +456,8 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
                 ));
             }
             let weight = b.weight.unwrap_or(1);
-            if weight == 0 {
-                return Err(err(&field("weight"), "must be at least 1".into()));
+            if !(1..=MAX_WEIGHT).contains(&weight) {
+                return Err(err(&field("weight"), format!("must be 1-{MAX_WEIGHT}")));
             }
             let mac = match &b.mac {
                 None => None,
@@ -651,6 +697,16 @@ services:
         assert!(web.flow_tracking, "TCP is tracked by default");
     }
 
+    /// `n` distinct backends in 198.18.0.0/15, as YAML list items.
+    fn many_backends(n: u32) -> String {
+        (0..n)
+            .map(|i| {
+                let [_, _, c, d] = (0xc612_0000u32 + 1 + i).to_be_bytes();
+                format!("      - address: 198.{}.{c}.{d}\n", 18 + (i >> 16))
+            })
+            .collect()
+    }
+
     #[test]
     fn rejects_bad_input_naming_file_service_and_field() {
         let svc = |extra: &str, backends: &str| {
@@ -679,7 +735,7 @@ services:
                     "    protocol: udp\n",
                     "    backends:\n      - address: 198.18.0.11\n        weight: 0\n",
                 ),
-                "service \"s1\": backends[0].weight: must be at least 1",
+                "service \"s1\": backends[0].weight: must be 1-65535",
             ),
             (
                 svc(
@@ -716,6 +772,79 @@ services:
                 "lb.yaml: encap_source: \"2001:db8::1\" is not an IPv4 address",
             ),
             ("servces: []\n".to_string(), "unknown field `servces`"),
+            (
+                "services: [\n".to_string(),
+                "lb.yaml: did not find expected node content at line 2 column 1",
+            ),
+            (
+                "services:\n  - name: [\n".to_string(),
+                "lb.yaml: services[0].name: invalid type: sequence, expected a string at line 2",
+            ),
+            (
+                with_service(
+                    "  - {name: s1, vip: 0.0.0.0, port: 53, protocol: udp, backends: [{address: 198.18.0.11}]}\n",
+                ),
+                "service \"s1\": vip: 0.0.0.0 is the unspecified address, not a unicast address",
+            ),
+            (
+                with_service(
+                    "  - {name: s1, vip: 255.255.255.255, port: 53, protocol: udp, backends: [{address: 198.18.0.11}]}\n",
+                ),
+                "vip: 255.255.255.255 is the broadcast address",
+            ),
+            (
+                with_service(
+                    "  - {name: s1, vip: 239.1.2.3, port: 53, protocol: udp, backends: [{address: 198.18.0.11}]}\n",
+                ),
+                "vip: 239.1.2.3 is a multicast address",
+            ),
+            (
+                with_service(
+                    "  - {name: s1, vip: \"ff02::1\", port: 53, protocol: udp, backends: [{address: \"2001:db8::11\"}]}\n",
+                ),
+                "vip: ff02::1 is a multicast address",
+            ),
+            (
+                with_service(
+                    "  - {name: s1, vip: 127.0.0.1, port: 53, protocol: udp, backends: [{address: 198.18.0.11}]}\n",
+                ),
+                "vip: 127.0.0.1 is a loopback address",
+            ),
+            (
+                svc("    protocol: udp\n", "    backends:\n      - address: 0.0.0.0\n"),
+                "service \"s1\": backends[0].address: 0.0.0.0 is the unspecified address",
+            ),
+            (
+                with_service(
+                    "  - {name: s1, vip: 198.18.0.100, port: 0, protocol: udp, backends: [{address: 198.18.0.11}]}\n",
+                ),
+                "service \"s1\": port: must be 1-65535",
+            ),
+            (
+                svc(
+                    "    protocol: udp\n",
+                    "    backends:\n      - address: 198.18.0.11\n        weight: 65536\n",
+                ),
+                "service \"s1\": backends[0].weight: must be 1-65535",
+            ),
+            (
+                svc(
+                    "    protocol: udp\n",
+                    "    backends:\n      - address: 198.18.0.11\n        weight: 99999999999\n",
+                ),
+                "lb.yaml: services[0].backends[0].weight: invalid value: integer `99999999999`, expected u32",
+            ),
+            (
+                svc("    protocol: udp\n    forwarding: l2\n", "    backends:\n      - address: \"2001:db8::11\"\n"),
+                "backends[0].address: 2001:db8::11: l2 forwarding cannot change the address family",
+            ),
+            (
+                svc(
+                    "    protocol: udp\n",
+                    &format!("    backends:\n{}", many_backends(70_000)),
+                ),
+                "service \"s1\": backends: 70000 backends; at most 65537 per service",
+            ),
             (
                 "flow_table:\n  tcp_idle_seconds: 604801\n".to_string(),
                 "lb.yaml: flow_table.tcp_idle_seconds: must be at most 604800 (7 days)",
@@ -896,7 +1025,7 @@ services:
             ),
             (
                 format!("nodes:\n{}", node("a", "224.0.0.1")),
-                "nodes[0].address: 224.0.0.1 is not a node's unicast address",
+                "nodes[0].address: 224.0.0.1 is a multicast address, not a node's unicast address",
             ),
             (
                 format!("node_name: c\nnodes:\n{}", node("a", "198.18.0.2")),

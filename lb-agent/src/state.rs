@@ -8,6 +8,22 @@ use std::{
 
 use lb_common::Forwarding;
 
+/// Why `ip` cannot be a VIP, a backend or a node address, if it cannot: the packets of a
+/// load-balanced flow go to and come from one host, so only unicast addresses qualify.
+pub fn not_unicast(ip: IpAddr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
 /// Transport protocol of a service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {

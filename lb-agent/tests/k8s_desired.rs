@@ -762,3 +762,212 @@ fn every_nodes_internal_ips_may_send_tunnels() {
         .into()
     );
 }
+
+/// A Service `default/NAME` of type LoadBalancer with these VIPs in its status and ports,
+/// created `minute` minutes after 10:00 (older Services win conflicts and capacity).
+fn lb_service(name: &str, minute: u32, vips: &[&str], ports: serde_json::Value) -> Service {
+    let ingress: Vec<serde_json::Value> = vips
+        .iter()
+        .map(|ip| serde_json::json!({"ip": ip, "ipMode": "VIP"}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name, "namespace": "default",
+            "uid": format!("7e57c0de-0000-4000-8000-{minute:012}"),
+            "creationTimestamp": format!("2025-06-01T10:{minute:02}:00Z")
+        },
+        "spec": {"type": "LoadBalancer", "ports": ports},
+        "status": {"loadBalancer": {"ingress": ingress}}
+    }))
+    .expect("a Service")
+}
+
+/// An IPv4 EndpointSlice of Service `default/SERVICE` with these endpoint addresses, each
+/// ready, and port `http` = 8080/TCP.
+fn lb_slice(service: &str, suffix: &str, addresses: &[&str]) -> EndpointSlice {
+    let endpoints: Vec<serde_json::Value> = addresses
+        .iter()
+        .map(|a| serde_json::json!({"addresses": [a], "conditions": {"ready": true}, "nodeName": "node-a"}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": format!("{service}-{suffix}"), "namespace": "default",
+            "labels": {"kubernetes.io/service-name": service}
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+    }))
+    .expect("an EndpointSlice")
+}
+
+fn http_port() -> serde_json::Value {
+    serde_json::json!([{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}])
+}
+
+/// Garbage in one Service: a warning naming the Service and the field, the rest of that
+/// Service served where it can be, and every other Service exactly as without it.
+#[test]
+fn garbage_in_one_service_is_warned_and_the_others_are_untouched() {
+    let good = lb_service("good", 0, &["198.18.0.80"], http_port());
+    let good_slice = lb_slice("good", "1", &["198.18.10.1", "198.18.10.2"]);
+    let nodes: Vec<Node> = read_list("nodes.json");
+    let cfg = K8sConfig::default();
+    let (baseline, none) = desired_state(
+        std::slice::from_ref(&good),
+        std::slice::from_ref(&good_slice),
+        &nodes,
+        &cfg,
+        "node-a",
+    );
+    assert!(none.is_empty(), "{none:?}");
+    let good_key = "198.18.0.80:80/tcp";
+    assert_eq!(
+        backends(&baseline, good_key),
+        ["198.18.10.1", "198.18.10.2"]
+    );
+
+    let many_ports = |n: u32| {
+        serde_json::Value::Array(
+            (1..=n)
+                .map(|p| serde_json::json!({"name": format!("p{p}"), "port": p, "protocol": "TCP", "targetPort": 8080}))
+                .collect(),
+        )
+    };
+    let ok_slice = || lb_slice("bad", "1", &["198.18.10.9"]);
+    // (what, the bad Services, their slices, expected reason, expected text, bad's ports served)
+    type Case = (
+        &'static str,
+        Vec<Service>,
+        Vec<EndpointSlice>,
+        WarningReason,
+        &'static str,
+        usize,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "VIP that does not parse",
+            vec![lb_service("bad", 1, &["198.18.0.300"], http_port())],
+            vec![ok_slice()],
+            WarningReason::InvalidAddress,
+            "VIP \"198.18.0.300\" is not an IP address; skipped",
+            0,
+        ),
+        (
+            "multicast VIP",
+            vec![lb_service("bad", 1, &["224.0.0.5"], http_port())],
+            vec![ok_slice()],
+            WarningReason::InvalidAddress,
+            "VIP 224.0.0.5 is a multicast address, not a unicast address; skipped",
+            0,
+        ),
+        (
+            "unspecified VIP",
+            vec![lb_service("bad", 1, &["0.0.0.0"], http_port())],
+            vec![ok_slice()],
+            WarningReason::InvalidAddress,
+            "VIP 0.0.0.0 is the unspecified address",
+            0,
+        ),
+        (
+            "broadcast VIP next to a good one",
+            vec![lb_service(
+                "bad",
+                1,
+                &["255.255.255.255", "198.18.0.81"],
+                http_port(),
+            )],
+            vec![ok_slice()],
+            WarningReason::InvalidAddress,
+            "VIP 255.255.255.255 is the broadcast address",
+            1,
+        ),
+        (
+            "port 0 next to a good port",
+            vec![lb_service(
+                "bad",
+                1,
+                &["198.18.0.81"],
+                serde_json::json!([
+                    {"name": "zero", "port": 0, "protocol": "TCP", "targetPort": 8080},
+                    {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}
+                ]),
+            )],
+            vec![ok_slice()],
+            WarningReason::InvalidPort,
+            "zero",
+            1,
+        ),
+        (
+            "endpoint addresses that are garbage or multicast",
+            vec![lb_service("bad", 1, &["198.18.0.81"], http_port())],
+            vec![lb_slice(
+                "bad",
+                "1",
+                &["198.18.10.x", "224.0.0.9", "198.18.10.9"],
+            )],
+            WarningReason::InvalidAddress,
+            "endpoint address \"198.18.10.x\" in an IPv4 EndpointSlice is not a unicast IPv4 address; skipped",
+            1,
+        ),
+        (
+            "more ports than the data plane holds, with an older Service holding most",
+            vec![
+                lb_service("bad", 2, &["198.18.0.82"], many_ports(20_000)),
+                lb_service("older", 1, &["198.18.0.81"], many_ports(20_000)),
+            ],
+            vec![ok_slice(), lb_slice("older", "1", &["198.18.10.8"])],
+            WarningReason::CapacityExceeded,
+            "ports not served: the data plane holds at most 32768 service ports",
+            // 32768 in all: the good one, the older one's 20000, and the rest for bad.
+            32_768 - 1 - 20_000,
+        ),
+    ];
+    for (what, bad, slices, reason, text, served) in cases {
+        let mut services = bad.clone();
+        services.push(good.clone());
+        let mut all_slices = slices.clone();
+        all_slices.push(good_slice.clone());
+        let (state, warnings) = desired_state(&services, &all_slices, &nodes, &cfg, "node-a");
+        assert_eq!(
+            state.services.get(&addr(good_key)),
+            baseline.services.get(&addr(good_key)),
+            "{what}: the good Service changed"
+        );
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.name == "bad" && w.reason == reason && w.message.contains(text)),
+            "{what}: no {reason} warning with {text:?} on bad: {warnings:#?}"
+        );
+        assert!(
+            warnings.len() <= 3,
+            "{what}: one warning per problem, not per port: {}",
+            warnings.len()
+        );
+        assert!(
+            warnings.iter().all(|w| w.name == "bad"),
+            "{what}: {warnings:#?}"
+        );
+        let bad_ports = state
+            .services
+            .values()
+            .filter(|s| s.name.starts_with("default/bad:"))
+            .count();
+        assert_eq!(bad_ports, served, "{what}");
+    }
+
+    // The same endpoint twice in a slice and again in a second slice is one backend.
+    let services = [lb_service("bad", 1, &["198.18.0.81"], http_port()), good];
+    let slices = [
+        lb_slice("bad", "1", &["198.18.10.9", "198.18.10.9"]),
+        lb_slice("bad", "2", &["198.18.10.9", "198.18.10.7"]),
+        good_slice,
+    ];
+    let (state, warnings) = desired_state(&services, &slices, &nodes, &cfg, "node-a");
+    assert!(warnings.is_empty(), "{warnings:#?}");
+    assert_eq!(
+        backends(&state, "198.18.0.81:80/tcp"),
+        ["198.18.10.7", "198.18.10.9"]
+    );
+}

@@ -159,6 +159,16 @@ pub struct ServiceAllocationSpec {
     pub service_selector: Option<ApiLabelSelector>,
 }
 
+/// Blocks no pool may include: their addresses are not unicast host addresses, so a VIP
+/// there could never be reached (`0.0.0.0/0` or `::/0` is refused this way too).
+const NOT_ASSIGNABLE: [(&str, &str); 5] = [
+    ("0.0.0.0/8", "this network"),
+    ("127.0.0.0/8", "loopback"),
+    ("224.0.0.0/3", "multicast, reserved and broadcast"),
+    ("::/127", "the unspecified and loopback addresses"),
+    ("ff00::/8", "multicast"),
+];
+
 /// An inclusive range of addresses of one family, `first <= last`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AddrRange {
@@ -410,6 +420,14 @@ impl Pool {
                         range.family()
                     )));
                 }
+                if let Some((block, what)) = NOT_ASSIGNABLE
+                    .iter()
+                    .find(|(block, _)| AddrRange::parse(block).is_ok_and(|b| b.overlaps(&range)))
+                {
+                    return Err(err(format!(
+                        "{field}: {entry:?} includes {block} ({what}), which cannot be a VIP"
+                    )));
+                }
                 ranges.push(range);
             }
         }
@@ -611,6 +629,44 @@ mod tests {
         );
         let e = Pool::from_spec("p", &IpAddressPoolSpec::default()).unwrap_err();
         assert!(e.message.contains("no addresses"));
+    }
+
+    #[test]
+    fn pools_with_addresses_that_cannot_be_vips_are_rejected() {
+        for (entry, needle) in [
+            ("0.0.0.0/0", "includes 0.0.0.0/8 (this network)"),
+            (
+                "::/0",
+                "includes ::/127 (the unspecified and loopback addresses)",
+            ),
+            ("127.0.0.0/30", "includes 127.0.0.0/8 (loopback)"),
+            (
+                "239.0.0.0/24",
+                "includes 224.0.0.0/3 (multicast, reserved and broadcast)",
+            ),
+            ("255.255.255.255/32", "includes 224.0.0.0/3"),
+            ("223.255.255.0-224.0.0.3", "includes 224.0.0.0/3"),
+            ("ff02::/120", "includes ff00::/8 (multicast)"),
+        ] {
+            let spec = IpAddressPoolSpec {
+                addresses: vec![entry.into()],
+                ..Default::default()
+            };
+            let e = Pool::from_spec("p", &spec).unwrap_err().to_string();
+            let start = format!("IPAddressPool p: addresses: {entry:?} {needle}");
+            assert!(e.starts_with(&start), "{e}");
+            assert!(e.ends_with(", which cannot be a VIP"), "{e}");
+        }
+        // Right next to them is fine.
+        let spec = IpAddressPoolSpec {
+            addresses: vec![
+                "1.0.0.0/8".into(),
+                "223.255.255.0/24".into(),
+                "::2/128".into(),
+            ],
+            ..Default::default()
+        };
+        assert!(Pool::from_spec("p", &spec).is_ok());
     }
 
     #[test]

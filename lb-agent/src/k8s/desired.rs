@@ -35,12 +35,15 @@ use k8s_openapi::api::{
     core::v1::{Node, Service, ServicePort},
     discovery::v1::EndpointSlice,
 };
-use lb_common::Forwarding;
+use lb_common::{
+    Forwarding, maglev,
+    maps::{MAX_BACKENDS, MAX_SERVICES},
+};
 
 use super::config::{K8sConfig, parse_forwarding};
 use crate::state::{
     BackendSpec, DesiredState, LocalEndpoint, NodeSpec, Protocol, ServiceAddr, ServiceSpec,
-    default_flow_tracking,
+    default_flow_tracking, not_unicast,
 };
 
 /// Session affinity timeout when a Service sets none (Kubernetes' default, 3 hours).
@@ -77,6 +80,10 @@ pub enum WarningReason {
     /// `externalTrafficPolicy: Local`, but this node is not among the Nodes: no endpoint can
     /// be local (usually a wrong `NODE_NAME`).
     UnknownNode,
+    /// The port does not fit in the data plane (its tables are full, or it has more endpoints
+    /// than the largest Maglev table has slots); the port is skipped, older Services keep
+    /// theirs.
+    CapacityExceeded,
 }
 
 impl WarningReason {
@@ -91,6 +98,7 @@ impl WarningReason {
             WarningReason::InvalidAnnotation => "InvalidAnnotation",
             WarningReason::AddressConflict => "AddressConflict",
             WarningReason::UnknownNode => "UnknownNode",
+            WarningReason::CapacityExceeded => "CapacityExceeded",
         }
     }
 }
@@ -205,6 +213,7 @@ where
             node_addresses: Default::default(),
         },
         owners: BTreeMap::new(),
+        backend_entries: 0,
         warnings: Vec::new(),
     };
     // Oldest first, so it wins every address conflict; a Service without a timestamp (never
@@ -386,6 +395,8 @@ struct Builder<'a> {
     state: DesiredState,
     /// Which Service ("namespace/name") holds each address.
     owners: BTreeMap<ServiceAddr, String>,
+    /// Backend entries so far, against `LB_BACKENDS`'s capacity.
+    backend_entries: usize,
     warnings: Vec<Warning>,
 }
 
@@ -553,6 +564,14 @@ impl Builder<'_> {
                 continue;
             }
             match text.parse::<IpAddr>() {
+                Ok(ip) if not_unicast(ip).is_some() => self.warn(
+                    cur,
+                    WarningReason::InvalidAddress,
+                    format!(
+                        "VIP {ip} is {}, not a unicast address; skipped",
+                        not_unicast(ip).unwrap_or_default()
+                    ),
+                ),
                 Ok(ip) => {
                     vips.insert(ip);
                 }
@@ -643,8 +662,32 @@ impl Builder<'_> {
                     );
                     self.warn(cur, WarningReason::AddressConflict, message);
                 }
+                // One message per Service, not per port: thousands of ports are one warning.
+                Entry::Vacant(_) if self.state.services.len() >= MAX_SERVICES as usize => {
+                    let message = format!(
+                        "ports not served: the data plane holds at most {MAX_SERVICES} service ports, taken by older Services"
+                    );
+                    self.warn(cur, WarningReason::CapacityExceeded, message);
+                }
+                Entry::Vacant(_) if selected.len() > maglev::MAX_TABLE_SIZE as usize => {
+                    let message = format!(
+                        "port {label}: {addr} not served: {} endpoints, more than the {} slots of the largest Maglev table",
+                        selected.len(),
+                        maglev::MAX_TABLE_SIZE
+                    );
+                    self.warn(cur, WarningReason::CapacityExceeded, message);
+                }
+                Entry::Vacant(_)
+                    if self.backend_entries + selected.len() > MAX_BACKENDS as usize =>
+                {
+                    let message = format!(
+                        "ports not served: their endpoints would take the data plane past {MAX_BACKENDS} backend entries"
+                    );
+                    self.warn(cur, WarningReason::CapacityExceeded, message);
+                }
                 Entry::Vacant(slot) => {
                     slot.insert(owner.clone());
+                    self.backend_entries += selected.len();
                     let backends: BTreeMap<IpAddr, BackendSpec> = selected
                         .keys()
                         .map(|&ip| {
@@ -811,7 +854,7 @@ impl Builder<'_> {
                     continue;
                 };
                 let addr = match text.parse::<IpAddr>() {
-                    Ok(a) if a.is_ipv6() == v6 => a,
+                    Ok(a) if a.is_ipv6() == v6 && not_unicast(a).is_none() => a,
                     _ => {
                         bad.push(text.clone());
                         continue;
@@ -841,7 +884,7 @@ impl Builder<'_> {
                 cur,
                 WarningReason::InvalidAddress,
                 format!(
-                    "endpoint address {text:?} in an {family} EndpointSlice is not {family}; skipped"
+                    "endpoint address {text:?} in an {family} EndpointSlice is not a unicast {family} address; skipped"
                 ),
             );
         }
