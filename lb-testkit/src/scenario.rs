@@ -216,16 +216,7 @@ impl Scenario {
     /// SIGHUP the agent and wait until `lb-agent status` shows exactly `backends` on both
     /// services.
     pub fn reload(&mut self, backends: &[Ipv4Addr]) -> Result<()> {
-        let pid = self
-            .agent
-            .as_ref()
-            .map(ChildGuard::id)
-            .context("agent not running")?;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGHUP,
-        )
-        .context("sending SIGHUP to the agent")?;
+        self.hup_agent()?;
         let mut want: Vec<String> = backends
             .iter()
             .map(|b| self.backend_ip(*b).to_string())
@@ -302,5 +293,26 @@ impl Scenario {
     /// Stop the agent (SIGTERM: it detaches) and return its exit status.
     pub fn stop_agent(&mut self) -> Result<std::process::ExitStatus> {
         self.agent.take().context("agent not running")?.stop()
+    }
+
+    /// Kill the agent with SIGKILL, as a crash or the OOM killer would: it cleans nothing up.
+    pub fn kill_agent(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.agent.take().context("agent not running")?.into_inner();
+        child.kill().context("sending SIGKILL to the agent")?;
+        child.wait().context("waiting for the killed agent")
+    }
+
+    /// Send SIGHUP to the agent (re-read the file), without waiting for anything.
+    pub fn hup_agent(&self) -> Result<()> {
+        let pid = self
+            .agent
+            .as_ref()
+            .map(ChildGuard::id)
+            .context("agent not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .context("sending SIGHUP to the agent")
     }
 }

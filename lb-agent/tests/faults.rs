@@ -1,0 +1,151 @@
+//! Faults under traffic, in network namespaces with the real agent binary and XDP program
+//! (static mode; the Kubernetes-mode outage is in `k8s_watch.rs`): while UDP flows run
+//! without pause and TCP connections stay open, the agent is killed with SIGKILL and
+//! restarted, and is sent SIGHUP with a broken file. Every UDP flow is counted; no flow and
+//! no connection may be lost or moved, and the restarted agent must adopt the maps without a
+//! single write. Needs root.
+
+use std::{
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use lb_testkit::{Lab, LabSpec, Scenario, ScenarioSpec, TcpSession, require_root, udp_flows};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on every wait for the agent.
+const WAIT: Duration = Duration::from_secs(20);
+
+fn spec() -> ScenarioSpec {
+    ScenarioSpec {
+        agent_bin: PathBuf::from(env!("CARGO_BIN_EXE_lb-agent")),
+        forwarding: "ipip".into(),
+        xdp_mode: "skb".into(),
+        keep_attached: false,
+        ipv6: false,
+        announce: None,
+    }
+}
+
+/// Wait until the current agent's log contains `line`.
+fn wait_log(sc: &Scenario, line: &str) {
+    let deadline = Instant::now() + WAIT;
+    while !sc.agent_log_text().contains(line) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {line:?} in the agent log:\n{}",
+            sc.agent_log_text()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every connection still reaches the backend it first reached.
+fn assert_unmoved(step: &str, sessions: &mut [(TcpSession, String)]) {
+    for (s, before) in sessions.iter_mut() {
+        let now = s
+            .request()
+            .unwrap_or_else(|e| panic!("{step}: the connection to {before} broke: {e:#}"));
+        assert_eq!(
+            &now, before,
+            "{step}: connection from port {} moved",
+            s.local_port
+        );
+    }
+}
+
+/// The services and their backends as `lb-agent status` shows them (counters left out).
+fn programmed(sc: &Scenario) -> Vec<(String, Vec<String>)> {
+    let status = sc.status_json().expect("lb-agent status");
+    let mut out: Vec<(String, Vec<String>)> = status["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|svc| {
+            let mut backends: Vec<String> = svc["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|b| b["address"].as_str().map(String::from))
+                .collect();
+            backends.sort();
+            (svc["address"].to_string(), backends)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn sigkill_restart_and_a_broken_reload_lose_no_flow_under_traffic() {
+    require_root().unwrap();
+    let lab = Lab::new(LabSpec::default()).unwrap();
+    let mut sc = Scenario::start(&lab, spec()).unwrap();
+    let vip = sc.vip();
+    let mut sessions: Vec<(TcpSession, String)> = (0..30)
+        .map(|_| {
+            let mut s = TcpSession::connect(lab.client(), vip, TIMEOUT).unwrap();
+            let b = s.request().unwrap();
+            (s, b)
+        })
+        .collect();
+    let before = programmed(&sc);
+    assert_eq!(before.len(), 2, "{before:?}");
+
+    let stop = AtomicBool::new(false);
+    let (sent, lost) = thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let (mut sent, mut lost) = (0usize, 0usize);
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                let replies = udp_flows(lab.client(), vip, 10, TIMEOUT).unwrap();
+                sent += replies.len();
+                lost += replies.iter().filter(|r| !r.answered()).count();
+            }
+            (sent, lost)
+        });
+        thread::sleep(Duration::from_millis(300));
+
+        // 1. SIGKILL: nothing is cleaned up; the pinned link keeps the program forwarding.
+        let status = sc.kill_agent().unwrap();
+        assert!(!status.success(), "killed: {status}");
+        thread::sleep(Duration::from_secs(1));
+        assert_unmoved("with no agent after SIGKILL", &mut sessions);
+        sc.start_agent(&lab).unwrap();
+        wait_log(&sc, "initial sync done");
+        let log = sc.agent_log_text();
+        assert!(
+            log.contains("adopted=true"),
+            "adopts the pinned link:\n{log}"
+        );
+        assert!(
+            log.contains("initial sync done writes=0"),
+            "the restarted agent adopts the maps without a write:\n{log}"
+        );
+        assert_unmoved("after the restart", &mut sessions);
+        assert_eq!(programmed(&sc), before, "after the restart");
+
+        // 2. SIGHUP with a broken file: rejected, nothing changes.
+        let good = std::fs::read_to_string(sc.config_path()).unwrap();
+        std::fs::write(sc.config_path(), "services: [\n  - name: half-written\n").unwrap();
+        sc.hup_agent().unwrap();
+        wait_log(&sc, "reload rejected; nothing changed");
+        thread::sleep(Duration::from_millis(500));
+        assert_eq!(programmed(&sc), before, "after the broken reload");
+        assert_unmoved("after the broken reload", &mut sessions);
+        // The file fixed again: the reload finds nothing to write.
+        std::fs::write(sc.config_path(), good).unwrap();
+        sc.hup_agent().unwrap();
+        wait_log(&sc, "config reloaded writes=0");
+        assert_unmoved("after the good reload", &mut sessions);
+
+        thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::SeqCst);
+        traffic.join().unwrap()
+    });
+    println!("UDP flows during the faults: {sent} sent, {lost} lost");
+    assert!(sent >= 100, "traffic kept flowing: {sent} flows");
+    assert_eq!(lost, 0, "{lost} of {sent} UDP flows lost");
+}
