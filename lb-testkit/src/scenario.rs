@@ -297,9 +297,14 @@ impl Scenario {
 
     /// Kill the agent with SIGKILL, as a crash or the OOM killer would: it cleans nothing up.
     pub fn kill_agent(&mut self) -> Result<std::process::ExitStatus> {
-        let mut child = self.agent.take().context("agent not running")?.into_inner();
-        child.kill().context("sending SIGKILL to the agent")?;
-        child.wait().context("waiting for the killed agent")
+        let agent = self.agent.take().context("agent not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(agent.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .context("sending SIGKILL to the agent")?;
+        // Reaps it (its SIGTERM reaches a process that is already gone).
+        agent.stop()
     }
 
     /// Send SIGHUP to the agent (re-read the file), without waiting for anything.
