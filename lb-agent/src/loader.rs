@@ -36,9 +36,9 @@ pub enum LoadError {
     Io { path: PathBuf, source: io::Error },
     #[error("cannot mount bpffs on {path}: {source}")]
     Mount { path: PathBuf, source: nix::Error },
-    #[error("loading the eBPF object: {0}")]
+    #[error("loading the eBPF object{hint}: {0}", hint = needs(.0, CREATE_MAPS))]
     Load(#[from] aya::EbpfError),
-    #[error("program {name}: {source}")]
+    #[error("program {name}{hint}: {source}", hint = needs(.source, LOAD_PROGRAM))]
     Program {
         name: &'static str,
         source: aya::programs::ProgramError,
@@ -79,12 +79,44 @@ pub enum LoadError {
         iface: String,
         source: aya::programs::ProgramError,
     },
-    #[error("attaching to {iface} in {mode:?} mode: {source}")]
+    #[error("attaching to {iface} in {mode:?} mode{hint}: {source}", hint = needs(.source, ATTACH))]
     Attach {
         iface: String,
         mode: XdpMode,
         source: aya::programs::ProgramError,
     },
+}
+
+/// What each step needs when the kernel refuses it: `(on EPERM, on EACCES)`. A program load
+/// is refused with EPERM without CAP_BPF or CAP_NET_ADMIN (XDP is a networking program type),
+/// and the verifier rejects it with EACCES without CAP_PERFMON (pointer arithmetic on packets).
+const CREATE_MAPS: (&str, &str) = (
+    "creating BPF maps needs CAP_BPF",
+    "creating BPF maps needs CAP_BPF",
+);
+const LOAD_PROGRAM: (&str, &str) = (
+    "loading an XDP program needs CAP_BPF and CAP_NET_ADMIN",
+    "without CAP_PERFMON the verifier rejects pointer arithmetic on packets",
+);
+const ATTACH: (&str, &str) = (
+    "attaching an XDP program needs CAP_NET_ADMIN",
+    "attaching an XDP program needs CAP_NET_ADMIN",
+);
+
+/// `" (denied: <what>)"` when the error (or one of its causes) is EPERM or EACCES, else nothing.
+fn needs(err: &(dyn std::error::Error + 'static), (eperm, eacces): (&str, &str)) -> String {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        match e
+            .downcast_ref::<io::Error>()
+            .and_then(io::Error::raw_os_error)
+        {
+            Some(nix::libc::EPERM) => return format!(" (denied: {eperm})"),
+            Some(nix::libc::EACCES) => return format!(" (denied: {eacces})"),
+            _ => cur = e.source(),
+        }
+    }
+    String::new()
 }
 
 /// XDP attach mode as the CLI spells it.
@@ -683,4 +715,29 @@ pub fn detach(pin_dir: &Path, iface: Option<&str>, purge: bool) -> Result<Vec<Pa
         let _ = std::fs::remove_dir(pin_dir);
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_step_names_the_capability_it_needs() {
+        let eperm = io::Error::from_raw_os_error(nix::libc::EPERM);
+        let eacces = io::Error::from_raw_os_error(nix::libc::EACCES);
+        let enoent = io::Error::from_raw_os_error(nix::libc::ENOENT);
+        assert_eq!(
+            needs(&eperm, CREATE_MAPS),
+            " (denied: creating BPF maps needs CAP_BPF)"
+        );
+        assert!(needs(&eperm, LOAD_PROGRAM).contains("CAP_NET_ADMIN"));
+        assert!(needs(&eacces, LOAD_PROGRAM).contains("CAP_PERFMON"));
+        assert_eq!(needs(&enoent, ATTACH), "");
+        // Found below other errors too.
+        let map = aya::maps::MapError::CreateError {
+            name: "LB_DNAT".into(),
+            io_error: eperm,
+        };
+        assert!(needs(&map, CREATE_MAPS).contains("CAP_BPF"));
+    }
 }

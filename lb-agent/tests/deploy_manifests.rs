@@ -1,5 +1,6 @@
 //! The manifests under deploy/, rendered by `kubectl kustomize` exactly as `kubectl apply -k`
-//! would send them: least privilege (no `privileged`, four capabilities, RBAC that writes only
+//! would send them: least privilege (no `privileged`, all capabilities dropped and five added
+//! back, seccomp `RuntimeDefault`, read-only root file system, RBAC that writes only
 //! Service and pool status, Events and the IPAM Lease), the mounts the agent needs, a
 //! ConfigMap the agent accepts, and an IPAddressPool CRD whose schema keeps every field the
 //! agent reads (and the example pools, which the agent accepts).
@@ -117,6 +118,8 @@ fn daemonset_is_unprivileged_with_exactly_the_capabilities_it_needs() {
     let config_map = args[args.iter().position(|a| *a == "--config-map").unwrap() + 1];
     find(&docs, "ConfigMap", config_map);
     let sc = &c["securityContext"];
+    // tests/privileges.rs runs the agent with exactly this list, read from daemonset.yaml,
+    // and measures what fails without each one.
     let added: BTreeSet<&str> = strings(&sc["capabilities"]["add"]).into_iter().collect();
     assert_eq!(
         added,
@@ -126,6 +129,10 @@ fn daemonset_is_unprivileged_with_exactly_the_capabilities_it_needs() {
     assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    // Capabilities are effective only for uid 0 (the test runs it as uid 0 too).
+    assert_eq!(sc["runAsUser"], 0);
 
     let node_name = c["env"]
         .as_array()
@@ -182,6 +189,8 @@ fn daemonset_is_unprivileged_with_exactly_the_capabilities_it_needs() {
     assert_eq!(strings(&bsc["capabilities"]["drop"]), ["ALL"]);
     assert_eq!(bsc["readOnlyRootFilesystem"], true);
     assert_eq!(bsc["allowPrivilegeEscalation"], false);
+    assert_eq!(bsc["privileged"], false);
+    assert_eq!(bsc["seccompProfile"]["type"], "RuntimeDefault");
     let script = strings(&bird["args"]).join(" ");
     assert!(
         script.contains("bird -f -c /run/xdp-lb/bird.conf -s /run/xdp-lb/bird.ctl"),

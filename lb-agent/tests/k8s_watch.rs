@@ -1014,3 +1014,114 @@ fn pods_behind_two_nodes_get_dsr_traffic_on_their_target_port() {
     agent_a.stop();
     agent_b.stop();
 }
+
+/// 30 TCP connections to the VIP, each with the backend it reached.
+fn open_sessions(lab: &Lab, vip: SocketAddr) -> Vec<(lb_testkit::TcpSession, String)> {
+    (0..30)
+        .map(|_| {
+            let mut s = lb_testkit::TcpSession::connect(lab.client(), vip, REPLY_TIMEOUT).unwrap();
+            let b = s.request().unwrap();
+            (s, b)
+        })
+        .collect()
+}
+
+/// The API server is gone for a minute under traffic and comes back with its history
+/// compacted (the watches get 410 Expired and re-list): no UDP flow is lost and no
+/// connection moves during the outage, the maps do not change, and afterwards only the
+/// difference the cluster made meanwhile (one endpoint gone) is written.
+#[test]
+fn a_minute_without_the_api_server_and_a_compacted_history_lose_no_flow() {
+    require_root().unwrap();
+    let lab = Lab::new(LabSpec::default()).unwrap();
+    let dirs = Dirs::new();
+    let _backends = start_backends(&lab, &dirs.work.0);
+    let server = start_server(lab.lb(), &ALL_LISTS);
+    let kubeconfig = dirs.kubeconfig(&server);
+    let pins = dirs.pins.0.clone();
+    let mut agent = Agent::start(lab.lb(), &dirs, &kubeconfig, "agent", &[]);
+    agent.wait(WAIT, "the listed endpoints are programmed", |_| {
+        echo_backends_are(&pins, &[11, 12, 13])
+    });
+    wait_watching(&server);
+    let vip = SocketAddr::new(VIP.into(), PORT);
+    let mut sessions = open_sessions(&lab, vip);
+    let before = maps(&pins);
+    let lists_before = count_lists(&server, "/apis/discovery.k8s.io/v1/endpointslices");
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (sent, lost) = thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let (mut sent, mut lost) = (0usize, 0usize);
+            let deadline = Instant::now() + Duration::from_secs(240);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+                let replies = udp_flows(lab.client(), vip, 10, REPLY_TIMEOUT).unwrap();
+                sent += replies.len();
+                lost += replies.iter().filter(|r| !r.answered()).count();
+                thread::sleep(Duration::from_millis(20));
+            }
+            (sent, lost)
+        });
+
+        server.cut();
+        agent.wait(WAIT, "the watchers notice the outage", |a| {
+            a.log().contains("watch failed")
+        });
+        // Meanwhile the cluster changes, and its history is compacted.
+        server.apply(Kind::EndpointSlice, slice_with(&server, 13, None));
+        server.compact();
+        let outage = Instant::now();
+        while outage.elapsed() < Duration::from_secs(60) {
+            assert_eq!(maps(&pins), before, "the maps changed during the outage");
+            thread::sleep(Duration::from_secs(1));
+        }
+        for (s, b) in &mut sessions {
+            assert_eq!(
+                &s.request().unwrap(),
+                b,
+                "a connection moved during the outage"
+            );
+        }
+        // The echo servers close connections after two minutes: fresh ones for the re-list.
+        sessions = open_sessions(&lab, vip);
+
+        server.resume(listen(lab.lb(), server.addr()));
+        // kube's backoff has grown during the minute of failures (up to 30 s, jittered).
+        agent.wait(3 * WAIT, "the re-listed state is applied", |_| {
+            echo_backends_are(&pins, &[11, 12])
+        });
+        thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        traffic.join().unwrap()
+    });
+    println!("UDP flows through the outage: {sent} sent, {lost} lost");
+    assert!(sent >= 500, "traffic kept flowing: {sent} flows");
+    assert_eq!(lost, 0, "{lost} of {sent} UDP flows lost");
+    assert!(
+        count_lists(&server, "/apis/discovery.k8s.io/v1/endpointslices") > lists_before,
+        "the EndpointSlices were re-listed after 410: {:#?}",
+        server.requests()
+    );
+    // Connections to the endpoints that stayed keep their backend (b3's left the table).
+    for (s, b) in sessions.iter_mut().filter(|(_, b)| b != "b3") {
+        assert_eq!(
+            &s.request().unwrap(),
+            b,
+            "a connection moved after the re-list"
+        );
+    }
+    let log = agent.log();
+    assert!(
+        !log.lines().any(|l| l.contains("service removed")),
+        "a re-list must not flush:\n{log}"
+    );
+    let applied: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("cluster change applied"))
+        .collect();
+    let last = applied.last().expect("the re-list was applied");
+    println!("after the re-list: {last}");
+    check_traffic(&lab, &["b1", "b2"]);
+    let exit = agent.stop();
+    assert!(exit.success(), "agent exit: {exit}\n{}", agent.log());
+}

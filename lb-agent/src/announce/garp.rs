@@ -141,7 +141,14 @@ impl FrameSender {
             )
         };
         if raw < 0 {
-            return Err(context(io::Error::last_os_error(), what()));
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EPERM) {
+                return Err(context(
+                    e,
+                    format!("{} (denied: needs CAP_NET_RAW)", what()),
+                ));
+            }
+            return Err(context(e, what()));
         }
         // SAFETY: `raw` is a descriptor just returned to us, owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
