@@ -83,7 +83,15 @@ fn direct_traffic_reaches_backend_with_real_client_ip() {
         Some(SocketAddr::new(client_ip, udp[0].local_port))
     );
 
-    let stats = servers[0].stats();
+    // The server counts a request after it answered it: give the last count a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut stats = servers[0].stats();
+    while (stats.udp_requests, stats.tcp_requests) != (121, 60)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+        stats = servers[0].stats();
+    }
     assert_eq!(stats.udp_requests, 121);
     assert_eq!(stats.tcp_requests, 60);
     assert_eq!(
