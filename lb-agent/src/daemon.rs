@@ -4,6 +4,8 @@
 //! and one `Syncer` keeps the maps equal to it in both modes: initial sync before attach,
 //! every change, and a periodic resync that re-resolves next hops.
 
+mod next_hops;
+
 use std::{collections::BTreeSet, net::IpAddr, path::PathBuf, time::Duration};
 
 use lb_common::NodeConfig;
@@ -66,6 +68,8 @@ struct Syncer {
     tables: TableCache,
     /// Tick rate and flow-table sizes, for the node config.
     loaded: loader::Loaded,
+    /// Backends whose next hop is unresolved or unreachable, logged when that changes.
+    neighbours: next_hops::NextHopReport,
 }
 
 impl Syncer {
@@ -118,11 +122,16 @@ impl Syncer {
                     .map(|(ip, _)| *ip)
             })
             .collect();
-        let macs = self.net.resolve(&iface, &need, RESOLVE_WAIT).await;
-        let plan = sync::plan_with_cache(desired, node, &macs, &self.snapshot, &mut self.tables)?;
-        for (service, backend) in &plan.unresolved {
-            tracing::warn!(%service, %backend, "backend MAC unknown, left out until it resolves");
-        }
+        let found = self
+            .net
+            .resolve(&iface, &need, self.neighbours.unreachable(), RESOLVE_WAIT)
+            .await;
+        let hops = sync::NextHops {
+            macs: &found.macs,
+            failed: &found.failed,
+        };
+        let plan = sync::plan_with_hops(desired, node, hops, &self.snapshot, &mut self.tables)?;
+        self.neighbours.report(&plan);
         let result = self.dataplane.apply(&plan.ops);
         if result.is_err() {
             // Part of the plan may be applied: re-read the truth before the next attempt.
@@ -343,6 +352,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         snapshot,
         tables: TableCache::default(),
         loaded,
+        neighbours: Default::default(),
     };
     // Fill the maps before the program sees traffic (or, when adopting, before it is replaced).
     let writes = syncer.sync(&mut desired).await?;

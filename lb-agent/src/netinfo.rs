@@ -37,6 +37,45 @@ pub enum NetError {
     NoIpv6(String),
 }
 
+/// What [`NetInfo::resolve`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// The next-hop MAC of each backend address that has one.
+    pub macs: BTreeMap<IpAddr, [u8; 6]>,
+    /// Backend addresses whose next hop failed to resolve: nobody answered ARP/ND.
+    pub failed: BTreeSet<IpAddr>,
+}
+
+/// One neighbour entry of the kernel.
+#[derive(Clone, Copy, Debug)]
+struct Neighbour {
+    state: NeighbourState,
+    mac: Option<[u8; 6]>,
+}
+
+impl Neighbour {
+    /// The MAC, if the entry's state makes it one to send to: reachable, or stale and
+    /// being verified (still the best known).
+    fn usable_mac(&self) -> Option<[u8; 6]> {
+        matches!(
+            self.state,
+            NeighbourState::Reachable
+                | NeighbourState::Stale
+                | NeighbourState::Delay
+                | NeighbourState::Probe
+                | NeighbourState::Permanent
+                | NeighbourState::Noarp
+        )
+        .then_some(self.mac)
+        .flatten()
+    }
+
+    /// Whether the kernel should be asked to resolve or verify it.
+    fn needs_probe(&self) -> bool {
+        self.usable_mac().is_none() || self.state == NeighbourState::Stale
+    }
+}
+
 /// The attached interface as the data plane needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Interface {
@@ -196,24 +235,12 @@ impl NetInfo {
         Some(gateway.map_or(NextHop::Direct(dst), NextHop::Gateway))
     }
 
-    /// Reachable neighbours (and stale ones: their MAC is still the best we know) of the
-    /// interface.
-    async fn neighbours(&self, iface: &Interface) -> BTreeMap<IpAddr, [u8; 6]> {
+    /// The neighbour entries of the interface, with their state and MAC (if they have one).
+    async fn neighbours(&self, iface: &Interface) -> BTreeMap<IpAddr, Neighbour> {
         let mut out = BTreeMap::new();
         let mut stream = self.handle.neighbours().get().execute();
         while let Ok(Some(msg)) = stream.try_next().await {
             if msg.header.ifindex != iface.index {
-                continue;
-            }
-            if !matches!(
-                msg.header.state,
-                NeighbourState::Reachable
-                    | NeighbourState::Stale
-                    | NeighbourState::Delay
-                    | NeighbourState::Probe
-                    | NeighbourState::Permanent
-                    | NeighbourState::Noarp
-            ) {
                 continue;
             }
             let mut ip = None;
@@ -234,8 +261,14 @@ impl NetInfo {
                     _ => {}
                 }
             }
-            if let (Some(ip), Some(mac)) = (ip, mac) {
-                out.insert(ip, mac);
+            if let Some(ip) = ip {
+                out.insert(
+                    ip,
+                    Neighbour {
+                        state: msg.header.state,
+                        mac,
+                    },
+                );
             }
         }
         out
@@ -259,45 +292,79 @@ impl NetInfo {
     }
 
     /// Resolve the next-hop MAC of every address in `backends`, waiting up to `wait` for
-    /// missing neighbours. Addresses that stay unresolved are absent from the result.
+    /// missing neighbours, and find those whose next hop failed.
+    ///
+    /// The kernel learns nothing from the traffic XDP sends, so its entries of live next
+    /// hops go stale; each stale one is re-verified here (the kernel probes it by unicast,
+    /// keeping its MAC meanwhile), and one whose node is gone turns FAILED a few seconds
+    /// later, seen by the next call. A next hop counts as failed when it has no MAC now and
+    /// its entry was FAILED as this call began or is when it ends, or its backend is in
+    /// `known_failed` (the caller's previous answer: it is being asked again, so the kernel
+    /// shows it as INCOMPLETE meanwhile). Failed next hops are not waited for.
     pub async fn resolve(
         &self,
         iface: &Interface,
         backends: &BTreeSet<IpAddr>,
+        known_failed: &BTreeSet<IpAddr>,
         wait: Duration,
-    ) -> BTreeMap<IpAddr, [u8; 6]> {
+    ) -> Resolved {
         let mut hops = BTreeMap::new();
         for ip in backends {
             match self.next_hop(iface, *ip).await {
                 Some(hop) => {
-                    hops.insert(*ip, hop);
+                    hops.insert(*ip, hop.addr());
                 }
                 None => tracing::warn!(backend = %ip, "no route to backend"),
             }
         }
+        let first = self.neighbours(iface).await;
+        let failed_before: BTreeSet<IpAddr> = hops
+            .iter()
+            .filter(|(ip, hop)| {
+                known_failed.contains(ip)
+                    || first
+                        .get(hop)
+                        .is_some_and(|n| n.state == NeighbourState::Failed)
+            })
+            .map(|(_, hop)| *hop)
+            .collect();
+        // Everything not known for sure is (re)probed: missing, failed and stale entries.
+        let probe: BTreeSet<IpAddr> = hops
+            .values()
+            .filter(|a| first.get(a).is_none_or(|n| n.needs_probe()))
+            .copied()
+            .collect();
+        for addr in &probe {
+            self.trigger_resolution(iface, *addr).await;
+        }
         let deadline = tokio::time::Instant::now() + wait;
-        let mut triggered = false;
+        let mut neigh = first;
         loop {
-            let neigh = self.neighbours(iface).await;
-            let resolved: BTreeMap<IpAddr, [u8; 6]> = hops
+            let macs: BTreeMap<IpAddr, [u8; 6]> = hops
                 .iter()
-                .filter_map(|(ip, hop)| Some((*ip, *neigh.get(&hop.addr())?)))
+                .filter_map(|(ip, hop)| Some((*ip, neigh.get(hop)?.usable_mac()?)))
                 .collect();
-            if resolved.len() == hops.len() || tokio::time::Instant::now() >= deadline {
-                return resolved;
-            }
-            if !triggered {
-                let missing: BTreeSet<IpAddr> = hops
-                    .values()
-                    .map(|h| h.addr())
-                    .filter(|a| !neigh.contains_key(a))
+            // Next hops that had already failed are not waited for (they are re-probed, and
+            // an answer is seen by the next call), so a gone node slows no sync.
+            let waiting = hops
+                .iter()
+                .any(|(ip, hop)| !macs.contains_key(ip) && !failed_before.contains(hop));
+            if !waiting || tokio::time::Instant::now() >= deadline {
+                let failed = hops
+                    .iter()
+                    .filter(|(ip, hop)| {
+                        !macs.contains_key(ip)
+                            && (failed_before.contains(hop)
+                                || neigh
+                                    .get(hop)
+                                    .is_some_and(|n| n.state == NeighbourState::Failed))
+                    })
+                    .map(|(ip, _)| *ip)
                     .collect();
-                for addr in missing {
-                    self.trigger_resolution(iface, addr).await;
-                }
-                triggered = true;
+                return Resolved { macs, failed };
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+            neigh = self.neighbours(iface).await;
         }
     }
 }

@@ -20,10 +20,11 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_LOCAL, BACKEND_F_VALID, BackendValue, DecapAddr, DnatKey, DnatValue, FAMILY_V4,
-    FAMILY_V6, Forwarding, NodeConfig, SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING,
-    SERVICE_F_SOURCE_RANGES, SLOT_EMPTY, SLOT_SHARED, ServiceKey, ServiceRecord, ServiceValue,
-    SourceRange, VIP_F_ANSWER, VIP_F_ECHO, VipKey, VipValue,
+    BACKEND_F_LOCAL, BACKEND_F_NO_NEIGH, BACKEND_F_UNREACHABLE, BACKEND_F_VALID, BackendValue,
+    DecapAddr, DnatKey, DnatValue, FAMILY_V4, FAMILY_V6, Forwarding, NodeConfig,
+    SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, SLOT_EMPTY, SLOT_SHARED,
+    ServiceKey, ServiceRecord, ServiceValue, SourceRange, VIP_F_ANSWER, VIP_F_ECHO, VipKey,
+    VipValue,
     maglev::{self, MaglevBackend},
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
@@ -179,8 +180,46 @@ pub enum PlanError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub ops: Vec<MapOp>,
-    /// Backends left out because no MAC address is known for them yet.
+    /// Backends whose next-hop MAC address is not known yet. They are in their tables like
+    /// any other (`BACKEND_F_NO_NEIGH`): the data plane drops their new flows until the MAC
+    /// is known, and then one backend write brings them in.
     pub unresolved: Vec<(ServiceAddr, IpAddr)>,
+    /// Backends whose next hop failed to resolve (`BACKEND_F_UNREACHABLE`): in their tables
+    /// too, passed over by the data plane, which sends their share to the backends of the
+    /// following slots.
+    pub unreachable: Vec<(ServiceAddr, IpAddr)>,
+}
+
+/// What the agent knows of the backends' next hops: the resolved MAC of each backend
+/// address, and the addresses whose next hop failed to resolve (the kernel's neighbour
+/// entry is FAILED). An address in neither is still being resolved.
+#[derive(Clone, Copy, Debug)]
+pub struct NextHops<'a> {
+    pub macs: &'a BTreeMap<IpAddr, [u8; 6]>,
+    pub failed: &'a BTreeSet<IpAddr>,
+}
+
+/// How a backend's next hop stands, for its entry.
+fn next_hop_flags(
+    hops: NextHops<'_>,
+    ip: &IpAddr,
+    configured: Option<[u8; 6]>,
+    current: Option<&BackendValue>,
+) -> ([u8; 6], u8) {
+    if let Some(mac) = configured.or_else(|| hops.macs.get(ip).copied()) {
+        return (mac, 0);
+    }
+    if hops.failed.contains(ip) {
+        return ([0; 6], BACKEND_F_UNREACHABLE);
+    }
+    match current {
+        // Still being resolved again (an entry the kernel dropped, or one re-probed after
+        // failing): the entry stays as it is, so a live backend keeps its MAC and a gone one
+        // stays passed over, until the kernel has an answer.
+        Some(v) if v.flags & BACKEND_F_LOCAL == 0 && v.can_take() => (v.mac, 0),
+        Some(v) if v.is_unreachable() => ([0; 6], BACKEND_F_UNREACHABLE),
+        _ => ([0; 6], BACKEND_F_NO_NEIGH),
+    }
 }
 
 /// Map key of a service.
@@ -335,7 +374,12 @@ pub fn node_config(
 }
 
 /// Compute the writes that make `current` hold `desired`. `node` is the resolved node config,
-/// `macs` the resolved next-hop MAC of each backend address (missing: left out for now).
+/// `macs` the resolved next-hop MAC of each backend address (missing: the entry says so,
+/// `BACKEND_F_NO_NEIGH`, and the data plane drops what would go to it; see
+/// [`plan_with_hops`] for next hops that failed).
+///
+/// The tables depend on the backend set alone, never on which MACs are known, so every node
+/// builds the same ones: a flow lands on the same backend whichever node it reaches.
 ///
 /// Backend entries belong to one service each: a flow remembered for a service is only
 /// followed to an entry of that same service, so removing an address from one service
@@ -357,6 +401,24 @@ pub fn plan_with_cache(
     desired: &DesiredState,
     node: NodeConfig,
     macs: &BTreeMap<IpAddr, [u8; 6]>,
+    current: &MapSnapshot,
+    tables: &mut TableCache,
+) -> Result<Plan, PlanError> {
+    let failed = BTreeSet::new();
+    let hops = NextHops {
+        macs,
+        failed: &failed,
+    };
+    plan_with_hops(desired, node, hops, current, tables)
+}
+
+/// [`plan_with_cache`] with all the agent knows of next hops: a backend whose next hop
+/// failed is marked `BACKEND_F_UNREACHABLE` (the data plane passes it over); one whose next
+/// hop is being resolved again keeps the entry it has.
+pub fn plan_with_hops(
+    desired: &DesiredState,
+    node: NodeConfig,
+    hops: NextHops<'_>,
     current: &MapSnapshot,
     tables: &mut TableCache,
 ) -> Result<Plan, PlanError> {
@@ -462,7 +524,7 @@ pub fn plan_with_cache(
             }
         };
 
-        // Backend entries: one per (service, address) whose next-hop MAC is known.
+        // Backend entries: one per (service, address), all of them in the table.
         members.clear();
         let mut cursor = existing.cursor(id);
         for (ip, spec) in &svc.backends {
@@ -472,20 +534,22 @@ pub fn plan_with_cache(
                 service: *addr,
                 backend: *ip,
             });
-            let mac = if local {
-                node.mac
-            } else if let Some(mac) = spec.mac.or_else(|| macs.get(ip).copied()) {
-                mac
+            let (mac, neigh) = if local {
+                (node.mac, 0)
             } else {
-                out.unresolved.push((*addr, *ip));
-                continue;
+                next_hop_flags(hops, ip, spec.mac, found.as_ref().map(|f| f.value))
             };
+            if neigh & BACKEND_F_NO_NEIGH != 0 {
+                out.unresolved.push((*addr, *ip));
+            } else if neigh & BACKEND_F_UNREACHABLE != 0 {
+                out.unreachable.push((*addr, *ip));
+            }
             let (addr_be, family) = ip_bytes(*ip);
             let value = BackendValue {
                 addr_be,
                 mac,
                 family,
-                flags: BACKEND_F_VALID | if local { BACKEND_F_LOCAL } else { 0 },
+                flags: BACKEND_F_VALID | neigh | if local { BACKEND_F_LOCAL } else { 0 },
                 service_id: id,
                 _pad: [0; 4],
             };
@@ -1079,21 +1143,72 @@ mod tests {
         assert!(matches!(p.ops[2], MapOp::ClearBackend { .. }));
     }
 
+    /// The backend entries a plan writes, by address.
+    fn backends_by_addr(ops: &[MapOp]) -> BTreeMap<u8, (u32, BackendValue)> {
+        ops.iter()
+            .filter_map(|op| match op {
+                MapOp::SetBackend { id, value, .. } => Some((value.addr_be[3], (*id, *value))),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn unresolved_backends_are_left_out_and_reported() {
+    fn unresolved_backends_are_in_the_table_flagged_and_reported() {
         let mut desired = DesiredState::default();
         desired
             .services
             .insert(svc_addr(53), service("dns", &[(11, 1), (200, 1)]));
-        let p = plan(&desired, node(), &macs(), &empty(10_000)).unwrap();
+        let mut snap = empty(10_000);
+        let p = plan(&desired, node(), &macs(), &snap).unwrap();
         assert_eq!(p.unresolved, vec![(svc_addr(53), ip(200))]);
-        let backends = p
+        let backends = backends_by_addr(&p.ops);
+        assert_eq!(backends.len(), 2);
+        let (id200, b200) = backends[&200];
+        assert_eq!(
+            (b200.flags, b200.mac),
+            (BACKEND_F_VALID | BACKEND_F_NO_NEIGH, [0; 6])
+        );
+        assert_eq!(backends[&11].1.flags, BACKEND_F_VALID);
+        let table = p
             .ops
             .iter()
-            .filter(|op| matches!(op, MapOp::SetBackend { .. }))
-            .count();
-        assert_eq!(backends, 1);
-        // A service with no usable backend gets an empty table (the data plane drops).
+            .find_map(|op| match op {
+                MapOp::WriteTable { entries, .. } => Some(entries.clone()),
+                _ => None,
+            })
+            .expect("a table");
+        assert!(table.contains(&id200), "the unresolved backend has slots");
+        apply_to_snapshot(&mut snap, &p.ops);
+
+        // Its MAC resolves: one backend write, the same entry, the table and service kept.
+        let mut resolved = macs();
+        resolved.insert(ip(200), [2, 0, 0, 0, 0, 200]);
+        let p = plan(&desired, node(), &resolved, &snap).unwrap();
+        assert!(p.unresolved.is_empty());
+        let want = BackendValue {
+            mac: [2, 0, 0, 0, 0, 200],
+            flags: BACKEND_F_VALID,
+            ..b200
+        };
+        assert_eq!(
+            p.ops,
+            [MapOp::SetBackend {
+                id: id200,
+                value: want,
+                fresh: false,
+            }]
+        );
+        apply_to_snapshot(&mut snap, &p.ops);
+        assert!(
+            plan(&desired, node(), &resolved, &snap)
+                .unwrap()
+                .ops
+                .is_empty()
+        );
+
+        // A service whose only backend is unresolved still gets its table (the data plane
+        // drops its packets as `DropNoNeighbor`, not `DropNoBackend`).
         let mut desired = DesiredState::default();
         desired
             .services
@@ -1103,7 +1218,172 @@ mod tests {
             MapOp::SetService { value, .. } => Some(*value),
             _ => None,
         });
-        assert_eq!(svc.map(|v| v.table_size), Some(0));
+        assert_eq!(svc.map(|v| v.table_size), Some(1031));
+    }
+
+    #[test]
+    fn a_next_hop_goes_pending_failed_asked_again_and_back_with_one_write_per_change() {
+        let mut desired = DesiredState::default();
+        desired
+            .services
+            .insert(svc_addr(53), service("dns", &[(11, 1), (200, 1)]));
+        let mut snap = empty(10_000);
+        let mut cache = TableCache::default();
+        let mac200 = [2, 0, 0, 0, 0, 200];
+        let resolved = {
+            let mut m = macs();
+            m.insert(ip(200), mac200);
+            m
+        };
+        let none = BTreeSet::new();
+        let failed = BTreeSet::from([ip(200)]);
+        // (step, MACs known, next hops failed, backend 200's flags and MAC after it, whether
+        // the step writes it)
+        type Step<'a> = (
+            &'a str,
+            &'a BTreeMap<IpAddr, [u8; 6]>,
+            &'a BTreeSet<IpAddr>,
+            u8,
+            [u8; 6],
+            bool,
+        );
+        let unknown = macs();
+        let steps: [Step<'_>; 7] = [
+            (
+                "new, not resolved yet",
+                &unknown,
+                &none,
+                BACKEND_F_NO_NEIGH,
+                [0; 6],
+                true,
+            ),
+            ("resolved", &resolved, &none, 0, mac200, true),
+            (
+                "the kernel asks again (STALE, entry gone)",
+                &unknown,
+                &none,
+                0,
+                mac200,
+                false,
+            ),
+            (
+                "the next hop failed",
+                &unknown,
+                &failed,
+                BACKEND_F_UNREACHABLE,
+                [0; 6],
+                true,
+            ),
+            (
+                "asked again after failing",
+                &unknown,
+                &none,
+                BACKEND_F_UNREACHABLE,
+                [0; 6],
+                false,
+            ),
+            (
+                "failed again",
+                &unknown,
+                &failed,
+                BACKEND_F_UNREACHABLE,
+                [0; 6],
+                false,
+            ),
+            ("back", &resolved, &none, 0, mac200, true),
+        ];
+        let mut id = None;
+        for (i, (step, macs, failed, flags, mac, writes)) in steps.into_iter().enumerate() {
+            let hops = NextHops { macs, failed };
+            let p = plan_with_hops(&desired, node(), hops, &snap, &mut cache).unwrap();
+            let written = backends_by_addr(&p.ops);
+            // After the first plan (which writes everything), only backend 200's entry.
+            if i > 0 {
+                assert_eq!(p.ops.len(), usize::from(writes), "{step}: {:?}", p.ops);
+            }
+            apply_to_snapshot(&mut snap, &p.ops);
+            let (got_id, got) = snap
+                .backends
+                .iter()
+                .find(|(_, b)| b.addr_be[3] == 200)
+                .map(|(i, b)| (*i, *b))
+                .unwrap();
+            if writes {
+                assert_eq!(written[&200].0, got_id, "{step}");
+            }
+            assert_eq!(*id.get_or_insert(got_id), got_id, "{step}: the same entry");
+            assert_eq!(
+                (got.flags, got.mac),
+                (BACKEND_F_VALID | flags, mac),
+                "{step}"
+            );
+            assert_eq!(
+                p.unresolved.len(),
+                usize::from(flags == BACKEND_F_NO_NEIGH),
+                "{step}"
+            );
+            assert_eq!(
+                p.unreachable,
+                if flags == BACKEND_F_UNREACHABLE {
+                    vec![(svc_addr(53), ip(200))]
+                } else {
+                    vec![]
+                },
+                "{step}"
+            );
+        }
+    }
+
+    #[test]
+    fn tables_are_the_same_whether_or_not_macs_are_resolved() {
+        let mut desired = DesiredState::default();
+        desired.services.insert(
+            svc_addr(53),
+            service("dns", &[(11, 1), (12, 2), (13, 1), (14, 1)]),
+        );
+        desired
+            .services
+            .insert(svc_addr(54), service("only", &[(15, 1)]));
+        // Each slot as the backend address it sends to, and the service entries.
+        let outcome = |macs: &BTreeMap<IpAddr, [u8; 6]>| {
+            let p = plan(&desired, node(), macs, &empty(10_000)).unwrap();
+            let addr_of: BTreeMap<u32, u8> = backends_by_addr(&p.ops)
+                .into_iter()
+                .map(|(addr, (id, _))| (id, addr))
+                .collect();
+            let tables: Vec<Vec<u8>> = p
+                .ops
+                .iter()
+                .filter_map(|op| match op {
+                    MapOp::WriteTable { entries, .. } => {
+                        Some(entries.iter().map(|id| addr_of[id]).collect())
+                    }
+                    _ => None,
+                })
+                .collect();
+            let services: Vec<ServiceValue> = p
+                .ops
+                .iter()
+                .filter_map(|op| match op {
+                    MapOp::SetService { value, .. } => Some(*value),
+                    _ => None,
+                })
+                .collect();
+            (tables, services, p.unresolved.len())
+        };
+        let all = macs();
+        let (tables, services, unresolved) = outcome(&all);
+        assert_eq!((tables.len(), services.len(), unresolved), (2, 2, 0));
+        for missing in [vec![12], vec![11, 13], vec![11, 12, 13, 14, 15]] {
+            let mut some = all.clone();
+            for last in &missing {
+                some.remove(&ip(*last));
+            }
+            let (t, s, u) = outcome(&some);
+            assert_eq!(u, missing.len());
+            assert_eq!(t, tables, "tables differ without MACs of {missing:?}");
+            assert_eq!(s, services, "services differ without MACs of {missing:?}");
+        }
     }
 
     #[test]
@@ -1240,7 +1520,8 @@ mod tests {
         );
         assert_eq!(u16::from_be(value.target_port_be), 5353);
 
-        // The pod moves away: its translation goes, after the service stopped using it.
+        // The pod moves away (and its address has no next hop here): its translation goes,
+        // after its entry stopped being local.
         desired.local_endpoints.clear();
         let p = plan(&desired, node(), &macs(), &snap).unwrap();
         assert!(

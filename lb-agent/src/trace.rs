@@ -656,8 +656,16 @@ pub fn trace(pin_dir: &Path, probe: &Probe) -> Result<TraceReport, TraceError> {
     let maglev_choice = match &service {
         Some(s) if s.table_size > 0 => {
             let table = dp.table(s)?;
-            let slot = lb_common::hash::slot(probe.flow_hash(), s.table_size) as usize;
-            table.get(slot).and_then(|id| backend_info(*id, &snap))
+            let slot = lb_common::hash::slot(probe.flow_hash(), s.table_size);
+            // As the data plane decides: a gone backend's slot sends to a neighbour's.
+            let backend = |id| snap.backends.get(&id).filter(|b| b.service_id == s.id);
+            lb_common::maglev::choose(
+                &table,
+                slot,
+                |id| backend(id).is_some_and(|b| b.is_unreachable()),
+                |id| backend(id).is_some_and(|b| b.can_take()),
+            )
+            .and_then(|id| backend_info(id, &snap))
         }
         _ => None,
     };

@@ -3,7 +3,8 @@
 //! without pause and TCP connections stay open, the agent is killed with SIGKILL and
 //! restarted, and is sent SIGHUP with a broken file. Every UDP flow is counted; no flow and
 //! no connection may be lost or moved, and the restarted agent must adopt the maps without a
-//! single write. Needs root.
+//! single write. A backend node that disappears (its next hop stops answering ARP) loses its
+//! share to the other backends within seconds, and no other flow moves. Needs root.
 
 use std::{
     path::PathBuf,
@@ -12,7 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use lb_testkit::{Lab, LabSpec, Scenario, ScenarioSpec, TcpSession, require_root, udp_flows};
+use lb_testkit::{
+    Lab, LabSpec, Scenario, ScenarioSpec, TcpSession, require_root, udp_flow_from_port, udp_flows,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on every wait for the agent.
@@ -36,6 +39,20 @@ fn wait_log(sc: &Scenario, line: &str) {
         assert!(
             Instant::now() < deadline,
             "timed out waiting for {line:?} in the agent log:\n{}",
+            sc.agent_log_text()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Wait until the current agent's log contains `line` once more than it does now.
+fn wait_log_more(sc: &Scenario, line: &str) {
+    let count = |sc: &Scenario| sc.agent_log_text().matches(line).count();
+    let (was, deadline) = (count(sc), Instant::now() + Duration::from_secs(40));
+    while count(sc) == was {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for another {line:?} in the agent log:\n{}",
             sc.agent_log_text()
         );
         thread::sleep(Duration::from_millis(50));
@@ -148,4 +165,144 @@ fn sigkill_restart_and_a_broken_reload_lose_no_flow_under_traffic() {
     println!("UDP flows during the faults: {sent} sent, {lost} lost");
     assert!(sent >= 100, "traffic kept flowing: {sent} flows");
     assert_eq!(lost, 0, "{lost} of {sent} UDP flows lost");
+}
+
+/// The backend answering a UDP flow from each of `ports` (`None`: no answer).
+fn udp_backends(lab: &Lab, sc: &Scenario, ports: &[u16]) -> Vec<Option<String>> {
+    ports
+        .iter()
+        .map(|&p| {
+            udp_flow_from_port(lab.client(), sc.vip(), p, TIMEOUT)
+                .unwrap()
+                .backend
+        })
+        .collect()
+}
+
+fn fallback_count(sc: &Scenario) -> u64 {
+    let status = sc.status_json().expect("lb-agent status");
+    status["reasons"]["fallback_unreachable"]["packets"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_backend_node_that_disappears_loses_its_flows_to_the_others_and_no_other_flow_moves() {
+    require_root().unwrap();
+    let lab = Lab::new(LabSpec::default()).unwrap();
+    // Short neighbour timers on the load balancer, so a silent next hop fails in seconds
+    // (the kernel's defaults: 15-45 s reachable, 5 s before the first probe, 3 probes 1 s
+    // apart). The agent re-verifies stale next hops at every sync (2 s here).
+    let iface = lab.lb_iface();
+    for (key, value) in [
+        ("base_reachable_time_ms", "1000"),
+        ("delay_first_probe_time", "1"),
+        ("retrans_time_ms", "300"),
+    ] {
+        lab.lb()
+            .sysctl(&format!("net.ipv4.neigh.{iface}.{key}"), value)
+            .unwrap();
+    }
+    let sc = Scenario::start(&lab, spec()).unwrap();
+    let vip = sc.vip();
+    let gone = &lab.backends()[1];
+
+    let ports: Vec<u16> = (41000..41090).collect();
+    let before = udp_backends(&lab, &sc, &ports);
+    assert!(
+        before.iter().all(Option::is_some),
+        "every flow answered: {before:?}"
+    );
+    let on_gone = before
+        .iter()
+        .filter(|b| b.as_deref() == Some(gone.name.as_str()))
+        .count();
+    assert!(
+        on_gone >= 10,
+        "{on_gone} of {} flows on {}",
+        ports.len(),
+        gone.name
+    );
+    let mut sessions: Vec<(TcpSession, String)> = (0..30)
+        .map(|_| {
+            let mut s = TcpSession::connect(lab.client(), vip, TIMEOUT).unwrap();
+            let b = s.request().unwrap();
+            (s, b)
+        })
+        .collect();
+    // The connections to the node that goes cannot survive; all others must.
+    sessions.retain(|(_, b)| b != &gone.name);
+    assert!(
+        sessions.len() >= 10,
+        "{} connections elsewhere",
+        sessions.len()
+    );
+    let fallback_before = fallback_count(&sc);
+
+    // The node goes: its port on the segment is down, nothing answers for it any more.
+    let staying: Vec<u16> = ports
+        .iter()
+        .zip(&before)
+        .filter(|(_, b)| b.as_deref() != Some(gone.name.as_str()))
+        .map(|(p, _)| *p)
+        .collect();
+    let stop = AtomicBool::new(false);
+    let (sent, lost, detected) = thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            // The flows of the remaining backends, again and again: none may be lost.
+            let (mut sent, mut lost) = (0usize, 0usize);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                for &p in &staying {
+                    let r = udp_flow_from_port(lab.client(), vip, p, TIMEOUT).unwrap();
+                    sent += 1;
+                    lost += usize::from(!r.answered());
+                }
+            }
+            (sent, lost)
+        });
+        let t0 = Instant::now();
+        lab.bridge_ns()
+            .ip(&["link", "set", &gone.peer, "down"])
+            .unwrap();
+        wait_log_more(&sc, "backend next hop unreachable");
+        let detected = t0.elapsed();
+        stop.store(true, Ordering::SeqCst);
+        let (sent, lost) = traffic.join().unwrap();
+        (sent, lost, detected)
+    });
+    println!(
+        "backend node gone: detected in {:.1} s; meanwhile {sent} UDP flows to the other \
+         backends, {lost} lost",
+        detected.as_secs_f64()
+    );
+    assert!(sent >= 100, "traffic kept flowing: {sent}");
+    assert_eq!(lost, 0, "{lost} of {sent} flows to the other backends lost");
+
+    let after = udp_backends(&lab, &sc, &ports);
+    for ((port, was), now) in ports.iter().zip(&before).zip(&after) {
+        let now = now
+            .as_deref()
+            .unwrap_or_else(|| panic!("flow from port {port} unanswered after the node went"));
+        if was.as_deref() == Some(gone.name.as_str()) {
+            assert_ne!(now, gone.name, "port {port}");
+        } else {
+            assert_eq!(Some(now), was.as_deref(), "flow from port {port} moved");
+        }
+    }
+    assert_unmoved("after the node went", &mut sessions);
+    let fell_back = fallback_count(&sc) - fallback_before;
+    assert!(
+        fell_back >= on_gone as u64,
+        "fallback_unreachable counted {fell_back}, at least {on_gone} expected"
+    );
+
+    // It comes back: its flows return to it (UDP is not remembered), the others stay.
+    lab.bridge_ns()
+        .ip(&["link", "set", &gone.peer, "up"])
+        .unwrap();
+    wait_log_more(&sc, "backend next hop resolved");
+    lb_testkit::lab::wait_ports_forwarding(lab.bridge_ns(), &[gone.peer.as_str()]).unwrap();
+    assert_eq!(udp_backends(&lab, &sc, &ports), before, "back as before");
+    assert_unmoved("after the node came back", &mut sessions);
 }

@@ -33,7 +33,7 @@
 //! seconds.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     time::Instant,
@@ -48,11 +48,12 @@ use lb_agent::{
     dataplane::{Dataplane, Stats},
     state::{BackendSpec, DesiredState, Protocol, ServiceAddr, ServiceSpec},
     sync,
+    table_cache::TableCache,
 };
 use lb_common::{
-    BackendValue, CONFIG_F_PMTU_ICMP, DecapAddr, FAMILY_V4, FAMILY_V6, Forwarding, NodeConfig,
-    Reason, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange, VIP_F_ECHO, VipKey,
-    VipValue,
+    BACKEND_F_NO_NEIGH, BackendValue, CONFIG_F_PMTU_ICMP, DecapAddr, FAMILY_V4, FAMILY_V6,
+    Forwarding, NodeConfig, Reason, SERVICE_F_SOURCE_RANGES, ServiceKey, ServiceValue, SourceRange,
+    VIP_F_ECHO, VipKey, VipValue,
     hash::{flow_hash_v4, flow_hash_v6, gue_source_port},
     maps,
 };
@@ -93,6 +94,9 @@ const MTU: u16 = 1500;
 
 /// Ports of the services below, plus two that are never a service here.
 const PORTS: [u16; 9] = [53, 54, 55, 56, 57, 80, 443, 22, 6080];
+
+/// The backend of the service on port 58 whose node is gone.
+const GONE_BACKEND: u8 = 8;
 
 fn v4_backend(i: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 18, 0, 10 + i))
@@ -205,10 +209,19 @@ fn desired_state() -> DesiredState {
     use Protocol::{Tcp, Udp};
     add(a, 53, Udp, service(Ipip, false, three4()));
     add(a, 54, Udp, service(L2, false, three4()));
-    // Its only backend has no MAC: an empty table, the data plane drops.
+    // Its only backend has no MAC: in the table all the same, the data plane drops
+    // (`DropNoNeighbor`).
     let mut empty = service(Ipip, false, [v4_backend(9)]);
     empty.backends.values_mut().for_each(|b| b.mac = None);
     add(a, 55, Udp, empty);
+    // One of its four backends is gone (its next hop failed, `GONE_BACKEND`): its slots
+    // send to the next slots' backends.
+    let mut gone = service(Ipip, false, (5..=8).map(v4_backend));
+    gone.backends
+        .get_mut(&v4_backend(GONE_BACKEND))
+        .unwrap()
+        .mac = None;
+    add(a, 58, Udp, gone);
     add(a, 56, Udp, service(Gue, true, three4()));
     add(a, 57, Udp, service(Ipip, false, three6())); // 4in6
     add(a, 80, Tcp, service(Ipip, true, three4()));
@@ -258,7 +271,7 @@ fn decap_lists(desired: &DesiredState) -> Vec<sync::MapOp> {
     .into_iter()
     .map(|net| entry(sync::DecapList::Sources, net))
     .collect();
-    let backends: std::collections::BTreeSet<IpAddr> = desired
+    let backends: BTreeSet<IpAddr> = desired
         .services
         .values()
         .flat_map(|s| s.backends.keys().copied())
@@ -301,7 +314,14 @@ fn node() -> Node {
     let mut cfg = sync::node_config(&desired, LB_MAC, Some(ENCAP_V4), Some(ENCAP_V6), loaded);
     cfg.mtu = MTU;
     let before = dataplane.snapshot().unwrap();
-    let plan = sync::plan(&desired, cfg, &BTreeMap::new(), &before).expect("plan");
+    let failed = BTreeSet::from([v4_backend(GONE_BACKEND)]);
+    let hops = sync::NextHops {
+        macs: &BTreeMap::new(),
+        failed: &failed,
+    };
+    let plan = sync::plan_with_hops(&desired, cfg, hops, &before, &mut TableCache::default())
+        .expect("plan");
+    assert_eq!(plan.unreachable.len(), 1);
     dataplane.apply(&plan.ops).expect("apply");
     dataplane.apply(&decap_lists(&desired)).expect("apply");
     let snap = dataplane.snapshot().unwrap();
@@ -470,7 +490,11 @@ fn seeds(gue_port: u16) -> Vec<Seed> {
     vec![
         seed("udp vip:53 ipip", udp4(VIP_A, 40000, 53).build()),
         seed("udp vip:54 l2", udp4(VIP_A, 40000, 54).build()),
-        seed("udp vip:55 no backend", udp4(VIP_A, 40000, 55).build()),
+        seed("udp vip:55 no neighbour", udp4(VIP_A, 40000, 55).build()),
+        seed("udp vip:58 a backend gone", udp4(VIP_A, 40000, 58).build()),
+        seed("udp vip:58 a backend gone", udp4(VIP_A, 40001, 58).build()),
+        seed("udp vip:58 a backend gone", udp4(VIP_A, 40002, 58).build()),
+        seed("udp vip:58 a backend gone", udp4(VIP_A, 40003, 58).build()),
         seed("udp vip:56 gue tracked", udp4(VIP_A, 40000, 56).build()),
         seed("udp vip:57 4in6", udp4(VIP_A, 40000, 57).build()),
         seed(
@@ -969,6 +993,9 @@ struct Outcome {
     selected: Option<(u32, u32)>,
     /// An ICMP error forwarded to a backend (counted as `icmp_to_backend` on the side).
     icmp_error: bool,
+    /// Sent to a neighbouring slot's backend because its own is unreachable (counted as
+    /// `fallback_unreachable` on the side).
+    fallback: bool,
 }
 
 impl Outcome {
@@ -977,6 +1004,7 @@ impl Outcome {
             expect,
             selected: None,
             icmp_error: false,
+            fallback: false,
         }
     }
 }
@@ -1274,14 +1302,22 @@ impl Model {
         // With a constant configuration a remembered flow holds exactly what Maglev
         // decides, so the flow table does not change the outcome.
         let hash = flow_hash(&p);
-        let id = table[lb_common::hash::slot(hash, svc.table_size) as usize];
-        let Some(b) = self
-            .backends
-            .get(&id)
-            .filter(|b| b.is_valid() && b.service_id == svc.id)
-        else {
+        let of_service = |id| {
+            self.backends
+                .get(&id)
+                .filter(|b| b.is_valid() && b.service_id == svc.id)
+        };
+        let slot = lb_common::hash::slot(hash, svc.table_size);
+        let unreachable = |id| of_service(id).is_some_and(|b| b.is_unreachable());
+        let chosen = lb_common::maglev::choose(table, slot, unreachable, |id| {
+            of_service(id).is_some_and(|b| b.can_take())
+        });
+        let Some((id, b)) = chosen.and_then(|id| Some((id, of_service(id)?))) else {
             return Outcome::verdict(Expect::Drop(Reason::DropNoBackend));
         };
+        if b.flags & BACKEND_F_NO_NEIGH != 0 {
+            return Outcome::verdict(Expect::Drop(Reason::DropNoNeighbor));
+        }
         let expect = match Forwarding::from_u8(svc.forwarding) {
             Some(Forwarding::L2) => {
                 let mut out = f.to_vec();
@@ -1300,6 +1336,7 @@ impl Model {
             expect,
             selected: Some((svc.id, id)),
             icmp_error: p.icmp_error,
+            fallback: unreachable(table[slot as usize]),
         }
     }
 
@@ -1547,13 +1584,18 @@ impl Model {
         })
     }
 
+    /// Backends packets may be sent to: not those whose MAC is unknown or whose next hop
+    /// failed.
+    fn reachable(&self) -> impl Iterator<Item = &BackendValue> {
+        self.backends.values().filter(|b| b.can_take())
+    }
+
     fn is_backend_mac(&self, mac: &[u8]) -> bool {
-        self.backends.values().any(|b| b.mac == mac)
+        self.reachable().any(|b| b.mac == mac)
     }
 
     fn is_backend_addr(&self, addr: &[u8], family: u8) -> bool {
-        self.backends
-            .values()
+        self.reachable()
             .any(|b| b.family == family && b.addr_be[..addr.len()] == *addr)
     }
 
@@ -1863,6 +1905,7 @@ struct Tally {
     /// Kinds of TX frames (l2, ipip, gue, echo reply, too big).
     tx_kinds: BTreeMap<&'static str, u64>,
     icmp_to_backend: u64,
+    fallback_unreachable: u64,
 }
 
 fn action_name(a: u32) -> &'static str {
@@ -2001,6 +2044,7 @@ fn random_and_mutated_packets_keep_every_invariant() {
             *tally.backends.entry(backend).or_default() += 1;
         }
         tally.icmp_to_backend += u64::from(outcome.icmp_error && outcome.selected.is_some());
+        tally.fallback_unreachable += u64::from(outcome.fallback);
         // Invariants.
         let invariant = match action {
             XDP_PASS if got != frame.as_slice() => Err("PASS changed the frame".to_string()),
@@ -2114,15 +2158,20 @@ fn random_and_mutated_packets_keep_every_invariant() {
         Reason::FlowGuarded,
         Reason::FlowRerouted,
         Reason::IcmpToBackend,
+        Reason::FallbackUnreachable,
     ];
-    if delta(Reason::IcmpToBackend) != tally.icmp_to_backend {
-        fails.add("counter differs from the model", || {
-            format!(
-                "icmp_to_backend: counted {}, model {}",
-                delta(Reason::IcmpToBackend),
-                tally.icmp_to_backend
-            )
-        });
+    for (r, want) in [
+        (Reason::IcmpToBackend, tally.icmp_to_backend),
+        (Reason::FallbackUnreachable, tally.fallback_unreachable),
+    ] {
+        if delta(r) != want {
+            fails.add("counter differs from the model", || {
+                format!("{}: counted {}, model {want}", r.name(), delta(r))
+            });
+        }
+    }
+    if tally.fallback_unreachable == 0 {
+        fails.add("no packet met the unreachable backend", String::new);
     }
     for r in Reason::ALL {
         if side.contains(&r) {

@@ -1043,6 +1043,10 @@ fn a_minute_without_the_api_server_and_a_compacted_history_lose_no_flow() {
     agent.wait(WAIT, "the listed endpoints are programmed", |_| {
         echo_backends_are(&pins, &[11, 12, 13])
     });
+    // The program is attached after the initial sync.
+    agent.wait(WAIT, "the program is attached", |a| {
+        a.log().contains("load balancer attached")
+    });
     wait_watching(&server);
     let vip = SocketAddr::new(VIP.into(), PORT);
     let mut sessions = open_sessions(&lab, vip);

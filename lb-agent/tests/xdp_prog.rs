@@ -2,7 +2,7 @@
 //! Needs root (loading BPF); fails with a clear message otherwise.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -121,7 +121,7 @@ fn fixture() -> Fixture {
             ..service("web", Forwarding::Ipip, &three, true)
         },
     );
-    // Its only backend has no MAC: programmed with an empty table.
+    // Its only backend has no MAC: in the table all the same, its packets dropped.
     desired.services.insert(
         addr(PORT_EMPTY, Protocol::Udp),
         service("empty", Forwarding::Ipip, &[backend_ip(9)], false),
@@ -145,14 +145,54 @@ impl Fixture {
 
     /// As the agent does with the interface's MTU (0: no MTU check).
     fn program_with_mtu(&mut self, desired: DesiredState, mtu: u16) {
+        self.program_all(desired, mtu, &BTreeSet::new());
+    }
+
+    /// As the agent does once the kernel has failed to resolve the next hops `failed`.
+    fn program_with_failed(&mut self, desired: DesiredState, failed: &[Ipv4Addr]) -> sync::Plan {
+        let failed = failed.iter().map(|ip| IpAddr::V4(*ip)).collect();
+        self.program_all(desired, 0, &failed)
+    }
+
+    fn program_all(
+        &mut self,
+        desired: DesiredState,
+        mtu: u16,
+        failed: &BTreeSet<IpAddr>,
+    ) -> sync::Plan {
         let loaded = lb_agent::loader::loaded(&mut self.ebpf).unwrap();
         let mut node =
             sync::node_config(&desired, LB_MAC, Some(ENCAP_SRC), Some(ENCAP_SRC6), loaded);
         node.mtu = mtu;
-        let plan = sync::plan(&desired, node, &BTreeMap::new(), &self.snapshot).unwrap();
+        // The MACs the services name are the ones the agent would resolve, but for the
+        // next hops that `failed`.
+        let mut resolving = desired.clone();
+        let mut macs = BTreeMap::new();
+        for spec in resolving.services.values_mut() {
+            for (ip, b) in &mut spec.backends {
+                if let Some(mac) = b.mac.take()
+                    && !failed.contains(ip)
+                {
+                    macs.insert(*ip, mac);
+                }
+            }
+        }
+        let hops = sync::NextHops {
+            macs: &macs,
+            failed,
+        };
+        let plan = sync::plan_with_hops(
+            &resolving,
+            node,
+            hops,
+            &self.snapshot,
+            &mut lb_agent::table_cache::TableCache::default(),
+        )
+        .unwrap();
         self.dataplane.apply(&plan.ops).unwrap();
         self.snapshot = self.dataplane.snapshot().unwrap();
         self.desired = desired;
+        plan
     }
 
     fn run(&mut self, prog: &str, input: &[u8]) -> (u32, Vec<u8>) {
@@ -198,8 +238,16 @@ impl Fixture {
             dport.to_be(),
             proto.number(),
         );
-        let id = table[lb_common::hash::slot(h, svc.table_size) as usize];
-        let b = self.snapshot.backends[&id];
+        let slot = lb_common::hash::slot(h, svc.table_size);
+        let backend = |id| self.snapshot.backends[&id];
+        let id = lb_common::maglev::choose(
+            &table,
+            slot,
+            |id| backend(id).is_unreachable(),
+            |id| backend(id).can_take(),
+        )
+        .expect("a backend that can take it");
+        let b = backend(id);
         Ipv4Addr::new(b.addr_be[0], b.addr_be[1], b.addr_be[2], b.addr_be[3])
     }
 
@@ -530,10 +578,10 @@ fn packets_that_are_not_ours_pass_untouched() {
             Reason::PassMalformed,
         ),
         (
-            "no backend",
+            "its only backend has no MAC",
             udp_to(VIP, 40000, PORT_EMPTY).build(),
             XDP_DROP,
-            Reason::DropNoBackend,
+            Reason::DropNoNeighbor,
         ),
     ];
     for (name, input, action, reason) in cases {
@@ -686,7 +734,7 @@ fn pin_to_one_cpu() {
 #[test]
 fn established_tcp_flows_keep_their_backend_when_backends_are_added() {
     let mut f = fixture();
-    let ports: Vec<u16> = (30000..30200).collect();
+    let ports = ports_that_fit(&f, 30000, 200);
     let mut first = BTreeMap::new();
     for &p in &ports {
         let (a, out) = f.run(maps::PROG_LB, &tcp_to_web(p, tcp_flags::ACK));
@@ -765,6 +813,29 @@ fn established_tcp_flows_keep_their_backend_when_backends_are_added() {
         created + 1,
         "the next packet does"
     );
+}
+
+/// `n` client ports of the web service from `first` on whose flows all fit in their
+/// buckets under this fixture's secret: in the tests' small table a fifth flow in a bucket
+/// would evict one of the four (a test of its own), and with a random secret that happens
+/// in about one run of 500.
+fn ports_that_fit(f: &Fixture, first: u16, n: usize) -> Vec<u16> {
+    let config = f.snapshot.config.unwrap();
+    let mut per_bucket = BTreeMap::<u32, usize>::new();
+    let ports: Vec<u16> = (first..u16::MAX)
+        .filter(|&p| {
+            let bucket = table_rules::bucket_index(
+                web_flow_key(p).hash(&config.flow_secret),
+                config.flow_buckets4,
+            );
+            let used = per_bucket.entry(bucket).or_default();
+            *used += 1;
+            *used <= table_rules::WAYS
+        })
+        .take(n)
+        .collect();
+    assert_eq!(ports.len(), n);
+    ports
 }
 
 /// The web service's flow key of client port `sport`.
@@ -1010,7 +1081,7 @@ fn flows_aimed_at_one_bucket_by_the_public_hash_do_not_evict_its_flow() {
     // Where the attacker's flows went: remembered, every one, over many buckets.
     let table: aya::maps::Array<_, FlowBucket4> =
         aya::maps::Array::try_from(f.ebpf.map(maps::FLOWTAB4).unwrap()).unwrap();
-    let mut used = std::collections::BTreeSet::new();
+    let mut used = BTreeSet::new();
     let mut remembered = 0;
     for i in 0..table.len() {
         let bucket = table.get(&i, 0).unwrap();
@@ -1032,7 +1103,7 @@ fn flows_aimed_at_one_bucket_by_the_public_hash_do_not_evict_its_flow() {
 #[test]
 fn flows_of_a_removed_backend_are_rerouted_and_others_stay() {
     let mut f = fixture();
-    let ports: Vec<u16> = (31000..31150).collect();
+    let ports = ports_that_fit(&f, 31000, 150);
     let mut first = BTreeMap::new();
     for &p in &ports {
         let (_, out) = f.run(maps::PROG_LB, &tcp_to_web(p, tcp_flags::ACK));
@@ -1127,6 +1198,263 @@ fn flood_guard_caps_new_entries_but_forwards_every_flow() {
     }
     assert_eq!(f.reason(Reason::FlowCreated) - created, 5);
     assert_eq!(f.reason(Reason::FlowGuarded) - guarded, 3);
+}
+
+/// (name, input, expected action, the reason it counts, and for the web service: the client
+/// port and whether its flow is remembered afterwards)
+struct NoNeighCase(&'static str, Vec<u8>, u32, Reason, Option<(u16, bool)>);
+
+#[test]
+fn a_backend_without_a_mac_keeps_its_slots_and_drops_until_it_resolves() {
+    let mut f = fixture();
+    let unresolved = backend_ip(2);
+    let three: Vec<Ipv4Addr> = (1..=3).map(backend_ip).collect();
+    let l2_addr = ServiceAddr {
+        vip: IpAddr::V4(VIP),
+        port: PORT_L2,
+        protocol: Protocol::Udp,
+    };
+    let none_addr = ServiceAddr {
+        port: 60,
+        ..l2_addr
+    };
+    // The web (tracked TCP) and dns-l2 services, with or without backend 2's MAC.
+    let base = f.desired.clone();
+    let with = |resolved: bool| {
+        let mut desired = base.clone();
+        let web = ServiceSpec {
+            flow_tracking: true,
+            ..service("web", Forwarding::Ipip, &three, true)
+        };
+        let l2 = service("dns-l2", Forwarding::L2, &three, true);
+        desired.services.insert(web_addr(), web);
+        desired.services.insert(l2_addr, l2);
+        desired
+            .services
+            .insert(none_addr, service("none", Forwarding::Ipip, &[], true));
+        if !resolved {
+            // Nowhere on this node: a next hop's MAC is the node's, whichever service.
+            for s in desired.services.values_mut() {
+                if let Some(b) = s.backends.get_mut(&IpAddr::V4(unresolved)) {
+                    b.mac = None;
+                }
+            }
+        }
+        desired
+    };
+    // The services are new, so the backend has never had a MAC on this node.
+    let mut fresh = base.clone();
+    fresh.services.remove(&web_addr());
+    fresh.services.remove(&l2_addr);
+    f.program(fresh);
+    f.program(with(false));
+    // Client ports whose Maglev choice is (or is not) the backend without a MAC.
+    let port = |f: &Fixture, proto, dport, to_it: bool| {
+        (40000..41000u16)
+            .find(|&p| (f.expected_backend(proto, p, dport) == unresolved) == to_it)
+            .expect("the backend without a MAC has its share of the table")
+    };
+    let bad = port(&f, Protocol::Tcp, PORT_TCP, true);
+    let good = port(&f, Protocol::Tcp, PORT_TCP, false);
+    let bad_l2 = port(&f, Protocol::Udp, PORT_L2, true);
+    let cases = vec![
+        NoNeighCase(
+            "tcp ack, Maglev picks the backend without a MAC",
+            tcp_to_web(bad, tcp_flags::ACK),
+            XDP_DROP,
+            Reason::DropNoNeighbor,
+            Some((bad, false)),
+        ),
+        NoNeighCase(
+            "tcp syn, Maglev picks the backend without a MAC",
+            tcp_to_web(bad, tcp_flags::SYN),
+            XDP_DROP,
+            Reason::DropNoNeighbor,
+            Some((bad, false)),
+        ),
+        NoNeighCase(
+            "l2 udp, Maglev picks the backend without a MAC",
+            udp_to(VIP, bad_l2, PORT_L2).build(),
+            XDP_DROP,
+            Reason::DropNoNeighbor,
+            None,
+        ),
+        NoNeighCase(
+            "a service without backends",
+            udp_to(VIP, 40000, 60).build(),
+            XDP_DROP,
+            Reason::DropNoBackend,
+            None,
+        ),
+    ];
+    for NoNeighCase(name, input, action, reason, flow) in cases {
+        let (before, created) = (f.reason(reason), f.reason(Reason::FlowCreated));
+        let got = f.run(maps::PROG_LB, &input);
+        assert_frame(name, got, action, &input);
+        assert_eq!(f.reason(reason) - before, 1, "{name}: {}", reason.name());
+        assert_eq!(
+            f.reason(Reason::FlowCreated),
+            created,
+            "{name}: flow created"
+        );
+        if let Some((sport, remembered)) = flow {
+            assert_eq!(web_flow(&mut f, sport).1.is_some(), remembered, "{name}");
+        }
+    }
+    // A resolved backend of the same service forwards and remembers as usual.
+    let (a, _) = f.run(maps::PROG_LB, &tcp_to_web(good, tcp_flags::ACK));
+    assert_eq!(a, XDP_TX);
+    assert!(web_flow(&mut f, good).1.is_some());
+
+    // The MAC resolves: one backend entry per service is rewritten, no table, no service.
+    let loaded = lb_agent::loader::loaded(&mut f.ebpf).unwrap();
+    let node = sync::node_config(
+        &with(true),
+        LB_MAC,
+        Some(ENCAP_SRC),
+        Some(ENCAP_SRC6),
+        loaded,
+    );
+    let plan = sync::plan(&with(true), node, &BTreeMap::new(), &f.snapshot).unwrap();
+    assert!(
+        plan.ops.len() == 2
+            && plan
+                .ops
+                .iter()
+                .all(|op| matches!(op, sync::MapOp::SetBackend { fresh: false, .. })),
+        "{:?}",
+        plan.ops
+    );
+    f.program(with(true));
+    // The client's retransmission takes the same decision and starts the flow.
+    let created = f.reason(Reason::FlowCreated);
+    let (a, out) = f.run(maps::PROG_LB, &tcp_to_web(bad, tcp_flags::ACK));
+    assert_eq!((a, outer_dst(&out)), (XDP_TX, unresolved));
+    assert_eq!(f.reason(Reason::FlowCreated), created + 1);
+    let (_, entry) = web_flow(&mut f, bad);
+    let id = entry.expect("remembered now").backend_id;
+    let input = udp_to(VIP, bad_l2, PORT_L2).build();
+    let got = f.run(maps::PROG_LB, &input);
+    assert_frame(
+        "l2 udp, resolved",
+        got,
+        XDP_TX,
+        &l2_expected(&input, unresolved),
+    );
+
+    // The kernel forgets the MAC and is asking again: the entry stays as it is, so the
+    // flow keeps flowing while the answer comes.
+    let plan = f.program_with_failed(with(false), &[]);
+    assert_eq!(
+        plan.ops,
+        vec![],
+        "nothing is written while the MAC is asked again"
+    );
+    let (a, out) = f.run(maps::PROG_LB, &tcp_to_web(bad, tcp_flags::ACK));
+    assert_eq!((a, outer_dst(&out)), (XDP_TX, unresolved));
+    assert_eq!(web_flow(&mut f, bad).1.map(|e| e.backend_id), Some(id));
+}
+
+#[test]
+fn a_gone_backend_s_flows_move_to_the_next_slots_and_the_others_stay() {
+    let mut f = fixture();
+    let gone = backend_ip(2);
+    let ports = ports_that_fit(&f, 41000, 150);
+    let before: Vec<Ipv4Addr> = ports
+        .iter()
+        .map(|&p| {
+            let (a, out) = f.run(maps::PROG_LB, &tcp_to_web(p, tcp_flags::ACK));
+            assert_eq!(a, XDP_TX);
+            outer_dst(&out)
+        })
+        .collect();
+    let on_gone = before.iter().filter(|&&b| b == gone).count();
+    assert!(
+        on_gone > 20,
+        "{on_gone} of {} flows on backend 2",
+        ports.len()
+    );
+    let tables: Vec<_> = f
+        .snapshot
+        .services
+        .values()
+        .map(|s| f.dataplane.table(s).unwrap())
+        .collect();
+
+    // Its next hop fails: its entry in each of its services is rewritten, nothing else.
+    let desired = f.desired.clone();
+    let plan = f.program_with_failed(desired.clone(), &[gone]);
+    let rewritten = plan
+        .ops
+        .iter()
+        .filter(|op| matches!(op, sync::MapOp::SetBackend { fresh: false, value, .. } if value.is_unreachable()))
+        .count();
+    assert_eq!(
+        (rewritten, plan.ops.len()),
+        (3, 3),
+        "one entry per service of backend 2: {:?}",
+        plan.ops
+    );
+    let after_tables: Vec<_> = f
+        .snapshot
+        .services
+        .values()
+        .map(|s| f.dataplane.table(s).unwrap())
+        .collect();
+    assert_eq!(
+        tables, after_tables,
+        "the tables stay a function of the backend set"
+    );
+
+    let (rerouted, fallback) = (
+        f.reason(Reason::FlowRerouted),
+        f.reason(Reason::FallbackUnreachable),
+    );
+    for (&p, &was) in ports.iter().zip(&before) {
+        let (a, out) = f.run(maps::PROG_LB, &tcp_to_web(p, tcp_flags::ACK));
+        assert_eq!(a, XDP_TX, "port {p}");
+        let now = outer_dst(&out);
+        if was == gone {
+            assert_ne!(now, gone, "port {p} left the gone backend");
+            assert_eq!(
+                now,
+                f.expected_backend(Protocol::Tcp, p, PORT_TCP),
+                "port {p}: the backend of the next slot that can take it"
+            );
+        } else {
+            assert_eq!(now, was, "port {p} stays");
+        }
+    }
+    assert_eq!(f.reason(Reason::FlowRerouted) - rerouted, on_gone as u64);
+    assert_eq!(
+        f.reason(Reason::FallbackUnreachable) - fallback,
+        on_gone as u64
+    );
+    // Untracked UDP: the same rule, packet by packet, in both forwarding modes.
+    for p in 42000..42100u16 {
+        let expected = f.expected_backend(Protocol::Udp, p, PORT_IPIP);
+        assert_ne!(expected, gone);
+        let (a, out) = f.run(maps::PROG_LB, &udp_to(VIP, p, PORT_IPIP).build());
+        assert_eq!((a, outer_dst(&out)), (XDP_TX, expected), "udp port {p}");
+        let input = udp_to(VIP, p, PORT_L2).build();
+        let expected = f.expected_backend(Protocol::Udp, p, PORT_L2);
+        let got = f.run(maps::PROG_LB, &input);
+        assert_frame(
+            "l2, a backend gone",
+            got,
+            XDP_TX,
+            &l2_expected(&input, expected),
+        );
+    }
+
+    // It comes back: new flows are Maglev's again; the moved ones stay where they went.
+    f.program_with_failed(desired, &[]);
+    let plan = f.program_with_failed(f.desired.clone(), &[]);
+    assert_eq!(plan.ops, vec![]);
+    assert!(
+        f.snapshot.backends.values().all(|b| !b.is_unreachable()),
+        "a resolved MAC clears the mark"
+    );
 }
 
 // ---- IPv6, mixed families, GUE ----

@@ -121,6 +121,19 @@ pub const fn slot(hash: u32, size: u32) -> u32 {
     ((hash as u64 * size as u64) >> 32) as u32
 }
 
+/// How many slots after its own a packet whose backend is unreachable
+/// (`BACKEND_F_UNREACHABLE`) may look at for one that can take it.
+pub const FALLBACK_SLOTS: u32 = 16;
+
+/// The `attempt`-th slot (1..=[`FALLBACK_SLOTS`]) after `slot` in a table of `size` slots,
+/// wrapping: where a packet goes when the backend of its own slot is unreachable (the first
+/// of these whose backend can take it). Only the unreachable backend's flows move, each to
+/// the backend of a neighbouring slot, so they spread over the others by their shares.
+#[inline(always)]
+pub const fn fallback_slot(slot: u32, attempt: u32, size: u32) -> u32 {
+    ((slot as u64 + attempt as u64) % size as u64) as u32
+}
+
 /// UDP source port of a GUE packet: the flow hash folded into the dynamic range
 /// 49152-65535, so routers hashing the outer header spread flows (and keep each one on a
 /// path).

@@ -11,6 +11,8 @@
 use core::fmt;
 use std::vec::Vec;
 
+use crate::hash::{FALLBACK_SLOTS, fallback_slot};
+
 /// One backend as Maglev sees it. `key` identifies the backend the same way on every node
 /// (its address bytes, e.g. 16 bytes with IPv4 in the first 4 + family byte); `id` is the
 /// node-local value written into table slots; weight >= 1.
@@ -203,6 +205,26 @@ fn step(slot: u32, skip: u32, size: u32) -> u32 {
     s as u32
 }
 
+/// The backend id a packet whose hash lands in `slot` of `table` goes to, as the data
+/// plane decides it: the slot's own backend, unless `unreachable(id)` says its next hop has
+/// failed; then the first backend in the next [`FALLBACK_SLOTS`] slots (wrapping) that
+/// `can_take(id)`, or `None` if none can (the packet is dropped).
+pub fn choose(
+    table: &[u32],
+    slot: u32,
+    unreachable: impl Fn(u32) -> bool,
+    can_take: impl Fn(u32) -> bool,
+) -> Option<u32> {
+    let size = u32::try_from(table.len()).ok()?;
+    let own = *table.get(slot as usize)?;
+    if !unreachable(own) {
+        return Some(own);
+    }
+    (1..=FALLBACK_SLOTS)
+        .map(|attempt| table[fallback_slot(slot, attempt, size) as usize])
+        .find(|&id| can_take(id))
+}
+
 /// 64-bit FNV-1a fingerprint of a table (each entry as 4 little-endian bytes), for change
 /// detection. Equal tables always give equal fingerprints on every machine.
 pub fn fingerprint(table: &[u32]) -> u64 {
@@ -272,6 +294,28 @@ mod tests {
 
     fn changed(a: &[u32], b: &[u32]) -> usize {
         a.iter().zip(b).filter(|(x, y)| x != y).count()
+    }
+
+    #[test]
+    fn an_unreachable_backend_s_slots_spread_over_the_others_and_no_other_slot_moves() {
+        let table = build_table(&equal(5), 65537).unwrap();
+        let gone = 2;
+        let mut moved_to = BTreeMap::<u32, usize>::new();
+        for slot in 0..table.len() as u32 {
+            let got = choose(&table, slot, |id| id == gone, |id| id != gone).unwrap();
+            if table[slot as usize] == gone {
+                assert_ne!(got, gone);
+                *moved_to.entry(got).or_default() += 1;
+            } else {
+                assert_eq!(got, table[slot as usize], "slot {slot} stays");
+            }
+        }
+        // Each of the four others takes a fair part of the fifth's share (13107 slots).
+        assert_eq!(moved_to.len(), 4, "{moved_to:?}");
+        assert!(moved_to.values().all(|&n| n > 2000), "{moved_to:?}");
+        // Nothing reachable: dropped. A slot out of the table: none.
+        assert_eq!(choose(&table, 0, |_| true, |_| false), None);
+        assert_eq!(choose(&table, 65537, |_| false, |_| true), None);
     }
 
     #[test]

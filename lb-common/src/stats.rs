@@ -74,10 +74,17 @@ pub enum Reason {
     /// passed untouched, so the stack sees the tunnel packet (and drops it without tunnel
     /// modules).
     PassDecapNotAllowed = 28,
+    /// The chosen backend's next-hop MAC address is not known yet (`BACKEND_F_NO_NEIGH`):
+    /// dropped, and no flow is remembered, so the client's retransmission after the agent
+    /// learned the MAC goes to the same backend and starts the flow normally.
+    DropNoNeighbor = 29,
+    /// The Maglev choice was a backend whose next hop failed to resolve
+    /// (`BACKEND_F_UNREACHABLE`): the packet went to the backend of a following slot.
+    FallbackUnreachable = 30,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 29;
+    pub const COUNT: u32 = 31;
 
     /// Every reason, in index order.
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -110,6 +117,8 @@ impl Reason {
         Reason::TxArpReply,
         Reason::TxNeighborAdvert,
         Reason::PassDecapNotAllowed,
+        Reason::DropNoNeighbor,
+        Reason::FallbackUnreachable,
     ];
 
     /// Stable snake_case name, used by `lb-agent status` and metrics.
@@ -144,6 +153,8 @@ impl Reason {
             Reason::TxArpReply => "tx_arp_reply",
             Reason::TxNeighborAdvert => "tx_neighbor_advert",
             Reason::PassDecapNotAllowed => "pass_decap_not_allowed",
+            Reason::DropNoNeighbor => "drop_no_neighbor",
+            Reason::FallbackUnreachable => "fallback_unreachable",
         }
     }
 }

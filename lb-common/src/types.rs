@@ -168,6 +168,18 @@ pub const BACKEND_F_VALID: u8 = 1;
 /// The backend is on this node (a local pod): the packet is not sent out but decapsulated
 /// and translated here (`LB_DNAT`), and the stack delivers it.
 pub const BACKEND_F_LOCAL: u8 = 2;
+/// The next hop's MAC address is not known yet (`mac` is zero): the agent is still
+/// resolving it (a new backend). The backend is a member of its service's Maglev table all
+/// the same, so every node builds the same table from the same backend set; the data plane
+/// drops (`DropNoNeighbor`) what would go to it, creating no flow or affinity entry, until
+/// the agent learns the MAC and rewrites this entry.
+pub const BACKEND_F_NO_NEIGH: u8 = 4;
+/// The next hop failed to resolve (the kernel's neighbour entry went FAILED: nobody
+/// answered ARP/ND): the backend's node is gone. It keeps its slots, and what they would
+/// send it goes to the backend of the next slot that can take it
+/// ([`crate::hash::fallback_slot`]); its remembered flows and clients are decided afresh
+/// the same way. Every node that sees the neighbour fail makes the same choice.
+pub const BACKEND_F_UNREACHABLE: u8 = 8;
 
 /// One backend of one service (a backend address used by two services has two entries, so
 /// each can be removed, and counted, on its own), and the MAC address of the next hop.
@@ -206,6 +218,18 @@ impl BackendValue {
 
     pub const fn is_valid(&self) -> bool {
         self.flags & BACKEND_F_VALID != 0
+    }
+
+    /// Whether the backend's next hop failed to resolve (`BACKEND_F_UNREACHABLE`).
+    #[inline(always)]
+    pub const fn is_unreachable(&self) -> bool {
+        self.flags & BACKEND_F_UNREACHABLE != 0
+    }
+
+    /// Whether packets can be sent to it now: its next hop's MAC is known.
+    #[inline(always)]
+    pub const fn can_take(&self) -> bool {
+        self.flags & (BACKEND_F_NO_NEIGH | BACKEND_F_UNREACHABLE) == 0
     }
 }
 

@@ -8,17 +8,28 @@
 //! backend as every other node) and the decision is remembered, unless the flood guard says
 //! this CPU has created too many entries this second.
 //!
+//! Every backend stays in its table whatever the agent knows of its next hop, so the tables
+//! are the same on every node. A backend whose next-hop MAC the agent is still resolving
+//! (`BACKEND_F_NO_NEIGH`, a new one) gets nothing: a packet decided for it, by Maglev or by a
+//! remembered flow or client, is dropped (`DropNoNeighbor`) and nothing new is remembered,
+//! so the client's retransmission once the MAC is known takes the same decision and starts
+//! the flow as usual. A backend whose next hop failed to resolve (`BACKEND_F_UNREACHABLE`:
+//! its node is gone) is passed over: its slots send to the backend of the next slot that
+//! can take the packet (`FallbackUnreachable`), and its remembered flows and clients are
+//! decided afresh that way, while every other flow stays where it is.
+//!
 //! A service with session affinity places each client (source address) by Maglev on its
 //! addresses alone and remembers the client's backend in `LB_AFFINITY` while the client keeps
 //! sending within the timeout, so it keeps its backend when the backend set changes too.
 
 use aya_ebpf::{btf_maps::lpm_trie::Key, helpers::bpf_jiffies64};
 use lb_common::{
-    AffinityKey, BackendValue, FAMILY_V4, FlowEntry4, FlowEntry6, FlowState, FlowValue, NodeConfig,
-    PROTO_TCP, Reason, SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES,
-    SLOT_EMPTY, SLOT_SHARED, ServiceKey, ServiceValue, SourceRange, VipKey, VipValue,
+    AffinityKey, BACKEND_F_NO_NEIGH, BackendValue, FAMILY_V4, FlowEntry4, FlowEntry6, FlowState,
+    FlowValue, NodeConfig, PROTO_TCP, Reason, SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING,
+    SERVICE_F_SOURCE_RANGES, SLOT_EMPTY, SLOT_SHARED, ServiceKey, ServiceValue, SourceRange,
+    VipKey, VipValue,
     flowtab::{self, WAYS},
-    hash::{flow_hash_v4, flow_hash_v6_folded},
+    hash::{FALLBACK_SLOTS, fallback_slot, flow_hash_v4, flow_hash_v6_folded},
 };
 
 use crate::{
@@ -133,6 +144,45 @@ fn backend_of(id: u32, service: &ServiceValue) -> Option<&'static BackendValue> 
     (b.is_valid() && b.service_id == service.id).then_some(b)
 }
 
+/// A backend of `service` that is not unreachable: one a remembered flow or client may
+/// keep.
+#[inline(always)]
+fn live_backend_of(id: u32, service: &ServiceValue) -> Option<&'static BackendValue> {
+    backend_of(id, service).filter(|b| !b.is_unreachable())
+}
+
+/// `Err(drop)` for a backend whose next-hop MAC is not known yet: there is nowhere to send
+/// its packets to.
+#[inline(always)]
+fn reachable(backend: &BackendValue) -> Result<(), Verdict> {
+    if backend.flags & BACKEND_F_NO_NEIGH != 0 {
+        return Err(Verdict::drop(Reason::DropNoNeighbor));
+    }
+    Ok(())
+}
+
+/// The backend id in the first of the [`FALLBACK_SLOTS`] slots after `slot` (relative to
+/// the service's table, wrapping) whose backend can take a packet, or `u32::MAX`. Only
+/// called when the backend of `slot` is unreachable; its own function, so the bounded loop
+/// is verified once rather than at every caller.
+#[inline(never)]
+fn fallback(slot: u32, table_offset: u32, table_size: u32, service_id: u32) -> u32 {
+    let mut attempt = 1;
+    while attempt <= FALLBACK_SLOTS {
+        let at = table_offset.wrapping_add(fallback_slot(slot, attempt, table_size));
+        if let Some(&id) = LB_MAGLEV.get(at)
+            && let Some(b) = LB_BACKENDS.get(id)
+            && b.is_valid()
+            && b.service_id == service_id
+            && b.can_take()
+        {
+            return id;
+        }
+        attempt += 1;
+    }
+    u32::MAX
+}
+
 /// The settings of a VIP (any port), if `addr_be` is one.
 #[inline(always)]
 pub fn vip(addr: AddrWords, family: u8) -> Option<VipValue> {
@@ -176,17 +226,26 @@ fn hash_of(pkt: &Packet, sport: u16, dport: u16) -> u32 {
 }
 
 #[inline(always)]
-fn maglev(hash: u32, service: &ServiceValue) -> Result<(u32, &'static BackendValue), Verdict> {
+fn maglev(
+    hash: u32,
+    service: &ServiceValue,
+    bytes: u64,
+) -> Result<(u32, &'static BackendValue), Verdict> {
     if service.table_size == 0 {
         return Err(Verdict::drop(Reason::DropNoBackend));
     }
-    let slot = service
-        .table_offset
-        .wrapping_add(lb_common::hash::slot(hash, service.table_size));
-    let id = *LB_MAGLEV
-        .get(slot)
+    let slot = lb_common::hash::slot(hash, service.table_size);
+    let mut id = *LB_MAGLEV
+        .get(service.table_offset.wrapping_add(slot))
         .ok_or(Verdict::drop(Reason::DropNoBackend))?;
-    let backend = backend_of(id, service).ok_or(Verdict::drop(Reason::DropNoBackend))?;
+    let mut backend = backend_of(id, service).ok_or(Verdict::drop(Reason::DropNoBackend))?;
+    if backend.is_unreachable() {
+        id = fallback(slot, service.table_offset, service.table_size, service.id);
+        backend = backend_of(id, service).ok_or(Verdict::drop(Reason::DropNoBackend))?;
+        stats::count_reason(Reason::FallbackUnreachable, bytes);
+    }
+    // Before anything remembers the decision.
+    reachable(backend)?;
     Ok((id, backend))
 }
 
@@ -365,15 +424,17 @@ fn affine(
         // `last_seen` are benign.
         let (id, seen) = unsafe { ((*entry).backend_id, (*entry).last_seen) };
         if now.wrapping_sub(seen) <= service.affinity_timeout_s as u64 * cfg.hz as u64
-            && let Some(backend) = backend_of(id, service)
+            && let Some(backend) = live_backend_of(id, service)
         {
             // SAFETY: as above.
             unsafe { (*entry).last_seen = now };
+            // The client keeps its backend: it waits for the MAC, like a new client.
+            reachable(backend)?;
             stats::count_reason(Reason::AffinityHit, bytes);
             return Ok((id, backend, false));
         }
     }
-    let (id, backend) = maglev(hash_of(pkt, 0, 0), service)?;
+    let (id, backend) = maglev(hash_of(pkt, 0, 0), service, bytes)?;
     if !pkt.icmp_error {
         let value = FlowValue {
             backend_id: id,
@@ -399,7 +460,7 @@ pub fn select(
     let affinity = service.flags & SERVICE_F_AFFINITY != 0 && !pkt.fragment;
     if !tracked && !affinity {
         let hash = flow_hash(pkt);
-        let (backend_id, backend) = maglev(hash, service)?;
+        let (backend_id, backend) = maglev(hash, service, bytes)?;
         return Ok(Selected {
             backend_id,
             backend,
@@ -463,9 +524,11 @@ fn follow_flow<T: FlowTable<N>, const N: usize>(
         // `last_seen` are benign.
         let (seen, flow_hash) = unsafe { ((*flow).last_seen, (*flow).flow_hash) };
         if now32.wrapping_sub(seen) as u64 <= idle_s as u64 * cfg.hz as u64 {
-            if let Some(backend) = backend_of(id, service) {
+            if let Some(backend) = live_backend_of(id, service) {
                 // SAFETY: as above.
                 unsafe { (*flow).last_seen = now32 };
+                // The flow keeps its backend (dropped, not moved) until the MAC is known.
+                reachable(backend)?;
                 return Ok(Selected {
                     backend_id: id,
                     backend,
@@ -481,7 +544,7 @@ fn follow_flow<T: FlowTable<N>, const N: usize>(
         (id, backend, 0)
     } else {
         let hash = flow_hash(pkt);
-        let (id, backend) = maglev(hash, service)?;
+        let (id, backend) = maglev(hash, service, bytes)?;
         (id, backend, hash)
     };
     if pkt.icmp_error {

@@ -109,17 +109,15 @@ impl Model {
         }
     }
 
-    /// The maps hold exactly `desired` (with the backends whose MAC is known).
-    fn check(&self, desired: &DesiredState, macs: &BTreeMap<IpAddr, [u8; 6]>) {
+    /// The maps hold exactly `desired`: every backend in its table, with its next hop as
+    /// `hops` and the entry before the plan (`prev`) say.
+    fn check(&self, desired: &DesiredState, hops: &Hops, prev: &MapSnapshot) {
         assert_eq!(self.snap.services.len(), desired.services.len());
         let mut backends = 0;
         for (addr, svc) in &desired.services {
             let v = self.snap.services[&service_key(addr)];
             let mut members = Vec::new();
             for (ip, spec) in &svc.backends {
-                let Some(mac) = spec.mac.or_else(|| macs.get(ip).copied()) else {
-                    continue;
-                };
                 let (id, b) = self
                     .snap
                     .backends
@@ -128,7 +126,27 @@ impl Model {
                         b.service_id == v.id && ip_from_bytes(&b.addr_be, b.family) == Some(*ip)
                     })
                     .unwrap_or_else(|| panic!("{addr}: no entry for {ip}"));
-                assert_eq!(b.mac, mac);
+                let before = prev.backends.values().find(|b| {
+                    b.service_id == v.id && ip_from_bytes(&b.addr_be, b.family) == Some(*ip)
+                });
+                let want = match spec.mac.or_else(|| hops.macs.get(ip).copied()) {
+                    Some(mac) => (mac, 0),
+                    None if hops.failed.contains(ip) => ([0; 6], BACKEND_F_UNREACHABLE),
+                    // Being asked again: the entry as it was.
+                    None => match before {
+                        Some(b) if b.can_take() => (b.mac, 0),
+                        Some(b) if b.is_unreachable() => ([0; 6], BACKEND_F_UNREACHABLE),
+                        _ => ([0; 6], BACKEND_F_NO_NEIGH),
+                    },
+                };
+                assert_eq!(
+                    (
+                        b.mac,
+                        b.flags & (BACKEND_F_NO_NEIGH | BACKEND_F_UNREACHABLE)
+                    ),
+                    want,
+                    "{addr}: {ip}"
+                );
                 members.push(MaglevBackend {
                     key: maglev_key(*ip),
                     id: *id,
@@ -215,11 +233,27 @@ fn random_service(rng: &mut Rng, ips: &[IpAddr]) -> ServiceSpec {
     svc
 }
 
-/// One random change to the desired state or to the resolved MACs.
+/// What the agent knows of the next hops: resolved MACs, and those that failed.
+#[derive(Default)]
+struct Hops {
+    macs: BTreeMap<IpAddr, [u8; 6]>,
+    failed: BTreeSet<IpAddr>,
+}
+
+impl Hops {
+    fn get(&self) -> NextHops<'_> {
+        NextHops {
+            macs: &self.macs,
+            failed: &self.failed,
+        }
+    }
+}
+
+/// One random change to the desired state or to the next hops.
 fn mutate(
     rng: &mut Rng,
     desired: &mut DesiredState,
-    macs: &mut BTreeMap<IpAddr, [u8; 6]>,
+    hops: &mut Hops,
     addrs: &[ServiceAddr],
     ips: &[IpAddr],
 ) {
@@ -233,10 +267,21 @@ fn mutate(
         }
         3 => {
             let ip = ips[rng.below(ips.len())];
-            if rng.chance(50) {
-                macs.remove(&ip);
-            } else {
-                macs.insert(ip, [2, 0, 0, 1, 0, rng.below(3) as u8]);
+            match rng.below(4) {
+                // The kernel forgets it, and asks again.
+                0 => {
+                    hops.macs.remove(&ip);
+                    hops.failed.remove(&ip);
+                }
+                // Nobody answers.
+                1 => {
+                    hops.macs.remove(&ip);
+                    hops.failed.insert(ip);
+                }
+                _ => {
+                    hops.failed.remove(&ip);
+                    hops.macs.insert(ip, [2, 0, 0, 1, 0, rng.below(3) as u8]);
+                }
             }
         }
         _ => {
@@ -295,28 +340,37 @@ fn random_changes_keep_the_maps_exact_with_a_kept_cache() {
     for seed in [1, 7, 42, 1234] {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ seed);
         let mut desired = DesiredState::default();
-        let mut macs = BTreeMap::new();
+        let mut hops = Hops::default();
         let mut model = Model::new();
         let mut tables = TableCache::default();
         for step in 0..120 {
             for _ in 0..1 + rng.below(3) {
-                mutate(&mut rng, &mut desired, &mut macs, &addrs, &ips);
+                mutate(&mut rng, &mut desired, &mut hops, &addrs, &ips);
             }
             if rng.chance(3) {
                 // The maps were recreated (pins removed) while the agent kept its memo: every
                 // table must be written again although every fingerprint is remembered.
                 model = Model::new();
             }
-            let cached = plan_with_cache(&desired, node, &macs, &model.snap, &mut tables)
+            let cached = plan_with_hops(&desired, node, hops.get(), &model.snap, &mut tables)
                 .unwrap_or_else(|e| panic!("seed {seed} step {step}: {e}"));
-            let fresh = plan(&desired, node, &macs, &model.snap).unwrap();
+            let fresh = plan_with_hops(
+                &desired,
+                node,
+                hops.get(),
+                &model.snap,
+                &mut TableCache::default(),
+            )
+            .unwrap();
             assert_eq!(
                 cached, fresh,
                 "seed {seed} step {step}: cached plan differs"
             );
+            let prev = model.snap.clone();
             model.apply(&cached.ops);
-            model.check(&desired, &macs);
-            let again = plan_with_cache(&desired, node, &macs, &model.snap, &mut tables).unwrap();
+            model.check(&desired, &hops, &prev);
+            let again =
+                plan_with_hops(&desired, node, hops.get(), &model.snap, &mut tables).unwrap();
             assert!(
                 again.ops.is_empty(),
                 "seed {seed} step {step}: {:?}",
@@ -372,8 +426,9 @@ fn a_changed_backend_is_never_served_from_the_cache() {
     svc.backends.insert(ips[4], spec);
     let cached = plan_with_cache(&desired, node, &macs, &model.snap, &mut tables).unwrap();
     assert_eq!(cached, plan(&desired, node, &macs, &model.snap).unwrap());
+    let prev = model.snap.clone();
     model.apply(&cached.ops);
-    model.check(&desired, &macs);
+    model.check(&desired, &Hops::default(), &prev);
     let after = model.snap.services[&service_key(&addr)];
     assert_eq!(after.table_size, before.table_size);
     assert_ne!(after.fingerprint, before.fingerprint);
