@@ -533,16 +533,7 @@ fn probe_until_answered(client: &NetNs, service: SocketAddr, since: Instant) -> 
 
 /// Opens [`CONNECTIONS`] connections and records each one's backend.
 fn open_sessions(client: &NetNs, service: SocketAddr) -> Vec<(TcpSession, String)> {
-    (0..CONNECTIONS)
-        .map(|n| {
-            let mut s = TcpSession::connect(client, service, TIMEOUT)
-                .unwrap_or_else(|e| panic!("connection {n} to {service}: {e:#}"));
-            let backend = s
-                .request()
-                .unwrap_or_else(|e| panic!("first request on connection {n}: {e:#}"));
-            (s, backend)
-        })
-        .collect()
+    TcpSession::open_many(client, service, CONNECTIONS, TIMEOUT).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// One request on every connection; a line for each that failed or moved.

@@ -313,13 +313,7 @@ fn agent_restart_with_keep_attached_never_interrupts_forwarding() {
 
 /// Open `n` TCP connections to the VIP and note which backend each one reached.
 fn open_sessions(lab: &Lab, sc: &Scenario, n: usize) -> Vec<(TcpSession, String)> {
-    (0..n)
-        .map(|_| {
-            let mut s = TcpSession::connect(lab.client(), sc.vip(), TIMEOUT).unwrap();
-            let b = s.request().unwrap();
-            (s, b)
-        })
-        .collect()
+    TcpSession::open_many(lab.client(), sc.vip(), n, TIMEOUT).unwrap()
 }
 
 #[test]

@@ -101,13 +101,7 @@ fn sigkill_restart_and_a_broken_reload_lose_no_flow_under_traffic() {
     let lab = Lab::new(LabSpec::default()).unwrap();
     let mut sc = Scenario::start(&lab, spec()).unwrap();
     let vip = sc.vip();
-    let mut sessions: Vec<(TcpSession, String)> = (0..30)
-        .map(|_| {
-            let mut s = TcpSession::connect(lab.client(), vip, TIMEOUT).unwrap();
-            let b = s.request().unwrap();
-            (s, b)
-        })
-        .collect();
+    let mut sessions = TcpSession::open_many(lab.client(), vip, 30, TIMEOUT).unwrap();
     let before = programmed(&sc);
     assert_eq!(before.len(), 2, "{before:?}");
 
@@ -223,13 +217,7 @@ fn a_backend_node_that_disappears_loses_its_flows_to_the_others_and_no_other_flo
         ports.len(),
         gone.name
     );
-    let mut sessions: Vec<(TcpSession, String)> = (0..30)
-        .map(|_| {
-            let mut s = TcpSession::connect(lab.client(), vip, TIMEOUT).unwrap();
-            let b = s.request().unwrap();
-            (s, b)
-        })
-        .collect();
+    let mut sessions = TcpSession::open_many(lab.client(), vip, 30, TIMEOUT).unwrap();
     // The connections to the node that goes cannot survive; all others must.
     sessions.retain(|(_, b)| b != &gone.name);
     assert!(

@@ -421,16 +421,7 @@ fn backends(lab: &L2Lab, i: usize, service: SocketAddr) -> Vec<String> {
 
 /// Opens the long-lived connections; each one's backend.
 fn open_sessions(client: &NetNs, service: SocketAddr) -> Vec<(TcpSession, String)> {
-    (0..SESSIONS)
-        .map(|n| {
-            let mut s = TcpSession::connect(client, service, TIMEOUT)
-                .unwrap_or_else(|e| panic!("connection {n} to {service}: {e:#}"));
-            let backend = s
-                .request()
-                .unwrap_or_else(|e| panic!("first request on connection {n}: {e:#}"));
-            (s, backend)
-        })
-        .collect()
+    TcpSession::open_many(client, service, SESSIONS, TIMEOUT).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// One request on every connection: a line for each that failed or changed backend.

@@ -1017,13 +1017,7 @@ fn pods_behind_two_nodes_get_dsr_traffic_on_their_target_port() {
 
 /// 30 TCP connections to the VIP, each with the backend it reached.
 fn open_sessions(lab: &Lab, vip: SocketAddr) -> Vec<(lb_testkit::TcpSession, String)> {
-    (0..30)
-        .map(|_| {
-            let mut s = lb_testkit::TcpSession::connect(lab.client(), vip, REPLY_TIMEOUT).unwrap();
-            let b = s.request().unwrap();
-            (s, b)
-        })
-        .collect()
+    lb_testkit::TcpSession::open_many(lab.client(), vip, 30, REPLY_TIMEOUT).unwrap()
 }
 
 /// The API server is gone for a minute under traffic and comes back with its history

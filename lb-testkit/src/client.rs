@@ -437,6 +437,26 @@ impl TcpSession {
         })
     }
 
+    /// Open `n` connections from `ns` and make one request on each; each connection with
+    /// the backend it reached.
+    pub fn open_many(
+        ns: &NetNs,
+        vip: SocketAddr,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<(TcpSession, String)>> {
+        (0..n)
+            .map(|i| {
+                let mut s = TcpSession::connect(ns, vip, timeout)
+                    .with_context(|| format!("connection {i} to {vip}"))?;
+                let backend = s
+                    .request()
+                    .with_context(|| format!("first request on connection {i}"))?;
+                Ok((s, backend))
+            })
+            .collect()
+    }
+
     /// Send one request line and return the backend name in the reply.
     pub fn request(&mut self) -> Result<String> {
         use std::io::{BufRead, Write};
