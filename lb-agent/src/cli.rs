@@ -104,6 +104,10 @@ pub struct RunArgs {
     /// and routers move to the other nodes, then detach.
     #[arg(long, default_value_t = 2000)]
     pub handover_ms: u64,
+    /// Serve Prometheus metrics (`/metrics`) and health checks (`/healthz`, `/readyz`) over
+    /// HTTP on this address, e.g. `127.0.0.1:9740` (default: not served).
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_address: Option<SocketAddr>,
 }
 
 /// Settings of `run --kubernetes`. The API server and credentials come from `KUBECONFIG`

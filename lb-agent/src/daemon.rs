@@ -21,9 +21,10 @@ use crate::{
     clock::KernelClock,
     config::{self, ConfigError},
     dataplane::{AnswerLease, Dataplane, DataplaneError},
-    ipam::{EventSink, IpamController, IpamOptions, LeaseSettings},
+    ipam::{EventSink, IpamController, IpamOptions, LeaseSettings, service_reference},
     k8s::{ClusterWatch, WatchError, WatchOptions},
     loader::{self, LoadError},
+    metrics::{self, Metrics, ServeError, SyncFailure},
     netinfo::{Interface, NetError, NetInfo},
     state::DesiredState,
     sync::{self, MapOp, MapSnapshot, PlanError},
@@ -55,6 +56,8 @@ pub enum AgentError {
     Announce(#[from] AnnounceError),
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] ServeError),
 }
 
 /// Keeps the maps equal to a desired state.
@@ -70,6 +73,9 @@ struct Syncer {
     loaded: loader::Loaded,
     /// Backends whose next hop is unresolved or unreachable, logged when that changes.
     neighbours: next_hops::NextHopReport,
+    metrics: Metrics,
+    /// Kubernetes mode: Events about next hops on the Services, from this node.
+    hop_events: Option<(EventSink, String)>,
 }
 
 impl Syncer {
@@ -103,8 +109,30 @@ impl Syncer {
     }
 
     /// Bring the maps to `desired` (its `node_addresses` set from the interface first);
-    /// returns the number of map writes.
+    /// returns the number of map writes. Measured and counted in the metrics.
     async fn sync(&mut self, desired: &mut DesiredState) -> Result<usize, AgentError> {
+        let started = std::time::Instant::now();
+        let result = self.sync_once(desired).await;
+        let outcome = match &result {
+            Ok(writes) => Ok(*writes),
+            Err(AgentError::Dataplane(_)) => Err(SyncFailure::MapWrite),
+            Err(_) => Err(SyncFailure::Other),
+        };
+        self.metrics.agent().sync_done(started.elapsed(), outcome);
+        self.metrics
+            .set_sync_error(result.as_ref().err().map(ToString::to_string));
+        if result.is_ok() {
+            let names = desired
+                .services
+                .iter()
+                .map(|(addr, spec)| (*addr, spec.name.clone()))
+                .collect();
+            self.metrics.update_state(|s| s.names = names);
+        }
+        result
+    }
+
+    async fn sync_once(&mut self, desired: &mut DesiredState) -> Result<usize, AgentError> {
         let (iface, node) = self.node_config(desired).await?;
         if desired.node.decap && desired.node_addresses != iface.addresses {
             desired.node_addresses = iface.addresses.clone();
@@ -131,7 +159,24 @@ impl Syncer {
             failed: &found.failed,
         };
         let plan = sync::plan_with_hops(desired, node, hops, &self.snapshot, &mut self.tables)?;
-        self.neighbours.report(&plan);
+        let changes = self.neighbours.report(&plan);
+        let (unresolved, unreachable) = self.neighbours.counts();
+        self.metrics.agent().set_next_hops(unresolved, unreachable);
+        if let Some((sink, node)) = &self.hop_events {
+            for change in &changes {
+                // A backend removed from its service is not "reachable again".
+                let present = desired
+                    .services
+                    .get(&change.service)
+                    .is_some_and(|s| s.backends.contains_key(&change.backend));
+                if change.now.is_none() && !present {
+                    continue;
+                }
+                if let Some(svc) = next_hops::service_ref(desired, &change.service) {
+                    sink.send(service_reference(svc), next_hops::notice(change, node));
+                }
+            }
+        }
         let result = self.dataplane.apply(&plan.ops);
         if result.is_err() {
             // Part of the plan may be applied: re-read the truth before the next attempt.
@@ -285,12 +330,35 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
     let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    // The main loop turns at least every resync; a loop quiet for three of them (plus room
+    // for a slow sync) is stuck.
+    let beat_limit = Duration::from_secs(3 * args.resync_interval.max(1) + 30);
+    let metrics = Metrics::new(&args.pin_path, beat_limit);
+    let _server = match args.metrics_address {
+        Some(address) => Some(AbortOnDrop(metrics::serve(address, metrics.clone()).await?)),
+        None => None,
+    };
     let mut source = Source::open(&args).await?;
-    // Kubernetes mode may wait for the API server here: stay responsive to SIGTERM/SIGINT.
-    let initial = tokio::select! {
-        desired = source.initial() => Some(desired),
-        _ = term.recv() => None,
-        _ = int.recv() => None,
+    if let Source::Cluster {
+        ipam: Some(ipam), ..
+    } = &source
+    {
+        tokio::spawn(report_ipam(ipam.leading(), ipam.usage(), metrics.clone()));
+    }
+    // Kubernetes mode may wait for the API server here: stay responsive to SIGTERM/SIGINT,
+    // and healthy (the wait is expected; readiness says it is not serving yet).
+    let initial = {
+        let init = source.initial();
+        tokio::pin!(init);
+        let mut beat = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                desired = &mut init => break Some(desired),
+                _ = beat.tick() => metrics.beat(),
+                _ = term.recv() => break None,
+                _ = int.recv() => break None,
+            }
+        }
     };
     let mut desired = match initial {
         Some(Ok(desired)) => desired,
@@ -353,6 +421,14 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         tables: TableCache::default(),
         loaded,
         neighbours: Default::default(),
+        metrics: metrics.clone(),
+        hop_events: match &source {
+            Source::Cluster { client, .. } => Some((
+                EventSink::start(client.clone(), &node, "next-hop"),
+                node.clone(),
+            )),
+            Source::File(_) => None,
+        },
     };
     // Fill the maps before the program sees traffic (or, when adopting, before it is replaced).
     let writes = syncer.sync(&mut desired).await?;
@@ -380,6 +456,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         link = %attachment.pin.display(),
         "load balancer attached"
     );
+    metrics.set_attached(true);
     // Replies of flows translated for this node's endpoints get their VIP back on egress.
     let revnat = if desired.node.decap {
         let a = loader::attach_revnat(&mut ebpf, &args.pin_path, &iface_name)?;
@@ -404,17 +481,27 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         Source::Cluster { client, .. } => Some(AnnounceEvents::start(client.clone(), &node)),
         Source::File(_) => None,
     };
+    let mode = announcing.mode().name();
     let report = |desired: &DesiredState, t: Vec<Transition>, how: &str| {
         if let Some(e) = &events {
             e.publish(desired, &t, how);
         }
     };
+    let show_announced = |announcing: &Announcing, desired: &DesiredState| {
+        let now = announcing.announced(desired);
+        metrics.update_state(|s| {
+            s.announce_mode = mode;
+            s.announced = now;
+        });
+    };
     let t = announcing.committed(&desired).await;
     report(&desired, t, announcing.how());
+    show_announced(&announcing, &desired);
 
     let mut resync = tokio::time::interval(Duration::from_secs(args.resync_interval.max(1)));
     resync.tick().await;
     loop {
+        metrics.beat();
         tokio::select! {
             change = source.next(&mut hup) => {
                 let new = match change {
@@ -452,6 +539,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                         announce(&desired);
                         let t = announcing.committed(&desired).await;
                         report(&desired, t, announcing.how());
+                        show_announced(&announcing, &desired);
                     }
                     Ok(writes) => {
                         tracing::info!(writes, "config reloaded");
@@ -459,6 +547,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                         announce(&desired);
                         let t = announcing.committed(&desired).await;
                         report(&desired, t, announcing.how());
+                        show_announced(&announcing, &desired);
                     }
                     // The cluster is the truth: keep the new state so the periodic resync
                     // retries it (the maps hold a consistent older state meanwhile).
@@ -474,11 +563,13 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                     Ok(0) => {
                         let t = announcing.committed(&desired).await;
                         report(&desired, t, announcing.how());
+                        show_announced(&announcing, &desired);
                     }
                     Ok(writes) => {
                         tracing::info!(writes, "periodic resync applied changes");
                         let t = announcing.committed(&desired).await;
                         report(&desired, t, announcing.how());
+                        show_announced(&announcing, &desired);
                     }
                     Err(e) => tracing::warn!(error = %e, "periodic resync failed"),
                 }
@@ -493,6 +584,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                             }
                             let t = announcing.committed(&desired).await;
                             report(&desired, t, announcing.how());
+                            show_announced(&announcing, &desired);
                         }
                         Err(e) => tracing::warn!(error = %e, "applying an ownership change failed; the periodic resync retries it"),
                     }
@@ -500,6 +592,7 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
                 Wake::Retry => {
                     let t = announcing.retry().await;
                     report(&desired, t, announcing.how());
+                    show_announced(&announcing, &desired);
                 }
             },
             _ = term.recv() => break,
@@ -524,6 +617,35 @@ pub async fn run(args: RunArgs) -> Result<(), AgentError> {
         tracing::info!(iface = %iface_name, "detached");
     }
     Ok(())
+}
+
+/// Aborts a task when dropped (the metrics server, when `run` returns).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keep the metrics' IPAM leadership and pool usage current.
+async fn report_ipam(
+    mut leading: tokio::sync::watch::Receiver<bool>,
+    mut usage: tokio::sync::watch::Receiver<Vec<metrics::PoolUsage>>,
+    metrics: Metrics,
+) {
+    loop {
+        let lead = *leading.borrow_and_update();
+        let pools = usage.borrow_and_update().clone();
+        metrics.update_state(|s| {
+            s.ipam_leader = Some(lead);
+            s.pools = pools;
+        });
+        tokio::select! {
+            r = leading.changed() => if r.is_err() { return },
+            r = usage.changed() => if r.is_err() { return },
+        }
+    }
 }
 
 pub async fn decap(args: DecapArgs) -> Result<(), AgentError> {

@@ -20,7 +20,7 @@ use lb_common::{
 
 use crate::sync::{DecapList, MapOp, MapSnapshot};
 
-mod batch;
+pub(crate) mod batch;
 mod mmap;
 
 use mmap::ArrayWriter;

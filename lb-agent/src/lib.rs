@@ -11,6 +11,7 @@ pub mod flowtab;
 pub mod ipam;
 pub mod k8s;
 pub mod loader;
+pub mod metrics;
 pub mod netinfo;
 pub mod output;
 pub mod state;

@@ -111,9 +111,37 @@ fn daemonset_is_unprivileged_with_exactly_the_capabilities_it_needs() {
             "lb-agent",
             "--keep-attached",
             "--announce-file",
-            "/run/xdp-lb/announce.json"
+            "/run/xdp-lb/announce.json",
+            "--metrics-address",
+            "0.0.0.0:9740"
         ]
     );
+    // The probes and the scrape annotation use the port the agent serves on, and the
+    // agent's own parser accepts these arguments.
+    let metrics: std::net::SocketAddr = args[args.len() - 1].parse().unwrap();
+    assert_eq!(c["ports"][0]["name"], "metrics");
+    assert_eq!(c["ports"][0]["containerPort"], metrics.port());
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], "metrics");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "metrics");
+    assert_eq!(
+        ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+        metrics.port().to_string()
+    );
+    {
+        use clap::Parser;
+        let cli = lb_agent::cli::Cli::try_parse_from(
+            std::iter::once("lb-agent")
+                .chain(args.iter().copied())
+                .chain(["--node-name", "n"]),
+        )
+        .unwrap();
+        let lb_agent::cli::Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.metrics_address, Some(metrics));
+    }
     // The agent reads the ConfigMap these manifests create, in its own namespace.
     let config_map = args[args.iter().position(|a| *a == "--config-map").unwrap() + 1];
     find(&docs, "ConfigMap", config_map);

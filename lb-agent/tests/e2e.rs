@@ -33,6 +33,7 @@ fn spec(forwarding: &str) -> ScenarioSpec {
         keep_attached: false,
         ipv6: false,
         announce: None,
+        agent_args: Vec::new(),
     }
 }
 

@@ -29,6 +29,7 @@ fn spec() -> ScenarioSpec {
         keep_attached: false,
         ipv6: false,
         announce: None,
+        agent_args: Vec::new(),
     }
 }
 

@@ -403,7 +403,7 @@ fn a_pending_service_gets_an_address_in_its_status_and_an_event() {
     assert_eq!(ev["regarding"]["kind"], "Service");
     assert_eq!(ev["regarding"]["uid"], shop["metadata"]["uid"]);
     assert_eq!(ev["metadata"]["namespace"], "web");
-    assert_eq!(ev["reportingController"], "xdp-lb.io/ipam");
+    assert_eq!(ev["reportingController"], "xdp-lb.io/lb-agent");
     assert_eq!(ev["reportingInstance"], "agent-a");
     assert_eq!(
         c.events("dual", "IPAllocated")[0]["note"],

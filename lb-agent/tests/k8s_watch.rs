@@ -648,6 +648,51 @@ fn ipam_gives_a_pending_service_its_vip_and_the_data_plane_follows() {
     check_traffic(&lab, &["b1", "b2", "b3"]);
     thread::sleep(Duration::from_secs(1));
     assert_eq!(events_about("dns", "UnsupportedProtocol").len(), 1);
+
+    // An endpoint on no host of the lab: this node cannot resolve its MAC, then gives up on
+    // it; each step is one Warning Event on the Service, from this node. Removing the
+    // endpoint again is no "reachable again".
+    let mut slice = server.get(Kind::EndpointSlice, SLICE.0, SLICE.1).unwrap();
+    let mut ghost = slice["endpoints"][0].clone();
+    ghost["addresses"] = json!(["198.18.0.99"]);
+    slice["endpoints"].as_array_mut().unwrap().push(ghost);
+    server.apply(Kind::EndpointSlice, slice);
+    agent.wait(
+        WAIT,
+        "the BackendMACUnresolved Warning Event is published",
+        |_| !events_about("echo", "BackendMACUnresolved").is_empty(),
+    );
+    agent.wait(
+        WAIT,
+        "the BackendUnreachable Warning Event is published",
+        |_| !events_about("echo", "BackendUnreachable").is_empty(),
+    );
+    // One per Service port (UDP and TCP), each naming the node and the backend.
+    for reason in ["BackendMACUnresolved", "BackendUnreachable"] {
+        agent.wait(WAIT, "an Event for each port", |_| {
+            events_about("echo", reason).len() == 2
+        });
+        for e in events_about("echo", reason) {
+            assert_eq!(e["type"], "Warning", "{e}");
+            assert_eq!(e["reportingInstance"], NODE, "{e}");
+            assert_eq!(e["reportingController"], "xdp-lb.io/lb-agent", "{e}");
+            let note = e["note"].as_str().unwrap_or_default();
+            assert!(
+                note.contains("backend 198.18.0.99 of 198.18.0.100:7000/")
+                    && note.contains(&format!("node {NODE}:")),
+                "{e}"
+            );
+        }
+    }
+    server.apply(Kind::EndpointSlice, slice_with(&server, 99, None));
+    agent.wait(WAIT, "the ghost endpoint is removed", |_| {
+        echo_backends_are(&pins, &[11, 12, 13])
+    });
+    check_traffic(&lab, &["b1", "b2", "b3"]);
+    thread::sleep(Duration::from_secs(3));
+    assert!(events_about("echo", "BackendReachable").is_empty());
+    assert_eq!(events_about("echo", "BackendMACUnresolved").len(), 2);
+    assert_eq!(events_about("echo", "BackendUnreachable").len(), 2);
     let exit = agent.stop();
     assert!(exit.success(), "agent exit: {exit}\n{}", agent.log());
 

@@ -141,6 +141,7 @@ fn spec(agent_bin: PathBuf) -> ScenarioSpec {
         keep_attached: false,
         ipv6: false,
         announce: None,
+        agent_args: Vec::new(),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod netns;
 pub mod packet;
 pub mod pod;
 pub mod scenario;
+pub mod scrape;
 
 pub use client::{
     BackendCount, Distribution, Reply, TcpSession, tcp_connections, udp_flow_from_port, udp_flows,

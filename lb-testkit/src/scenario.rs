@@ -36,6 +36,8 @@ pub struct ScenarioSpec {
     /// The config's `announce` (`l2`: the LB answers ARP/NDP for the VIPs; for a lab built
     /// with `vip_route: false`). `None`: not set.
     pub announce: Option<String>,
+    /// More arguments of `lb-agent run` (e.g. `--metrics-address`).
+    pub agent_args: Vec<String>,
 }
 
 /// Removes a directory tree on drop (temporary files, bpffs pin directories).
@@ -146,6 +148,7 @@ impl Scenario {
         if self.spec.keep_attached {
             cmd.arg("--keep-attached");
         }
+        cmd.args(&self.spec.agent_args);
         self.agent = Some(ChildGuard::spawn(&mut cmd)?);
         self.wait_until(Duration::from_secs(20), "the agent attaches", |s| {
             Ok(s.agent_log_text().contains("load balancer attached"))

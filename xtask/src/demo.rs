@@ -96,6 +96,7 @@ fn demo(opts: &Options, stop: &AtomicBool) -> anyhow::Result<()> {
             keep_attached: false,
             ipv6: false,
             announce: l2.then(|| "l2".to_string()),
+            agent_args: Vec::new(),
         };
         let mut sc = Scenario::start(&lab, spec)
             .with_context(|| format!("starting the {forwarding} load balancer"))?;

@@ -8,10 +8,8 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::ObjectReference;
-
 use crate::{
-    ipam::{EventSink, Notice},
+    ipam::{EventSink, Notice, service_reference},
     state::DesiredState,
 };
 
@@ -68,15 +66,7 @@ impl AnnounceEvents {
             let (Transition::Announced(vip) | Transition::Withdrawn(vip)) = t;
             let n = notice(*t, &self.node, how);
             for svc in desired.vip_services.get(vip).into_iter().flatten() {
-                let regarding = ObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Service".into()),
-                    namespace: Some(svc.namespace.clone()),
-                    name: Some(svc.name.clone()),
-                    uid: svc.uid.clone(),
-                    ..ObjectReference::default()
-                };
-                self.sink.send(regarding, n.clone());
+                self.sink.send(service_reference(svc), n.clone());
             }
         }
     }

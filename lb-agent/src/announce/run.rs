@@ -240,6 +240,16 @@ impl Announcing {
         }
     }
 
+    /// The VIPs this node announces now: the ones it answers ARP/NDP for (L2, after the
+    /// sync of `desired`), or the routes of BIRD's last successful reconfiguration (BGP).
+    pub fn announced(&self, desired: &DesiredState) -> BTreeSet<IpAddr> {
+        match self {
+            Announcing::None => BTreeSet::new(),
+            Announcing::L2(_) => desired.l2_owned.clone(),
+            Announcing::Bgp(b) => b.announced.clone(),
+        }
+    }
+
     /// `L2` or `BGP`, for Events.
     pub fn how(&self) -> &'static str {
         match self {

@@ -6,7 +6,11 @@ use std::{
     net::IpAddr,
 };
 
-use crate::{state::ServiceAddr, sync::Plan};
+use crate::{
+    ipam::Notice,
+    state::{DesiredState, ServiceAddr, ServiceRef},
+    sync::Plan,
+};
 
 /// Why a backend gets nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,10 +34,21 @@ impl NextHopReport {
         &self.unreachable
     }
 
+    /// How many backends are unresolved and unreachable as of the last plan.
+    pub fn counts(&self) -> (usize, usize) {
+        let unresolved = self
+            .problems
+            .values()
+            .filter(|p| **p == HopProblem::Unresolved)
+            .count();
+        (unresolved, self.problems.len() - unresolved)
+    }
+
     /// Take the problems of `plan` and log what changed: each new or changed problem as a
-    /// warning, each one gone as information.
-    pub fn report(&mut self, plan: &Plan) {
-        for change in self.update(plan) {
+    /// warning, each one gone as information. Returns the changes (for Events).
+    pub fn report(&mut self, plan: &Plan) -> Vec<HopChange> {
+        let changes = self.update(plan);
+        for &change in &changes {
             let HopChange {
                 service, backend, ..
             } = change;
@@ -49,6 +64,7 @@ impl NextHopReport {
                 None => tracing::info!(%service, %backend, "backend next hop resolved"),
             }
         }
+        changes
     }
 
     /// Take the problems of `plan`; what changed since the previous one.
@@ -78,10 +94,58 @@ impl NextHopReport {
 
 /// A backend whose next-hop problem began, changed or ended (`now: None`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct HopChange {
-    service: ServiceAddr,
-    backend: IpAddr,
-    now: Option<HopProblem>,
+pub struct HopChange {
+    pub service: ServiceAddr,
+    pub backend: IpAddr,
+    pub now: Option<HopProblem>,
+}
+
+/// Reasons of the Events about a backend's next hop, on its Service.
+pub const REASON_UNRESOLVED: &str = "BackendMACUnresolved";
+pub const REASON_UNREACHABLE: &str = "BackendUnreachable";
+pub const REASON_REACHABLE: &str = "BackendReachable";
+
+/// The Event a change makes, seen from node `node`.
+pub fn notice(change: &HopChange, node: &str) -> Notice {
+    let HopChange {
+        service, backend, ..
+    } = change;
+    match change.now {
+        Some(HopProblem::Unresolved) => Notice::warning(
+            REASON_UNRESOLVED,
+            "Forward",
+            format!(
+                "node {node}: no MAC for backend {backend} of {service} yet; packets balanced to it are dropped until its next hop resolves"
+            ),
+        ),
+        Some(HopProblem::Unreachable) => Notice::warning(
+            REASON_UNREACHABLE,
+            "Forward",
+            format!(
+                "node {node}: backend {backend} of {service} does not answer ARP/ND; its share goes to the other backends"
+            ),
+        ),
+        None => Notice::normal(
+            REASON_REACHABLE,
+            "Forward",
+            format!("node {node}: backend {backend} of {service} is reachable again"),
+        ),
+    }
+}
+
+/// The Service object a data-plane service belongs to (Kubernetes mode): the one behind its
+/// VIP whose `namespace/name` the service's name (`namespace/name:port`) starts with.
+pub fn service_ref<'a>(desired: &'a DesiredState, service: &ServiceAddr) -> Option<&'a ServiceRef> {
+    let spec = desired.services.get(service)?;
+    let owner = spec
+        .name
+        .split_once(':')
+        .map_or(spec.name.as_str(), |(o, _)| o);
+    desired
+        .vip_services
+        .get(&service.vip)?
+        .iter()
+        .find(|r| format!("{}/{}", r.namespace, r.name) == owner)
 }
 
 fn problems_of(plan: &Plan) -> BTreeMap<(ServiceAddr, IpAddr), HopProblem> {

@@ -100,3 +100,72 @@ pub fn update<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> io::Re
     }
     Ok(())
 }
+
+/// `BPF_MAP_LOOKUP_BATCH` from `enum bpf_cmd`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+/// Read every value of an array map, `chunk` entries per `bpf(2)` call, handing each run of
+/// values to `each` in index order. `V` must be the map's value type (checked against its
+/// value size); per-CPU arrays are not supported.
+pub fn for_each_array_chunk<V: Pod + Default + Clone>(
+    map: &MapData,
+    chunk: usize,
+    mut each: impl FnMut(&[V]),
+) -> io::Result<()> {
+    let info = map.info().map_err(io::Error::other)?;
+    if !matches!(info.map_type(), Ok(MapType::Array))
+        || size_of::<V>() != info.value_size() as usize
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not an array of values of this size",
+        ));
+    }
+    let chunk = chunk.clamp(1, info.max_entries().max(1) as usize);
+    let mut keys = vec![0u32; chunk];
+    let mut values = vec![V::default(); chunk];
+    let mut token = 0u32;
+    let mut first = true;
+    loop {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &token as *const u32 as u64
+            },
+            out_batch: &mut token as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: map.fd().as_fd().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is a valid `union bpf_attr` prefix for BPF_MAP_LOOKUP_BATCH that
+        // lives across the call; the kernel writes at most `count` keys (4 bytes each, an
+        // array's key) and `count` values of the map's value size (checked above) into
+        // buffers of exactly that many, and one u32 batch token (an array's) at `out_batch`.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>(),
+            )
+        };
+        let done = if ret < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e);
+            }
+            true
+        } else {
+            false
+        };
+        let n = (attr.count as usize).min(chunk);
+        each(&values[..n]);
+        if done || n == 0 {
+            return Ok(());
+        }
+        first = false;
+    }
+}

@@ -48,7 +48,7 @@ use super::{
     lease::{Fence, LeaseLock, LeaseSettings},
     reconcile::{Plan, PoolObject, PoolStatusWrite, Reconciler, Snapshot, StatusWrite},
 };
-use crate::k8s::K8sConfig;
+use crate::{k8s::K8sConfig, metrics::PoolUsage};
 
 /// How long after the first change of a burst a pass runs.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -97,6 +97,7 @@ pub struct IpamController {
     task: Option<JoinHandle<()>>,
     stop: Option<oneshot::Sender<()>>,
     leading: watch::Receiver<bool>,
+    usage: watch::Receiver<Vec<PoolUsage>>,
 }
 
 impl Drop for IpamController {
@@ -112,12 +113,20 @@ impl IpamController {
     pub fn spawn(client: Client, opts: IpamOptions) -> IpamController {
         let (stop, stopped) = oneshot::channel();
         let (lead_tx, leading) = watch::channel(false);
-        let task = tokio::spawn(run(client, opts, stopped, lead_tx));
+        let (usage_tx, usage) = watch::channel(Vec::new());
+        let task = tokio::spawn(run(client, opts, stopped, lead_tx, usage_tx));
         IpamController {
             task: Some(task),
             stop: Some(stop),
             leading,
+            usage,
         }
+    }
+
+    /// Addresses of each pool, as the last pass of this agent (while leading) counted them;
+    /// empty while another agent leads.
+    pub fn usage(&self) -> watch::Receiver<Vec<PoolUsage>> {
+        self.usage.clone()
     }
 
     /// Whether this agent leads now, and its changes: the one agent that writes, which other
@@ -139,6 +148,22 @@ impl IpamController {
             }
         }
     }
+}
+
+/// Size and use of every pool the allocator knows.
+fn pool_usage(alloc: &super::allocator::Allocator) -> Vec<PoolUsage> {
+    alloc
+        .pools()
+        .iter()
+        .map(|p| PoolUsage {
+            name: p.name.clone(),
+            size: p
+                .ranges
+                .iter()
+                .fold(0u128, |acc, r| acc.saturating_add(r.len())),
+            used: alloc.in_use(&p.name) as u64,
+        })
+        .collect()
 }
 
 /// The stores and their change counter. Dropping it stops the watchers.
@@ -242,6 +267,7 @@ async fn run(
     opts: IpamOptions,
     mut stop: oneshot::Receiver<()>,
     lead_tx: watch::Sender<bool>,
+    usage_tx: watch::Sender<Vec<PoolUsage>>,
 ) {
     let identity = opts.lease.identity.clone();
     let mut stores = Stores::start(&client, &opts);
@@ -290,6 +316,7 @@ async fn run(
                     } else {
                         tracing::info!(identity = %identity, "IPAM: no longer the leader");
                         reconciler.reset();
+                        usage_tx.send_replace(Vec::new());
                         retry_at = None;
                     }
                 }
@@ -326,6 +353,9 @@ async fn run(
             config: &settings.config,
             now: Timestamp::now(),
         });
+        if let Some(alloc) = reconciler.allocator() {
+            usage_tx.send_replace(pool_usage(alloc));
+        }
         match writer.apply(&plan, &lease).await {
             Outcome::Done => {}
             Outcome::Failed => retry_at = Some(Instant::now() + RETRY),

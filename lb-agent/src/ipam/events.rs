@@ -33,7 +33,7 @@ use kube::{
 use serde_json::json;
 
 /// `reportingController` of every Event.
-pub const REPORTING_CONTROLLER: &str = "xdp-lb.io/ipam";
+pub const REPORTING_CONTROLLER: &str = "xdp-lb.io/lb-agent";
 
 /// Namespace of Events about cluster-scoped objects.
 pub const CLUSTER_EVENT_NAMESPACE: &str = "default";
@@ -133,6 +133,18 @@ pub fn event_namespace(regarding: &ObjectReference) -> String {
         .clone()
         .filter(|ns| !ns.is_empty())
         .unwrap_or_else(|| CLUSTER_EVENT_NAMESPACE.to_string())
+}
+
+/// The reference to a Service an Event is about.
+pub fn service_reference(svc: &crate::state::ServiceRef) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Service".into()),
+        namespace: Some(svc.namespace.clone()),
+        name: Some(svc.name.clone()),
+        uid: svc.uid.clone(),
+        ..ObjectReference::default()
+    }
 }
 
 /// A new Event object for `notice` about `regarding`, from reporting instance `instance`.

@@ -91,7 +91,7 @@ use std::{fmt, net::IpAddr};
 
 pub use allocator::{AllocError, Allocator, Revoked};
 pub use controller::{IpamController, IpamOptions};
-pub use events::{EventSink, EventType, Notice, Recorder};
+pub use events::{EventSink, EventType, Notice, Recorder, service_reference};
 pub use lease::{DEFAULT_LEASE_NAME, Elector, Fence, LeaseAction, LeaseLock, LeaseSettings};
 pub use pool::{
     AddrRange, IpAddressPool, IpAddressPoolSpec, LabelSelector, Operator, POOL_API_VERSION,
