@@ -87,9 +87,10 @@ pub(crate) struct RawMembership {
     dead_after_ms: Option<u64>,
 }
 
+/// The `flow_table` section (static file and ConfigMap alike).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFlowTable {
+pub(crate) struct RawFlowTable {
     size: Option<u32>,
     tcp_idle_seconds: Option<u32>,
     udp_idle_seconds: Option<u32>,
@@ -283,6 +284,73 @@ pub const MAX_AFFINITY_SECONDS: u32 = 86_400;
 pub const MAX_WEIGHT: u32 = 65_535;
 
 /// Read and validate a config file.
+/// The node settings as read, from the static file or the ConfigMap: both sources declare
+/// these keys and hand them to [`node_spec`], so they take the same values, defaults and
+/// checks.
+pub(crate) struct NodeFields<'a> {
+    pub interface: Option<&'a str>,
+    pub encap_source: Option<&'a str>,
+    pub encap_source_v6: Option<&'a str>,
+    pub gue_port: Option<u16>,
+    pub icmp_echo: Option<bool>,
+    pub pmtu_icmp: Option<bool>,
+    pub flow_table: &'a RawFlowTable,
+    pub announce: Option<&'a str>,
+    /// Static file only (Kubernetes: the node name and the Nodes come from the cluster).
+    pub node_name: Option<&'a str>,
+    pub nodes: &'a [RawNode],
+    pub membership: &'a RawMembership,
+    pub bgp: Option<&'a crate::announce::bgp::RawBgp>,
+}
+
+/// Validate the node settings; an error is (field, message). `decap` is left off: each
+/// source decides it.
+pub(crate) fn node_spec(f: NodeFields<'_>) -> Result<NodeSpec, (String, String)> {
+    let err = |field: &str, message: String| (field.to_string(), message);
+    if f.interface == Some("") {
+        return Err(err("interface", "must not be empty".into()));
+    }
+    let encap_source = f
+        .encap_source
+        .map(|s| {
+            s.parse::<Ipv4Addr>()
+                .map_err(|_| err("encap_source", format!("{s:?} is not an IPv4 address")))
+        })
+        .transpose()?;
+    let encap_source_v6 = f
+        .encap_source_v6
+        .map(|s| {
+            s.parse::<Ipv6Addr>()
+                .map_err(|_| err("encap_source_v6", format!("{s:?} is not an IPv6 address")))
+        })
+        .transpose()?;
+    if f.gue_port == Some(0) {
+        return Err(err("gue_port", "must be 1-65535".into()));
+    }
+    Ok(NodeSpec {
+        interface: f.interface.map(str::to_string),
+        encap_source,
+        encap_source_v6,
+        gue_port: f.gue_port.unwrap_or(DEFAULT_GUE_PORT),
+        icmp_echo: f.icmp_echo.unwrap_or(true),
+        pmtu_icmp: f.pmtu_icmp.unwrap_or(true),
+        decap: false,
+        flows: flow_settings(f.flow_table)?,
+        announce: announce_spec(f.announce, f.node_name, f.nodes, f.membership, f.bgp)?,
+    })
+}
+
+/// `ipip`, `gue` or `l2`: a service's forwarding in the static file, the ConfigMap's
+/// `default_forwarding` and the Service annotation.
+pub fn parse_forwarding(s: &str) -> Option<Forwarding> {
+    match s {
+        "ipip" => Some(Forwarding::Ipip),
+        "gue" => Some(Forwarding::Gue),
+        "l2" => Some(Forwarding::L2),
+        _ => None,
+    }
+}
+
 pub fn load(file: &Path) -> Result<DesiredState, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
         file: file.to_path_buf(),
@@ -297,52 +365,28 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
         file: file.to_path_buf(),
         message: e.to_string(),
     })?;
-    let encap_source = match &raw.encap_source {
-        None => None,
-        Some(s) => Some(s.parse::<Ipv4Addr>().map_err(|_| ConfigError::Node {
-            file: file.to_path_buf(),
-            field: "encap_source".into(),
-            message: format!("{s:?} is not an IPv4 address"),
-        })?),
-    };
-    let encap_source_v6 = match &raw.encap_source_v6 {
-        None => None,
-        Some(s) => Some(s.parse::<Ipv6Addr>().map_err(|_| ConfigError::Node {
-            file: file.to_path_buf(),
-            field: "encap_source_v6".into(),
-            message: format!("{s:?} is not an IPv6 address"),
-        })?),
-    };
-    if raw.gue_port == Some(0) {
-        return Err(ConfigError::Node {
-            file: file.to_path_buf(),
-            field: "gue_port".into(),
-            message: "must be 1-65535".into(),
-        });
-    }
+    let mut node = node_spec(NodeFields {
+        interface: raw.interface.as_deref(),
+        encap_source: raw.encap_source.as_deref(),
+        encap_source_v6: raw.encap_source_v6.as_deref(),
+        gue_port: raw.gue_port,
+        icmp_echo: raw.icmp_echo,
+        pmtu_icmp: raw.pmtu_icmp,
+        flow_table: &raw.flow_table,
+        announce: raw.announce.as_deref(),
+        node_name: raw.node_name.as_deref(),
+        nodes: &raw.nodes,
+        membership: &raw.membership,
+        bgp: raw.bgp.as_ref(),
+    })
+    .map_err(|(field, message)| ConfigError::Node {
+        file: file.to_path_buf(),
+        field,
+        message,
+    })?;
+    node.decap = raw.decap.unwrap_or(false);
     let mut state = DesiredState {
-        node: NodeSpec {
-            interface: raw.interface.clone(),
-            encap_source,
-            encap_source_v6,
-            gue_port: raw.gue_port.unwrap_or(DEFAULT_GUE_PORT),
-            icmp_echo: raw.icmp_echo.unwrap_or(true),
-            pmtu_icmp: raw.pmtu_icmp.unwrap_or(true),
-            decap: raw.decap.unwrap_or(false),
-            flows: flow_settings(file, &raw.flow_table)?,
-            announce: announce_spec(
-                raw.announce.as_deref(),
-                raw.node_name.as_deref(),
-                &raw.nodes,
-                &raw.membership,
-                raw.bgp.as_ref(),
-            )
-            .map_err(|(field, message)| ConfigError::Node {
-                file: file.to_path_buf(),
-                field,
-                message,
-            })?,
-        },
+        node,
         services: BTreeMap::new(),
         local_endpoints: BTreeMap::new(),
         announce: BTreeMap::new(),
@@ -353,6 +397,7 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
         weighted: Default::default(),
         decap_sources: decap_sources(file, &raw.decap_sources)?,
         node_addresses: Default::default(),
+        pod_nodes: Default::default(),
     };
     if raw.services.len() > MAX_SERVICES as usize {
         return Err(ConfigError::Node {
@@ -399,17 +444,13 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
                 ));
             }
         };
-        let forwarding = match svc.forwarding.as_deref().unwrap_or("ipip") {
-            "ipip" => Forwarding::Ipip,
-            "l2" => Forwarding::L2,
-            "gue" => Forwarding::Gue,
-            other => {
-                return Err(err(
-                    "forwarding",
-                    format!("unknown forwarding {other:?} (ipip, gue or l2)"),
-                ));
-            }
-        };
+        let name = svc.forwarding.as_deref().unwrap_or("ipip");
+        let forwarding = parse_forwarding(name).ok_or_else(|| {
+            err(
+                "forwarding",
+                format!("unknown forwarding {name:?} (ipip, gue or l2)"),
+            )
+        })?;
         if svc.backends.is_empty() {
             return Err(err("backends", "at least one backend is required".into()));
         }
@@ -565,28 +606,26 @@ pub fn parse(file: &Path, text: &str) -> Result<DesiredState, ConfigError> {
     Ok(state)
 }
 
-fn flow_settings(file: &Path, raw: &RawFlowTable) -> Result<FlowSettings, ConfigError> {
+fn flow_settings(raw: &RawFlowTable) -> Result<FlowSettings, (String, String)> {
     let d = FlowSettings::default();
     let positive = |field: &str, v: Option<u32>, default: u32| match v {
-        Some(0) => Err(ConfigError::Node {
-            file: file.to_path_buf(),
-            field: format!("flow_table.{field}"),
-            message: "must be at least 1".into(),
-        }),
+        Some(0) => Err((
+            format!("flow_table.{field}"),
+            "must be at least 1".to_string(),
+        )),
         Some(v) => Ok(v),
         None => Ok(default),
     };
     let idle = |field: &str, v: Option<u32>, default: u32| {
         let v = positive(field, v, default)?;
         if v > lb_common::flowtab::MAX_IDLE_S {
-            return Err(ConfigError::Node {
-                file: file.to_path_buf(),
-                field: format!("flow_table.{field}"),
-                message: format!(
+            return Err((
+                format!("flow_table.{field}"),
+                format!(
                     "must be at most {} (7 days)",
                     lb_common::flowtab::MAX_IDLE_S
                 ),
-            });
+            ));
         }
         Ok(v)
     };

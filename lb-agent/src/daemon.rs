@@ -147,13 +147,23 @@ impl Syncer {
                 s.backends
                     .iter()
                     .filter(|(ip, b)| b.mac.is_none() && !local.contains(ip))
-                    .map(|(ip, _)| *ip)
+                    .map(|(ip, _)| sync::next_hop_target(desired, s.forwarding, ip))
             })
             .collect();
-        let found = self
-            .net
-            .resolve(&iface, &need, self.neighbours.unreachable(), RESOLVE_WAIT)
-            .await;
+        // Known failures, as next hops: a pod's node, or the pod.
+        let failed: BTreeSet<IpAddr> = self
+            .neighbours
+            .unreachable()
+            .iter()
+            .flat_map(|ip| {
+                desired
+                    .services
+                    .values()
+                    .filter(|s| s.backends.contains_key(ip))
+                    .map(|s| sync::next_hop_target(desired, s.forwarding, ip))
+            })
+            .collect();
+        let found = self.net.resolve(&iface, &need, &failed, RESOLVE_WAIT).await;
         let hops = sync::NextHops {
             macs: &found.macs,
             failed: &found.failed,

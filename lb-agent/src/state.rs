@@ -216,6 +216,9 @@ pub struct DesiredState {
     /// config): the outer destinations tunnel packets are accepted for, besides the
     /// encapsulation sources and the local endpoints.
     pub node_addresses: BTreeSet<IpAddr>,
+    /// Pods reached through their node (Kubernetes mode, `pod_tunnel: node`): each remote
+    /// pod address with the address of its node, the tunnel's destination.
+    pub pod_nodes: BTreeMap<IpAddr, IpAddr>,
 }
 
 /// A Service object (Kubernetes mode), as an Event refers to it.

@@ -39,6 +39,9 @@ pub struct BackendStatus {
     pub address: String,
     /// Next-hop MAC the frames to it carry.
     pub mac: String,
+    /// The node it is tunnelled through (a pod behind its node), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     /// Share of the service's Maglev slots (0..1).
     pub share: f64,
     /// What this service sent to this backend.
@@ -77,6 +80,10 @@ pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
                     address: ip_from_bytes(&b.addr_be, b.family)
                         .map_or_else(|| format!("(id {id})"), |ip| ip.to_string()),
                     mac: format_mac(&b.mac),
+                    via: (b.flags & lb_common::BACKEND_F_VIA_NODE != 0)
+                        .then(|| ip_from_bytes(&b.via_be, b.family))
+                        .flatten()
+                        .map(|ip| ip.to_string()),
                     share: f64::from(slots.get(id).copied().unwrap_or(0))
                         / table.len().max(1) as f64,
                     packets: c.packets,
@@ -164,6 +171,9 @@ pub fn render(status: &Status) -> String {
                 b.packets,
                 b.bytes
             );
+            if let Some(via) = &b.via {
+                let _ = writeln!(out, "     through node {via}");
+            }
         }
     }
     let _ = writeln!(out, "{:<34} {:>12} {:>14}", "REASON", "PACKETS", "BYTES");

@@ -20,11 +20,11 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_LOCAL, BACKEND_F_NO_NEIGH, BACKEND_F_UNREACHABLE, BACKEND_F_VALID, BackendValue,
-    DecapAddr, DnatKey, DnatValue, FAMILY_V4, FAMILY_V6, Forwarding, NodeConfig,
-    SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES, SLOT_EMPTY, SLOT_SHARED,
-    ServiceKey, ServiceRecord, ServiceValue, SourceRange, VIP_F_ANSWER, VIP_F_ECHO, VipKey,
-    VipValue,
+    BACKEND_F_LOCAL, BACKEND_F_NO_NEIGH, BACKEND_F_UNREACHABLE, BACKEND_F_VALID,
+    BACKEND_F_VIA_NODE, BackendValue, DecapAddr, DnatKey, DnatValue, FAMILY_V4, FAMILY_V6,
+    Forwarding, NodeConfig, SERVICE_F_AFFINITY, SERVICE_F_FLOW_TRACKING, SERVICE_F_SOURCE_RANGES,
+    SLOT_EMPTY, SLOT_SHARED, ServiceKey, ServiceRecord, ServiceValue, SourceRange, VIP_F_ANSWER,
+    VIP_F_ECHO, VipKey, VipValue,
     maglev::{self, MaglevBackend},
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
@@ -197,6 +197,30 @@ pub struct Plan {
 pub struct NextHops<'a> {
     pub macs: &'a BTreeMap<IpAddr, [u8; 6]>,
     pub failed: &'a BTreeSet<IpAddr>,
+}
+
+/// The node a backend (a pod) of a tunnelling service is reached through, if any:
+/// `pod_nodes`, of its family. `l2` forwarding sends frames to the backend itself.
+pub fn via_node<'a>(
+    desired: &'a DesiredState,
+    forwarding: Forwarding,
+    backend: &IpAddr,
+) -> Option<&'a IpAddr> {
+    if forwarding == Forwarding::L2 {
+        return None;
+    }
+    desired
+        .pod_nodes
+        .get(backend)
+        .filter(|n| n.is_ipv6() == backend.is_ipv6())
+}
+
+/// The address whose neighbour entry a backend's frames go by: its node's, or its own (the
+/// kernel's route lookup then finds the gateway, if any).
+pub fn next_hop_target(desired: &DesiredState, forwarding: Forwarding, backend: &IpAddr) -> IpAddr {
+    via_node(desired, forwarding, backend)
+        .copied()
+        .unwrap_or(*backend)
 }
 
 /// How a backend's next hop stands, for its entry.
@@ -534,10 +558,17 @@ pub fn plan_with_hops(
                 service: *addr,
                 backend: *ip,
             });
+            // A pod behind its node: the tunnel, and so the next hop, is the node's.
+            let via = if local {
+                None
+            } else {
+                via_node(desired, svc.forwarding, ip)
+            };
             let (mac, neigh) = if local {
                 (node.mac, 0)
             } else {
-                next_hop_flags(hops, ip, spec.mac, found.as_ref().map(|f| f.value))
+                let hop = via.unwrap_or(ip);
+                next_hop_flags(hops, hop, spec.mac, found.as_ref().map(|f| f.value))
             };
             if neigh & BACKEND_F_NO_NEIGH != 0 {
                 out.unresolved.push((*addr, *ip));
@@ -545,13 +576,18 @@ pub fn plan_with_hops(
                 out.unreachable.push((*addr, *ip));
             }
             let (addr_be, family) = ip_bytes(*ip);
+            let (via_be, via_flag) = match via {
+                Some(n) => (ip_bytes(*n).0, BACKEND_F_VIA_NODE),
+                None => ([0; 16], 0),
+            };
             let value = BackendValue {
                 addr_be,
                 mac,
                 family,
-                flags: BACKEND_F_VALID | neigh | if local { BACKEND_F_LOCAL } else { 0 },
+                flags: BACKEND_F_VALID | neigh | via_flag | if local { BACKEND_F_LOCAL } else { 0 },
                 service_id: id,
                 _pad: [0; 4],
+                via_be,
             };
             let backend_id = match found {
                 Some(f) => {

@@ -335,13 +335,16 @@ pub enum Encapsulation {
         eth_src: String,
         eth_dst: String,
     },
-    /// An outer IP and UDP header were prepended (GUE variant 1); the original IP packet
-    /// follows the UDP header unchanged.
+    /// An outer IP and UDP header were prepended (GUE variant 1), or for a pod reached
+    /// through its node also a GUE header naming the pod (`pod`); the original IP packet
+    /// follows unchanged.
     Gue {
         outer_src: IpAddr,
         outer_dst: IpAddr,
         udp_sport: u16,
         udp_dport: u16,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pod: Option<IpAddr>,
         eth_src: String,
         eth_dst: String,
     },
@@ -382,12 +385,19 @@ impl fmt::Display for Encapsulation {
                 outer_dst,
                 udp_sport,
                 udp_dport,
+                pod,
                 eth_src,
                 eth_dst,
-            } => write!(
-                f,
-                "gue: outer {outer_src} -> {outer_dst}, udp {udp_sport} -> {udp_dport}, eth {eth_src} -> {eth_dst}"
-            ),
+            } => {
+                write!(
+                    f,
+                    "gue: outer {outer_src} -> {outer_dst}, udp {udp_sport} -> {udp_dport}, "
+                )?;
+                if let Some(pod) = pod {
+                    write!(f, "pod {pod} (through its node), ")?;
+                }
+                write!(f, "eth {eth_src} -> {eth_dst}")
+            }
             Encapsulation::Unrecognised => f.write_str("unrecognised change"),
         }
     }
@@ -475,13 +485,28 @@ pub fn decode_output(input: &[u8], output: &[u8]) -> Encapsulation {
                 eth_dst,
             }
         }
-        lb_common::PROTO_UDP if ip_len + UDP_HLEN == outer_len => {
+        lb_common::PROTO_UDP if outer_len >= ip_len + UDP_HLEN => {
             let udp = &outer[ip_len..];
+            let gue = &udp[UDP_HLEN..];
+            // Variant 1 has no GUE header; a pod behind its node has one naming the pod.
+            let pod = match gue.len() {
+                0 => None,
+                8 if gue[..4] == lb_common::gue_pod_header(lb_common::FAMILY_V4) => {
+                    Some(IpAddr::from([gue[4], gue[5], gue[6], gue[7]]))
+                }
+                20 if gue[..4] == lb_common::gue_pod_header(lb_common::FAMILY_V6) => {
+                    let mut a = [0u8; 16];
+                    a.copy_from_slice(&gue[4..]);
+                    Some(IpAddr::from(a))
+                }
+                _ => return Encapsulation::Unrecognised,
+            };
             Encapsulation::Gue {
                 outer_src: src,
                 outer_dst: dst,
                 udp_sport: u16::from_be_bytes([udp[0], udp[1]]),
                 udp_dport: u16::from_be_bytes([udp[2], udp[3]]),
+                pod,
                 eth_src,
                 eth_dst,
             }
@@ -502,6 +527,10 @@ pub fn backends_for(
         .iter()
         .filter(|(_, b)| b.is_valid() && b.service_id == service_id);
     match encap {
+        Encapsulation::Gue { pod: Some(pod), .. } => of_service
+            .filter(|(_, b)| ip_from_bytes(&b.addr_be, b.family) == Some(*pod))
+            .map(|(id, _)| *id)
+            .collect(),
         Encapsulation::Ipip { outer_dst, .. } | Encapsulation::Gue { outer_dst, .. } => of_service
             .filter(|(_, b)| ip_from_bytes(&b.addr_be, b.family) == Some(*outer_dst))
             .map(|(id, _)| *id)
@@ -1077,10 +1106,60 @@ mod tests {
                 outer_dst: "198.18.0.12".parse().unwrap(),
                 udp_sport: 0xd431,
                 udp_dport: 6080,
+                pod: None,
                 eth_src: "02:00:00:00:00:02".into(),
                 eth_dst: "02:00:00:00:00:0c".into(),
             }
         );
+    }
+
+    #[test]
+    fn decodes_gue_to_a_pod_through_its_node_and_finds_the_pod() {
+        let input = build_frame(&udp_probe(), NODE_MAC).unwrap();
+        let inner = &input[14..];
+        let mut out = hex("02000000000c 020000000002 0800");
+        let mut hdr = vec![0x45, 0];
+        hdr.extend_from_slice(&((inner.len() + 36) as u16).to_be_bytes());
+        hdr.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 2, 198, 18, 0, 12]);
+        out.extend_from_slice(&hdr);
+        out.extend_from_slice(&hex("d431 17c0"));
+        out.extend_from_slice(&((inner.len() + 16) as u16).to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+        // GUE variant 0, hlen 1, protocol IPIP, no flags; the pod 198.18.8.11.
+        out.extend_from_slice(&[1, 4, 0, 0, 198, 18, 8, 11]);
+        out.extend_from_slice(inner);
+        let encap = decode_output(&input, &out);
+        let pod: IpAddr = "198.18.8.11".parse().unwrap();
+        assert_eq!(
+            encap,
+            Encapsulation::Gue {
+                outer_src: "198.18.0.2".parse().unwrap(),
+                outer_dst: "198.18.0.12".parse().unwrap(),
+                udp_sport: 0xd431,
+                udp_dport: 6080,
+                pod: Some(pod),
+                eth_src: "02:00:00:00:00:02".into(),
+                eth_dst: "02:00:00:00:00:0c".into(),
+            }
+        );
+        let (pod_be, family) = crate::sync::ip_bytes(pod);
+        let (node_be, _) = crate::sync::ip_bytes("198.18.0.12".parse().unwrap());
+        let backends = BTreeMap::from([(
+            3,
+            BackendValue {
+                addr_be: pod_be,
+                family,
+                flags: lb_common::BACKEND_F_VALID | lb_common::BACKEND_F_VIA_NODE,
+                service_id: 1,
+                via_be: node_be,
+                ..BackendValue::EMPTY
+            },
+        )]);
+        assert_eq!(backends_for(&encap, 1, &backends), [3]);
+        // Any other private data is not ours.
+        let last = out.len() - inner.len() - 8;
+        out[last] = 2;
+        assert_eq!(decode_output(&input, &out), Encapsulation::Unrecognised);
     }
 
     #[test]

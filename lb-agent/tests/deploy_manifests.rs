@@ -369,8 +369,11 @@ fn namespace_and_config_map_are_valid() {
     assert_eq!(
         cfg,
         K8sConfig {
-            interface: Some("eth0".into()),
-            announce,
+            node: lb_agent::state::NodeSpec {
+                interface: Some("eth0".into()),
+                announce,
+                ..K8sConfig::default().node
+            },
             ..K8sConfig::default()
         }
     );
@@ -386,8 +389,11 @@ fn the_example_bgp_config_map_is_valid_and_matches_the_sidecar() {
         cm["data"][CONFIG_KEY].as_str().unwrap(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(cfg.announce.mode, lb_agent::announce::AnnounceMode::Bgp);
-    let bgp = cfg.announce.bgp.expect("bgp settings");
+    assert_eq!(
+        cfg.node.announce.mode,
+        lb_agent::announce::AnnounceMode::Bgp
+    );
+    let bgp = cfg.node.announce.bgp.expect("bgp settings");
     assert_eq!(
         bgp.bird.config,
         std::path::Path::new("/run/xdp-lb/bird.conf")

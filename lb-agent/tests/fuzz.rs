@@ -1554,7 +1554,12 @@ impl Model {
             }
             _ => return Err(Reason::PassNotVip),
         };
-        let version = f.get(l3 + strip).ok_or(Reason::PassMalformed)? >> 4;
+        // The program reads the inner packet's first four bytes at once (a shorter one is
+        // malformed anyway: no IP header fits).
+        let version = f
+            .get(l3 + strip..l3 + strip + 4)
+            .ok_or(Reason::PassMalformed)?[0]
+            >> 4;
         let et = match (version, proto) {
             (4, 4 | 17) => ETH_P_IP,
             (6, 41 | 17) => ETH_P_IPV6,

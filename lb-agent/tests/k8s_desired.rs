@@ -159,8 +159,11 @@ fn ready_then_serving_terminating_and_never_the_rest() {
 #[test]
 fn successive_snapshots_add_update_and_delete() {
     let cfg = K8sConfig {
-        interface: Some("eth1".into()),
-        encap_source: Some("198.18.1.1".parse().unwrap()),
+        node: lb_agent::state::NodeSpec {
+            interface: Some("eth1".into()),
+            encap_source: Some("198.18.1.1".parse().unwrap()),
+            ..K8sConfig::default().node
+        },
         ..K8sConfig::default()
     };
     let step = |s: &str| run_with(&format!("lifecycle/{s}"), &cfg, "node-a");
@@ -169,7 +172,7 @@ fn successive_snapshots_add_update_and_delete() {
     let (s1, w1) = step("1-created");
     assert_eq!((keys(&s1), w1), (vec![], vec![]));
     assert_eq!(s1.node.interface.as_deref(), Some("eth1"));
-    assert_eq!(s1.node.encap_source, cfg.encap_source);
+    assert_eq!(s1.node.encap_source, cfg.node.encap_source);
 
     // Address in status, one slice with two ready pods.
     let (s2, _) = step("2-ip-and-endpoints");
@@ -482,6 +485,34 @@ fn ports_named_target_ports_and_protocols() {
         [("198.18.20.81".to_string(), 8080)]
     );
     assert!(node_b.node.decap && state.node.decap);
+    // Pods on the other node are tunnelled to that node's InternalIP (`pod_tunnel: node`,
+    // the default); pods here need no tunnel. With `pod_tunnel: pod`, to the pods themselves.
+    let node_of = |s: &DesiredState| -> Vec<(String, String)> {
+        s.pod_nodes
+            .iter()
+            .map(|(pod, node)| (pod.to_string(), node.to_string()))
+            .collect()
+    };
+    assert!(node_of(&state).contains(&("198.18.20.81".into(), "198.18.1.2".into())));
+    assert!(
+        !node_of(&state)
+            .iter()
+            .any(|(p, _)| p.starts_with("198.18.10."))
+    );
+    assert!(node_of(&node_b).contains(&("198.18.10.81".into(), "198.18.1.1".into())));
+    assert!(!node_of(&node_b).iter().any(|(p, _)| p == "198.18.20.81"));
+    let (routed, _) = run_with(
+        "ports",
+        &K8sConfig::parse("cm", "pod_tunnel: pod\n").unwrap(),
+        "node-a",
+    );
+    assert!(routed.pod_nodes.is_empty());
+    assert!(
+        K8sConfig::parse("cm", "pod_tunnel: vxlan\n")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown pod_tunnel \"vxlan\" (node or pod)")
+    );
     assert_eq!(backends(&state, "198.18.0.81:80/tcp"), ["198.18.10.84"]);
     assert_eq!(backends(&state, "198.18.0.82:53/tcp"), ["198.18.10.85"]);
     assert_eq!(backends(&state, "198.18.0.82:53/udp"), ["198.18.10.85"]);
@@ -581,7 +612,7 @@ fn addresses_types_annotations_and_unsupported_fields() {
     );
     assert_eq!(
         warnings[0].to_string(),
-        "service default/bad-annotation: annotation xdp-lb.io/forwarding: unknown forwarding \"gre\" (ipip or l2); using ipip"
+        "service default/bad-annotation: annotation xdp-lb.io/forwarding: unknown forwarding \"gre\" (ipip, gue or l2); using ipip"
     );
     assert_eq!(warnings[0].reason.as_str(), "InvalidAnnotation");
 
@@ -601,6 +632,20 @@ fn addresses_types_annotations_and_unsupported_fields() {
         .collect();
     assert_eq!(by_name["default/spec-ip:http"], Forwarding::L2);
     assert_eq!(by_name["default/bad-annotation:http"], Forwarding::L2);
+    assert_eq!(by_name["default/l2:http"], Forwarding::L2);
+    // GUE is a forwarding like the others in Kubernetes mode (ConfigMap default here).
+    let (gue, _) = run_with(
+        "misc",
+        &K8sConfig::parse("cm", "default_forwarding: gue\ngue_port: 6081\n").unwrap(),
+        "node-a",
+    );
+    assert_eq!(gue.node.gue_port, 6081);
+    let by_name: BTreeMap<&str, Forwarding> = gue
+        .services
+        .values()
+        .map(|s| (s.name.as_str(), s.forwarding))
+        .collect();
+    assert_eq!(by_name["default/spec-ip:http"], Forwarding::Gue);
     assert_eq!(by_name["default/l2:http"], Forwarding::L2);
 }
 

@@ -16,7 +16,7 @@
 mod fake_apiserver;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
@@ -30,7 +30,7 @@ use fake_apiserver::{FakeApiServer, Kind};
 use lb_agent::dataplane::Dataplane;
 use lb_testkit::{
     ChildGuard, Distribution, EchoServer, Lab, LabSpec, NetNs, Pod, require_root,
-    scenario::DirGuard, tcp_connections, udp_flows,
+    scenario::DirGuard, tcp_connections, udp_flow_from_port, udp_flows,
 };
 use serde_json::{Value, json};
 
@@ -722,6 +722,13 @@ fn restarted_agent_adopts_the_pinned_state_without_writes() {
     let _backends = start_backends(&lab, &dirs.work.0);
     // No ConfigMap: the defaults apply and the interface comes from the command line.
     let server = start_server(lab.lb(), &ALL_LISTS[..3]);
+    // The lab's backends are hosts of its segment, not pods behind a Node: endpoints
+    // without a nodeName, which the default `pod_tunnel: node` tunnels to themselves.
+    let mut slice = server.get(Kind::EndpointSlice, SLICE.0, SLICE.1).unwrap();
+    for ep in slice["endpoints"].as_array_mut().unwrap() {
+        ep.as_object_mut().unwrap().remove("nodeName");
+    }
+    server.apply(Kind::EndpointSlice, slice);
     let kubeconfig = dirs.kubeconfig(&server);
     let pins = dirs.pins.0.clone();
     let args = ["--interface", "eth0", "--keep-attached"];
@@ -937,15 +944,65 @@ fn reason_count(pins: &Path, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// How the pod network of a two-node test looks and what the ConfigMap says.
+struct PodNet {
+    /// Routes to each node's pods through that node (a routed pod network); without them
+    /// pods are reachable only from their own node, as on an overlay.
+    routed: bool,
+    /// The ConfigMap's settings besides `interface`.
+    config: &'static str,
+    /// The Services' forwarding as configured, and the reason the LB node forwards by.
+    forwarding: &'static str,
+    tx: &'static str,
+    gue_port: u16,
+}
+
 /// DSR to pods, end to end: two nodes run the agent in Kubernetes mode against one API
 /// server; the Service's port 7000 has a named `targetPort` that the pods' slice resolves to
 /// 8080; one pod is on the load-balancing node (node-a), one behind node-b. Pods have no VIP
-/// and no tunnel: node-a tunnels to the remote pod's address, node-b decapsulates and
-/// translates to pod:8080, node-a delivers to its own pod the same way, and each node's
-/// egress program gives the replies VIP:7000 back. The client's checksums are computed in
-/// software (offload off), so the pods' stacks verify the translated checksums.
+/// and no tunnel. The pod network is an overlay as far as the test is concerned: no node
+/// has a route to the other's pods. With the default `pod_tunnel: node`, node-a tunnels to
+/// node-b's address (GUE naming the pod), node-b decapsulates and translates to pod:8080,
+/// node-a delivers to its own pod the same way, and each node's egress program gives the
+/// replies VIP:7000 back. The client's checksums are computed in software (offload off), so
+/// the pods' stacks verify the translated checksums.
 #[test]
 fn pods_behind_two_nodes_get_dsr_traffic_on_their_target_port() {
+    check_pods_behind_two_nodes(PodNet {
+        routed: false,
+        config: "",
+        forwarding: "ipip",
+        tx: "tx_gue",
+        gue_port: DEFAULT_GUE,
+    });
+}
+
+/// `pod_tunnel: pod` on a routed pod network: IP-in-IP straight to the pods' addresses.
+#[test]
+fn pods_on_a_routed_network_get_ipip_to_their_own_address() {
+    check_pods_behind_two_nodes(PodNet {
+        routed: true,
+        config: "pod_tunnel: pod\n",
+        forwarding: "ipip",
+        tx: "tx_ipip",
+        gue_port: DEFAULT_GUE,
+    });
+}
+
+/// GUE set in the ConfigMap (default forwarding and a non-default port, which both nodes
+/// take: node-a encapsulates to it, node-b decapsulates it).
+#[test]
+fn pods_behind_two_nodes_get_gue_traffic_with_the_config_map_s_port() {
+    check_pods_behind_two_nodes(PodNet {
+        routed: false,
+        config: "default_forwarding: gue\ngue_port: 6081\n",
+        forwarding: "gue",
+        tx: "tx_gue",
+        gue_port: 6081,
+    });
+}
+
+fn check_pods_behind_two_nodes(net: PodNet) {
     require_root().unwrap();
     let lab = Lab::new(LabSpec {
         backends: 1,
@@ -955,26 +1012,28 @@ fn pods_behind_two_nodes_get_dsr_traffic_on_their_target_port() {
     let node_b = &lab.backends()[0];
     let pod_a = Pod::attach(lab.lb(), "pod-a", 7).unwrap();
     let pod_b = Pod::attach(&node_b.ns, "pod-b", 8).unwrap();
-    // Routed pod networks: each node reaches the other's pods through it.
-    lab.lb()
-        .ip(&[
-            "route",
-            "add",
-            "198.18.8.0/24",
-            "via",
-            &node_b.addr.to_string(),
-        ])
-        .unwrap();
-    node_b
-        .ns
-        .ip(&[
-            "route",
-            "add",
-            "198.18.7.0/24",
-            "via",
-            &lab.lb_addr().to_string(),
-        ])
-        .unwrap();
+    // A routed pod network: each node reaches the other's pods through it.
+    if net.routed {
+        lab.lb()
+            .ip(&[
+                "route",
+                "add",
+                "198.18.8.0/24",
+                "via",
+                &node_b.addr.to_string(),
+            ])
+            .unwrap();
+        node_b
+            .ns
+            .ip(&[
+                "route",
+                "add",
+                "198.18.7.0/24",
+                "via",
+                &lab.lb_addr().to_string(),
+            ])
+            .unwrap();
+    }
     lab.client()
         .exec(&["ethtool", "-K", "eth0", "tx", "off"])
         .unwrap();
@@ -995,6 +1054,11 @@ fn pods_behind_two_nodes_get_dsr_traffic_on_their_target_port() {
     .collect();
     let refs: Vec<(Kind, &Path)> = lists.iter().map(|(k, p)| (*k, p.as_path())).collect();
     let server = FakeApiServer::start(listener, &refs);
+    // This test's settings alone (the fixture's ConfigMap is for the tests whose backends
+    // are hosts of the lab's segment, reached at their own addresses).
+    let text = format!("{}interface: eth0\n", net.config);
+    server.apply(Kind::ConfigMap, config_map(&server, &text));
+    let forwarding = net.forwarding;
     let (dirs_a, dirs_b) = (Dirs::new(), Dirs::new());
     let kubeconfig = dirs_a.kubeconfig(&server);
     let announce = dirs_a.work.0.join("announce.json");
@@ -1045,11 +1109,87 @@ fn pods_behind_two_nodes_get_dsr_traffic_on_their_target_port() {
     // tunnelled ones, both restored replies.
     let (pins_a, pins_b) = (&dirs_a.pins.0, &dirs_b.pins.0);
     assert!(reason_count(pins_a, "local_backend") > 0, "{}", logs());
+    assert!(reason_count(pins_a, net.tx) > 0, "{}", logs());
+    for pins in [pins_a, pins_b] {
+        let s = status(pins).unwrap();
+        assert_eq!(s["services"][0]["forwarding"], forwarding, "{s}");
+        assert_eq!(s["gue_port"], net.gue_port, "{s}");
+    }
     assert!(reason_count(pins_a, "decap_dnat") > 0);
     assert!(reason_count(pins_a, "egress_revnat") > 0);
     assert!(reason_count(pins_b, "decap_dnat") > 0);
     assert!(reason_count(pins_b, "egress_revnat") > 0);
     assert_eq!(reason_count(pins_b, "local_backend"), 0);
+    // Two balancing nodes agree: the same 5-tuples reach the same pods through either
+    // node, as `lb-agent trace` on each predicts and real traffic shows.
+    let ports: Vec<u16> = (41000..41048).collect();
+    let through = |what: &str| -> BTreeMap<u16, String> {
+        ports
+            .iter()
+            .map(|&port| {
+                let r = udp_flow_from_port(lab.client(), vip, port, REPLY_TIMEOUT).unwrap();
+                let backend = r
+                    .backend
+                    .unwrap_or_else(|| panic!("port {port} via {what}: no reply\n{}", logs()));
+                (port, backend)
+            })
+            .collect()
+    };
+    let via_a = through("node-a");
+    let tx_b = reason_count(pins_b, net.tx);
+    let local_b = reason_count(pins_b, "local_backend");
+    lab.client()
+        .ip(&[
+            "route",
+            "replace",
+            &format!("{VIP}/32"),
+            "via",
+            &node_b.addr.to_string(),
+        ])
+        .unwrap();
+    let via_b = through("node-b");
+    assert_eq!(
+        via_a, via_b,
+        "the same 5-tuples, the same pods through either node"
+    );
+    let used: BTreeSet<&str> = via_a.values().map(String::as_str).collect();
+    assert_eq!(used, BTreeSet::from(["pod-a", "pod-b"]), "{via_a:?}");
+    // node-b really balanced them: it tunnelled pod-a's share and kept pod-b's.
+    let to_a = via_a.values().filter(|b| *b == "pod-a").count() as u64;
+    let to_b = via_a.len() as u64 - to_a;
+    assert!(reason_count(pins_b, net.tx) >= tx_b + to_a);
+    assert!(reason_count(pins_b, "local_backend") >= local_b + to_b);
+    // And both nodes' live programs choose alike for fresh 5-tuples of both protocols.
+    let trace = |pins: &Path, proto: &str, port: u16| -> String {
+        let out = std::process::Command::new(agent_bin())
+            .args(["trace", "--proto", proto, "--json", "--pin-path"])
+            .arg(pins)
+            .args(["--src", &format!("{}:{port}", lab.client_addr())])
+            .args(["--dst", &vip.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        report["maglev_choice"]["address"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no Maglev choice: {report}"))
+            .to_string()
+    };
+    // (Each trace loads the program once: a few ports, in one of the variants.)
+    if net.config.is_empty() {
+        for port in [42000, 42101, 42202, 42303, 42404, 42505] {
+            for proto in ["udp", "tcp"] {
+                let a = trace(pins_a, proto, port);
+                assert_eq!(a, trace(pins_b, proto, port), "{proto} from port {port}");
+                assert!(pods.contains(&a), "{a}");
+            }
+        }
+    }
+
     // What node-a tells its routing daemon: the VIP, equal weight (Cluster policy).
     let file: Value = serde_json::from_str(&fs::read_to_string(&announce).unwrap()).unwrap();
     assert_eq!(
@@ -1059,6 +1199,9 @@ fn pods_behind_two_nodes_get_dsr_traffic_on_their_target_port() {
     agent_a.stop();
     agent_b.stop();
 }
+
+/// The GUE port when the ConfigMap sets none.
+const DEFAULT_GUE: u16 = lb_common::DEFAULT_GUE_PORT;
 
 /// 30 TCP connections to the VIP, each with the backend it reached.
 fn open_sessions(lab: &Lab, vip: SocketAddr) -> Vec<(lb_testkit::TcpSession, String)> {

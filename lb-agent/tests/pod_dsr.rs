@@ -433,3 +433,271 @@ fn session_affinity_keeps_each_client_on_its_backend_until_the_timeout() {
         "{moved} of 60 clients moved after the timeout (expected about a quarter)"
     );
 }
+
+/// Another node, the one `POD_THERE` runs on (`pod_tunnel: node`).
+const NODE_THERE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 20);
+
+/// `inner` tunnelled by GUE to a node, naming `pod` in the GUE header (as a load balancer
+/// sends to a pod behind its node): outer from the other node to `node`.
+fn via_node(inner: &[u8], node: IpAddr, pod: IpAddr, sport: u16, from: IpAddr) -> Vec<u8> {
+    let mut payload = Vec::new();
+    match pod {
+        IpAddr::V4(p) => {
+            payload.extend_from_slice(&[1, IPPROTO_IPIP, 0, 0]);
+            payload.extend_from_slice(&p.octets());
+        }
+        IpAddr::V6(p) => {
+            payload.extend_from_slice(&[4, IPPROTO_IPV6, 0, 0]);
+            payload.extend_from_slice(&p.octets());
+        }
+    }
+    payload.extend_from_slice(&inner[14..]);
+    let b = PacketBuilder::new().eth(PEER_MAC, NODE_MAC);
+    let b = match (from, node) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => b.ipv4(s, d),
+        (IpAddr::V6(s), IpAddr::V6(d)) => b.ipv6(s, d),
+        _ => unreachable!("one family"),
+    };
+    b.udp(sport, DEFAULT_GUE_PORT, &payload)
+        .l4_checksum_override(0)
+        .build()
+}
+
+#[test]
+fn a_pod_behind_its_node_is_tunnelled_to_the_node_by_gue_naming_the_pod() {
+    let mut f = fixture();
+    let mut d = desired(&STICKY_PODS, 3600);
+    d.pod_nodes.insert(POD_THERE.into(), NODE_THERE.into());
+    f.program(&d);
+    let before = f.reason(Reason::TxGue);
+    let mut sent = 0;
+    for sport in 0..64 {
+        let inner = client_packet(CLIENT.into(), VIP.into(), 45000 + sport, DNS, false).build();
+        let (action, out) = f.run_xdp(maps::PROG_LB, &inner);
+        if action != XDP_TX {
+            continue;
+        }
+        sent += 1;
+        // The service forwards by ipip; a pod behind its node still gets GUE (only GUE can
+        // name it), from this node to the pod's node, with the pod in the GUE header.
+        let gue_sport = u16::from_be_bytes([out[34], out[35]]);
+        let mut expected = via_node(
+            &inner,
+            NODE_THERE.into(),
+            POD_THERE.into(),
+            gue_sport,
+            NODE_ADDR.into(),
+        );
+        // As this node sends it: to the next hop's MAC, from its own.
+        expected[..6].copy_from_slice(&PEER_MAC);
+        expected[6..12].copy_from_slice(&NODE_MAC);
+        assert_frame(
+            &format!("port {}", 45000 + sport),
+            &(action, out),
+            XDP_TX,
+            &expected,
+        );
+    }
+    assert!(sent > 0, "the remote pod was chosen");
+    assert_eq!(f.reason(Reason::TxGue), before + sent);
+    // The status shows the node it goes through.
+    let status = lb_agent::status::collect(&f.dataplane).unwrap();
+    let dns = status
+        .services
+        .iter()
+        .find(|s| s.address == format!("{VIP}:{DNS}/udp"))
+        .unwrap();
+    let there = dns
+        .backends
+        .iter()
+        .find(|b| b.address == POD_THERE.to_string())
+        .unwrap();
+    assert_eq!(there.via.as_deref(), Some("198.18.0.20"));
+}
+
+#[test]
+fn a_gue_tunnel_to_this_node_naming_a_local_pod_is_translated_to_it() {
+    let mut f = fixture();
+    let cases: [(&str, IpAddr, IpAddr, IpAddr, IpAddr, IpAddr); 2] = [
+        (
+            "ipv4",
+            CLIENT.into(),
+            VIP.into(),
+            POD_HERE.into(),
+            NODE_ADDR.into(),
+            ENCAP_SRC.into(),
+        ),
+        (
+            "ipv6",
+            CLIENT6.into(),
+            VIP6.into(),
+            POD_HERE6.into(),
+            NODE_ADDR6.into(),
+            ENCAP_SRC6.into(),
+        ),
+    ];
+    for (i, (name, client, vip, pod, node, from)) in cases.into_iter().enumerate() {
+        let sport = 46000 + i as u16;
+        let inner = client_packet(client, vip, sport, DNS, false).build();
+        let input = via_node(&inner, node, pod, 49300, from);
+        let mut expected = input[..12].to_vec();
+        expected
+            .extend_from_slice(&client_packet(client, pod, sport, DNS_TARGET, false).build()[12..]);
+        let before = f.reason(Reason::DecapDnat);
+        for prog in [maps::PROG_DECAP, maps::PROG_LB] {
+            let got = f.run_xdp(prog, &input);
+            assert_frame(&format!("{name}: {prog}"), &got, XDP_PASS, &expected);
+        }
+        assert_eq!(f.reason(Reason::DecapDnat), before + 2, "{name}");
+    }
+    // Naming a pod that is not on this node: only decapsulated, nothing translated.
+    let inner = client_packet(CLIENT.into(), VIP.into(), 46100, DNS, false).build();
+    let input = via_node(
+        &inner,
+        NODE_ADDR.into(),
+        POD_THERE.into(),
+        49300,
+        ENCAP_SRC.into(),
+    );
+    let mut expected = input[..12].to_vec();
+    expected.extend_from_slice(&inner[12..]);
+    let before = f.reason(Reason::DecapPass);
+    let got = f.run_xdp(maps::PROG_DECAP, &input);
+    assert_frame("pod elsewhere", &got, XDP_PASS, &expected);
+    assert_eq!(f.reason(Reason::DecapPass), before + 1);
+    // From a sender that may not tunnel here: untouched, whatever it names.
+    let input = via_node(
+        &inner,
+        NODE_ADDR.into(),
+        POD_HERE.into(),
+        49300,
+        CLIENT.into(),
+    );
+    let before = f.reason(Reason::PassDecapNotAllowed);
+    let got = f.run_xdp(maps::PROG_DECAP, &input);
+    assert_frame("not allowed", &got, XDP_PASS, &input);
+    assert_eq!(f.reason(Reason::PassDecapNotAllowed), before + 1);
+}
+
+/// An ICMP "fragmentation needed" (IPv4, next-hop MTU `mtu`) quoting `quoted`, with its
+/// checksum.
+fn frag_needed(mtu: u16, quoted: &[u8]) -> Vec<u8> {
+    let mut m = vec![3, 4, 0, 0, 0, 0];
+    m.extend_from_slice(&mtu.to_be_bytes());
+    m.extend_from_slice(quoted);
+    let c = lb_testkit::ipv4_checksum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// An ICMPv6 "packet too big" (MTU `mtu`) from `src` to `dst` quoting `quoted`.
+fn too_big6(src: Ipv6Addr, dst: Ipv6Addr, mtu: u32, quoted: &[u8]) -> Vec<u8> {
+    let mut m = vec![2, 0, 0, 0];
+    m.extend_from_slice(&mtu.to_be_bytes());
+    m.extend_from_slice(quoted);
+    let c = lb_testkit::packet::icmpv6_checksum(src, dst, &m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// A router on the client's path.
+const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 1);
+const ROUTER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 1);
+
+#[test]
+fn path_mtu_errors_about_a_pod_s_replies_reach_the_pod_translated() {
+    let mut f = fixture();
+    let sport = 47000;
+    // IPv4: the pod's reply left as VIP:53 → client (lb_revnat); a router says it was too
+    // big. The error goes to the VIP, and a load balancer tunnels it to the flow's pod.
+    let left = client_packet(VIP.into(), CLIENT.into(), DNS, sport, false).build();
+    let sent = client_packet(POD_HERE.into(), CLIENT.into(), DNS_TARGET, sport, false).build();
+    let error = PacketBuilder::new()
+        .eth(PEER_MAC, NODE_MAC)
+        .ipv4(ROUTER, VIP)
+        .raw(1, &frag_needed(1400, &left[14..14 + 28]))
+        .build();
+    // What the pod gets: the error to itself, quoting the packet as it sent it (the quoted
+    // UDP checksum stays as it was: nobody checks it).
+    let mut quoted = sent[14..14 + 28].to_vec();
+    quoted[26..28].copy_from_slice(&left[14 + 26..14 + 28]);
+    let translated = PacketBuilder::new()
+        .eth(PEER_MAC, NODE_MAC)
+        .ipv4(ROUTER, POD_HERE)
+        .raw(1, &frag_needed(1400, &quoted))
+        .build();
+    // IPv6 alike, "packet too big".
+    let left6 = client_packet(VIP6.into(), CLIENT6.into(), WEB, sport, true).build();
+    let sent6 = client_packet(POD_HERE6.into(), CLIENT6.into(), WEB_TARGET, sport, true).build();
+    let error6 = PacketBuilder::new()
+        .eth(PEER_MAC, NODE_MAC)
+        .ipv6(ROUTER6, VIP6)
+        .raw(58, &too_big6(ROUTER6, VIP6, 1400, &left6[14..14 + 48]))
+        .build();
+    // (Eight bytes of TCP quoted: ports and sequence number, no checksum.)
+    let quoted6 = sent6[14..14 + 48].to_vec();
+    let translated6 = PacketBuilder::new()
+        .eth(PEER_MAC, NODE_MAC)
+        .ipv6(ROUTER6, POD_HERE6)
+        .raw(58, &too_big6(ROUTER6, POD_HERE6, 1400, &quoted6))
+        .build();
+    let cases = [
+        (
+            "ipv4, ipip to the pod",
+            tunnelled(&error, POD_HERE.into(), false),
+            &translated,
+        ),
+        (
+            "ipv4, gue through the node",
+            via_node(
+                &error,
+                NODE_ADDR.into(),
+                POD_HERE.into(),
+                49300,
+                ENCAP_SRC.into(),
+            ),
+            &translated,
+        ),
+        (
+            "ipv6, ip6ip6 to the pod",
+            tunnelled(&error6, POD_HERE6.into(), false),
+            &translated6,
+        ),
+        (
+            "ipv6, gue through the node",
+            via_node(
+                &error6,
+                NODE_ADDR6.into(),
+                POD_HERE6.into(),
+                49300,
+                ENCAP_SRC6.into(),
+            ),
+            &translated6,
+        ),
+    ];
+    for (name, input, inner) in cases {
+        let mut expected = input[..12].to_vec();
+        expected.extend_from_slice(&inner[12..]);
+        let before = f.reason(Reason::DecapDnat);
+        let got = f.run_xdp(maps::PROG_DECAP, &input);
+        assert_frame(name, &got, XDP_PASS, &expected);
+        assert!(
+            lb_testkit::l4_checksum_ok(&got.1[14..]),
+            "{name}: ICMP checksum"
+        );
+        assert_eq!(f.reason(Reason::DecapDnat), before + 1, "{name}");
+    }
+    // An error quoting a flow no local endpoint serves (another service port) is only
+    // decapsulated.
+    let other = client_packet(VIP.into(), CLIENT.into(), 9999, sport, false).build();
+    let error = PacketBuilder::new()
+        .eth(PEER_MAC, NODE_MAC)
+        .ipv4(ROUTER, VIP)
+        .raw(1, &frag_needed(1400, &other[14..14 + 28]))
+        .build();
+    let input = tunnelled(&error, POD_HERE.into(), false);
+    let mut expected = input[..12].to_vec();
+    expected.extend_from_slice(&error[12..]);
+    let got = f.run_xdp(maps::PROG_DECAP, &input);
+    assert_frame("not a local flow", &got, XDP_PASS, &expected);
+}

@@ -180,6 +180,24 @@ pub const BACKEND_F_NO_NEIGH: u8 = 4;
 /// ([`crate::hash::fallback_slot`]); its remembered flows and clients are decided afresh
 /// the same way. Every node that sees the neighbour fail makes the same choice.
 pub const BACKEND_F_UNREACHABLE: u8 = 8;
+/// The backend (a pod) is reached through its node: the tunnel goes to `via_be` (the
+/// node's address, routable where pod addresses are not, as on overlay networks), always
+/// as GUE whose header carries the pod's address ([`gue_pod_header`]), and that node's
+/// decap program translates to the pod as it does for a tunnel addressed to the pod.
+pub const BACKEND_F_VIA_NODE: u8 = 16;
+
+/// The GUE header (in wire order) of a tunnel to a pod through its node
+/// ([`BACKEND_F_VIA_NODE`]) whose inner packet is of `family`: variant 0, not a control
+/// message, `hlen` = the words of private data that follow, which hold the pod's address
+/// (1 word for IPv4, 4 for IPv6); protocol of the inner packet (IPIP 4 or IPv6 41); no
+/// flags. The inner packet follows the address.
+pub const fn gue_pod_header(family: u8) -> [u8; 4] {
+    if family == crate::FAMILY_V4 {
+        [1, crate::PROTO_IPIP, 0, 0]
+    } else {
+        [4, crate::PROTO_IPV6, 0, 0]
+    }
+}
 
 /// One backend of one service (a backend address used by two services has two entries, so
 /// each can be removed, and counted, on its own), and the MAC address of the next hop.
@@ -197,12 +215,16 @@ pub struct BackendValue {
     /// followed to a backend that still belongs to the flow's service.
     pub service_id: u32,
     pub _pad: [u8; 4],
+    /// With [`BACKEND_F_VIA_NODE`]: the outer destination, the address of the backend's
+    /// node (same family as `addr_be`); zero otherwise.
+    pub via_be: [u8; 16],
 }
-const _: () = assert!(size_of::<BackendValue>() == 32);
-// The data plane reads the address as words and the MAC as half-words.
+const _: () = assert!(size_of::<BackendValue>() == 48);
+// The data plane reads the addresses as words and the MAC as half-words.
 const _: () = assert!(
     align_of::<BackendValue>() >= 4
         && core::mem::offset_of!(BackendValue, addr_be) % 4 == 0
+        && core::mem::offset_of!(BackendValue, via_be) % 4 == 0
         && core::mem::offset_of!(BackendValue, mac) % 2 == 0
 );
 
@@ -214,6 +236,7 @@ impl BackendValue {
         flags: 0,
         service_id: 0,
         _pad: [0; 4],
+        via_be: [0; 16],
     };
 
     pub const fn is_valid(&self) -> bool {

@@ -123,9 +123,16 @@ fn allowed(outer: &Outer) -> bool {
     LB_DECAP_DST.get(&key(outer.dst_be)).is_some() && LB_DECAP_SRC.get(&key(outer.src_be)).is_some()
 }
 
-/// Bytes to strip after the outer IP header of a GUE packet (UDP and any GUE header).
+/// A GUE packet's headers after the outer IP header: the bytes to strip (UDP and any GUE
+/// header), and the pod its private data names (a tunnel to the pod's node,
+/// `lb_common::gue_pod_header`) with that address's family.
+struct Gue {
+    strip: usize,
+    pod: Option<([u8; 16], u8)>,
+}
+
 #[inline(always)]
-fn gue(ctx: &XdpContext, off: usize) -> Result<usize, Verdict> {
+fn gue(ctx: &XdpContext, off: usize) -> Result<Gue, Verdict> {
     let port = gue_port_be();
     let udp: *const UdpHdr = ptr_at(ctx, off).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // SAFETY: `ptr_at` checked bounds.
@@ -139,9 +146,39 @@ fn gue(ctx: &XdpContext, off: usize) -> Result<usize, Verdict> {
     let b = unsafe { *first };
     match b[0] >> 6 {
         // Variant 1: the IP header itself.
-        0b01 => Ok(UdpHdr::LEN),
-        // Variant 0 data message: 4-byte header plus hlen words of options.
-        0b00 if b[0] & 0x20 == 0 => Ok(UdpHdr::LEN + 4 + (b[0] & 0x1f) as usize * 4),
+        0b01 => Ok(Gue {
+            strip: UdpHdr::LEN,
+            pod: None,
+        }),
+        // Variant 0 data message: 4-byte header plus hlen words of options; one address
+        // of private data (and no flags) names a pod.
+        0b00 if b[0] & 0x20 == 0 => {
+            let hlen = (b[0] & 0x1f) as usize;
+            let opt = off + UdpHdr::LEN + 4;
+            let flags: *const [u8; 4] =
+                ptr_at(ctx, off + UdpHdr::LEN).ok_or(Verdict::pass(Reason::PassMalformed))?;
+            // SAFETY: `ptr_at` checked bounds.
+            let no_flags = unsafe { (*flags)[2] == 0 && (*flags)[3] == 0 };
+            let pod = match hlen {
+                1 if no_flags => {
+                    let p: *const [u8; 4] =
+                        ptr_at(ctx, opt).ok_or(Verdict::pass(Reason::PassMalformed))?;
+                    // SAFETY: `ptr_at` checked bounds.
+                    Some((lb_common::addr16_v4(unsafe { *p }), FAMILY_V4))
+                }
+                4 if no_flags => {
+                    let p: *const [u8; 16] =
+                        ptr_at(ctx, opt).ok_or(Verdict::pass(Reason::PassMalformed))?;
+                    // SAFETY: `ptr_at` checked bounds.
+                    Some((unsafe { *p }, FAMILY_V6))
+                }
+                _ => None,
+            };
+            Ok(Gue {
+                strip: UdpHdr::LEN + 4 + hlen * 4,
+                pod,
+            })
+        }
         _ => Err(Verdict::pass(Reason::PassNotVip)),
     }
 }
@@ -151,16 +188,21 @@ pub fn try_decap(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     let l2 = parse_l2(ctx).ok_or(Verdict::pass(Reason::PassMalformed))?;
     let outer = outer_ip(ctx, &l2)?;
     let proto = outer.proto;
-    let strip = match proto {
-        PROTO_IPIP | PROTO_IPV6 => outer.len,
-        PROTO_UDP => outer.len + gue(ctx, l2.l3_off + outer.len)?,
+    let (strip, pod) = match proto {
+        PROTO_IPIP | PROTO_IPV6 => (outer.len, None),
+        PROTO_UDP => {
+            let g = gue(ctx, l2.l3_off + outer.len)?;
+            (outer.len + g.strip, g.pod)
+        }
         _ => return Err(Verdict::pass(Reason::PassNotVip)),
     };
     // The inner packet decides the new ethertype; it must agree with an IP-in-IP protocol.
-    let inner: *const u8 =
+    // (Four bytes, not one: a one-byte bound check is compiled to a comparison the
+    // verifier cannot take as a range for this variable offset.)
+    let inner: *const [u8; 4] =
         ptr_at(ctx, l2.l3_off + strip).ok_or(Verdict::pass(Reason::PassMalformed))?;
     // SAFETY: `ptr_at` checked bounds.
-    let version = unsafe { *inner } >> 4;
+    let version = unsafe { (*inner)[0] } >> 4;
     let (ether_type, family) = match (version, proto) {
         (4, PROTO_IPIP | PROTO_UDP) => (EtherType::Ipv4 as u16, FAMILY_V4),
         (6, PROTO_IPV6 | PROTO_UDP) => (EtherType::Ipv6 as u16, FAMILY_V6),
@@ -170,6 +212,12 @@ pub fn try_decap(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     if !allowed(&outer) {
         return Err(Verdict::pass(Reason::PassDecapNotAllowed));
     }
+    // The endpoint it names: the pod in the GUE header (a tunnel to the pod's node), if it
+    // is of the inner family, else the tunnel's destination (a tunnel to the pod itself).
+    let endpoint_be = match pod {
+        Some((addr, f)) if f == family => addr,
+        _ => outer.dst_be,
+    };
 
     // Keep the L2 header, moved forward over the outer headers.
     let eth: *const EthHdr = ptr_at(ctx, 0).ok_or(Verdict::pass(Reason::PassMalformed))?;
@@ -184,5 +232,5 @@ pub fn try_decap(ctx: &XdpContext) -> Result<Verdict, Verdict> {
     if family != outer.family {
         return Ok(Verdict::pass(Reason::DecapPass));
     }
-    Ok(dnat::translate(ctx, l2.l3_off, outer.dst_be, family))
+    Ok(dnat::translate(ctx, l2.l3_off, endpoint_be, family))
 }

@@ -7,10 +7,17 @@
 //! Checksums are updated incrementally (RFC 1624) over the words that changed; a UDP/IPv4
 //! datagram without a checksum keeps none. Fragments and IPv6 packets with extension headers
 //! are left untranslated (passed as decapsulated).
+//!
+//! An ICMP "fragmentation needed" / ICMPv6 "packet too big" from the path about one of the
+//! pod's replies (which left as VIP:port → client) is translated the same way, so the pod
+//! learns the path MTU: its destination becomes the pod, and the packet it quotes becomes
+//! pod:targetPort → client, as the pod sent it. The quoted transport checksum is left as
+//! it is (it may be cut off, and no receiver checks it).
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    DnatKey, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Reason, RevNatValue,
+    DnatKey, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason,
+    RevNatValue,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
@@ -99,6 +106,130 @@ fn remember_reply(
     let _ = LB_REVNAT.insert(&key, &value, ANY);
 }
 
+/// ICMP type and code of "fragmentation needed", and ICMPv6 "packet too big".
+const ICMP_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP6_TOO_BIG: u8 = 2;
+
+/// Translate an ICMP "fragmentation needed" to VIP `dst` (outer IPv4 header at `l3`, its
+/// ICMP message at `l4`) about a reply of a flow to a local endpoint.
+#[inline(always)]
+fn translate_icmp_v4(
+    ctx: &XdpContext,
+    ip: *mut Ipv4Hdr,
+    l4: usize,
+    dst: [u8; 4],
+    ip_check: [u8; 2],
+    backend_be: [u8; 16],
+) -> Option<()> {
+    let icmp: *mut [u8; 4] = ptr_at(ctx, l4)?;
+    // SAFETY: `ptr_at` checked bounds.
+    let head = unsafe { *icmp };
+    if head[0] != ICMP_UNREACH || head[1] != ICMP_FRAG_NEEDED {
+        return None;
+    }
+    // The quoted packet: a 20-byte IPv4 header (options are not translated) and ports.
+    let quoted: *mut Ipv4Hdr = ptr_at(ctx, l4 + 8)?;
+    let ports: *mut [u8; 4] = ptr_at(ctx, l4 + 8 + Ipv4Hdr::LEN)?;
+    // SAFETY: `ptr_at` checked bounds.
+    let (q_vihl, q_proto, q_src, q_check, old_ports) = unsafe {
+        (
+            (*quoted).vihl,
+            (*quoted).proto,
+            (*quoted).src_addr,
+            (*quoted).check,
+            *ports,
+        )
+    };
+    // It quotes a reply from the VIP it was sent to.
+    if q_vihl != 0x45 || q_src != dst {
+        return None;
+    }
+    check_offset(q_proto)?;
+    let vip_be = lb_common::addr16_v4(dst);
+    let target = target_port(
+        vip_be,
+        backend_be,
+        [old_ports[0], old_ports[1]],
+        q_proto,
+        FAMILY_V4,
+    )?;
+    let pod = [backend_be[0], backend_be[1], backend_be[2], backend_be[3]];
+    let addr_diff = diff_words(&dst, &pod, 0);
+    let new_ip_check = apply_diff(ip_check, addr_diff);
+    let new_q_check = apply_diff(q_check, addr_diff);
+    // The ICMP checksum covers the quoted source, its header checksum and its port.
+    let icmp_diff = diff_words(
+        &[old_ports[0], old_ports[1]],
+        &target,
+        diff_words(&q_check, &new_q_check, addr_diff),
+    );
+    let new_icmp_check = apply_diff([head[2], head[3]], icmp_diff);
+    // SAFETY: the pointers were bounds-checked above and no helper moved the packet since.
+    unsafe {
+        (*ip).dst_addr = pod;
+        (*ip).check = new_ip_check;
+        (*quoted).src_addr = pod;
+        (*quoted).check = new_q_check;
+        (*ports)[0] = target[0];
+        (*ports)[1] = target[1];
+        (*icmp)[2] = new_icmp_check[0];
+        (*icmp)[3] = new_icmp_check[1];
+    }
+    Some(())
+}
+
+/// Translate an ICMPv6 "packet too big" to VIP `dst` (its message at `l4`) about a reply of
+/// a flow to a local endpoint. The ICMPv6 checksum also covers the destination address.
+#[inline(always)]
+fn translate_icmp_v6(
+    ctx: &XdpContext,
+    ip: *mut Ipv6Hdr,
+    l4: usize,
+    dst: [u8; 16],
+    backend_be: [u8; 16],
+) -> Option<()> {
+    let icmp: *mut [u8; 4] = ptr_at(ctx, l4)?;
+    // SAFETY: `ptr_at` checked bounds.
+    let head = unsafe { *icmp };
+    if head[0] != ICMP6_TOO_BIG || head[1] != 0 {
+        return None;
+    }
+    let quoted: *mut Ipv6Hdr = ptr_at(ctx, l4 + 8)?;
+    let ports: *mut [u8; 4] = ptr_at(ctx, l4 + 8 + Ipv6Hdr::LEN)?;
+    // SAFETY: `ptr_at` checked bounds.
+    let (q_next, q_src, old_ports) = unsafe { ((*quoted).next_hdr, (*quoted).src_addr, *ports) };
+    if q_src != dst {
+        return None;
+    }
+    check_offset(q_next)?;
+    let target = target_port(
+        dst,
+        backend_be,
+        [old_ports[0], old_ports[1]],
+        q_next,
+        FAMILY_V6,
+    )?;
+    // Outer destination (pseudo-header), quoted source, quoted port.
+    let addr_diff = diff_words(&dst, &backend_be, 0);
+    let diff = diff_words(
+        &[old_ports[0], old_ports[1]],
+        &target,
+        addr_diff + addr_diff,
+    );
+    let new_check = apply_diff([head[2], head[3]], diff);
+    // SAFETY: the pointers were bounds-checked above and no helper moved the packet since.
+    unsafe {
+        (*ip).dst_addr = backend_be;
+        (*quoted).src_addr = backend_be;
+        (*ports)[0] = target[0];
+        (*ports)[1] = target[1];
+        (*icmp)[2] = new_check[0];
+        (*icmp)[3] = new_check[1];
+    }
+    Some(())
+}
+
 #[inline(always)]
 fn translate_v4(ctx: &XdpContext, l3: usize, backend_be: [u8; 16]) -> Option<()> {
     let ip: *mut Ipv4Hdr = ptr_at(ctx, l3)?;
@@ -116,6 +247,9 @@ fn translate_v4(ctx: &XdpContext, l3: usize, backend_be: [u8; 16]) -> Option<()>
     let ihl = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || frags[0] & 0x3f != 0 || frags[1] != 0 {
         return None;
+    }
+    if proto == PROTO_ICMP {
+        return translate_icmp_v4(ctx, ip, l3 + ihl, dst, ip_check, backend_be);
     }
     let check_off = check_offset(proto)?;
     let l4 = l3 + ihl;
@@ -177,6 +311,9 @@ fn translate_v6(ctx: &XdpContext, l3: usize, backend_be: [u8; 16]) -> Option<()>
     };
     if v != 6 {
         return None;
+    }
+    if proto == PROTO_ICMPV6 {
+        return translate_icmp_v6(ctx, ip, l3 + Ipv6Hdr::LEN, dst, backend_be);
     }
     // Extension headers: not translated (the packet is passed as decapsulated).
     let check_off = check_offset(proto)?;

@@ -3,8 +3,8 @@
 
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use lb_common::{
-    BackendValue, CONFIG_F_PMTU_ICMP, FAMILY_V4, NodeConfig, PROTO_IPIP, PROTO_IPV6, PROTO_UDP,
-    Reason, hash::gue_source_port,
+    BACKEND_F_VIA_NODE, BackendValue, CONFIG_F_PMTU_ICMP, FAMILY_V4, NodeConfig, PROTO_IPIP,
+    PROTO_IPV6, PROTO_UDP, Reason, hash::gue_source_port,
 };
 use network_types::{
     eth::{EthHdr, EtherType},
@@ -97,6 +97,10 @@ const fn overhead(backend_family: u8, gue: bool) -> usize {
 /// Prepend an outer IP header of the backend's family (IPIP, IP6IP6, 4in6, 6in4), and for
 /// GUE a UDP header, from the node's encapsulation source to the backend. The inner packet
 /// is not touched. `hash` is the flow hash (GUE source port, IPv6 flow label).
+///
+/// A pod reached through its node (`BACKEND_F_VIA_NODE`, with `gue`): the outer
+/// destination is the node, and a GUE header carrying the pod's address follows the UDP
+/// header (`lb_common::gue_pod_header`).
 #[inline(always)]
 pub fn encapsulate(
     ctx: &XdpContext,
@@ -113,16 +117,26 @@ pub fn encapsulate(
     };
     let outer_proto = if gue { PROTO_UDP } else { inner_proto };
     let (dst_mac, src_mac) = (mac_words(&backend.mac), mac_words(&cfg.mac));
+    let via = gue
+        && backend.flags & (BACKEND_F_VIA_NODE | lb_common::BACKEND_F_LOCAL) == BACKEND_F_VIA_NODE;
+    let option = if !via {
+        0
+    } else if backend.family == FAMILY_V4 {
+        8
+    } else {
+        20
+    };
+    let gue_hdr = u32::from_ne_bytes(lb_common::gue_pod_header(backend.family));
     // GUE: source port, destination port; length, checksum 0 (allowed for IPv4, and for
     // IPv6 tunnels by RFC 6935; the decap side does not check it). Stored with the IP header.
     // (A length that wraps belongs to a packet the length checks below drop.)
-    let udp_len = pkt.l3_len.wrapping_add(UDP_HDR as u16);
+    let udp_len = pkt.l3_len.wrapping_add((UDP_HDR + option) as u16);
     let u = [
         words::join(gue_source_port(hash).to_be(), cfg.gue_port_be),
         words::join(udp_len.to_be(), 0),
     ];
     let reason = if gue { Reason::TxGue } else { Reason::TxIpip };
-    let extra = overhead(backend.family, gue);
+    let extra = overhead(backend.family, gue) + option;
     // A local backend's tunnel never leaves the node.
     let mtu = if backend.flags & lb_common::BACKEND_F_LOCAL != 0 {
         0
@@ -154,12 +168,26 @@ pub fn encapsulate(
             if pkt.dont_fragment { 0x40 << 16 } else { 0 },
             64 | ((outer_proto as u32) << 8),
             src,
-            word(&backend.addr_be, 0),
+            word(
+                if via {
+                    &backend.via_be
+                } else {
+                    &backend.addr_be
+                },
+                0,
+            ),
         ];
         w[2] |= (csum::ipv4_header_words(&w) as u32) << 16;
         grow(ctx, extra)?;
         write_l2(ctx, &pkt.l2, dst_mac, src_mac, EtherType::Ipv4 as u16)?;
-        if gue {
+        if via {
+            let pod = word(&backend.addr_be, 0);
+            store_words(
+                ctx,
+                pkt.l3_off,
+                &[w[0], w[1], w[2], w[3], w[4], u[0], u[1], gue_hdr, pod],
+            )?;
+        } else if gue {
             store_words(ctx, pkt.l3_off, &[w[0], w[1], w[2], w[3], w[4], u[0], u[1]])?;
         } else {
             store_words(ctx, pkt.l3_off, &w)?;
@@ -177,7 +205,11 @@ pub fn encapsulate(
         // Version, traffic class and flow label (big-endian); payload length, next header,
         // hop limit; source; destination.
         let first = (6u32 << 28) | ((pkt.tos as u32) << 20) | label;
-        let dst = words4(&backend.addr_be);
+        let dst = words4(if via {
+            &backend.via_be
+        } else {
+            &backend.addr_be
+        });
         let w = [
             first.to_be(),
             ((payload_len as u16).to_be() as u32) | ((outer_proto as u32) << 16) | (64 << 24),
@@ -192,7 +224,15 @@ pub fn encapsulate(
         ];
         grow(ctx, extra)?;
         write_l2(ctx, &pkt.l2, dst_mac, src_mac, EtherType::Ipv6 as u16)?;
-        if gue {
+        if via {
+            let pod = words4(&backend.addr_be);
+            let mut all = [0u32; 17];
+            all[..10].copy_from_slice(&w);
+            all[10..12].copy_from_slice(&u);
+            all[12] = gue_hdr;
+            all[13..].copy_from_slice(&pod);
+            store_words(ctx, pkt.l3_off, &all)?;
+        } else if gue {
             let mut all = [0u32; 12];
             all[..10].copy_from_slice(&w);
             all[10..].copy_from_slice(&u);

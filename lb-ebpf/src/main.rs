@@ -26,7 +26,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    BACKEND_F_LOCAL, CONFIG_F_DECAP, FAMILY_V4, Forwarding, Reason, maps::PROGS_DECAP,
+    BACKEND_F_LOCAL, BACKEND_F_VIA_NODE, CONFIG_F_DECAP, FAMILY_V4, Forwarding, Reason,
+    maps::PROGS_DECAP,
 };
 
 use crate::{
@@ -163,9 +164,11 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
             reason: Reason::LocalBackend,
         });
     }
+    // A pod behind its node is reached by GUE, which carries the pod's address.
+    let via_node = sel.backend.flags & BACKEND_F_VIA_NODE != 0;
     match Forwarding::from_u8(service.forwarding) {
         Some(Forwarding::L2) => encap::l2_rewrite(ctx, sel.backend, cfg),
-        Some(Forwarding::Ipip) => {
+        Some(Forwarding::Ipip) if !via_node => {
             // Only an IPv6 outer header uses the hash (flow label).
             let hash = if sel.backend.family == FAMILY_V4 {
                 0
@@ -178,7 +181,7 @@ fn forward(ctx: &XdpContext, pkt: &Packet) -> Result<Verdict, Verdict> {
             };
             encap::encapsulate(ctx, pkt, sel.backend, cfg, false, hash)
         }
-        Some(Forwarding::Gue) => {
+        Some(Forwarding::Gue | Forwarding::Ipip) => {
             let hash = if sel.flow_hash != 0 {
                 sel.flow_hash
             } else {

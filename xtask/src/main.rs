@@ -3,6 +3,7 @@
 mod bench;
 mod build_ebpf;
 mod demo;
+mod image;
 mod setup;
 mod test;
 mod util;
@@ -31,6 +32,10 @@ enum Task {
     /// Benchmarks: data plane (BPF_PROG_TEST_RUN), control plane (Maglev, sync, agent RSS),
     /// end to end (pps through an LB namespace). Writes target/bench/. Needs root.
     Bench(bench::Options),
+    /// The lb-agent container image without a registry: debootstrap (bookworm minbase +
+    /// bird2) and buildah; tags lb-agent:VERSION in containers storage and writes an OCI
+    /// archive (target/image/). Needs root.
+    Image(image::Options),
 }
 
 fn main() {
@@ -41,6 +46,7 @@ fn main() {
         Task::Test(opts) => test::run(&opts),
         Task::Demo(opts) => demo::run(&opts),
         Task::Bench(opts) => bench::run(&opts),
+        Task::Image(opts) => image::run(&opts),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

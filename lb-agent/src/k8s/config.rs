@@ -1,15 +1,16 @@
 //! Kubernetes-mode settings: which Services are ours, how they are forwarded, and the node
 //! settings. Read from a ConfigMap (key [`CONFIG_KEY`]) in the agent's namespace.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use lb_common::Forwarding;
 use serde::Deserialize;
 
 use crate::{
-    announce::{AnnounceSpec, bgp::RawBgp},
-    config::{RawMembership, announce_spec},
+    announce::bgp::RawBgp,
+    config::{NodeFields, RawFlowTable, RawMembership, node_spec},
+    state::NodeSpec,
 };
 
 /// The `spec.loadBalancerClass` this project answers to unless the config names another.
@@ -27,12 +28,13 @@ pub struct K8sConfig {
     pub require_class: bool,
     /// Forwarding of Services without the forwarding annotation.
     pub default_forwarding: Forwarding,
-    /// → `DesiredState.node.interface`.
-    pub interface: Option<String>,
-    /// → `DesiredState.node.encap_source`.
-    pub encap_source: Option<Ipv4Addr>,
-    /// `announce`, `membership`, `bgp`: as in the static file; the nodes are the Nodes.
-    pub announce: AnnounceSpec,
+    /// Where tunnels to pods on other nodes go.
+    pub pod_tunnel: PodTunnel,
+    /// The node settings, the same keys and checks as in the static file (`interface`,
+    /// `encap_source`, `encap_source_v6`, `gue_port`, `icmp_echo`, `pmtu_icmp`,
+    /// `flow_table`, `announce`, `membership`, `bgp`); the announcing nodes are the Nodes,
+    /// and every node decapsulates for its pods.
+    pub node: NodeSpec,
     /// Only Nodes with these labels announce VIPs (like MetalLB's L2Advertisement
     /// `nodeSelectors`); empty: every Node.
     pub announce_node_selector: BTreeMap<String, String>,
@@ -44,12 +46,26 @@ impl Default for K8sConfig {
             load_balancer_class: Some(DEFAULT_LOAD_BALANCER_CLASS.to_string()),
             require_class: false,
             default_forwarding: Forwarding::Ipip,
-            interface: None,
-            encap_source: None,
-            announce: AnnounceSpec::default(),
+            pod_tunnel: PodTunnel::Node,
+            node: NodeSpec {
+                decap: true,
+                ..NodeSpec::default()
+            },
             announce_node_selector: BTreeMap::new(),
         }
     }
+}
+
+/// Where the tunnel to a pod on another node goes (`pod_tunnel`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PodTunnel {
+    /// To the pod's node (its InternalIP of the pod's family), as GUE carrying the pod's
+    /// address; the node translates. Works on any pod network, overlays included.
+    #[default]
+    Node,
+    /// To the pod's address itself: needs routes to the pods on every node (a routed pod
+    /// network, e.g. Calico BGP without encapsulation); keeps `ipip` as IP-in-IP.
+    Pod,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -72,8 +88,16 @@ struct RawK8sConfig {
     #[serde(default)]
     require_class: bool,
     default_forwarding: Option<String>,
+    pod_tunnel: Option<String>,
+    // The node settings: the static file's keys (see `config::NodeFields`).
     interface: Option<String>,
     encap_source: Option<String>,
+    encap_source_v6: Option<String>,
+    gue_port: Option<u16>,
+    icmp_echo: Option<bool>,
+    pmtu_icmp: Option<bool>,
+    #[serde(default)]
+    flow_table: RawFlowTable,
     announce: Option<String>,
     #[serde(default)]
     membership: RawMembership,
@@ -125,35 +149,43 @@ impl K8sConfig {
             Some(s) => parse_forwarding(s).ok_or_else(|| {
                 err(
                     "default_forwarding",
-                    format!("unknown forwarding {s:?} (ipip or l2)"),
+                    format!("unknown forwarding {s:?} (ipip, gue or l2)"),
                 )
             })?,
         };
-        if raw.interface.as_deref() == Some("") {
-            return Err(err("interface", "must not be empty".into()));
-        }
-        let encap_source = match raw.encap_source {
-            None => None,
-            Some(s) => Some(
-                s.parse::<Ipv4Addr>()
-                    .map_err(|_| err("encap_source", format!("{s:?} is not an IPv4 address")))?,
-            ),
+        let pod_tunnel = match raw.pod_tunnel.as_deref() {
+            None | Some("node") => PodTunnel::Node,
+            Some("pod") => PodTunnel::Pod,
+            Some(other) => {
+                return Err(err(
+                    "pod_tunnel",
+                    format!("unknown pod_tunnel {other:?} (node or pod)"),
+                ));
+            }
         };
-        let announce = announce_spec(
-            raw.announce.as_deref(),
-            None,
-            &[],
-            &raw.membership,
-            raw.bgp.as_ref(),
-        )
+        let mut node = node_spec(NodeFields {
+            interface: raw.interface.as_deref(),
+            encap_source: raw.encap_source.as_deref(),
+            encap_source_v6: raw.encap_source_v6.as_deref(),
+            gue_port: raw.gue_port,
+            icmp_echo: raw.icmp_echo,
+            pmtu_icmp: raw.pmtu_icmp,
+            flow_table: &raw.flow_table,
+            announce: raw.announce.as_deref(),
+            node_name: None,
+            nodes: &[],
+            membership: &raw.membership,
+            bgp: raw.bgp.as_ref(),
+        })
         .map_err(|(field, message)| err(&field, message))?;
+        // Pods on this node receive tunnelled packets from every other node.
+        node.decap = true;
         Ok(K8sConfig {
             load_balancer_class,
             require_class: raw.require_class,
             default_forwarding,
-            interface: raw.interface,
-            encap_source,
-            announce,
+            pod_tunnel,
+            node,
             announce_node_selector: raw.announce_node_selector,
         })
     }
@@ -177,14 +209,7 @@ impl K8sConfig {
     }
 }
 
-/// `ipip` or `l2`, as in the static config and the forwarding annotation.
-pub fn parse_forwarding(s: &str) -> Option<Forwarding> {
-    match s {
-        "ipip" => Some(Forwarding::Ipip),
-        "l2" => Some(Forwarding::L2),
-        _ => None,
-    }
-}
+pub use crate::config::parse_forwarding;
 
 /// Kubernetes requires a class to be a label-style key with a DNS prefix.
 fn is_qualified_class(class: &str) -> bool {
@@ -215,7 +240,69 @@ fn is_qualified_class(class: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
+    use crate::announce::AnnounceSpec;
+
+    /// Every node setting of the static file, with values other than the defaults.
+    const NODE_SETTINGS: &str = "\
+interface: eth1
+encap_source: 198.18.0.2
+encap_source_v6: 2001:db8::2
+gue_port: 6081
+icmp_echo: false
+pmtu_icmp: false
+flow_table:
+  size: 65536
+  tcp_idle_seconds: 600
+  udp_idle_seconds: 30
+  new_flows_per_cpu_per_second: 5000
+announce: bgp
+membership: {port: 7001, interval_ms: 500, dead_after_ms: 2000}
+bgp:
+  local_asn: 64512
+  peers: [{address: 198.18.0.1, asn: 64513}]
+";
+
+    #[test]
+    fn node_settings_are_the_static_file_s_with_the_same_values_and_checks() {
+        let cfg = K8sConfig::parse("cm", NODE_SETTINGS).unwrap();
+        let file = crate::config::parse(
+            std::path::Path::new("lb.yaml"),
+            &format!("{NODE_SETTINGS}node_name: node-a\n"),
+        )
+        .unwrap();
+        let mut from_file = file.node.clone();
+        from_file.decap = true;
+        from_file.announce.node_name = None;
+        assert_eq!(cfg.node, from_file);
+        assert_eq!(cfg.node.gue_port, 6081);
+        assert_eq!(
+            cfg.node.encap_source_v6,
+            Some(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2))
+        );
+        assert!(!cfg.node.icmp_echo && !cfg.node.pmtu_icmp);
+        assert_eq!(cfg.node.flows.size, 65536);
+        assert_eq!(cfg.node.flows.tcp_idle_s, 600);
+        assert_eq!(cfg.node.flows.udp_idle_s, 30);
+        assert_eq!(cfg.node.flows.new_flows_per_cpu_s, 5000);
+        // The same bad values are refused by both, with the same field and message.
+        for bad in [
+            "gue_port: 0\n",
+            "encap_source_v6: 198.18.0.2\n",
+            "flow_table: {size: 0}\n",
+            "flow_table: {tcp_idle_seconds: 99999999}\n",
+            "interface: \"\"\n",
+            "announce: carrier-pigeon\n",
+        ] {
+            let cm = K8sConfig::parse("cm", bad).unwrap_err().to_string();
+            let file = crate::config::parse(std::path::Path::new("cm"), bad)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(cm, file, "{bad:?}");
+        }
+    }
 
     #[test]
     fn parses_every_field_and_defaults() {
@@ -235,9 +322,14 @@ mod tests {
                 load_balancer_class: Some("example.org/fast".into()),
                 require_class: true,
                 default_forwarding: Forwarding::L2,
-                interface: Some("eth1".into()),
-                encap_source: Some(Ipv4Addr::new(198, 18, 0, 2)),
-                announce,
+                pod_tunnel: PodTunnel::Node,
+                node: NodeSpec {
+                    interface: Some("eth1".into()),
+                    encap_source: Some(Ipv4Addr::new(198, 18, 0, 2)),
+                    announce,
+                    decap: true,
+                    ..NodeSpec::default()
+                },
                 announce_node_selector: BTreeMap::from([("edge".into(), "true".into())]),
             }
         );

@@ -40,7 +40,7 @@ use lb_common::{
     maps::{MAX_BACKENDS, MAX_SERVICES},
 };
 
-use super::config::{K8sConfig, parse_forwarding};
+use super::config::{K8sConfig, PodTunnel, parse_forwarding};
 use crate::state::{
     BackendSpec, DesiredState, LocalEndpoint, NodeSpec, Protocol, ServiceAddr, ServiceSpec,
     default_flow_tracking, not_unicast,
@@ -186,20 +186,32 @@ where
         node_known: nodes
             .iter()
             .any(|n| n.borrow().metadata.name.as_deref() == Some(this_node)),
+        node_addrs: nodes
+            .iter()
+            .filter_map(|n| {
+                let n = n.borrow();
+                let addrs = n
+                    .status
+                    .as_ref()?
+                    .addresses
+                    .as_ref()?
+                    .iter()
+                    .filter(|a| a.type_ == "InternalIP")
+                    .filter_map(|a| a.address.parse::<IpAddr>().ok())
+                    .collect();
+                Some((n.metadata.name.as_deref()?, addrs))
+            })
+            .collect(),
         slices: index_slices(slices.iter().map(Borrow::borrow)),
         state: DesiredState {
             node: NodeSpec {
-                interface: cfg.interface.clone(),
-                encap_source: cfg.encap_source,
-                // Pods on this node receive tunnelled packets from every other node.
-                decap: true,
                 announce: crate::announce::AnnounceSpec {
                     nodes: announcing_nodes(nodes.iter().map(Borrow::borrow), cfg),
                     node_name: Some(this_node.to_string()),
                     from_cluster: true,
-                    ..cfg.announce.clone()
+                    ..cfg.node.announce.clone()
                 },
-                ..NodeSpec::default()
+                ..cfg.node.clone()
             },
             services: BTreeMap::new(),
             local_endpoints: BTreeMap::new(),
@@ -211,6 +223,7 @@ where
             weighted: Default::default(),
             decap_sources: decap_sources(nodes.iter().map(Borrow::borrow)),
             node_addresses: Default::default(),
+            pod_nodes: Default::default(),
         },
         owners: BTreeMap::new(),
         backend_entries: 0,
@@ -391,6 +404,9 @@ struct Builder<'a> {
     cfg: &'a K8sConfig,
     this_node: &'a str,
     node_known: bool,
+    /// Every Node's InternalIPs, by name: where its pods are tunnelled to
+    /// (`pod_tunnel: node`).
+    node_addrs: BTreeMap<&'a str, Vec<IpAddr>>,
     slices: SliceIndex<'a>,
     state: DesiredState,
     /// Which Service ("namespace/name") holds each address.
@@ -535,7 +551,7 @@ impl Builder<'_> {
                     cur,
                     WarningReason::InvalidAnnotation,
                     format!(
-                        "annotation {FORWARDING_ANNOTATION}: unknown forwarding {value:?} (ipip or l2); using {}",
+                        "annotation {FORWARDING_ANNOTATION}: unknown forwarding {value:?} (ipip, gue or l2); using {}",
                         default.name()
                     ),
                 );
@@ -701,6 +717,9 @@ impl Builder<'_> {
                         })
                         .collect();
                     for (&backend, ep) in &selected {
+                        if let Some(node) = ep.via {
+                            self.state.pod_nodes.insert(backend, node);
+                        }
                         if ep.on_this_node {
                             self.state.local_endpoints.insert(
                                 LocalEndpoint {
@@ -865,9 +884,20 @@ impl Builder<'_> {
                 let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
                 let is_serving = c.and_then(|c| c.serving).unwrap_or(true);
                 let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+                // A remote pod is reached through its node's address of the pod's family.
+                let via = match (self.cfg.pod_tunnel, on_this_node) {
+                    (PodTunnel::Node, false) => ep
+                        .node_name
+                        .as_deref()
+                        .and_then(|n| self.node_addrs.get(n))
+                        .and_then(|addrs| addrs.iter().find(|a| a.is_ipv6() == v6))
+                        .copied(),
+                    _ => None,
+                };
                 let endpoint = Endpoint {
                     target_port: target,
                     on_this_node,
+                    via,
                 };
                 if is_ready {
                     ready.insert(addr, endpoint);
@@ -908,4 +938,6 @@ struct Endpoint {
     target_port: u16,
     /// It runs on this node (its packets are translated here).
     on_this_node: bool,
+    /// The address of its node, when tunnels go to the node (`pod_tunnel: node`).
+    via: Option<IpAddr>,
 }

@@ -214,6 +214,7 @@ mod tests {
             flags: BACKEND_F_VALID,
             service_id,
             _pad: [0; 4],
+            via_be: [0; 16],
         }
     }
 
