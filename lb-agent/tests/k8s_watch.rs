@@ -30,7 +30,9 @@ use fake_apiserver::{FakeApiServer, Kind};
 use lb_agent::dataplane::Dataplane;
 use lb_testkit::{
     ChildGuard, Distribution, EchoServer, Lab, LabSpec, NetNs, Pod, require_root,
-    scenario::DirGuard, tcp_connections, udp_flow_from_port, udp_flows,
+    scenario::DirGuard,
+    scrape::{self, http_get, parse_metrics},
+    tcp_connections, udp_flow_from_port, udp_flows,
 };
 use serde_json::{Value, json};
 
@@ -598,7 +600,25 @@ fn ipam_gives_a_pending_service_its_vip_and_the_data_plane_follows() {
     );
     let kubeconfig = dirs.kubeconfig(&server);
     let pins = dirs.pins.0.clone();
-    let mut agent = Agent::start(lab.lb(), &dirs, &kubeconfig, "agent", &[]);
+    let metrics = SocketAddr::new(lab.lb_addr().into(), 9740);
+    let metrics_arg = metrics.to_string();
+    let mut agent = Agent::start(
+        lab.lb(),
+        &dirs,
+        &kubeconfig,
+        "agent",
+        &["--metrics-address", &metrics_arg],
+    );
+    // A metric of the agent, as scraped from the client's namespace.
+    let scraped = |name: &str, with: &[(&str, &str)]| -> Option<f64> {
+        let (status, body) = http_get(lab.client(), metrics, "/metrics", REPLY_TIMEOUT).ok()?;
+        (status == 200).then_some(())?;
+        let samples = parse_metrics(&body).ok()?;
+        samples
+            .iter()
+            .any(|s| s.name == name)
+            .then(|| scrape::sum(&samples, name, with))
+    };
     agent.wait(WAIT, "the VIP is allocated and programmed", |_| {
         echo_backends_are(&pins, &[11, 12, 13])
     });
@@ -617,6 +637,22 @@ fn ipam_gives_a_pending_service_its_vip_and_the_data_plane_follows() {
             .iter()
             .any(|e| e["reason"] == "IPAllocated" && e["regarding"]["name"] == "echo")
     });
+    // The leader's metrics: its lead, and the pool's one address in use.
+    agent.wait(WAIT, "the metrics show the pool's usage", |_| {
+        scraped("xdplb_ipam_leader", &[]) == Some(1.0)
+            && scraped(
+                "xdplb_ipam_pool_addresses",
+                &[("pool", "lab"), ("state", "used")],
+            ) == Some(1.0)
+            && scraped(
+                "xdplb_ipam_pool_addresses",
+                &[("pool", "lab"), ("state", "free")],
+            ) == Some(0.0)
+    });
+    assert_eq!(
+        scraped("xdplb_announce_mode", &[("mode", "none")]),
+        Some(1.0)
+    );
     // A Service with a port the data plane cannot serve (SCTP): one Warning Event from the
     // leader, naming it; the other Services are untouched.
     let events_about = |name: &str, reason: &str| {
@@ -667,6 +703,9 @@ fn ipam_gives_a_pending_service_its_vip_and_the_data_plane_follows() {
         "the BackendUnreachable Warning Event is published",
         |_| !events_about("echo", "BackendUnreachable").is_empty(),
     );
+    agent.wait(WAIT, "the metrics count the unreachable backend", |_| {
+        scraped("xdplb_backends_next_hop", &[("state", "unreachable")]) == Some(2.0)
+    });
     // One per Service port (UDP and TCP), each naming the node and the backend.
     for reason in ["BackendMACUnresolved", "BackendUnreachable"] {
         agent.wait(WAIT, "an Event for each port", |_| {
@@ -691,6 +730,10 @@ fn ipam_gives_a_pending_service_its_vip_and_the_data_plane_follows() {
     check_traffic(&lab, &["b1", "b2", "b3"]);
     thread::sleep(Duration::from_secs(3));
     assert!(events_about("echo", "BackendReachable").is_empty());
+    assert_eq!(
+        scraped("xdplb_backends_next_hop", &[("state", "unreachable")]),
+        Some(0.0)
+    );
     assert_eq!(events_about("echo", "BackendMACUnresolved").len(), 2);
     assert_eq!(events_about("echo", "BackendUnreachable").len(), 2);
     let exit = agent.stop();
