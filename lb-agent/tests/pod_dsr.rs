@@ -500,6 +500,54 @@ fn a_pod_behind_its_node_is_tunnelled_to_the_node_by_gue_naming_the_pod() {
     }
     assert!(sent > 0, "the remote pod was chosen");
     assert_eq!(f.reason(Reason::TxGue), before + sent);
+
+    // IPv6: a remote pod of dns6 behind its node; 16 bytes of pod in the GUE header.
+    let pod6 = Ipv6Addr::new(0x2001, 0xdb8, 6, 0, 0, 0, 0, 0x11);
+    let node6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x20);
+    let mut d6 = d.clone();
+    d6.services
+        .get_mut(&addr(VIP6.into(), DNS, Protocol::Udp))
+        .unwrap()
+        .backends
+        .insert(
+            pod6.into(),
+            BackendSpec {
+                weight: 1,
+                mac: Some(PEER_MAC),
+            },
+        );
+    d6.pod_nodes.insert(pod6.into(), node6.into());
+    f.program(&d6);
+    let mut sent6 = 0;
+    for sport in 0..64 {
+        let inner = client_packet(CLIENT6.into(), VIP6.into(), 45100 + sport, DNS, false).build();
+        let (action, out) = f.run_xdp(maps::PROG_LB, &inner);
+        if action != XDP_TX {
+            continue;
+        }
+        sent6 += 1;
+        let gue_sport = u16::from_be_bytes([out[54], out[55]]);
+        let mut expected = via_node(
+            &inner,
+            node6.into(),
+            pod6.into(),
+            gue_sport,
+            NODE_ADDR6.into(),
+        );
+        expected[..6].copy_from_slice(&PEER_MAC);
+        expected[6..12].copy_from_slice(&NODE_MAC);
+        // Version 6, traffic class 0, and the flow label (the flow hash) as sent.
+        assert_eq!(out[14] & 0xf0, 0x60, "IPv6 outer header");
+        assert_eq!(out[14] & 0x0f, 0, "traffic class copied (0)");
+        expected[15..18].copy_from_slice(&out[15..18]);
+        assert_frame(
+            &format!("ipv6 port {}", 45100 + sport),
+            &(action, out),
+            XDP_TX,
+            &expected,
+        );
+    }
+    assert!(sent6 > 0, "the remote IPv6 pod was chosen");
     // The status shows the node it goes through.
     let status = lb_agent::status::collect(&f.dataplane).unwrap();
     let dns = status
