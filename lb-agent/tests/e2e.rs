@@ -5,7 +5,6 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
@@ -26,15 +25,7 @@ use lb_testkit::{
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 fn spec(forwarding: &str) -> ScenarioSpec {
-    ScenarioSpec {
-        agent_bin: PathBuf::from(env!("CARGO_BIN_EXE_lb-agent")),
-        forwarding: forwarding.into(),
-        xdp_mode: "skb".into(),
-        keep_attached: false,
-        ipv6: false,
-        announce: None,
-        agent_args: Vec::new(),
-    }
+    ScenarioSpec::new(env!("CARGO_BIN_EXE_lb-agent"), forwarding)
 }
 
 fn check_balancing(forwarding: &str, ipv6: bool) {

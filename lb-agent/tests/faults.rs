@@ -7,7 +7,6 @@
 //! share to the other backends within seconds, and no other flow moves. Needs root.
 
 use std::{
-    path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
@@ -22,15 +21,7 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 const WAIT: Duration = Duration::from_secs(20);
 
 fn spec() -> ScenarioSpec {
-    ScenarioSpec {
-        agent_bin: PathBuf::from(env!("CARGO_BIN_EXE_lb-agent")),
-        forwarding: "ipip".into(),
-        xdp_mode: "skb".into(),
-        keep_attached: false,
-        ipv6: false,
-        announce: None,
-        agent_args: Vec::new(),
-    }
+    ScenarioSpec::new(env!("CARGO_BIN_EXE_lb-agent"), "ipip")
 }
 
 /// Wait until the current agent's log contains `line`.

@@ -5,7 +5,6 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -36,13 +35,8 @@ fn metrics_follow_real_traffic_and_health_endpoints_answer() {
     let sc = Scenario::start(
         &lab,
         ScenarioSpec {
-            agent_bin: PathBuf::from(env!("CARGO_BIN_EXE_lb-agent")),
-            forwarding: "ipip".into(),
-            xdp_mode: "skb".into(),
-            keep_attached: false,
-            ipv6: false,
-            announce: None,
             agent_args: vec!["--metrics-address".into(), addr.to_string()],
+            ..ScenarioSpec::new(env!("CARGO_BIN_EXE_lb-agent"), "ipip")
         },
     )
     .unwrap();

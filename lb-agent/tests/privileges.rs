@@ -134,15 +134,7 @@ fn work_dir(tag: &str) -> DirGuard {
 }
 
 fn spec(agent_bin: PathBuf) -> ScenarioSpec {
-    ScenarioSpec {
-        agent_bin,
-        forwarding: "ipip".into(),
-        xdp_mode: "skb".into(),
-        keep_attached: false,
-        ipv6: false,
-        announce: None,
-        agent_args: Vec::new(),
-    }
+    ScenarioSpec::new(agent_bin, "ipip")
 }
 
 /// Every UDP flow and TCP connection to `vip` answered, within a bounded number of tries.

@@ -40,6 +40,22 @@ pub struct ScenarioSpec {
     pub agent_args: Vec<String>,
 }
 
+impl ScenarioSpec {
+    /// `forwarding` with generic XDP, IPv4, no announcement, nothing kept attached, no extra
+    /// agent arguments.
+    pub fn new(agent_bin: impl Into<PathBuf>, forwarding: &str) -> ScenarioSpec {
+        ScenarioSpec {
+            agent_bin: agent_bin.into(),
+            forwarding: forwarding.into(),
+            xdp_mode: "skb".into(),
+            keep_attached: false,
+            ipv6: false,
+            announce: None,
+            agent_args: Vec::new(),
+        }
+    }
+}
+
 /// Removes a directory tree on drop (temporary files, bpffs pin directories).
 #[derive(Debug)]
 pub struct DirGuard(pub PathBuf);

@@ -90,13 +90,9 @@ fn demo(opts: &Options, stop: &AtomicBool) -> anyhow::Result<()> {
     for forwarding in ["ipip", "l2"] {
         check(stop)?;
         let spec = ScenarioSpec {
-            agent_bin: agent_bin.clone(),
-            forwarding: forwarding.into(),
             xdp_mode: opts.xdp_mode.clone(),
-            keep_attached: false,
-            ipv6: false,
             announce: l2.then(|| "l2".to_string()),
-            agent_args: Vec::new(),
+            ..ScenarioSpec::new(agent_bin.clone(), forwarding)
         };
         let mut sc = Scenario::start(&lab, spec)
             .with_context(|| format!("starting the {forwarding} load balancer"))?;

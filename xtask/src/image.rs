@@ -203,16 +203,11 @@ fn fix_shadow(text: &str, days: i64) -> String {
     out
 }
 
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-}
-
 /// buildah and debootstrap, installed with apt if missing.
 fn ensure_tools() -> anyhow::Result<()> {
     let mut missing = Vec::new();
     for (program, package) in [("buildah", "buildah"), ("debootstrap", "debootstrap")] {
-        if !on_path(program) {
+        if !crate::util::on_path(program) {
             missing.push(package);
         }
     }
@@ -244,19 +239,7 @@ fn ensure_tools() -> anyhow::Result<()> {
 /// `cargo build --release --locked -p lb-agent`, without the `CARGO_PKG_*`/`CARGO_MANIFEST_*`
 /// variables `cargo run` gave this process (ring's build script reruns on them).
 fn build_agent() -> anyhow::Result<()> {
-    let mut cmd = crate::util::cargo();
-    for (key, _) in std::env::vars_os() {
-        let k = key.to_string_lossy();
-        if k.starts_with("CARGO_PKG_")
-            || k.starts_with("CARGO_MANIFEST_")
-            || matches!(
-                &*k,
-                "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
-            )
-        {
-            cmd.env_remove(&key);
-        }
-    }
+    let mut cmd = crate::util::nested_cargo();
     crate::setup::ensure()?;
     sh_stderr(cmd.current_dir(workspace_root()).args([
         "build",

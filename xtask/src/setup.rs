@@ -37,18 +37,13 @@ fn installed(package: &str) -> bool {
     matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-}
-
 fn missing_packages() -> Vec<&'static str> {
     let mut missing: Vec<&'static str> =
         PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
     // The deploy/ manifests are rendered with `kubectl kustomize` in the tests. Any kubectl
     // will do; Debian's comes in kubernetes-client (another package may already provide one,
     // and the two would conflict).
-    if !on_path("kubectl") {
+    if !crate::util::on_path("kubectl") {
         missing.push("kubernetes-client");
     }
     missing

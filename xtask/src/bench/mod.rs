@@ -93,25 +93,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 #[cfg(not(feature = "bench"))]
 fn relaunch() -> anyhow::Result<()> {
     use crate::util::sh;
-    // `cargo run` gives this process the package's CARGO_MANIFEST_DIR, CARGO_PKG_* etc.; a
-    // nested cargo passes them on to build scripts, and some (ring's) rerun on them, which
-    // would rebuild half the dependency tree after every plain `cargo build`.
-    let cargo = || {
-        let mut cmd = crate::util::cargo();
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if k.starts_with("CARGO_PKG_")
-                || k.starts_with("CARGO_MANIFEST_")
-                || matches!(
-                    &*k,
-                    "CARGO_CRATE_NAME" | "CARGO_BIN_NAME" | "CARGO_PRIMARY_PACKAGE"
-                )
-            {
-                cmd.env_remove(&key);
-            }
-        }
-        cmd
-    };
+    let cargo = crate::util::nested_cargo;
     crate::setup::ensure()?;
     eprintln!("bench: building lb-agent and the measuring xtask (release, feature `bench`)");
     sh(cargo().args([
