@@ -159,12 +159,12 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), LoadError> {
 
 /// The key and value size of every pinned map (from the shared types), and its number of
 /// entries where that is fixed by the build (`None`: set when the map is created).
-fn layouts() -> [(&'static str, usize, usize, Option<u32>); 21] {
+fn layouts() -> [(&'static str, usize, usize, Option<u32>); 22] {
     use std::mem::size_of;
 
     use lb_common::{
         AffinityKey, BackendValue, Counters, DecapAddr, DnatKey, DnatValue, FloodWindow,
-        FlowBucket4, FlowBucket6, FlowKey, FlowValue, NodeConfig, Reason, RevNatValue,
+        FlowBucket4, FlowBucket6, FlowKey, FlowValue, FragKey, NodeConfig, Reason, RevNatValue,
         ServiceCounters, ServiceKey, ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue,
     };
     let u32s = size_of::<u32>();
@@ -254,6 +254,12 @@ fn layouts() -> [(&'static str, usize, usize, Option<u32>); 21] {
             u32s + size_of::<DecapAddr>(),
             u32s,
             Some(maps::MAX_DECAP_ADDRS),
+        ),
+        (
+            maps::REVNAT_FRAG,
+            size_of::<FragKey>(),
+            size_of::<RevNatValue>(),
+            Some(maps::MAX_REVNAT_FRAGS),
         ),
     ]
 }

@@ -27,6 +27,8 @@ pub struct ServiceStatus {
     pub forwarding: String,
     pub table_size: u32,
     pub flow_tracking: bool,
+    /// It takes the IP fragments of its VIP and protocol.
+    pub fragments: bool,
     pub packets: u64,
     pub bytes: u64,
     /// Maglev decisions (new flows, or every packet when untracked).
@@ -92,11 +94,13 @@ pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
             })
             .collect();
         let c = stats.services.get(&value.id).copied().unwrap_or_default();
+        let fragments = sync::service_addr(key).is_some_and(|a| takes_fragments(&snap, &a));
         services.push(ServiceStatus {
             address,
             forwarding: sync::forwarding_name(value).to_string(),
             table_size: value.table_size,
             flow_tracking: value.flags & lb_common::SERVICE_F_FLOW_TRACKING != 0,
+            fragments,
             packets: c.packets,
             bytes: c.bytes,
             new_flows: c.new_flows,
@@ -131,6 +135,20 @@ pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
     })
 }
 
+/// Is `addr` the service its VIP's fragments of its protocol go to?
+fn takes_fragments(snap: &sync::MapSnapshot, addr: &crate::state::ServiceAddr) -> bool {
+    let (addr_be, family) = sync::ip_bytes(addr.vip);
+    snap.vips
+        .get(&lb_common::VipKey::new(addr_be, family))
+        .is_some_and(|v| {
+            let port = match addr.protocol {
+                crate::state::Protocol::Udp => v.frag_port_udp_be,
+                crate::state::Protocol::Tcp => v.frag_port_tcp_be,
+            };
+            port != 0 && port == addr.port.to_be()
+        })
+}
+
 pub fn render(status: &Status) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -146,17 +164,22 @@ pub fn render(status: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<34} {:<5} {:>6} {:<7} {:>12} {:>14} {:>10}",
+        "{:<34} {:<5} {:>6} {:<12} {:>12} {:>14} {:>10}",
         "SERVICE", "FWD", "SLOTS", "FLOWS", "PACKETS", "BYTES", "NEW FLOWS"
     );
     for s in &status.services {
         let _ = writeln!(
             out,
-            "{:<34} {:<5} {:>6} {:<7} {:>12} {:>14} {:>10}",
+            "{:<34} {:<5} {:>6} {:<12} {:>12} {:>14} {:>10}",
             s.address,
             s.forwarding,
             s.table_size,
-            if s.flow_tracking { "tracked" } else { "maglev" },
+            match (s.flow_tracking, s.fragments) {
+                (true, false) => "tracked",
+                (false, false) => "maglev",
+                (true, true) => "tracked+frag",
+                (false, true) => "maglev+frag",
+            },
             s.packets,
             s.bytes,
             s.new_flows

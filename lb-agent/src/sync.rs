@@ -825,29 +825,38 @@ fn index_ops(
     ops.extend(slot_ops);
 }
 
-/// `LB_DNAT` entries of the desired local endpoints (only those of the service's family).
+/// `LB_DNAT` entries of the desired local endpoints (only those of the service's family):
+/// one per endpoint and service port, and for the endpoints of a service that takes its
+/// VIP's fragments one more, `DNAT_FRAGMENTS`, which lets their fragments through.
 pub fn dnat_entries(desired: &DesiredState) -> BTreeMap<DnatKey, DnatValue> {
-    desired
-        .local_endpoints
-        .iter()
-        .filter_map(|(ep, &target)| {
-            let (vip_be, family) = ip_bytes(ep.service.vip);
-            let (backend_be, backend_family) = ip_bytes(ep.backend);
-            (family == backend_family).then_some((
-                DnatKey {
-                    vip_be,
-                    backend_be,
-                    port_be: ep.service.port.to_be(),
-                    proto: ep.service.protocol.number(),
-                    family,
-                },
-                DnatValue {
-                    target_port_be: target.to_be(),
-                    _pad: [0; 2],
-                },
-            ))
-        })
-        .collect()
+    let mut out = BTreeMap::new();
+    for (ep, &target) in &desired.local_endpoints {
+        let (vip_be, family) = ip_bytes(ep.service.vip);
+        let (backend_be, backend_family) = ip_bytes(ep.backend);
+        if family != backend_family {
+            continue;
+        }
+        let key = |port: u16| DnatKey {
+            vip_be,
+            backend_be,
+            port_be: port.to_be(),
+            proto: ep.service.protocol.number(),
+            family,
+        };
+        let value = DnatValue {
+            target_port_be: target.to_be(),
+            _pad: [0; 2],
+        };
+        out.insert(key(ep.service.port), value);
+        if desired
+            .services
+            .get(&ep.service)
+            .is_some_and(|svc| svc.fragments)
+        {
+            out.insert(key(lb_common::DNAT_FRAGMENTS), value);
+        }
+    }
+    out
 }
 
 /// What the maps hold after `ops` (the Maglev region itself is not modelled). Used by tests

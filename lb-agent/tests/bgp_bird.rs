@@ -544,9 +544,10 @@ fn scenario(t: &mut Topology) -> Result<()> {
         applied == Applied::Reconfigured,
         "after a refusal: {applied:?}"
     );
+    let after = session_lines(t, 0)?;
     ensure!(
-        session_lines(t, 0)? == before,
-        "lb1: sessions flapped over a refused config"
+        after == before,
+        "lb1: sessions flapped over a refused config: before {before:#?}, after {after:#?}"
     );
 
     // SIGKILL lb2's BIRD: its sessions close with its sockets.

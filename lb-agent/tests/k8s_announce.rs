@@ -35,7 +35,9 @@ use std::{
 
 use fake_apiserver::{FakeApiServer, Kind};
 use lb_agent::announce::owner;
-use lb_testkit::{L2Lab, L2LabSpec, L2Node, NetNs, TcpSession, require_root, scenario::DirGuard};
+use lb_testkit::{
+    L2Lab, L2LabSpec, L2Node, NetNs, TcpSession, require_root, scenario::DirGuard, scrape,
+};
 use serde_json::{Value, json};
 
 /// The agents' namespace and ConfigMap.
@@ -247,10 +249,52 @@ fn cordon(node: &mut Value) {
     }]);
 }
 
+/// Where node `i`'s agent serves its metrics.
+fn metrics_addr(lab: &L2Lab, i: usize) -> SocketAddr {
+    SocketAddr::new(lab.nodes()[i].addr.into(), 9740)
+}
+
+/// The nodes whose `/metrics` (scraped from the client) say they announce `vip` by L2, or
+/// `None` while a node does not answer.
+fn announcing_by_metrics(lab: &L2Lab, vip: IpAddr) -> Option<Vec<usize>> {
+    let mut out = Vec::new();
+    for i in 0..lab.nodes().len() {
+        let (status, body) =
+            scrape::http_get(lab.client(), metrics_addr(lab, i), "/metrics", TIMEOUT).ok()?;
+        (status == 200).then_some(())?;
+        let samples = scrape::parse_metrics(&body).ok()?;
+        let vip = vip.to_string();
+        let with = [("vip", vip.as_str()), ("mode", "l2")];
+        if scrape::sum(&samples, "xdplb_vip_announced", &with) == 1.0 {
+            out.push(i);
+        }
+    }
+    Some(out)
+}
+
+/// Waits (bounded) until exactly `owner` says by its metrics that it announces `vip`.
+fn wait_announced_by_metrics(lab: &L2Lab, vip: IpAddr, owner: usize) {
+    let deadline = Instant::now() + MOVE_LIMIT;
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = announcing_by_metrics(lab, vip);
+        if last.as_deref() == Some(&[owner][..]) {
+            return;
+        }
+        thread::sleep(ROUND);
+    }
+    panic!(
+        "xdplb_vip_announced: want only {} announcing {vip}, the metrics say {last:?}",
+        lab.nodes()[owner].name
+    );
+}
+
 /// Starts node `i`'s agent in Kubernetes mode against the kubeconfig's server.
 fn start_agent(lab: &mut L2Lab, i: usize, kubeconfig: &Path) {
+    let metrics = metrics_addr(lab, i).to_string();
     lab.start_agent_with(i, |cmd| {
         cmd.args(["--kubernetes", "--ipam=false", "--namespace", NAMESPACE])
+            .args(["--metrics-address", &metrics])
             .env("KUBECONFIG", kubeconfig)
             .env_remove("NODE_NAME")
             .env_remove("POD_NAMESPACE")
@@ -516,6 +560,8 @@ fn l2_ownership_follows_nodes_pools_and_failures() {
     // The client resolves the VIP (its first traffic) to the owner, whose Event is out.
     let mut sessions = open_sessions(lab.client(), service_addr);
     wait_move(&lab, &server, vip, owner, &BTreeMap::new(), Instant::now());
+    // Each node's metrics agree: the owner announces the VIP, no other node does.
+    wait_announced_by_metrics(&lab, vip, owner);
     let mut spread = BTreeMap::<&str, usize>::new();
     for (_, b) in &sessions {
         *spread.entry(b.as_str()).or_default() += 1;
@@ -539,6 +585,7 @@ fn l2_ownership_follows_nodes_pools_and_failures() {
     report(&lab, &format!("2. {} cordoned", names[cordoned]), &moved);
     assert_unbroken("2. after the cordon", &mut sessions);
     let owner = moved.owner;
+    wait_announced_by_metrics(&lab, vip, owner);
 
     // 3. A pool admits only Nodes labelled edge=true; the one uncordoned node that does not
     // own the VIP gets the label: the VIP must move to it.

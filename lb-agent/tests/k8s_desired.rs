@@ -1016,3 +1016,120 @@ fn garbage_in_one_service_is_warned_and_the_others_are_untouched() {
         ["198.18.10.7", "198.18.10.9"]
     );
 }
+
+/// `xdp-lb.io/fragments`: `true` gives each protocol's first port the VIP's fragments, a
+/// list names ports (one per protocol), anything else is warned about; the oldest Service
+/// on a VIP keeps its fragments. The data plane lets the fragments through to the local
+/// endpoints of those ports only (`DNAT_FRAGMENTS` entries).
+#[test]
+fn the_fragments_annotation_gives_one_port_per_protocol_its_vip_s_fragments() {
+    let nodes: Vec<Node> = read_list("nodes.json");
+    let cfg = K8sConfig::default();
+    let ports = serde_json::json!([
+        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+        {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 5353},
+        {"name": "alt", "port": 5300, "protocol": "UDP", "targetPort": 5353},
+    ]);
+    let annotated = |name: &str, minute: u32, value: Option<&str>, ports: &serde_json::Value| {
+        let mut svc = lb_service(name, minute, &["198.18.0.90"], ports.clone());
+        if let Some(v) = value {
+            svc.metadata.annotations =
+                Some([("xdp-lb.io/fragments".to_string(), v.to_string())].into());
+        }
+        svc
+    };
+    let slice = |service: &str| -> EndpointSlice {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": format!("{service}-1"), "namespace": "default",
+                "labels": {"kubernetes.io/service-name": service}
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["198.18.10.5"], "conditions": {"ready": true}, "nodeName": "node-a"}],
+            "ports": [
+                {"name": "dns", "port": 5353, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 5353, "protocol": "TCP"},
+                {"name": "alt", "port": 5353, "protocol": "UDP"},
+                {"name": "other", "port": 5400, "protocol": "UDP"}
+            ]
+        }))
+        .expect("an EndpointSlice")
+    };
+    let taking = |state: &DesiredState| -> Vec<String> {
+        state
+            .services
+            .iter()
+            .filter(|(_, s)| s.fragments)
+            .map(|(a, _)| a.to_string())
+            .collect()
+    };
+    let cases: [(Option<&str>, &[&str], Option<&str>); 6] = [
+        (None, &[], None),
+        (Some("false"), &[], None),
+        (
+            Some("true"),
+            &["198.18.0.90:53/tcp", "198.18.0.90:53/udp"],
+            None,
+        ),
+        (Some(" dns-tcp "), &["198.18.0.90:53/tcp"], None),
+        // 53 names the first port numbered so, a second UDP port after 5300.
+        (
+            Some("5300,53"),
+            &["198.18.0.90:5300/udp"],
+            Some("port 53 is a second udp port"),
+        ),
+        (Some("yes"), &[], Some("\"yes\" is not a TCP or UDP port")),
+    ];
+    for (value, want, warning) in cases {
+        let services = [annotated("dns", 1, value, &ports)];
+        let (state, warnings) = desired_state(&services, &[slice("dns")], &nodes, &cfg, "node-a");
+        assert_eq!(taking(&state), want, "{value:?}");
+        match warning {
+            None => assert!(warnings.is_empty(), "{value:?}: {warnings:#?}"),
+            Some(text) => assert!(
+                warnings.len() == 1
+                    && warnings[0].reason == WarningReason::InvalidAnnotation
+                    && warnings[0].message.contains(text),
+                "{value:?}: {warnings:#?}"
+            ),
+        }
+        // The pod here gets the fragments entry of exactly those ports' (VIP, protocol).
+        let frag_entries: Vec<u8> = lb_agent::sync::dnat_entries(&state)
+            .keys()
+            .filter(|k| k.port_be == lb_common::DNAT_FRAGMENTS)
+            .map(|k| k.proto)
+            .collect();
+        let mut want_protos: Vec<u8> = want.iter().map(|a| addr(a).protocol.number()).collect();
+        want_protos.sort();
+        assert_eq!(frag_entries, want_protos, "{value:?}");
+    }
+
+    // A younger Service on the same VIP asking for the UDP fragments gets a warning; the
+    // older one keeps them.
+    let other_ports = serde_json::json!([{"name": "other", "port": 5400, "protocol": "UDP"}]);
+    let services = [
+        annotated("younger", 2, Some("true"), &other_ports),
+        annotated("dns", 1, Some("true"), &ports),
+    ];
+    let (state, warnings) = desired_state(
+        &services,
+        &[slice("dns"), slice("younger")],
+        &nodes,
+        &cfg,
+        "node-a",
+    );
+    assert_eq!(taking(&state), ["198.18.0.90:53/tcp", "198.18.0.90:53/udp"]);
+    assert!(!service(&state, "198.18.0.90:5400/udp").fragments);
+    assert_eq!(
+        reasons(&warnings),
+        [w("default/younger", WarningReason::FragmentsConflict)],
+        "{warnings:#?}"
+    );
+    assert!(
+        warnings[0]
+            .message
+            .contains("the udp fragments of 198.18.0.90 already go to service default/dns"),
+        "{}",
+        warnings[0].message
+    );
+}

@@ -29,7 +29,10 @@ use std::{
 use fake_apiserver::{FakeApiServer, Kind};
 use lb_agent::dataplane::Dataplane;
 use lb_testkit::{
-    ChildGuard, Distribution, EchoServer, Lab, LabSpec, NetNs, Pod, require_root,
+    ChildGuard, Distribution, EchoServer, Lab, LabSpec, NetNs, Pod,
+    client::udp_exchange,
+    echo::large_request,
+    require_root,
     scenario::DirGuard,
     scrape::{self, http_get, parse_metrics},
     tcp_connections, udp_flow_from_port, udp_flows,
@@ -998,6 +1001,9 @@ struct PodNet {
     forwarding: &'static str,
     tx: &'static str,
     gue_port: u16,
+    /// The Service's UDP port takes the VIP's fragments (`xdp-lb.io/fragments`); without it
+    /// the LB node drops them.
+    fragments: bool,
 }
 
 /// DSR to pods, end to end: two nodes run the agent in Kubernetes mode against one API
@@ -1017,6 +1023,7 @@ fn pods_behind_two_nodes_get_dsr_traffic_on_their_target_port() {
         forwarding: "ipip",
         tx: "tx_gue",
         gue_port: DEFAULT_GUE,
+        fragments: true,
     });
 }
 
@@ -1029,6 +1036,7 @@ fn pods_on_a_routed_network_get_ipip_to_their_own_address() {
         forwarding: "ipip",
         tx: "tx_ipip",
         gue_port: DEFAULT_GUE,
+        fragments: true,
     });
 }
 
@@ -1042,6 +1050,7 @@ fn pods_behind_two_nodes_get_gue_traffic_with_the_config_map_s_port() {
         forwarding: "gue",
         tx: "tx_gue",
         gue_port: 6081,
+        fragments: false,
     });
 }
 
@@ -1101,6 +1110,14 @@ fn check_pods_behind_two_nodes(net: PodNet) {
     // are hosts of the lab's segment, reached at their own addresses).
     let text = format!("{}interface: eth0\n", net.config);
     server.apply(Kind::ConfigMap, config_map(&server, &text));
+    if net.fragments {
+        let list: Value =
+            serde_json::from_str(&fs::read_to_string(fixture("pods/services.json")).unwrap())
+                .unwrap();
+        let mut svc = list["items"][0].clone();
+        svc["metadata"]["annotations"] = json!({"xdp-lb.io/fragments": "echo-udp"});
+        server.apply(Kind::Service, svc);
+    }
     let forwarding = net.forwarding;
     let (dirs_a, dirs_b) = (Dirs::new(), Dirs::new());
     let kubeconfig = dirs_a.kubeconfig(&server);
@@ -1156,6 +1173,9 @@ fn check_pods_behind_two_nodes(net: PodNet) {
     for pins in [pins_a, pins_b] {
         let s = status(pins).unwrap();
         assert_eq!(s["services"][0]["forwarding"], forwarding, "{s}");
+        let udp = service(&s, UDP_SERVICE).unwrap();
+        assert_eq!(udp["fragments"], net.fragments, "{s}");
+        assert_eq!(service(&s, TCP_SERVICE).unwrap()["fragments"], false, "{s}");
         assert_eq!(s["gue_port"], net.gue_port, "{s}");
     }
     assert!(reason_count(pins_a, "decap_dnat") > 0);
@@ -1163,6 +1183,8 @@ fn check_pods_behind_two_nodes(net: PodNet) {
     assert!(reason_count(pins_b, "decap_dnat") > 0);
     assert!(reason_count(pins_b, "egress_revnat") > 0);
     assert_eq!(reason_count(pins_b, "local_backend"), 0);
+    check_fragments(&lab, &net, [pins_a, pins_b], &logs);
+    check_path_mtu(&lab, pins_a, &logs);
     // Two balancing nodes agree: the same 5-tuples reach the same pods through either
     // node, as `lb-agent trace` on each predicts and real traffic shows.
     let ports: Vec<u16> = (41000..41048).collect();
@@ -1241,6 +1263,199 @@ fn check_pods_behind_two_nodes(net: PodNet) {
     );
     agent_a.stop();
     agent_b.stop();
+}
+
+/// Fragments to the pods, end to end: the client's route to the VIP fragments at 1400 bytes
+/// (room for the LB's tunnel header on every fragment), and each of several client
+/// addresses (fragments are balanced on addresses, so one address reaches one pod) sends a
+/// 3000-byte datagram asking for a 3000-byte answer, which the pod sends in 1500-byte
+/// fragments. With the annotation every answer comes back whole from VIP:7000 and names
+/// the client's address, from both pods; node-b translated the fragments of its pod's
+/// requests (three each) and restored its replies' (three each). Without it, node-a drops
+/// every fragment (three per datagram) and nothing is answered.
+fn check_fragments(
+    lab: &Lab,
+    net: &PodNet,
+    [pins_a, pins_b]: [&Path; 2],
+    logs: &dyn Fn() -> String,
+) {
+    let vip = SocketAddr::new(VIP.into(), PORT);
+    let clients: Vec<Ipv4Addr> = (200..if net.fragments { 216 } else { 204 })
+        .map(|o| Ipv4Addr::new(198, 18, 0, o))
+        .collect();
+    for a in &clients {
+        lab.client()
+            .ip(&["addr", "add", &format!("{a}/24"), "dev", "eth0"])
+            .unwrap();
+    }
+    let route = |extra: &[&str]| {
+        let (dst, via) = (format!("{VIP}/32"), lab.lb_addr().to_string());
+        let mut args = vec!["route", "replace", dst.as_str(), "via", via.as_str()];
+        args.extend_from_slice(extra);
+        lab.client().ip(&args).unwrap();
+    };
+    route(&["mtu", "1400"]);
+    let before = |pins: &Path| {
+        ["drop_fragment", "decap_dnat", "egress_revnat"].map(|r| reason_count(pins, r))
+    };
+    let (a0, b0) = (before(pins_a), before(pins_b));
+    let timeout = if net.fragments {
+        REPLY_TIMEOUT
+    } else {
+        Duration::from_millis(500)
+    };
+    let request = large_request(3000, 3000);
+    let mut per_pod: BTreeMap<String, u64> = BTreeMap::new();
+    for a in &clients {
+        let got = udp_exchange(
+            lab.client(),
+            SocketAddr::new((*a).into(), 0),
+            vip,
+            &request,
+            timeout,
+        )
+        .unwrap();
+        if !net.fragments {
+            assert!(
+                got.is_none(),
+                "from {a}: fragments are dropped, yet {got:?}"
+            );
+            continue;
+        }
+        let (reply, from) = got.unwrap_or_else(|| panic!("from {a}: no answer\n{}", logs()));
+        assert_eq!(from, vip, "from {a}");
+        assert_eq!(reply.len(), 3000, "from {a}: the whole answer");
+        let (backend, seen) = lb_testkit::client::parse_reply(&String::from_utf8_lossy(&reply));
+        assert_eq!(seen.map(|s| s.ip()), Some(IpAddr::V4(*a)), "from {a}");
+        *per_pod.entry(backend.unwrap_or_default()).or_default() += 1;
+    }
+    let (a1, b1) = (before(pins_a), before(pins_b));
+    if net.fragments {
+        let pods: BTreeSet<&str> = per_pod.keys().map(String::as_str).collect();
+        assert_eq!(pods, BTreeSet::from(["pod-a", "pod-b"]), "{per_pod:?}");
+        assert_eq!(a1[0], a0[0], "node-a dropped no fragment");
+        let to_b = per_pod["pod-b"];
+        assert!(
+            b1[1] >= b0[1] + 3 * to_b,
+            "node-b translated {to_b} datagrams' fragments"
+        );
+        assert!(
+            b1[2] >= b0[2] + 3 * to_b,
+            "node-b restored {to_b} replies' fragments"
+        );
+    } else {
+        assert_eq!(
+            a1[0],
+            a0[0] + 3 * clients.len() as u64,
+            "node-a dropped every fragment"
+        );
+    }
+    route(&[]);
+    for a in &clients {
+        lab.client()
+            .ip(&["addr", "del", &format!("{a}/24"), "dev", "eth0"])
+            .unwrap();
+    }
+}
+
+/// Path MTU to the pods, end to end through a real router: a client behind a router whose
+/// link to it has an MTU of 1300 asks, from 8 source ports, for 1450-byte answers. A pod's
+/// first answer (VIP:7000, DF set) is too big for that link: the router drops it and sends
+/// "fragmentation needed" to the VIP, which reaches node-a; node-a sends it on to the pod of
+/// the quoted flow, and the pod's node translates it (to the pod, quoting pod:8080), so the
+/// pod lowers its path MTU to the client. Its next answer leaves in 1300-byte fragments,
+/// restored to VIP:7000 fragment by fragment. Every port is answered whole within five
+/// tries, by both pods between them. Without the translation no answer would ever arrive.
+fn check_path_mtu(lab: &Lab, pins_a: &Path, logs: &dyn Fn() -> String) {
+    let router = NetNs::new("lbtrt").unwrap();
+    let far = NetNs::new("lbtfar").unwrap();
+    let router_addr = Ipv4Addr::new(198, 18, 0, 250);
+    lb_testkit::lab::attach_host(lab.bridge_ns(), &router, "rt0", router_addr).unwrap();
+    lb_testkit::lab::wait_ports_forwarding(lab.bridge_ns(), &["rt0"]).unwrap();
+    router
+        .ip(&[
+            "link",
+            "add",
+            "far0",
+            "mtu",
+            "1300",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "mtu",
+            "1300",
+            "netns",
+            far.name(),
+        ])
+        .unwrap();
+    router
+        .ip(&["addr", "add", "198.18.9.1/24", "dev", "far0"])
+        .unwrap();
+    router.ip(&["link", "set", "far0", "up"]).unwrap();
+    router.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    // Every "fragmentation needed" goes out (by default one per second per destination).
+    router.sysctl("net.ipv4.icmp_ratelimit", "0").unwrap();
+    router
+        .ip(&[
+            "route",
+            "add",
+            &format!("{VIP}/32"),
+            "via",
+            &lab.lb_addr().to_string(),
+        ])
+        .unwrap();
+    far.ip(&["addr", "add", "198.18.9.2/24", "dev", "eth0"])
+        .unwrap();
+    far.ip(&["link", "set", "eth0", "up"]).unwrap();
+    far.ip(&["route", "add", "default", "via", "198.18.9.1"])
+        .unwrap();
+    // The pods' answers leave through their nodes.
+    for node in [lab.lb(), &lab.backends()[0].ns] {
+        node.ip(&[
+            "route",
+            "add",
+            "198.18.9.0/24",
+            "via",
+            &router_addr.to_string(),
+        ])
+        .unwrap();
+    }
+    let icmp_before = reason_count(pins_a, "icmp_to_backend");
+    let vip = SocketAddr::new(VIP.into(), PORT);
+    let request = large_request(64, 1450);
+    let mut per_pod: BTreeMap<String, u64> = BTreeMap::new();
+    let mut tries = 0;
+    for port in 45000..45008u16 {
+        let src = SocketAddr::new(Ipv4Addr::new(198, 18, 9, 2).into(), port);
+        let answer = (0..5).find_map(|_| {
+            tries += 1;
+            udp_exchange(&far, src, vip, &request, Duration::from_secs(1)).unwrap()
+        });
+        let (reply, from) =
+            answer.unwrap_or_else(|| panic!("port {port}: never answered whole\n{}", logs()));
+        assert_eq!(from, vip, "port {port}");
+        assert_eq!(reply.len(), 1450, "port {port}");
+        let (backend, _) = lb_testkit::client::parse_reply(&String::from_utf8_lossy(&reply));
+        *per_pod.entry(backend.unwrap_or_default()).or_default() += 1;
+    }
+    let icmp = reason_count(pins_a, "icmp_to_backend") - icmp_before;
+    println!(
+        "path MTU: 8 ports answered whole in {tries} tries, by {per_pod:?}; node-a passed {icmp} ICMP errors on"
+    );
+    let pods: BTreeSet<&str> = per_pod.keys().map(String::as_str).collect();
+    assert_eq!(pods, BTreeSet::from(["pod-a", "pod-b"]), "{per_pod:?}");
+    // Each pod's first answer was lost to the router, the rest came through.
+    assert!(
+        tries >= 8 + 2,
+        "{tries} tries: the router's MTU was never hit"
+    );
+    assert!(
+        icmp >= 2,
+        "node-a passed the router's errors on to the pods\n{}",
+        logs()
+    );
 }
 
 /// The GUE port when the ConfigMap sets none.

@@ -749,3 +749,167 @@ fn path_mtu_errors_about_a_pod_s_replies_reach_the_pod_translated() {
     let got = f.run_xdp(maps::PROG_DECAP, &input);
     assert_frame("not a local flow", &got, XDP_PASS, &expected);
 }
+
+/// IPv6 fragment header (offset in 8-byte units, M flag, identification) inserted after the
+/// fixed header of the IPv6 frame `frame`; what followed becomes the fragment's payload.
+fn frag6(frame: &[u8], offset: u16, more: bool, id: u32) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    let next = f[14 + 6];
+    f[14 + 6] = 44;
+    let plen = u16::from_be_bytes([f[18], f[19]]) + 8;
+    f[18..20].copy_from_slice(&plen.to_be_bytes());
+    let off_m = (offset << 3) | u16::from(more);
+    let mut header = vec![next, 0];
+    header.extend_from_slice(&off_m.to_be_bytes());
+    header.extend_from_slice(&id.to_be_bytes());
+    f.splice(14 + 40..14 + 40, header);
+    f
+}
+
+/// A datagram's fragments to a pod here, both families: passed as decapsulated while its
+/// service does not take fragments; once it does, the first fragment is translated like a
+/// whole packet (address, port, transport checksum), a later one gets the pod's address
+/// only, and fragments of another service (TCP web) stay untranslated. The pod's fragmented
+/// reply gets the VIP and port back on its first fragment and the VIP on the later ones of
+/// the same identification; another identification leaves as it is.
+#[test]
+fn fragments_reach_the_pods_of_a_service_that_takes_them_and_replies_are_restored() {
+    let mut f = fixture();
+    let payload = [0x5a; 24];
+    const ID: u16 = 0x1234;
+    const ID6: u32 = 0x0bad_cafe;
+    // (first fragment to the VIP, the same to the pod, later fragment to the VIP, the same
+    // to the pod), as inner frames; tunnelled by IP-in-IP.
+    let v4 = |dst: Ipv4Addr, dport: u16| {
+        let first = PacketBuilder::new()
+            .eth(PEER_MAC, NODE_MAC)
+            .ipv4(CLIENT, dst)
+            .id(ID)
+            .more_fragments()
+            .udp(43000, dport, &payload)
+            .build();
+        let later = PacketBuilder::new()
+            .eth(PEER_MAC, NODE_MAC)
+            .ipv4(CLIENT, dst)
+            .id(ID)
+            .frag_offset(4)
+            .raw(17, &payload)
+            .build();
+        (first, later)
+    };
+    let v6 = |dst: Ipv6Addr, dport: u16| {
+        let b = PacketBuilder::new()
+            .eth(PEER_MAC, NODE_MAC)
+            .ipv6(CLIENT6, dst);
+        let first = frag6(&b.clone().udp(43000, dport, &payload).build(), 0, true, ID6);
+        let later = frag6(&b.raw(17, &payload).build(), 4, false, ID6);
+        (first, later)
+    };
+    let (first4, later4) = v4(VIP, DNS);
+    let (first4_pod, later4_pod) = v4(POD_HERE, DNS_TARGET);
+    let (first6, later6) = v6(VIP6, DNS);
+    let (first6_pod, later6_pod) = v6(POD_HERE6, DNS_TARGET);
+    let decapped = |inner: &[u8], pod: IpAddr| {
+        let input = tunnelled(inner, pod, false);
+        let mut expected = input[..12].to_vec();
+        expected.extend_from_slice(&inner[12..]);
+        (input, expected)
+    };
+    let cases = [
+        ("v4 first", &first4, &first4_pod, IpAddr::from(POD_HERE)),
+        ("v4 later", &later4, &later4_pod, POD_HERE.into()),
+        ("v6 first", &first6, &first6_pod, POD_HERE6.into()),
+        ("v6 later", &later6, &later6_pod, POD_HERE6.into()),
+    ];
+    // The service does not take fragments: decapsulated, not translated.
+    for (name, to_vip, _, pod) in &cases {
+        let (input, untranslated) = decapped(to_vip, *pod);
+        let got = f.run_xdp(maps::PROG_DECAP, &input);
+        assert_frame(
+            &format!("{name}, no fragments"),
+            &got,
+            XDP_PASS,
+            &untranslated,
+        );
+    }
+
+    let mut d = desired(&STICKY_PODS, 3600);
+    for vip in [IpAddr::from(VIP), VIP6.into()] {
+        d.services
+            .get_mut(&addr(vip, DNS, Protocol::Udp))
+            .unwrap()
+            .fragments = true;
+    }
+    f.program(&d);
+    let before = f.reason(Reason::DecapDnat);
+    for (name, to_vip, to_pod, pod) in &cases {
+        let (input, _) = decapped(to_vip, *pod);
+        let (_, translated) = decapped(to_pod, *pod);
+        let got = f.run_xdp(maps::PROG_DECAP, &input);
+        assert_frame(name, &got, XDP_PASS, &translated);
+        // Through the node's load balancer too.
+        let got = f.run_xdp(maps::PROG_LB, &input);
+        assert_frame(&format!("{name}, lb_xdp"), &got, XDP_PASS, &translated);
+    }
+    assert_eq!(f.reason(Reason::DecapDnat), before + 8);
+    // A later TCP fragment to web (its service takes none) stays as it came.
+    let web_later = PacketBuilder::new()
+        .eth(PEER_MAC, NODE_MAC)
+        .ipv4(CLIENT, VIP)
+        .id(ID)
+        .frag_offset(4)
+        .raw(6, &payload)
+        .build();
+    let (input, untranslated) = decapped(&web_later, POD_HERE.into());
+    let got = f.run_xdp(maps::PROG_DECAP, &input);
+    assert_frame("tcp later fragment", &got, XDP_PASS, &untranslated);
+
+    // The pod's fragmented reply (pod:5353 → client:43000, the first fragment's 5-tuple was
+    // remembered above), and its restored form.
+    let reply4 = |src: Ipv4Addr, sport: u16, id: u16| {
+        let b = PacketBuilder::new()
+            .eth(NODE_MAC, PEER_MAC)
+            .ipv4(src, CLIENT)
+            .id(id);
+        (
+            b.clone()
+                .more_fragments()
+                .udp(sport, 43000, &payload)
+                .build(),
+            b.frag_offset(4).raw(17, &payload).build(),
+        )
+    };
+    let reply6 = |src: Ipv6Addr, sport: u16, id: u32| {
+        let b = PacketBuilder::new()
+            .eth(NODE_MAC, PEER_MAC)
+            .ipv6(src, CLIENT6);
+        (
+            frag6(&b.clone().udp(sport, 43000, &payload).build(), 0, true, id),
+            frag6(&b.raw(17, &payload).build(), 4, false, id),
+        )
+    };
+    let before = f.reason(Reason::RevNat);
+    for (name, (first, later), (first_vip, later_vip), (_, other_id)) in [
+        (
+            "v4 reply",
+            reply4(POD_HERE, DNS_TARGET, ID),
+            reply4(VIP, DNS, ID),
+            reply4(POD_HERE, DNS_TARGET, ID + 1),
+        ),
+        (
+            "v6 reply",
+            reply6(POD_HERE6, DNS_TARGET, ID6),
+            reply6(VIP6, DNS, ID6),
+            reply6(POD_HERE6, DNS_TARGET, ID6 + 1),
+        ),
+    ] {
+        // A later fragment before its first one: nothing to go by, left alone.
+        let got = f.run_revnat(&other_id);
+        assert_frame(&format!("{name}, unknown id"), &got, TC_ACT_OK, &other_id);
+        let got = f.run_revnat(&first);
+        assert_frame(&format!("{name}, first"), &got, TC_ACT_OK, &first_vip);
+        let got = f.run_revnat(&later);
+        assert_frame(&format!("{name}, later"), &got, TC_ACT_OK, &later_vip);
+    }
+    assert_eq!(f.reason(Reason::RevNat), before + 4);
+}

@@ -40,6 +40,11 @@ pub const DNAT: &str = "LB_DNAT";
 /// LRU hash: `FlowKey` of a reply (endpoint → client) → `RevNatValue`, the VIP and port the
 /// client used.
 pub const REVNAT: &str = "LB_REVNAT";
+/// LRU hash: `FragKey` of a fragmented reply → `RevNatValue`, so its later fragments (which
+/// have no ports) get the VIP its first fragment got.
+pub const REVNAT_FRAG: &str = "LB_REVNAT_FRAG";
+/// Fragmented replies remembered at once (a datagram's fragments leave within moments).
+pub const MAX_REVNAT_FRAGS: u32 = 16_384;
 /// Program array: slot [`PROGS_DECAP`] holds `lb_decap`, tail-called by `lb_xdp` for tunnel
 /// packets to this node's endpoints.
 pub const PROGS: &str = "LB_PROGS";
@@ -78,7 +83,7 @@ pub const RETIRED: [&str; 1] = ["LB_VIP_BITS"];
 pub const MAX_SRC_RANGES: u32 = 65_536;
 
 /// Every map the load balancer pins, in the order `lb-agent status` reads them.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 22] = [
     SERVICES,
     BACKENDS,
     MAGLEV,
@@ -100,6 +105,7 @@ pub const ALL: [&str; 21] = [
     L2_LEASE,
     DECAP_SRC,
     DECAP_DST,
+    REVNAT_FRAG,
 ];
 
 /// Distinct (VIP, port, protocol) entries; also the size of the per-service counter array.

@@ -603,6 +603,11 @@ impl AffinityKey {
 
 /// An endpoint on this node for one service: packets for (`vip`, `port`, `proto`) that
 /// arrive tunnelled to `backend` are delivered to `backend`:`DnatValue::target_port_be`.
+///
+/// With `port_be` = [`DNAT_FRAGMENTS`] the entry says instead that the endpoint is a backend
+/// of the service that takes the VIP's fragments of `proto`: a later fragment (no ports) is
+/// delivered to `backend` with its address translated only, and a first fragment is
+/// translated as a whole packet of its own port would be.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct DnatKey {
@@ -613,6 +618,9 @@ pub struct DnatKey {
     pub family: u8,
 }
 const _: () = assert!(size_of::<DnatKey>() == 36);
+
+/// `DnatKey::port_be` of the fragments entry (no service has port 0).
+pub const DNAT_FRAGMENTS: u16 = 0;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -646,6 +654,23 @@ impl RevNatValue {
         }
     }
 }
+
+/// One fragmented reply of a translated flow, as `lb_revnat` saw its first fragment: the
+/// reply's endpoint (source) and client (destination) addresses, protocol and IP
+/// identification (IPv4: 16 bits in network order in the first two bytes of `id`; IPv6: the
+/// fragment header's 32 bits). The later fragments carry no ports, so they are matched by
+/// this and get the first fragment's VIP (`RevNatValue`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FragKey {
+    pub src_be: [u8; 16],
+    pub dst_be: [u8; 16],
+    pub id: [u8; 4],
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FragKey>() == 40);
 
 #[cfg(test)]
 mod tests {

@@ -5,8 +5,15 @@
 //! remembered in `LB_REVNAT` for `lb_revnat`, which puts the VIP and port back on egress.
 //!
 //! Checksums are updated incrementally (RFC 1624) over the words that changed; a UDP/IPv4
-//! datagram without a checksum keeps none. Fragments and IPv6 packets with extension headers
-//! are left untranslated (passed as decapsulated).
+//! datagram without a checksum keeps none. IPv6 packets with extension headers other than a
+//! fragment header are left untranslated (passed as decapsulated).
+//!
+//! Fragments are translated for the endpoints of a service that takes its VIP's fragments
+//! (the `DNAT_FRAGMENTS` entry of `LB_DNAT`; the load balancer sends every fragment of a
+//! datagram to the same endpoint): a later fragment has no ports, so only its destination
+//! address changes; the first one is translated as a whole packet of its port would be (its
+//! transport checksum covers the whole datagram, and changes by the same words). The pod
+//! reassembles them. Fragments for anyone else are passed as decapsulated.
 //!
 //! An ICMP "fragmentation needed" / ICMPv6 "packet too big" from the path about one of the
 //! pod's replies (which left as VIP:port → client) is translated the same way, so the pod
@@ -16,8 +23,8 @@
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    DnatKey, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason,
-    RevNatValue,
+    DNAT_FRAGMENTS, DnatKey, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    PROTO_UDP, Reason, RevNatValue,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
@@ -77,6 +84,23 @@ fn target_port(
     let value = unsafe { LB_DNAT.get(&key) }?;
     Some(value.target_port_be.to_ne_bytes())
 }
+
+/// Does the endpoint take the fragments of (`vip_be`, `proto`)?
+#[inline(always)]
+fn takes_fragments(vip_be: [u8; 16], backend_be: [u8; 16], proto: u8, family: u8) -> bool {
+    let key = DnatKey {
+        vip_be,
+        backend_be,
+        port_be: DNAT_FRAGMENTS,
+        proto,
+        family,
+    };
+    // SAFETY: only the presence is looked at.
+    unsafe { LB_DNAT.get(&key) }.is_some()
+}
+
+/// IPv6 next header of a fragment header.
+const IPV6_FRAGMENT: u8 = 44;
 
 /// Remember how to restore the reply: endpoint:target → client:port becomes VIP:port again.
 #[inline(always)]
@@ -245,10 +269,34 @@ fn translate_v4(ctx: &XdpContext, l3: usize, backend_be: [u8; 16]) -> Option<()>
         )
     };
     let ihl = ((vihl & 0x0f) as usize) * 4;
-    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || frags[0] & 0x3f != 0 || frags[1] != 0 {
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
         return None;
     }
-    if proto == PROTO_ICMP {
+    let vip_be = lb_common::addr16_v4(dst);
+    let new_dst = [backend_be[0], backend_be[1], backend_be[2], backend_be[3]];
+    // More fragments, or an offset: one fragment of a datagram.
+    if frags[0] & 0x3f != 0 || frags[1] != 0 {
+        let check_off = check_offset(proto)?;
+        if !takes_fragments(vip_be, backend_be, proto, FAMILY_V4) {
+            return None;
+        }
+        if frags[0] & 0x1f != 0 || frags[1] != 0 {
+            // A later fragment: the address alone.
+            let new_ip_check = apply_diff(ip_check, diff_words(&dst, &new_dst, 0));
+            // SAFETY: `ptr_at` checked bounds and no helper moved the packet since.
+            unsafe {
+                (*ip).dst_addr = new_dst;
+                (*ip).check = new_ip_check;
+            }
+            return Some(());
+        }
+        // The first one must hold the ports and the checksum it translates.
+        // SAFETY: `ptr_at` checked bounds.
+        let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
+        if tot_len < ihl + check_off + 2 {
+            return None;
+        }
+    } else if proto == PROTO_ICMP {
         return translate_icmp_v4(ctx, ip, l3 + ihl, dst, ip_check, backend_be);
     }
     let check_off = check_offset(proto)?;
@@ -257,7 +305,6 @@ fn translate_v4(ctx: &XdpContext, l3: usize, backend_be: [u8; 16]) -> Option<()>
     let l4_check: *mut [u8; 2] = ptr_at(ctx, l4 + check_off)?;
     // SAFETY: `ptr_at` checked bounds.
     let (old_ports, old_check) = unsafe { (*ports, *l4_check) };
-    let vip_be = lb_common::addr16_v4(dst);
     let target = target_port(
         vip_be,
         backend_be,
@@ -265,7 +312,6 @@ fn translate_v4(ctx: &XdpContext, l3: usize, backend_be: [u8; 16]) -> Option<()>
         proto,
         FAMILY_V4,
     )?;
-    let new_dst = [backend_be[0], backend_be[1], backend_be[2], backend_be[3]];
     let addr_diff = diff_words(&dst, &new_dst, 0);
     let new_ip_check = apply_diff(ip_check, addr_diff);
     // A UDP/IPv4 datagram may carry no checksum (0); it keeps none.
@@ -301,23 +347,50 @@ fn translate_v4(ctx: &XdpContext, l3: usize, backend_be: [u8; 16]) -> Option<()>
 fn translate_v6(ctx: &XdpContext, l3: usize, backend_be: [u8; 16]) -> Option<()> {
     let ip: *mut Ipv6Hdr = ptr_at(ctx, l3)?;
     // SAFETY: `ptr_at` checked bounds.
-    let (v, proto, src, dst) = unsafe {
+    let (v, next, src, dst, payload_len) = unsafe {
         (
             (*ip).vcf[0] >> 4,
             (*ip).next_hdr,
             (*ip).src_addr,
             (*ip).dst_addr,
+            u16::from_be_bytes((*ip).payload_len) as usize,
         )
     };
     if v != 6 {
         return None;
     }
-    if proto == PROTO_ICMPV6 {
+    if next == PROTO_ICMPV6 {
         return translate_icmp_v6(ctx, ip, l3 + Ipv6Hdr::LEN, dst, backend_be);
     }
-    // Extension headers: not translated (the packet is passed as decapsulated).
+    let (proto, l4) = if next == IPV6_FRAGMENT {
+        // Next header, reserved, then offset (13 bits), two reserved bits and M.
+        let fh: *const [u8; 4] = ptr_at(ctx, l3 + Ipv6Hdr::LEN)?;
+        // SAFETY: `ptr_at` checked bounds.
+        let fh = unsafe { *fh };
+        let proto = fh[0];
+        let check_off = check_offset(proto)?;
+        let offset_m = u16::from_be_bytes([fh[2], fh[3]]);
+        // An atomic fragment (offset 0, no more) is a whole packet.
+        if offset_m & 0xfff9 != 0 {
+            if !takes_fragments(dst, backend_be, proto, FAMILY_V6) {
+                return None;
+            }
+            if offset_m & 0xfff8 != 0 {
+                // A later fragment: the address alone (IPv6 has no header checksum).
+                // SAFETY: `ptr_at` checked bounds and no helper moved the packet since.
+                unsafe { (*ip).dst_addr = backend_be };
+                return Some(());
+            }
+            if payload_len < 8 + check_off + 2 {
+                return None;
+            }
+        }
+        (proto, l3 + Ipv6Hdr::LEN + 8)
+    } else {
+        // Other extension headers: not translated (the packet is passed as decapsulated).
+        (next, l3 + Ipv6Hdr::LEN)
+    };
     let check_off = check_offset(proto)?;
-    let l4 = l3 + Ipv6Hdr::LEN;
     let ports: *mut [u8; 4] = ptr_at(ctx, l4)?;
     let l4_check: *mut [u8; 2] = ptr_at(ctx, l4 + check_off)?;
     // SAFETY: `ptr_at` checked bounds.

@@ -6,13 +6,13 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityKey, BackendValue, Counters, DecapAddr, DnatKey, DnatValue, FloodWindow, FlowBucket4,
-    FlowBucket6, FlowKey, FlowValue, NodeConfig, Reason, RevNatValue, ServiceCounters, ServiceKey,
-    ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue,
+    FlowBucket6, FlowKey, FlowValue, FragKey, NodeConfig, Reason, RevNatValue, ServiceCounters,
+    ServiceKey, ServiceRecord, ServiceValue, SourceRange, VipKey, VipValue,
     flowtab::buckets_for,
     maps::{
         DEFAULT_FLOWS, DEFAULT_MAGLEV_SLOTS, LRU_PER_CPU_FLAG, MAX_AFFINITY, MAX_BACKENDS,
-        MAX_DECAP_ADDRS, MAX_REVNAT, MAX_SERVICES, MAX_SRC_RANGES, MMAPABLE_FLAG, SVC_SLOT_COUNT,
-        flows6_for,
+        MAX_DECAP_ADDRS, MAX_REVNAT, MAX_REVNAT_FRAGS, MAX_SERVICES, MAX_SRC_RANGES, MMAPABLE_FLAG,
+        SVC_SLOT_COUNT, flows6_for,
     },
 };
 
@@ -73,6 +73,15 @@ pub static LB_DNAT: HashMap<DnatKey, DnatValue, { MAX_BACKENDS as usize }> = Has
 #[btf_map]
 pub static LB_REVNAT: LruHashMap<FlowKey, RevNatValue, { MAX_REVNAT as usize }, LRU_PER_CPU_FLAG> =
     LruHashMap::new();
+
+/// The later fragments of fragmented replies (`lb_common::maps::REVNAT_FRAG`).
+#[btf_map]
+pub static LB_REVNAT_FRAG: LruHashMap<
+    FragKey,
+    RevNatValue,
+    { MAX_REVNAT_FRAGS as usize },
+    LRU_PER_CPU_FLAG,
+> = LruHashMap::new();
 
 #[btf_map]
 pub static LB_SVC_SLOTS: Array<u32, { SVC_SLOT_COUNT as usize }> = Array::new();

@@ -131,6 +131,36 @@ pub fn udp_flow_from_port(
     .with_context(|| format!("UDP flow from {}:{local_port} to {vip}", ns.name()))
 }
 
+/// Sends `request` from `src` (a port of 0: any) to `vip` in one datagram and waits up to
+/// `timeout` for one reply: its bytes and where it came from (`None`: no reply).
+pub fn udp_exchange(
+    ns: &NetNs,
+    src: SocketAddr,
+    vip: SocketAddr,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<Option<(Vec<u8>, SocketAddr)>> {
+    let request = request.to_vec();
+    ns.enter(move || -> Result<Option<(Vec<u8>, SocketAddr)>> {
+        let sock = UdpSocket::bind(src).with_context(|| format!("binding UDP {src}"))?;
+        sock.set_read_timeout(Some(timeout))
+            .context("setting UDP read timeout")?;
+        sock.send_to(&request, vip)
+            .with_context(|| format!("sending {} bytes to {vip}", request.len()))?;
+        let mut buf = vec![0u8; crate::echo::MAX_DATAGRAM];
+        match sock.recv_from(&mut buf) {
+            Ok((len, from)) => {
+                buf.truncate(len);
+                Ok(Some((buf, from)))
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(None),
+            // ICMP errors (e.g. port unreachable) surface here; no reply.
+            Err(_) => Ok(None),
+        }
+    })?
+    .with_context(|| format!("UDP exchange from {}:{src} to {vip}", ns.name()))
+}
+
 /// Sends one request on every socket, then polls them all until each has a reply or
 /// `timeout` passes. Replies from wrong sources are still recorded (tests check `reply_from`).
 fn udp_batch(

@@ -2,7 +2,9 @@
 //!
 //! Every UDP datagram and every TCP connection (one request line) gets the reply
 //! `backend=<name> client=<peer ip>:<peer port>\n`, so a client learns which backend answered
-//! and which source address that backend saw. Bind to the VIP itself on a DSR backend, so UDP
+//! and which source address that backend saw. A UDP datagram that starts `LARGE <n>\n`
+//! (see [`large_request`]) gets that reply padded to `n` bytes, so replies can be made
+//! larger than the MTU (fragmented). Bind to the VIP itself on a DSR backend, so UDP
 //! replies leave from the VIP.
 
 use std::collections::BTreeSet;
@@ -22,8 +24,10 @@ use crate::netns::NetNs;
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a TCP connection may take to deliver its request line.
 const TCP_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
-/// Largest request we read.
+/// Largest request line we read (TCP).
 const MAX_REQUEST: usize = 2048;
+/// Largest UDP datagram we read, and the largest padded reply.
+pub const MAX_DATAGRAM: usize = 65_507;
 
 /// What a server has seen so far.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,6 +60,29 @@ pub struct EchoServer {
 /// The reply text for a request from `peer`.
 pub fn reply_text(name: &str, peer: SocketAddr) -> String {
     format!("backend={name} client={peer}\n")
+}
+
+/// A UDP request of `len` bytes (padded with `.`, at least the header) asking for a reply of
+/// `reply_len` bytes.
+pub fn large_request(len: usize, reply_len: usize) -> Vec<u8> {
+    let mut out = format!("LARGE {reply_len}\n").into_bytes();
+    if out.len() < len {
+        out.resize(len, b'.');
+    }
+    out
+}
+
+/// The reply to a UDP request: the reply text, padded as a `LARGE` request asks.
+fn udp_reply(name: &str, peer: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut reply = reply_text(name, peer).into_bytes();
+    let asked = request
+        .strip_prefix(b"LARGE ")
+        .and_then(|rest| rest.split(|b| *b == b'\n').next())
+        .and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok());
+    if let Some(n) = asked.filter(|&n| n > reply.len()) {
+        reply.resize(n.min(MAX_DATAGRAM), b'.');
+    }
+    reply
 }
 
 impl EchoServer {
@@ -142,11 +169,11 @@ fn lock(stats: &Mutex<EchoStats>) -> std::sync::MutexGuard<'_, EchoStats> {
 }
 
 fn serve_udp(sock: &UdpSocket, name: &str, stop: &AtomicBool, stats: &Mutex<EchoStats>) {
-    let mut buf = [0u8; MAX_REQUEST];
+    let mut buf = vec![0u8; MAX_DATAGRAM];
     while !stop.load(Ordering::Relaxed) {
         match sock.recv_from(&mut buf) {
-            Ok((_, peer)) => {
-                if let Err(e) = sock.send_to(reply_text(name, peer).as_bytes(), peer) {
+            Ok((len, peer)) => {
+                if let Err(e) = sock.send_to(&udp_reply(name, peer, &buf[..len]), peer) {
                     eprintln!("lb-testkit: echo {name}: UDP reply to {peer}: {e}");
                     continue;
                 }

@@ -52,6 +52,10 @@ pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// Per-Service forwarding override: `ipip` or `l2`.
 pub const FORWARDING_ANNOTATION: &str = "xdp-lb.io/forwarding";
 
+/// Which Service ports take the fragments of their VIP and protocol: `true` (the first port
+/// of each protocol), `false`, or a comma-separated list of port names or numbers.
+pub const FRAGMENTS_ANNOTATION: &str = "xdp-lb.io/fragments";
+
 /// The label that ties an EndpointSlice to its Service (set by the EndpointSlice controller).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -80,6 +84,9 @@ pub enum WarningReason {
     /// `externalTrafficPolicy: Local`, but this node is not among the Nodes: no endpoint can
     /// be local (usually a wrong `NODE_NAME`).
     UnknownNode,
+    /// The Service asks for the fragments of a VIP and protocol another (older) Service
+    /// already takes; its fragments stay with that one.
+    FragmentsConflict,
     /// The port does not fit in the data plane (its tables are full, or it has more endpoints
     /// than the largest Maglev table has slots); the port is skipped, older Services keep
     /// theirs.
@@ -98,6 +105,7 @@ impl WarningReason {
             WarningReason::InvalidAnnotation => "InvalidAnnotation",
             WarningReason::AddressConflict => "AddressConflict",
             WarningReason::UnknownNode => "UnknownNode",
+            WarningReason::FragmentsConflict => "FragmentsConflict",
             WarningReason::CapacityExceeded => "CapacityExceeded",
         }
     }
@@ -227,6 +235,7 @@ where
         },
         owners: BTreeMap::new(),
         backend_entries: 0,
+        fragment_owners: BTreeMap::new(),
         warnings: Vec::new(),
     };
     // Oldest first, so it wins every address conflict; a Service without a timestamp (never
@@ -413,6 +422,8 @@ struct Builder<'a> {
     owners: BTreeMap<ServiceAddr, String>,
     /// Backend entries so far, against `LB_BACKENDS`'s capacity.
     backend_entries: usize,
+    /// Which Service ("namespace/name") takes the fragments of each VIP and protocol.
+    fragment_owners: BTreeMap<(IpAddr, Protocol), String>,
     warnings: Vec<Warning>,
 }
 
@@ -496,11 +507,13 @@ impl Builder<'_> {
                     uid: svc.metadata.uid.clone(),
                 });
         }
+        let fragments = self.fragment_ports(svc, &cur);
         let how = Serving {
             forwarding,
             local,
             ranges: &ranges,
             affinity,
+            fragments: &fragments,
         };
         for port in spec.ports.iter().flatten() {
             self.add_port(&cur, port, &vips, &how);
@@ -556,6 +569,99 @@ impl Builder<'_> {
                     ),
                 );
                 default
+            }
+        }
+    }
+
+    /// The ports (number and protocol) that take the fragments of the Service's VIPs, as
+    /// `FRAGMENTS_ANNOTATION` says: at most one per protocol.
+    fn fragment_ports(&mut self, svc: &Service, cur: &Current<'_>) -> BTreeSet<(u16, Protocol)> {
+        let mut out = BTreeSet::new();
+        let Some(value) = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(FRAGMENTS_ANNOTATION))
+        else {
+            return out;
+        };
+        let ports: Vec<(&str, u16, Protocol)> = svc
+            .spec
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .filter_map(|p| {
+                let protocol = match p.protocol.as_deref().unwrap_or("TCP") {
+                    "TCP" => Protocol::Tcp,
+                    "UDP" => Protocol::Udp,
+                    _ => return None,
+                };
+                let number = u16::try_from(p.port).ok().filter(|&n| n != 0)?;
+                Some((p.name.as_deref().unwrap_or_default(), number, protocol))
+            })
+            .collect();
+        let value = value.trim();
+        let chosen: Vec<(u16, Protocol)> = match value {
+            "false" | "" => return out,
+            // The first port of each protocol.
+            "true" => ports.iter().map(|&(_, n, p)| (n, p)).collect(),
+            list => {
+                let mut chosen = Vec::new();
+                for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+                    let found = ports
+                        .iter()
+                        .find(|(name, number, _)| *name == item || number.to_string() == item);
+                    match found {
+                        Some(&(_, n, p)) => chosen.push((n, p)),
+                        None => self.warn(
+                            cur,
+                            WarningReason::InvalidAnnotation,
+                            format!(
+                                "annotation {FRAGMENTS_ANNOTATION}: {item:?} is not a TCP or UDP port of the Service (true, false, or port names or numbers); ignored"
+                            ),
+                        ),
+                    }
+                }
+                chosen
+            }
+        };
+        for (number, protocol) in chosen {
+            if out.iter().any(|&(_, p)| p == protocol) {
+                // `true` names the first port of each protocol silently; a list that names
+                // two is told.
+                if value != "true" {
+                    self.warn(
+                        cur,
+                        WarningReason::InvalidAnnotation,
+                        format!(
+                            "annotation {FRAGMENTS_ANNOTATION}: port {number} is a second {} port; the fragments of a VIP go to one port per protocol, ignored",
+                            protocol.name()
+                        ),
+                    );
+                }
+                continue;
+            }
+            out.insert((number, protocol));
+        }
+        out
+    }
+
+    /// Let the Service take the fragments of (`vip`, `protocol`) unless an older one does.
+    fn claim_fragments(&mut self, cur: &Current<'_>, vip: IpAddr, protocol: Protocol) -> bool {
+        let owner = format!("{}/{}", cur.namespace, cur.name);
+        match self.fragment_owners.entry((vip, protocol)) {
+            Entry::Vacant(slot) => {
+                slot.insert(owner);
+                true
+            }
+            Entry::Occupied(holder) if *holder.get() == owner => true,
+            Entry::Occupied(holder) => {
+                let message = format!(
+                    "annotation {FRAGMENTS_ANNOTATION}: the {} fragments of {vip} already go to service {}; not to this one",
+                    protocol.name(),
+                    holder.get()
+                );
+                self.warn(cur, WarningReason::FragmentsConflict, message);
+                false
             }
         }
     }
@@ -704,6 +810,8 @@ impl Builder<'_> {
                 Entry::Vacant(slot) => {
                     slot.insert(owner.clone());
                     self.backend_entries += selected.len();
+                    let fragments = how.fragments.contains(&(number, protocol))
+                        && self.claim_fragments(cur, vip, protocol);
                     let backends: BTreeMap<IpAddr, BackendSpec> = selected
                         .keys()
                         .map(|&ip| {
@@ -737,9 +845,8 @@ impl Builder<'_> {
                             forwarding: how.forwarding,
                             table_size: None,
                             flow_tracking: default_flow_tracking(protocol),
-                            // Kubernetes has no notion of fragments: dropped, as
-                            // kube-proxy's conntrack-less paths would.
-                            fragments: false,
+                            // Without the annotation, fragments to the VIP are dropped.
+                            fragments,
                             affinity_timeout_s: how.affinity,
                             // The VIP's family's ranges (a list with no entry of that
                             // family admits no client).
@@ -929,6 +1036,8 @@ struct Serving<'a> {
     local: bool,
     ranges: &'a [ipnet::IpNet],
     affinity: Option<u32>,
+    /// The ports that take their VIP's fragments (`FRAGMENTS_ANNOTATION`).
+    fragments: &'a BTreeSet<(u16, Protocol)>,
 }
 
 /// A selected endpoint of one Service port.
