@@ -351,6 +351,47 @@ fn session_lines(t: &Topology, i: usize) -> Result<BTreeMap<String, String>> {
     Ok(lines)
 }
 
+/// Node `i`'s BGP sessions are as in `before` (none restarted), else `what`, with both and
+/// why BIRD says each changed one went down. A session whose hold timer ran out (3 s on
+/// IPv4) restarted because the machine stalled a BIRD that long, not because of a
+/// reconfiguration: that is reported, not failed.
+fn same_sessions(
+    t: &Topology,
+    i: usize,
+    before: &BTreeMap<String, String>,
+    what: &str,
+) -> Result<()> {
+    let after = session_lines(t, i)?;
+    if after == *before {
+        return Ok(());
+    }
+    let mut last_errors = BTreeMap::new();
+    for (name, line) in &after {
+        if before.get(name) == Some(line) {
+            continue;
+        }
+        let out = t.lb_bird(i)?.birdc(&["show", "protocols", "all", name])?;
+        let last = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("Last error:"))
+            .map(|l| l.trim().to_owned());
+        last_errors.insert(name.clone(), last);
+    }
+    let stalled = last_errors.values().all(|e| {
+        e.as_deref()
+            .is_some_and(|e| e.contains("Hold timer expired"))
+    });
+    ensure!(
+        stalled,
+        "{what}: before {before:#?}, after {after:#?}, last errors {last_errors:#?}"
+    );
+    println!(
+        "note: lb{} sessions restarted by an expired hold timer (the machine stalled BIRD), not by the reconfiguration: {last_errors:?}",
+        i + 1
+    );
+    Ok(())
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
@@ -467,11 +508,7 @@ fn scenario(t: &mut Topology) -> Result<()> {
             "lb{}: second apply {applied:?}",
             i + 1
         );
-        ensure!(
-            session_lines(t, i)? == before,
-            "lb{}: sessions flapped",
-            i + 1
-        );
+        same_sessions(t, i, &before, &format!("lb{}: sessions flapped", i + 1))?;
     }
 
     // A changed route set is a reload that keeps the sessions up.
@@ -482,10 +519,12 @@ fn scenario(t: &mut Topology) -> Result<()> {
     let hops = wait_route(&t.router.ns, EXTRA_VIP4, 1, CHANGE_TIMEOUT)?;
     let announced = started.elapsed();
     ensure!(t.lbs[0].is(&hops[0]), "{EXTRA_VIP4} via {hops:?}, not lb1");
-    ensure!(
-        session_lines(t, 0)? == before,
-        "lb1: a reload with a new VIP restarted a session"
-    );
+    same_sessions(
+        t,
+        0,
+        &before,
+        "lb1: a reload with a new VIP restarted a session",
+    )?;
     println!(
         "lb1 announced {EXTRA_VIP4} by reload in {}; its sessions stayed up",
         ms(announced)
@@ -509,10 +548,7 @@ fn scenario(t: &mut Topology) -> Result<()> {
     );
     times.push(("graceful withdraw (lb1), IPv4".into(), w4));
     times.push(("graceful withdraw (lb1), IPv6".into(), w6));
-    ensure!(
-        session_lines(t, 0)? == before,
-        "lb1: withdrawing restarted a session"
-    );
+    same_sessions(t, 0, &before, "lb1: withdrawing restarted a session")?;
 
     // Announce again.
     let started = Instant::now();
@@ -544,11 +580,7 @@ fn scenario(t: &mut Topology) -> Result<()> {
         applied == Applied::Reconfigured,
         "after a refusal: {applied:?}"
     );
-    let after = session_lines(t, 0)?;
-    ensure!(
-        after == before,
-        "lb1: sessions flapped over a refused config: before {before:#?}, after {after:#?}"
-    );
+    same_sessions(t, 0, &before, "lb1: sessions flapped over a refused config")?;
 
     // SIGKILL lb2's BIRD: its sessions close with its sockets.
     let killed = t.lb_birds[1].take().context("lb2's BIRD")?;

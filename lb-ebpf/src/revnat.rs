@@ -105,10 +105,22 @@ fn frag_key(src_be: [u8; 16], dst_be: [u8; 16], id: [u8; 4], proto: u8, family: 
     }
 }
 
-/// Replace the source port (and its share of the L4 checksum).
+/// Replace the source port (and its share of the L4 checksum) with `orig`'s, the last step
+/// of a restored reply; the first fragment of one (`key`) leaves its VIP for the later ones.
 #[inline(always)]
-fn restore_port(ctx: &TcContext, l4: usize, check_off: usize, flags: u64, old: [u8; 2], new: u16) {
-    let new = new.to_ne_bytes();
+fn finish_reply(
+    ctx: &TcContext,
+    l4: usize,
+    check_off: usize,
+    flags: u64,
+    old: [u8; 2],
+    orig: &RevNatValue,
+    key: Option<FragKey>,
+) {
+    if let Some(key) = key {
+        let _ = LB_REVNAT_FRAG.insert(&key, orig, 0);
+    }
+    let new = orig.port_be.to_ne_bytes();
     if old == new {
         return;
     }
@@ -186,18 +198,7 @@ fn restore_v4(ctx: &TcContext, l3: usize) -> Option<()> {
     .ok()?;
     ctx.l3_csum_replace(l3 + IPV4_CHECK, old, new, 4).ok()?;
     ctx.store(l3 + IPV4_SRC, &vip, 0).ok()?;
-    restore_port(
-        ctx,
-        l4,
-        check_off,
-        flags,
-        [ports[0], ports[1]],
-        orig.port_be,
-    );
-    // The first fragment: its VIP for the later ones.
-    if let Some(key) = key {
-        let _ = LB_REVNAT_FRAG.insert(&key, &orig, 0);
-    }
+    finish_reply(ctx, l4, check_off, flags, [ports[0], ports[1]], &orig, key);
     Some(())
 }
 
@@ -248,16 +249,6 @@ fn restore_v6(ctx: &TcContext, l3: usize) -> Option<()> {
     )
     .ok()?;
     ctx.store(l3 + IPV6_SRC, &new, 0).ok()?;
-    restore_port(
-        ctx,
-        l4,
-        check_off,
-        flags,
-        [ports[0], ports[1]],
-        orig.port_be,
-    );
-    if let Some(key) = key {
-        let _ = LB_REVNAT_FRAG.insert(&key, &orig, 0);
-    }
+    finish_reply(ctx, l4, check_off, flags, [ports[0], ports[1]], &orig, key);
     Some(())
 }
