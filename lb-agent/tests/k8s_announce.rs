@@ -89,15 +89,7 @@ impl Work {
 
     /// A kubeconfig for `server`, without credentials (the fake server wants none).
     fn kubeconfig(&self, server: &FakeApiServer) -> PathBuf {
-        let path = self.0.0.join("kubeconfig");
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {NAMESPACE}\n\
-             current-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
-            server.url()
-        );
-        fs::write(&path, text).unwrap();
-        path
+        server.write_kubeconfig(&self.0.0, NAMESPACE)
     }
 }
 

@@ -1065,7 +1065,7 @@ fn the_fragments_annotation_gives_one_port_per_protocol_its_vip_s_fragments() {
     };
     let cases: [(Option<&str>, &[&str], Option<&str>); 6] = [
         (None, &[], None),
-        (Some("false"), &[], None),
+        (Some("False"), &[], None),
         (
             Some("true"),
             &["198.18.0.90:53/tcp", "198.18.0.90:53/udp"],

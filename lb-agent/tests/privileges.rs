@@ -382,15 +382,7 @@ fn start_server(client: &NetNs, addr: IpAddr) -> FakeApiServer {
 
 /// A kubeconfig for `server`, without credentials (the fake server wants none).
 fn kubeconfig(dir: &Path, server: &FakeApiServer) -> PathBuf {
-    let path = dir.join("kubeconfig");
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
-         contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {NAMESPACE}\n\
-         current-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
-        server.url()
-    );
-    fs::write(&path, text).unwrap();
-    path
+    server.write_kubeconfig(dir, NAMESPACE)
 }
 
 fn config_map() -> Value {

@@ -600,10 +600,11 @@ impl Builder<'_> {
             })
             .collect();
         let value = value.trim();
+        let all = value.eq_ignore_ascii_case("true");
         let chosen: Vec<(u16, Protocol)> = match value {
-            "false" | "" => return out,
+            _ if value.is_empty() || value.eq_ignore_ascii_case("false") => return out,
             // The first port of each protocol.
-            "true" => ports.iter().map(|&(_, n, p)| (n, p)).collect(),
+            _ if all => ports.iter().map(|&(_, n, p)| (n, p)).collect(),
             list => {
                 let mut chosen = Vec::new();
                 for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
@@ -628,7 +629,7 @@ impl Builder<'_> {
             if out.iter().any(|&(_, p)| p == protocol) {
                 // `true` names the first port of each protocol silently; a list that names
                 // two is told.
-                if value != "true" {
+                if !all {
                     self.warn(
                         cur,
                         WarningReason::InvalidAnnotation,

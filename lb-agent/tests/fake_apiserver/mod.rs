@@ -50,7 +50,7 @@ use std::{
     fs,
     io::{BufRead, BufReader, ErrorKind, Write as _},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{
         Arc, Condvar, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
@@ -300,6 +300,20 @@ impl FakeApiServer {
     /// `http://ADDR`, for a kubeconfig.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Write `DIR/kubeconfig` for this server, its context in `namespace`, without
+    /// credentials (the fake server wants none); returns its path.
+    pub fn write_kubeconfig(&self, dir: &Path, namespace: &str) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {namespace}\n\
+             current-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            self.url()
+        );
+        fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        path
     }
 
     pub fn addr(&self) -> SocketAddr {
