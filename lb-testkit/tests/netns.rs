@@ -99,14 +99,22 @@ fn child_guard_terminates() {
     );
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
 
-    // A child that ignores SIGTERM gets SIGKILL after the grace period.
-    let guard = ChildGuard::spawn(
-        ns.command("sh")
-            .args(["-c", "trap '' TERM; sleep 30 & wait; sleep 30"])
-            .stdout(Stdio::null()),
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // A child that ignores SIGTERM gets SIGKILL after the grace period. It says when its
+    // trap is set (a fixed sleep lost that race on a loaded machine).
+    let ready = std::env::temp_dir().join(format!("lbt-trap-ready-{}", std::process::id()));
+    let _ = std::fs::remove_file(&ready);
+    let script = format!(
+        "trap '' TERM; touch {}; sleep 30 & wait; sleep 30",
+        ready.display()
+    );
+    let guard =
+        ChildGuard::spawn(ns.command("sh").args(["-c", &script]).stdout(Stdio::null())).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the child never set its trap");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_file(&ready);
     let start = Instant::now();
     let status = guard.stop().unwrap();
     assert!(!status.success());
