@@ -66,7 +66,10 @@ pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
     )?;
     let mut services = Vec::new();
     for (key, value) in &snap.services {
-        let address = sync::service_addr(key).map_or_else(|| format!("{key:?}"), |a| a.to_string());
+        let addr = sync::service_addr(key);
+        let address = addr
+            .as_ref()
+            .map_or_else(|| format!("{key:?}"), |a| a.to_string());
         let table = dp.table(value)?;
         let mut slots: BTreeMap<u32, u32> = BTreeMap::new();
         for id in &table {
@@ -94,7 +97,7 @@ pub fn collect(dp: &Dataplane) -> Result<Status, DataplaneError> {
             })
             .collect();
         let c = stats.services.get(&value.id).copied().unwrap_or_default();
-        let fragments = sync::service_addr(key).is_some_and(|a| takes_fragments(&snap, &a));
+        let fragments = addr.is_some_and(|a| takes_fragments(&snap, &a));
         services.push(ServiceStatus {
             address,
             forwarding: sync::forwarding_name(value).to_string(),
